@@ -1,0 +1,116 @@
+"""The content-addressed output cache: an LRU bounded by bytes.
+
+Keys are sha256 digests over what determines a node's outputs (see `node_key`), never node
+ids, so renumbering a workflow or running it again finds the same entries. The cache holds
+plain values, recipes and images; live models belong to the model manager, never here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BUDGET = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class Entry:
+    outputs: dict[str, Any]
+    files: tuple[str, ...] = ()
+
+
+class OutputCache:
+    def __init__(self, max_bytes: int = DEFAULT_BUDGET) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[str, tuple[Entry, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str) -> Entry | None:
+        item = self._entries.get(key)
+        if item is None:
+            return None
+        self._entries.move_to_end(key)
+        return item[0]
+
+    def put(self, key: str, entry: Entry) -> None:
+        size = nbytes(entry.outputs)
+        if size > self.max_bytes:
+            return  # larger than the whole cache: keeping it would evict everything else
+        if key in self._entries:
+            self.bytes -= self._entries.pop(key)[1]
+        self._entries[key] = (entry, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.bytes -= evicted
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+def nbytes(value: Any) -> int:
+    """Approximate memory held by a value: tensors and arrays by their buffers, containers summed."""
+    size = getattr(value, "nbytes", None)
+    if isinstance(size, int):
+        return size
+    if isinstance(value, dict):
+        return sys.getsizeof(value) + sum(nbytes(k) + nbytes(v) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sys.getsizeof(value) + sum(nbytes(v) for v in value)
+    return sys.getsizeof(value)
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                      default=_recipe_json)
+
+
+def _recipe_json(value: Any) -> Any:
+    # Link-only values that flow into keys (recipes) describe themselves with `cache_identity()`.
+    identity = getattr(value, "cache_identity", None)
+    if identity is None:
+        raise TypeError(f"{type(value).__name__} cannot be part of a cache key")
+    return identity()
+
+
+def node_key(node_type: str, version: str, literals: dict[str, Any], upstream: dict[str, str],
+             files: Iterable[Path] = ()) -> str:
+    """The content address of a node's outputs.
+
+    `upstream` maps each linked input to the key of the producing node plus the output name;
+    `files` are the files the node reads, fingerprinted by path, size and modification time.
+    """
+    parts = [node_type, version, canonical_json(literals), canonical_json(upstream)]
+    parts.extend(file_fingerprint(path) for path in files)
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def file_fingerprint(path: Path) -> str:
+    """Path, size and mtime of a file, or of every file in a folder (a diffusers checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        files = [path]
+    out = []
+    for file in files:
+        try:
+            stat = os.stat(file)
+            out.append(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+        except OSError:
+            out.append(f"{file}:missing")
+    return "|".join(out)

@@ -1,0 +1,216 @@
+"""The `nodegraph` command line: run | validate | nodes.
+
+    nodegraph run workflows/math.json --set 1.value=10
+    nodegraph validate workflows/math.json --json
+    nodegraph nodes --json
+
+Exit codes: 0 success, 1 invalid workflow (or bad arguments), 2 execution error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from nodegraph import events as ev
+from nodegraph import workflow as wf
+from nodegraph.context import CancelToken
+from nodegraph.executor import Executor, RunResult, json_summary
+from nodegraph.registry import DeclarationError, Registry, load_registry
+from nodegraph.settings import Settings
+from nodegraph.validate import Problem, validate
+
+EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings.from_args(args.models_dir, getattr(args, "output_dir", None), args.nodes_dir)
+    try:
+        registry = load_registry(settings.nodes_dirs)
+    except DeclarationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    command: int = args.func(args, registry, settings)
+    return command
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nodegraph", description="A node-graph runtime for diffusion models.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--nodes-dir", action="append", default=[], metavar="DIR",
+                        help="an extra folder of node packs (repeatable)")
+    common.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                        help="a models folder with checkpoints/ and loras/ (repeatable; "
+                             "default $NODEGRAPH_MODELS or ./models)")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run a workflow headless")
+    run.add_argument("file")
+    run.add_argument("--set", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
+                     help="override a literal input; VALUE is JSON, or else a plain string (repeatable)")
+    run.add_argument("--output-dir", metavar="DIR", help="where images are written (default ./outputs)")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--debug", action="store_true", help="print the traceback of an unexpected node error")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("validate", parents=[common], help="check a workflow without running it")
+    check.add_argument("file")
+    check.add_argument("--json", action="store_true", help="print {ok, errors} as JSON")
+    check.set_defaults(func=cmd_validate)
+
+    nodes = sub.add_parser("nodes", parents=[common], help="list the available node types")
+    nodes.add_argument("--json", action="store_true", help="print the schema the editor reads")
+    nodes.set_defaults(func=cmd_nodes)
+    return parser
+
+
+def load_workflow(path: str, overrides: Sequence[str] = ()) -> tuple[Any, list[Problem]]:
+    """Read a workflow file and apply `--set` overrides; problems instead of exceptions."""
+    try:
+        workflow = wf.load(path)
+    except wf.WorkflowError as exc:
+        return None, [Problem(None, None, exc.code, str(exc))]
+    problems = []
+    for item in overrides:
+        target, eq, text = item.partition("=")
+        node_id, dot, input_name = target.rpartition(".")
+        nodes = workflow.get("nodes") if isinstance(workflow, dict) else None
+        if not (eq and dot and node_id and input_name):
+            problems.append(Problem(None, None, "bad_override", f"--set {item!r}: expected NODE_ID.INPUT=VALUE"))
+        elif not isinstance(nodes, dict) or not isinstance(nodes.get(node_id), dict):
+            problems.append(Problem(node_id, input_name, "missing_node", f"--set: there is no node {node_id!r}"))
+        else:
+            inputs = nodes[node_id].setdefault("inputs", {})
+            if isinstance(inputs, dict):
+                inputs[input_name] = parse_value(text)
+    return workflow, problems
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values: JSON when they parse (5, 0.5, true, "text"), else the plain string."""
+    try:
+        return wf.parse(text)
+    except wf.WorkflowError:
+        return text
+
+
+def cmd_validate(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
+    workflow, problems = load_workflow(args.file)
+    if not problems:
+        _, problems = validate(workflow, registry, settings)
+    if args.json:
+        print(json.dumps({"ok": not problems, "errors": [p.to_json() for p in problems]}, indent=2))
+    else:
+        _print_problems(problems, sys.stdout)
+        if not problems:
+            print(f"{args.file}: valid")
+    return EXIT_INVALID if problems else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
+    workflow, problems = load_workflow(args.file, args.set)
+    if problems:
+        result = RunResult("", "invalid", errors=problems)
+    else:
+        cancel = CancelToken()
+        progress = ProgressPrinter(sys.stderr, enabled=not args.json and sys.stderr.isatty())
+
+        def interrupt(signum: int, frame: Any) -> None:
+            if cancel.cancelled:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            cancel.cancel()
+            print("\ninterrupting… (Ctrl-C again to stop at once)", file=sys.stderr)
+
+        previous = signal.signal(signal.SIGINT, interrupt)
+        try:
+            result = Executor(registry, settings).run(workflow, progress, cancel)
+        except KeyboardInterrupt:
+            result = RunResult("", "interrupted")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            progress.clear()
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_summary(result)
+        if args.debug and result.traceback:
+            print(result.traceback, file=sys.stderr)
+    return {"ok": EXIT_OK, "invalid": EXIT_INVALID, "error": EXIT_FAILED}.get(result.status, EXIT_INTERRUPTED)
+
+
+def cmd_nodes(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
+    catalog = registry.catalog(settings)
+    if args.json:
+        print(json.dumps(catalog, indent=2))
+        return EXIT_OK
+    by_category: dict[str, list[dict[str, Any]]] = {}
+    for node in catalog["nodes"].values():
+        by_category.setdefault(node["category"], []).append(node)
+    for category, nodes in sorted(by_category.items()):
+        print(f"{category}:")
+        for node in nodes:
+            ins = ", ".join(f"{i['name']}:{i['type']}" + ("" if i["required"] else "?") for i in node["inputs"])
+            outs = ", ".join(f"{o['name']}:{o['type']}" for o in node["outputs"]) or "(output node)"
+            print(f"  {node['type']} {node['version']}  ({ins}) -> {outs}")
+            if node["description"]:
+                print(f"      {node['description']}")
+    return EXIT_OK
+
+
+class ProgressPrinter:
+    """Turns events into a one-line progress bar on a terminal."""
+
+    def __init__(self, stream: TextIO, enabled: bool, width: int = 30) -> None:
+        self.stream, self.enabled, self.width = stream, enabled, width
+        self.shown = False
+
+    def __call__(self, event: ev.Event) -> None:
+        if not self.enabled:
+            return
+        if isinstance(event, ev.Progress) and event.total > 0:
+            filled = self.width * event.step // event.total
+            bar = "█" * filled + "·" * (self.width - filled)
+            self.stream.write(f"\rnode {event.node_id} {bar} {event.step}/{event.total}")
+            self.stream.flush()
+            self.shown = True
+        elif isinstance(event, ev.NodeInfo):
+            self.clear()
+            took = f" ({event.seconds:.1f} s)" if event.seconds is not None else ""
+            self.stream.write(f"node {event.node_id}: {event.message}{took}\n")
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * (self.width + 40) + "\r")
+            self.shown = False
+
+
+def _print_summary(result: RunResult) -> None:
+    if result.nodes:
+        rows = [(node_id, r.node_type, r.status, f"{r.seconds:.3f}") for node_id, r in result.nodes.items()]
+        headers = ("node", "type", "status", "seconds")
+        widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(4)]
+        for row in [headers, *rows]:
+            print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for node_id in result.output_nodes:
+        record = result.nodes.get(node_id)
+        for name, value in (record.outputs.items() if record else ()):
+            print(f"node {node_id} ({record.node_type}) {name}: {json.dumps(json_summary(value))}")
+    for path in result.files:
+        print(f"wrote {path}")
+    _print_problems(result.errors, sys.stderr)
+    if result.status == "interrupted":
+        print("interrupted", file=sys.stderr)
+
+
+def _print_problems(problems: Sequence[Problem], stream: TextIO) -> None:
+    for problem in problems:
+        print(f"error: {problem}", file=stream)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

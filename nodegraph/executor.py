@@ -1,0 +1,190 @@
+"""Plan and run a workflow: validation, cache look-ups, events, cancellation.
+
+The executor is one small state machine per job: validate → plan (the output nodes and their
+ancestors, in dependency order) → for each node: cancelled? cached? run → finish. A node that
+raises ends the job with an error event naming it; only nodes that finished are cached.
+The cache lives as long as the executor, so a server keeps one executor across jobs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from nodegraph import events as ev
+from nodegraph.cache import Entry, OutputCache, node_key
+from nodegraph.context import CancelToken, Context, Interrupted, NodeFailure
+from nodegraph.registry import Registry
+from nodegraph.schema import Node
+from nodegraph.settings import Settings
+from nodegraph.validate import Graph, Problem, Step, validate
+
+
+@dataclass
+class NodeRecord:
+    node_type: str
+    status: str  # ran | cached | error | interrupted
+    seconds: float = 0.0
+    outputs: dict[str, Any] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+
+
+@dataclass
+class RunResult:
+    job_id: str
+    status: str  # ok | error | interrupted | invalid
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    errors: list[Problem] = field(default_factory=list)
+    output_nodes: list[str] = field(default_factory=list)
+    traceback: str | None = None  # of an unexpected exception inside a node, for --debug
+
+    @property
+    def files(self) -> list[str]:
+        return [f for record in self.nodes.values() for f in record.files]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "nodes": {node_id: {"type": r.node_type, "status": r.status, "seconds": round(r.seconds, 6),
+                                "outputs": {k: json_summary(v) for k, v in r.outputs.items()}}
+                      for node_id, r in self.nodes.items()},
+            "files": self.files,
+            "errors": [p.to_json() for p in self.errors],
+        }
+
+
+class Executor:
+    def __init__(self, registry: Registry, settings: Settings | None = None,
+                 cache: OutputCache | None = None, models: Any = None) -> None:
+        self.registry = registry
+        self.settings = settings or Settings()
+        self.cache = cache if cache is not None else OutputCache()
+        self.models = models
+
+    def run(self, workflow: Any, emit: ev.EventSink = ev.ignore, cancel: CancelToken | None = None,
+            job_id: str | None = None) -> RunResult:
+        job_id = job_id or uuid.uuid4().hex
+        graph, problems = validate(workflow, self.registry, self.settings)
+        if graph is None:
+            emit(ev.JobFinished(job_id, "invalid"))
+            return RunResult(job_id, "invalid", errors=problems)
+        return self.execute(graph, emit, cancel or CancelToken(), job_id)
+
+    def execute(self, graph: Graph, emit: ev.EventSink, cancel: CancelToken, job_id: str) -> RunResult:
+        started = time.perf_counter()
+        order = plan(graph)
+        emit(ev.JobStarted(job_id, order))
+        result = RunResult(job_id, "ok", output_nodes=list(graph.outputs))
+        values: dict[str, dict[str, Any]] = {}
+        keys: dict[str, str] = {}
+        for node_id in order:
+            if cancel.cancelled:
+                emit(ev.Interrupted(job_id, node_id))
+                result.status = "interrupted"
+                break
+            step = graph.steps[node_id]
+            inputs = dict(step.literals)
+            upstream = {}
+            for name, (source, output) in step.links.items():
+                inputs[name] = values[source][output]
+                upstream[name] = f"{keys[source]}/{output}"
+            try:
+                files = step.cls.files(inputs, self.settings) if _reads_files(step.cls) else ()
+                key = keys[node_id] = node_key(step.cls.type, step.cls.version, step.literals, upstream, files)
+            except Exception as exc:  # a recipe that cannot be keyed, a node's files() that failed
+                self._fail(result, step, emit, exc, started)
+                break
+            entry = self.cache.get(key)
+            if entry is not None:
+                emit(ev.NodeCached(job_id, node_id, step.cls.type))
+                values[node_id] = entry.outputs
+                result.nodes[node_id] = NodeRecord(step.cls.type, "cached", 0.0, entry.outputs, entry.files)
+                continue
+            emit(ev.NodeStarted(job_id, node_id, step.cls.type))
+            ctx = Context(job_id, node_id, self.settings, self.models, emit, cancel)
+            t0 = time.perf_counter()
+            try:
+                _check_linked_choices(step, inputs, self.settings)
+                outputs = _checked_outputs(step.cls, step.cls().run(ctx, **inputs))
+            except Interrupted:
+                emit(ev.Interrupted(job_id, node_id))
+                result.nodes[node_id] = NodeRecord(step.cls.type, "interrupted", time.perf_counter() - t0)
+                result.status = "interrupted"
+                break
+            except Exception as exc:
+                self._fail(result, step, emit, exc, started, time.perf_counter() - t0)
+                break
+            seconds = time.perf_counter() - t0
+            entry = Entry(outputs, tuple(ctx.files))
+            self.cache.put(key, entry)
+            values[node_id] = outputs
+            result.nodes[node_id] = NodeRecord(step.cls.type, "ran", seconds, outputs, entry.files)
+            emit(ev.NodeFinished(job_id, node_id, step.cls.type, seconds))
+        emit(ev.JobFinished(job_id, result.status, time.perf_counter() - started))
+        return result
+
+    @staticmethod
+    def _fail(result: RunResult, step: Step, emit: ev.EventSink, exc: Exception, started: float,
+              seconds: float = 0.0) -> None:
+        if isinstance(exc, NodeFailure):
+            problem = Problem(step.id, exc.input, exc.code, str(exc))
+        else:
+            problem = Problem(step.id, None, "exception", f"{type(exc).__name__}: {exc}")
+            result.traceback = traceback.format_exc()
+        emit(ev.NodeError(result.job_id, step.id, step.cls.type, problem.input, problem.code, problem.message))
+        result.nodes[step.id] = NodeRecord(step.cls.type, "error", seconds)
+        result.errors.append(problem)
+        result.status = "error"
+
+
+def plan(graph: Graph) -> list[str]:
+    """The nodes the output nodes need, in dependency order (stable for a given workflow)."""
+    needed = set(graph.outputs)
+    stack = list(graph.outputs)
+    while stack:
+        for source, _ in graph.steps[stack.pop()].links.values():
+            if source not in needed:
+                needed.add(source)
+                stack.append(source)
+    return [node_id for node_id in nx.topological_sort(graph.dag) if node_id in needed]
+
+
+def _reads_files(cls: type[Node]) -> bool:
+    return cls.files.__func__ is not Node.files.__func__  # type: ignore[attr-defined]
+
+
+def _check_linked_choices(step: Step, inputs: dict[str, Any], settings: Settings) -> None:
+    # A STRING output may feed a COMBO; its value can only be checked once it exists.
+    for spec in step.cls.inputs:
+        if spec.type == "COMBO" and spec.name in step.links:
+            choices = spec.resolve_choices(settings)
+            if inputs[spec.name] not in choices:
+                raise NodeFailure(f"{inputs[spec.name]!r} is not one of the choices", spec.name, "not_a_choice")
+
+
+def _checked_outputs(cls: type[Node], outputs: Any) -> dict[str, Any]:
+    if not isinstance(outputs, dict):
+        raise TypeError(f"{cls.type}.run() returned {type(outputs).__name__}, not a dict of outputs")
+    missing = [o.name for o in cls.outputs if o.name not in outputs]
+    if missing:
+        raise TypeError(f"{cls.type}.run() did not return the outputs {missing}")
+    return outputs
+
+
+def json_summary(value: Any) -> Any:
+    """The value itself when JSON can represent it; otherwise a summary naming its type."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"$type": "float", "repr": repr(value)}
+    if isinstance(value, (list, tuple)) and all(v is None or isinstance(v, (bool, int, float, str))
+                                                for v in value):
+        return [json_summary(v) for v in value]
+    summary = getattr(value, "summary", None)
+    return {"$type": type(value).__name__, **({"summary": summary()} if callable(summary) else {})}

@@ -1,0 +1,196 @@
+"""Validation: every problem in a workflow at once, as structured errors, before anything runs.
+
+`validate()` returns the executable `Graph` (links resolved to output names, defaults filled in)
+or the list of `Problem`s. Each problem has the node id, the input name where there is one, a
+stable code (documented in the README) and a human message.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from nodegraph.registry import Registry
+from nodegraph.schema import REQUIRED, Input, Node, check_literal, describe, link_compatible
+from nodegraph.workflow import FORMAT, is_link
+
+MAX_SHOWN = 100  # problems reported per workflow; a 10,000-node mess need not print 10,000 lines
+
+
+@dataclass(frozen=True)
+class Problem:
+    node_id: str | None
+    input: str | None
+    code: str
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        where = f"node {self.node_id}" if self.node_id is not None else "workflow"
+        if self.input:
+            where += f", input {self.input!r}"
+        return f"{where}: {self.message} [{self.code}]"
+
+
+@dataclass
+class Step:
+    """One node ready to run: its class, literal values and links `input -> (node_id, output)`."""
+
+    id: str
+    cls: type[Node]
+    literals: dict[str, Any]
+    links: dict[str, tuple[str, str]]
+
+
+@dataclass
+class Graph:
+    steps: dict[str, Step]
+    dag: Any = field(repr=False)  # networkx.DiGraph, edges from producer to consumer
+    outputs: list[str] = field(default_factory=list)
+
+
+def validate(workflow: Any, registry: Registry, settings: Any = None) -> tuple[Graph | None, list[Problem]]:
+    problems: list[Problem] = []
+    nodes = _check_shape(workflow, problems)
+    if nodes is None:
+        return None, problems
+    choices: dict[int, list[str]] = {}
+    steps: dict[str, Step] = {}
+    for node_id, entry in nodes.items():
+        step = _check_node(node_id, entry, nodes, registry, settings, choices, problems)
+        if step is not None:
+            steps[node_id] = step
+    dag = nx.DiGraph()
+    dag.add_nodes_from(steps)
+    dag.add_edges_from((src, step.id) for step in steps.values() for src, _ in step.links.values()
+                       if src in steps)
+    for cycle in sorted(sorted(c) for c in nx.strongly_connected_components(dag)
+                        if len(c) > 1 or dag.has_edge(next(iter(c)), next(iter(c)))):
+        problems.append(Problem(cycle[0], None, "cycle", "these nodes form a cycle: " + " → ".join(cycle)))
+    outputs = [node_id for node_id, step in steps.items() if step.cls.output_node]
+    if not outputs and not any(p.code == "unknown_node_type" for p in problems):
+        problems.append(Problem(None, None, "no_output_node",
+                                "the workflow has no output node (Show, SaveImage, …), so nothing would run"))
+    if problems:
+        return None, problems[:MAX_SHOWN]
+    return Graph(steps, dag, outputs), []
+
+
+def _check_shape(workflow: Any, problems: list[Problem]) -> dict[str, Any] | None:
+    def fail(code: str, message: str) -> None:
+        problems.append(Problem(None, None, code, message))
+
+    if not isinstance(workflow, dict):
+        fail("invalid_shape", f"a workflow is a JSON object, got {describe(workflow)}")
+        return None
+    if isinstance(workflow.get("nodes"), list) and "links" in workflow:
+        fail("invalid_shape", "this looks like ComfyUI's editor format; export it with 'Save (API)' instead")
+        return None
+    if workflow.get("format") != FORMAT:
+        fail("unknown_format", f"'format' must be {FORMAT!r}, got {describe(workflow.get('format'))}")
+    nodes = workflow.get("nodes")
+    if not isinstance(nodes, dict):
+        fail("invalid_shape", f"'nodes' must be an object of nodes keyed by id, got {describe(nodes)}")
+        return None
+    return nodes
+
+
+def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Registry, settings: Any,
+                choices: dict[int, list[str]], problems: list[Problem]) -> Step | None:
+    def fail(input_name: str | None, code: str, message: str) -> None:
+        problems.append(Problem(node_id, input_name, code, message))
+
+    if not node_id:
+        fail(None, "invalid_node", "a node id must be a non-empty string")
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+        fail(None, "invalid_node", "a node is an object with a string 'type'")
+        return None
+    cls = registry.get(entry["type"])
+    if cls is None:
+        fail(None, "unknown_node_type", f"unknown node type {describe(entry['type'])}"
+             + _suggest(entry["type"], registry.nodes))
+        return None
+    given = entry.get("inputs", {})
+    if not isinstance(given, dict):
+        fail(None, "invalid_node", f"'inputs' must be an object, got {describe(given)}")
+        return None
+    specs = {spec.name: spec for spec in cls.inputs}
+    before = len(problems)
+    for name in given:
+        if name not in specs:
+            fail(name, "unknown_input", f"{cls.type} has no input {describe(name)}" + _suggest(name, specs))
+    literals: dict[str, Any] = {}
+    links: dict[str, tuple[str, str]] = {}
+    for name, spec in specs.items():
+        if name not in given:
+            if spec.required:
+                fail(name, "missing_input", f"{cls.type} needs {name!r} ({spec.type})")
+            elif spec.default is not REQUIRED:
+                literals[name] = spec.default
+            continue
+        value = given[name]
+        if is_link(value):
+            link = _check_link(spec, value, nodes, registry, fail)
+            if link is not None:
+                links[name] = link
+        elif spec.accepts == "link":
+            fail(name, "link_required", f"{name!r} must be connected to a {spec.type} output, "
+                 f"not written as {describe(value)}")
+        else:
+            if spec.type == "COMBO" and id(spec) not in choices:
+                choices[id(spec)] = spec.resolve_choices(settings)
+            wrong = check_literal(spec, value, choices.get(id(spec), ()))
+            if wrong:
+                fail(name, *wrong)
+            else:
+                literals[name] = value
+    if len(problems) == before:
+        for input_name, message in cls.check(literals, settings):
+            fail(input_name, "invalid_value", message)
+    return Step(node_id, cls, literals, links) if len(problems) == before else None
+
+
+def _check_link(spec: Input, value: list[Any], nodes: dict[str, Any], registry: Registry,
+                fail: Any) -> tuple[str, str] | None:
+    source_id, output = value
+    name = spec.name
+    if spec.accepts == "literal":
+        fail(name, "literal_required", f"{name!r} must be written as a value, not connected")
+        return None
+    if not isinstance(source_id, str) or isinstance(output, bool) or not isinstance(output, (str, int)):
+        fail(name, "bad_link", "a link is [node_id, output] with a string node id and an output name or index")
+        return None
+    source = nodes.get(source_id)
+    if source is None:
+        fail(name, "missing_node", f"linked to node {describe(source_id)}, which does not exist")
+        return None
+    source_cls = registry.get(source.get("type")) if isinstance(source, dict) else None
+    if source_cls is None:
+        return None  # the source node's own problem is reported on it
+    outputs = source_cls.outputs
+    if isinstance(output, int):
+        found = outputs[output] if 0 <= output < len(outputs) else None
+    else:
+        found = next((o for o in outputs if o.name == output), None)
+    if found is None:
+        names = ", ".join(f"{i}: {o.name}" for i, o in enumerate(outputs)) or "none"
+        fail(name, "missing_output", f"node {source_id} ({source_cls.type}) has no output "
+             f"{describe(output)}; its outputs are {names}")
+        return None
+    if not link_compatible(found.type, spec.type):
+        fail(name, "type_mismatch", f"{name!r} takes {spec.type}, but node {source_id} output "
+             f"{found.name!r} is {found.type}")
+        return None
+    return source_id, found.name
+
+
+def _suggest(name: str, known: Sequence[str] | dict[str, Any]) -> str:
+    close = difflib.get_close_matches(name[:100], list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""

@@ -1,0 +1,87 @@
+"""The workflow file: load, save, and import ComfyUI's API format.
+
+A workflow is kept as the plain JSON dict it was read from, so load → save round-trips
+unchanged (editor data such as `title` and `ui` included). The format is specified by
+`workflow.schema.json` beside this module and described in the README.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FORMAT = "nodegraph/1"
+SCHEMA_PATH = Path(__file__).with_name("workflow.schema.json")
+MAX_BYTES = 64 * 1024 * 1024
+
+
+class WorkflowError(Exception):
+    """The file is not a workflow at all (unreadable, not JSON); `code` is a stable error code."""
+
+    def __init__(self, message: str, code: str = "invalid_json") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def is_link(value: Any) -> bool:
+    """A two-element list is always a link `[node_id, output]`."""
+    return isinstance(value, list) and len(value) == 2
+
+
+def parse(data: bytes | str) -> Any:
+    """JSON text to a Python value, with every failure (binary, 1e400 digits, deep nesting) a WorkflowError."""
+    if isinstance(data, bytes):
+        if len(data) > MAX_BYTES:
+            raise WorkflowError(f"the file is {len(data)} bytes; the limit is {MAX_BYTES}")
+        try:
+            data = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise WorkflowError(f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise WorkflowError(f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise WorkflowError("malformed JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python will convert
+        raise WorkflowError(f"malformed JSON: {exc}") from None
+
+
+def load(path: str | Path) -> Any:
+    """Read a workflow file (nodegraph or ComfyUI API format) into a nodegraph/1 dict."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise WorkflowError(f"cannot read {path}: {exc.strerror or exc}", code="unreadable") from None
+    return from_json(parse(raw))
+
+
+def from_json(value: Any) -> Any:
+    """Accept ComfyUI's API format by lowering it; anything else is returned for validation."""
+    return lower_comfy_api(value) if is_comfy_api(value) else value
+
+
+def save(workflow: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(dumps(workflow), encoding="utf-8")
+
+
+def dumps(workflow: dict[str, Any]) -> str:
+    return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+
+
+def is_comfy_api(value: Any) -> bool:
+    """ComfyUI's API format: {"id": {"class_type": ..., "inputs": {...}}, ...}."""
+    return (isinstance(value, dict) and "format" not in value and bool(value)
+            and all(isinstance(v, dict) and "class_type" in v for v in value.values()))
+
+
+def lower_comfy_api(value: dict[str, Any]) -> dict[str, Any]:
+    nodes: dict[str, Any] = {}
+    for node_id, node in value.items():
+        entry: dict[str, Any] = {"type": node["class_type"], "inputs": node.get("inputs", {})}
+        title = node.get("_meta", {}).get("title") if isinstance(node.get("_meta"), dict) else None
+        if isinstance(title, str):
+            entry["title"] = title
+        nodes[str(node_id)] = entry
+    return {"format": FORMAT, "nodes": nodes, "ui": {}}
