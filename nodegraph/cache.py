@@ -75,16 +75,7 @@ def nbytes(value: Any) -> int:
 
 
 def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                      default=_recipe_json)
-
-
-def _recipe_json(value: Any) -> Any:
-    # Link-only values that flow into keys (recipes) describe themselves with `cache_identity()`.
-    identity = getattr(value, "cache_identity", None)
-    if identity is None:
-        raise TypeError(f"{type(value).__name__} cannot be part of a cache key")
-    return identity()
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def node_key(node_type: str, version: str, literals: dict[str, Any], upstream: dict[str, str],

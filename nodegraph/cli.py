@@ -198,7 +198,9 @@ def _print_summary(result: RunResult) -> None:
             print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     for node_id in result.output_nodes:
         record = result.nodes.get(node_id)
-        for name, value in (record.outputs.items() if record else ()):
+        if record is None:
+            continue
+        for name, value in record.outputs.items():
             print(f"node {node_id} ({record.node_type}) {name}: {json.dumps(json_summary(value))}")
     for path in result.files:
         print(f"wrote {path}")

@@ -56,8 +56,8 @@ class Registry:
         for node in nodes:
             self.register(node, origin)
 
-    def get(self, type_name: str) -> type[Node] | None:
-        return self.nodes.get(type_name)
+    def get(self, type_name: object) -> type[Node] | None:
+        return self.nodes.get(type_name) if isinstance(type_name, str) else None
 
     def catalog(self, settings: Any = None) -> dict[str, Any]:
         """The schema the editor reads: every node with its inputs, outputs and current choices."""

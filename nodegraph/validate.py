@@ -74,7 +74,9 @@ def validate(workflow: Any, registry: Registry, settings: Any = None) -> tuple[G
                         if len(c) > 1 or dag.has_edge(next(iter(c)), next(iter(c)))):
         problems.append(Problem(cycle[0], None, "cycle", "these nodes form a cycle: " + " → ".join(cycle)))
     outputs = [node_id for node_id, step in steps.items() if step.cls.output_node]
-    if not outputs and not any(p.code == "unknown_node_type" for p in problems):
+    declared = any(isinstance(e, dict) and getattr(registry.get(e.get("type")), "output_node", False)
+                   for e in nodes.values())
+    if not declared and not any(p.code == "unknown_node_type" for p in problems):
         problems.append(Problem(None, None, "no_output_node",
                                 "the workflow has no output node (Show, SaveImage, …), so nothing would run"))
     if problems:

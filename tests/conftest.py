@@ -1,0 +1,52 @@
+"""Shared fixtures. Tests never reach a model hub: HF_HUB_OFFLINE is set before anything imports it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+from nodegraph import events as ev  # noqa: E402
+from nodegraph.executor import Executor  # noqa: E402
+from nodegraph.registry import Registry, load_registry  # noqa: E402
+from nodegraph.settings import Settings  # noqa: E402
+
+PACKS = Path(__file__).parent / "packs"
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    """The built-in nodes plus the test pack (file readers, slow and failing nodes)."""
+    return load_registry([PACKS])
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(models_dirs=(tmp_path / "models",), output_dir=tmp_path / "outputs")
+
+
+@pytest.fixture
+def executor(registry: Registry, settings: Settings) -> Executor:
+    return Executor(registry, settings)
+
+
+class Recorder(list[ev.Event]):
+    """An event sink that keeps every event."""
+
+    def __call__(self, event: ev.Event) -> None:
+        self.append(event)
+
+    def of(self, kind: type[ev.Event]) -> list[Any]:
+        return [e for e in self if isinstance(e, kind)]
+
+    def ran(self) -> list[str]:
+        return [e.node_id for e in self.of(ev.NodeStarted)]
+
+
+def workflow(nodes: dict[str, Any]) -> dict[str, Any]:
+    return {"format": "nodegraph/1", "nodes": nodes, "ui": {}}

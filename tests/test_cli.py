@@ -1,0 +1,126 @@
+"""The `nodegraph` command: run, validate, nodes; exit codes, --set, --json, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodegraph.cli import main
+from tests.conftest import PACKS, workflow
+
+ROOT = Path(__file__).parents[1]
+MATH = str(ROOT / "workflows" / "math.json")
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write(tmp_path: Path, content: Any) -> str:
+    path = tmp_path / "wf.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return str(path)
+
+
+def test_run_prints_a_table_and_the_shown_value(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "run", MATH)
+    assert code == 0
+    assert out.splitlines()[0].split() == ["node", "type", "status", "seconds"]
+    assert 'node 5 (Show) value: "(3 + 4.5)^2 = 56.25"' in out
+
+
+def test_run_json_with_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "run", MATH, "--json", "--set", "1.value=10", "--set", "2.op=multiply")
+    result = json.loads(out)
+    assert code == 0 and result["status"] == "ok" and result["errors"] == [] and result["files"] == []
+    assert result["nodes"]["5"]["outputs"] == {"value": "(10 + 4.5)^2 = 2025.00"}
+    assert set(result["nodes"]["1"]) == {"type", "status", "seconds", "outputs"}
+
+
+@pytest.mark.parametrize("override, code", [("9.value=1", "missing_node"), ("value=1", "bad_override"),
+                                            ("1.value", "bad_override"), ("1.value=x", "wrong_type")])
+def test_bad_overrides_are_invalid(capsys: pytest.CaptureFixture[str], override: str, code: str) -> None:
+    status, out, _ = run_cli(capsys, "run", MATH, "--json", "--set", override)
+    assert status == 1 and json.loads(out)["errors"][0]["code"] == code
+
+
+def test_set_value_that_is_not_json_is_a_string(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = write(tmp_path, workflow({"1": {"type": "String"}, "2": {"type": "Show", "inputs": {"value": ["1", 0]}}}))
+    _, out, _ = run_cli(capsys, "run", path, "--json", "--set", "1.value=a cat, 4k")
+    assert json.loads(out)["nodes"]["2"]["outputs"]["value"] == "a cat, 4k"
+
+
+def test_execution_error_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = write(tmp_path, workflow({"1": {"type": "Math", "inputs": {"a": 1, "b": 0, "op": "divide"}},
+                                     "2": {"type": "Show", "inputs": {"value": ["1", 0]}}}))
+    code, _, err = run_cli(capsys, "run", path)
+    assert code == 2 and "error: node 1, input 'b': cannot divide 1 by zero" in err
+
+
+def test_unexpected_node_error_hides_the_traceback_unless_debug(capsys: pytest.CaptureFixture[str],
+                                                                tmp_path: Path) -> None:
+    path = write(tmp_path, workflow({"1": {"type": "Fail", "inputs": {"expected": False}},
+                                     "2": {"type": "Show", "inputs": {"value": ["1", 0]}}}))
+    code, _, err = run_cli(capsys, "run", path, "--nodes-dir", str(PACKS))
+    assert code == 2 and "RuntimeError: unexpected" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "run", path, "--nodes-dir", str(PACKS), "--debug")
+    assert "Traceback" in err
+
+
+@pytest.mark.parametrize("content", ["\x00\x01garbage", "{" * 50_000, "1e400", '{"format": "nodegraph/1", '
+                                     '"nodes": {"1": {"type": "Float", "inputs": {"value": 1e400}}}}',
+                                     json.dumps({"format": "nodegraph/1", "nodes": {"1": {"type": "x" * 10**7}}})])
+def test_validate_never_tracebacks(capsys: pytest.CaptureFixture[str], tmp_path: Path, content: str) -> None:
+    code, out, _ = run_cli(capsys, "validate", write(tmp_path, content), "--json")
+    result = json.loads(out)
+    assert code == 1 and result["ok"] is False and result["errors"]
+    assert set(result["errors"][0]) == {"node_id", "input", "code", "message"}
+    assert len(out) < 100_000
+
+
+def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(capsys, "validate", MATH)[0] == 0
+    code, out, _ = run_cli(capsys, "validate", MATH, "--json")
+    assert json.loads(out) == {"ok": True, "errors": []}
+
+
+def test_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run_cli(capsys, "run", str(tmp_path / "nope.json"))
+    assert code == 1
+
+
+def test_nodes_catalog(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "nodes", "--json")
+    catalog = json.loads(out)["nodes"]
+    assert code == 0 and catalog["Math"]["inputs"][2]["choices"][:2] == ["add", "subtract"]
+    code, out, _ = run_cli(capsys, "nodes", "--nodes-dir", str(PACKS))
+    assert "Slow 1.0.0" in out and "Math 1.0.0  (a:FLOAT?, b:FLOAT?, op:COMBO?) -> result:FLOAT" in out
+
+
+def test_bad_node_pack_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("NODES = None")
+    code, _, err = run_cli(capsys, "nodes", "--nodes-dir", str(tmp_path))
+    assert code == 1 and err.startswith("error: node pack") and "broken.py" in err
+
+
+def test_ctrl_c_interrupts_cleanly_with_exit_130(tmp_path: Path) -> None:
+    path = write(tmp_path, workflow({"1": {"type": "Slow", "inputs": {"steps": 10_000, "delay": 0.001}},
+                                     "2": {"type": "Show", "inputs": {"value": ["1", 0]}}}))
+    proc = subprocess.Popen([sys.executable, "-m", "nodegraph.cli", "run", path, "--json", "--nodes-dir", str(PACKS)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    time.sleep(1.5)  # long enough for the interpreter to start and the node to begin
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert json.loads(out)["status"] == "interrupted" and "Traceback" not in err
