@@ -20,12 +20,20 @@ def _primitive(name: str, kind: str, noun: str, default: Any, **spec: Any) -> ty
     def run(self: Node, ctx: Context, value: Any) -> dict[str, Any]:
         return {"value": float(value) if kind == "FLOAT" else value}
 
-    return type(name, (Node,), {
-        "type": name, "version": "1.0.0", "category": "primitives", "__module__": __name__,
-        "description": f"{noun}, to feed the inputs of several nodes at once.",
-        "inputs": (Input("value", kind, default=default, mode="literal", **spec),),
-        "outputs": (Output("value", kind),), "run": run,
-    })
+    return type(
+        name,
+        (Node,),
+        {
+            "type": name,
+            "version": "1.0.0",
+            "category": "primitives",
+            "__module__": __name__,
+            "description": f"{noun}, to feed the inputs of several nodes at once.",
+            "inputs": (Input("value", kind, default=default, mode="literal", **spec),),
+            "outputs": (Output("value", kind),),
+            "run": run,
+        },
+    )
 
 
 Int = _primitive("Int", "INT", "An integer", 0, min=-(2**63), max=2**63 - 1)
@@ -34,8 +42,13 @@ String = _primitive("String", "STRING", "A text", "", multiline=True)
 Boolean = _primitive("Boolean", "BOOLEAN", "A true/false value", False)
 
 OPERATIONS: dict[str, Callable[[float, float], Any]] = {
-    "add": operator.add, "subtract": operator.sub, "multiply": operator.mul,
-    "divide": operator.truediv, "power": operator.pow, "min": min, "max": max,
+    "add": operator.add,
+    "subtract": operator.sub,
+    "multiply": operator.mul,
+    "divide": operator.truediv,
+    "power": operator.pow,
+    "min": min,
+    "max": max,
 }
 
 
@@ -43,8 +56,11 @@ class Math(Node):
     type = "Math"
     version = "1.0.0"
     description = "Arithmetic on two numbers."
-    inputs = (Input("a", "FLOAT", default=0.0), Input("b", "FLOAT", default=0.0),
-              Input("op", "COMBO", default="add", choices=tuple(OPERATIONS)))
+    inputs = (
+        Input("a", "FLOAT", default=0.0),
+        Input("b", "FLOAT", default=0.0),
+        Input("op", "COMBO", default="add", choices=tuple(OPERATIONS)),
+    )
     outputs = (Output("result", "FLOAT"),)
 
     def run(self, ctx: Context, a: float, b: float, op: str) -> dict[str, Any]:
@@ -88,8 +104,10 @@ class Format(Node):
     type = "Format"
     version = "1.0.0"
     description = "Text from a template: {a}, {b} and {c} are replaced by the optional inputs."
-    inputs = (Input("template", "STRING", default="{a}", multiline=True),
-              *(Input(name, ANY, optional=True) for name in _FIELDS))
+    inputs = (
+        Input("template", "STRING", default="{a}", multiline=True),
+        *(Input(name, ANY, optional=True) for name in _FIELDS),
+    )
     outputs = (Output("text", "STRING"),)
 
     @classmethod
