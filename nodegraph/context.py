@@ -50,6 +50,7 @@ class Context:
     emit: EventSink = ignore
     cancel_token: CancelToken = field(default_factory=CancelToken)
     files: list[str] = field(default_factory=list)
+    workflow: dict[str, Any] = field(default_factory=dict)  # the workflow being run, to embed in outputs
 
     def check_cancelled(self) -> None:
         if self.cancel_token.cancelled:

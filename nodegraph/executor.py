@@ -107,7 +107,7 @@ class Executor:
                 result.nodes[node_id] = NodeRecord(step.cls.type, "cached", 0.0, entry.outputs, entry.files)
                 continue
             emit(ev.NodeStarted(job_id, node_id, step.cls.type))
-            ctx = Context(job_id, node_id, self.settings, self.models, emit, cancel)
+            ctx = Context(job_id, node_id, self.settings, self.models, emit, cancel, workflow=graph.workflow)
             t0 = time.perf_counter()
             try:
                 _check_linked_choices(step, inputs, self.settings)

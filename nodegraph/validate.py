@@ -53,7 +53,7 @@ class Graph:
     steps: dict[str, Step]
     dag: Any = field(repr=False)  # networkx.DiGraph, edges from producer to consumer
     outputs: list[str] = field(default_factory=list)
-
+    workflow: dict[str, Any] = field(default_factory=dict, repr=False)  # as written, for SaveImage
 
 def validate(workflow: Any, registry: Registry, settings: Any = None) -> tuple[Graph | None, list[Problem]]:
     problems: list[Problem] = []
@@ -81,7 +81,7 @@ def validate(workflow: Any, registry: Registry, settings: Any = None) -> tuple[G
                                 "the workflow has no output node (Show, SaveImage, …), so nothing would run"))
     if problems:
         return None, problems[:MAX_SHOWN]
-    return Graph(steps, dag, outputs), []
+    return Graph(steps, dag, outputs, workflow), []
 
 
 def _check_shape(workflow: Any, problems: list[Problem]) -> dict[str, Any] | None:
