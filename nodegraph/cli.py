@@ -1,8 +1,9 @@
-"""The `nodegraph` command line: run | validate | nodes.
+"""The `nodegraph` command line: run | validate | nodes | models.
 
     nodegraph run workflows/math.json --set 1.value=10
     nodegraph validate workflows/math.json --json
     nodegraph nodes --json
+    nodegraph models demo
 
 Exit codes: 0 success, 1 invalid workflow (or bad arguments), 2 execution error, 130 interrupted.
 """
@@ -14,6 +15,8 @@ import json
 import signal
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, TextIO
 
 from nodegraph import events as ev
@@ -62,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.add_argument("--json", action="store_true", help="print {ok, errors} as JSON")
     check.set_defaults(func=cmd_validate)
+
+    models = sub.add_parser("models", parents=[common], help="manage the models folder")
+    models_sub = models.add_subparsers(required=True, metavar="ACTION")
+    demo = models_sub.add_parser("demo", parents=[common], help="write the bundled small demo models")
+    demo.add_argument("--dir", metavar="DIR", help="the models folder (default: the first --models-dir, "
+                                                   "$NODEGRAPH_MODELS or ./models)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_models_demo)
 
     nodes = sub.add_parser("nodes", parents=[common], help="list the available node types")
     nodes.add_argument("--json", action="store_true", help="print the schema the editor reads")
@@ -159,6 +170,18 @@ def cmd_nodes(args: argparse.Namespace, registry: Registry, settings: Settings) 
             print(f"  {node['type']} {node['version']}  ({ins}) -> {outs}")
             if node["description"]:
                 print(f"      {node['description']}")
+    return EXIT_OK
+
+
+def cmd_models_demo(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
+    """Model sets come from node packs (entry-point group nodegraph.model_sets), like nodes do."""
+    makers = {ep.name: ep for ep in entry_points(group="nodegraph.model_sets")}
+    if "demo" not in makers:
+        print("error: no installed node pack provides the demo models", file=sys.stderr)
+        return EXIT_INVALID
+    root = Path(args.dir) if args.dir else settings.models_dirs[0]
+    for path in makers["demo"].load()(root, args.seed):
+        print(path)
     return EXIT_OK
 
 

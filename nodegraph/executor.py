@@ -20,6 +20,7 @@ import networkx as nx
 from nodegraph import events as ev
 from nodegraph.cache import Entry, OutputCache, node_key
 from nodegraph.context import CancelToken, Context, Interrupted, NodeFailure
+from nodegraph.models import ModelManager
 from nodegraph.registry import Registry
 from nodegraph.schema import Node
 from nodegraph.settings import Settings
@@ -65,7 +66,7 @@ class Executor:
         self.registry = registry
         self.settings = settings or Settings()
         self.cache = cache if cache is not None else OutputCache()
-        self.models = models
+        self.models = models if models is not None else ModelManager()
 
     def run(self, workflow: Any, emit: ev.EventSink = ev.ignore, cancel: CancelToken | None = None,
             job_id: str | None = None) -> RunResult:

@@ -53,11 +53,17 @@ class Settings:
         return sorted(names)
 
     def resolve_model(self, kind: str, name: str) -> Path:
-        """The path of a model by its name, confined to the model folders (no `..`, no escape)."""
+        """The path of a model by its name, confined to the model folders.
+
+        Names are relative paths without `..`; symlinks inside a models folder are followed, since
+        linking models in from another disk is how many people share them between tools.
+        """
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts:
+            raise FileNotFoundError(f"{name!r} is not a model name (a path relative to the {kind} folder)")
         for root in self.models_dirs:
-            base = (root / kind).resolve()
-            candidate = (base / name).resolve()
-            if candidate.is_relative_to(base) and candidate.exists():
+            candidate = Path(os.path.abspath(root / kind / name))
+            if candidate.exists():
                 return candidate
         raise FileNotFoundError(f"no {kind} model named {name!r} in " +
                                 ", ".join(str(r / kind) for r in self.models_dirs))

@@ -2,7 +2,8 @@
 
 A workflow is kept as the plain JSON dict it was read from, so load → save round-trips
 unchanged (editor data such as `title` and `ui` included). The format is specified by
-`workflow.schema.json` beside this module and described in the README.
+`workflow.schema.json` beside this module and described in the README. A PNG written by
+SaveImage is a workflow file too: its `workflow` text chunk holds the workflow that made it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 FORMAT = "nodegraph/1"
 SCHEMA_PATH = Path(__file__).with_name("workflow.schema.json")
 MAX_BYTES = 64 * 1024 * 1024
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class WorkflowError(Exception):
@@ -54,7 +56,54 @@ def load(path: str | Path) -> Any:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise WorkflowError(f"cannot read {path}: {exc.strerror or exc}", code="unreadable") from None
+    if raw.startswith(PNG_SIGNATURE):
+        return from_json(parse_png(raw, path))
     return from_json(parse(raw))
+
+
+def parse_png(raw: bytes, path: str | Path = "the PNG") -> Any:
+    """The workflow embedded in a PNG's text chunks, parsed; a WorkflowError when there is none.
+
+    ComfyUI's own PNGs hold its editor format in `workflow` and the API format in `prompt`;
+    the API format is what this runtime can run, so it is used when `workflow` is not ours.
+    """
+    chunks = png_text(raw, path)
+    if "workflow" not in chunks and "prompt" not in chunks:
+        raise WorkflowError(f"{path} is a PNG without an embedded workflow (only images written by "
+                            "SaveImage carry one)", code="no_workflow")
+    try:
+        if "workflow" in chunks:
+            value = parse(chunks["workflow"])
+            if "prompt" not in chunks or not _is_comfy_editor_format(value):
+                return value
+        return parse(chunks["prompt"])
+    except WorkflowError as exc:
+        raise WorkflowError(f"{path}: the workflow embedded in the PNG: {exc}", exc.code) from None
+
+
+def png_text(raw: bytes, path: str | Path = "the PNG") -> dict[str, str]:
+    """A PNG's text chunks (tEXt, zTXt, iTXt) by keyword."""
+    import io
+
+    from PIL import Image  # imported here: the runtime itself stays free of heavy imports
+
+    try:
+        with Image.open(io.BytesIO(raw), formats=["PNG"]) as image:
+            # Chunks before the image data are read on open; only when the workflow is not among
+            # them is the whole image decoded to reach chunks after it (`text` does that).
+            found = {k: v for k, v in image.info.items() if isinstance(v, str)}
+            if "workflow" not in found:
+                found = dict(image.text)
+    # Pillow reports a damaged PNG in many ways (SyntaxError, OSError, ValueError, zlib.error,
+    # DecompressionBombError, …); each means the same here: no workflow can be read from it.
+    except Exception as exc:
+        raise WorkflowError(f"{path} is not a readable PNG ({type(exc).__name__}: {exc})",
+                            code="no_workflow") from None
+    return {str(key): str(value) for key, value in found.items()}
+
+
+def _is_comfy_editor_format(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("nodes"), list) and "links" in value
 
 
 def from_json(value: Any) -> Any:

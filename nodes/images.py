@@ -19,8 +19,9 @@ class ImageBatch:
 
     def __post_init__(self) -> None:
         if self.pixels.dtype != np.uint8 or self.pixels.ndim != 4 or self.pixels.shape[-1] != 3:
-            raise ValueError(f"an ImageBatch is (batch, height, width, 3) uint8, got {self.pixels.shape} "
-                             f"{self.pixels.dtype}")
+            raise ValueError(
+                f"an ImageBatch is (batch, height, width, 3) uint8, got {self.pixels.shape} {self.pixels.dtype}"
+            )
         self.pixels.setflags(write=False)
 
     @property

@@ -50,3 +50,18 @@ class Recorder(list[ev.Event]):
 
 def workflow(nodes: dict[str, Any]) -> dict[str, Any]:
     return {"format": "nodegraph/1", "nodes": nodes, "ui": {}}
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled demo models (tiny SD1.5 and SDXL, LoRAs in several formats), made once per session."""
+    from nodes.demo_models import make_demo_models
+
+    root = tmp_path_factory.mktemp("models")
+    make_demo_models(root)
+    return root
+
+
+@pytest.fixture
+def demo_settings(demo_dir: Path, tmp_path: Path) -> Settings:
+    return Settings(models_dirs=(demo_dir,), output_dir=tmp_path / "outputs")

@@ -127,3 +127,15 @@ def test_catalog_computes_choices_at_request_time(tmp_path: Path) -> None:
                                  "choices": ["style.safetensors"]}
     assert spec["outputs"] == [{"name": "x", "type": "INT"}]
     assert (spec["type"], spec["version"], spec["output_node"]) == ("Good", "1.0.0", False)
+
+
+def test_model_names_stay_inside_the_model_folders(tmp_path: Path) -> None:
+    settings = Settings(models_dirs=(tmp_path / "a", tmp_path / "b"))
+    (tmp_path / "b" / "loras" / "sub").mkdir(parents=True)
+    (tmp_path / "b" / "loras" / "sub" / "x.safetensors").write_bytes(b"")
+    (tmp_path / "secret.safetensors").write_bytes(b"")
+    assert settings.model_files("loras") == ["sub/x.safetensors"]
+    assert settings.resolve_model("loras", "sub/x.safetensors") == tmp_path / "b" / "loras" / "sub" / "x.safetensors"
+    for name in ("../../secret.safetensors", str(tmp_path / "secret.safetensors"), "", "nope.safetensors"):
+        with pytest.raises(FileNotFoundError):
+            settings.resolve_model("loras", name)

@@ -1,0 +1,550 @@
+"""The bundled demo models: tiny SD1.5- and SDXL-shaped checkpoints and LoRAs, generated from a seed.
+
+The machines that build and test nodegraph have no model hub, so the project makes its own models: random
+weights in the real architectures, small enough that a 4-step 64x64 image takes a fraction of a second on
+a CPU. `make_demo_models(root)` writes them into a models folder:
+
+    checkpoints/tiny-sd15/               diffusers folder, StableDiffusionPipeline (PNDM scheduler)
+    checkpoints/tiny-sd15.safetensors    the same weights as one file in the ldm / A1111 key layout
+    checkpoints/tiny-sdxl/               diffusers folder, StableDiffusionXLPipeline (Euler scheduler)
+    loras/<name>.safetensors             the LoRAs described by DEMO_LORAS
+
+The same seed gives byte-identical files; a second call with the same seed only checks the manifest.
+
+    python -m nodes.demo_models models/     # writes ./models/checkpoints and ./models/loras
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nodes.checkpoints import CONFIG_HINTS_KEY, demo_clip_tokenizer, scheduler_config
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    DemoPipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+
+#: Bump whenever anything generated changes; older folders are then regenerated.
+DEMO_VERSION = 1
+MANIFEST_NAME = ".nodegraph-demo.json"
+
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One demo LoRA. `tensors_of` names another demo LoRA whose A/B matrices this one reuses."""
+
+    model: str  # "sd15" or "sdxl"
+    rank: int
+    alpha: float
+    unet_targets: tuple[str, ...]  # last component(s) of the targeted UNet module names
+    text_targets: tuple[str, ...] = ()
+    kohya: bool = False  # Kohya key layout (lora_unet_..., lora_down/lora_up/alpha) instead of PEFT's
+    tensors_of: str | None = None
+
+
+DEMO_LORAS: dict[str, LoraSpec] = {
+    "tiny-sd15-style": LoraSpec("sd15", 4, 4, UNET_ATTENTION),
+    "tiny-sd15-kohya": LoraSpec("sd15", 8, 4, UNET_ATTENTION, kohya=True),
+    "tiny-sd15-subset": LoraSpec("sd15", 4, 4, ("to_q", "to_v")),
+    "tiny-sd15-te": LoraSpec("sd15", 4, 4, UNET_ATTENTION, TEXT_ATTENTION),
+    # The style LoRA's A/B with half its alpha: at strength 1.0 it equals the style LoRA at 0.5.
+    "tiny-sd15-alpha": LoraSpec("sd15", 4, 2, UNET_ATTENTION, tensors_of="tiny-sd15-style"),
+    "tiny-sd15-rank2": LoraSpec("sd15", 2, 2, UNET_ATTENTION),
+    "tiny-sd15-rank8": LoraSpec("sd15", 8, 4, UNET_ATTENTION),
+    "tiny-sdxl-style": LoraSpec("sdxl", 4, 4, UNET_ATTENTION),
+}
+# How far a strength-1.0 demo LoRA moves each targeted weight, relative to that weight's own spread:
+# large enough to change an image visibly, small enough not to saturate it.
+LORA_RELATIVE_STRENGTH = 1.5
+
+# Values no tensor shape records; written into the single files so `nodes.checkpoints` derives the
+# exact configs the folders use (the tiny models are too small for the families' conventions).
+_SD15_HINTS = {
+    "unet": {"sample_size": 32},
+    "vae": {"sample_size": 64},
+    "text_encoder": {"num_attention_heads": 4},
+}
+_SDXL_HINTS = {
+    "unet": {"sample_size": 32, "attention_head_dim": [2, 4]},
+    "vae": {"sample_size": 64},
+    "text_encoder": {"num_attention_heads": 4},
+    "text_encoder_2": {"num_attention_heads": 4},
+}
+
+
+def make_demo_models(root: Path, seed: int = 0) -> list[Path]:
+    """Write the demo checkpoints and LoRAs into `root` (once per seed and version); return their paths."""
+    root = Path(root)
+    outputs = demo_model_paths(root)
+    if _manifest_matches(root, seed, outputs):
+        return outputs
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root):
+        if _manifest_matches(root, seed, outputs):  # another process made them while we waited
+            return outputs
+        staging = Path(tempfile.mkdtemp(prefix=".demo-staging-", dir=root))
+        try:
+            _generate(staging, seed)
+            # Move into place item by item; the manifest goes last, so an interrupted run starts over.
+            (root / MANIFEST_NAME).unlink(missing_ok=True)
+            for output in outputs:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                if output.is_dir():
+                    shutil.rmtree(output)
+                os.replace(staging / output.relative_to(root), output)
+            manifest = {"version": DEMO_VERSION, "seed": seed, "files": _file_sizes(root, outputs)}
+            (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return outputs
+
+
+def demo_model_paths(root: Path) -> list[Path]:
+    """The checkpoints and LoRAs `make_demo_models(root)` writes."""
+    checkpoints = Path(root) / "checkpoints"
+    loras = [Path(root) / "loras" / f"{name}.safetensors" for name in DEMO_LORAS]
+    return [
+        checkpoints / "tiny-sd15",
+        checkpoints / "tiny-sd15.safetensors",
+        checkpoints / "tiny-sdxl",
+        *loras,
+    ]
+
+
+def _file_sizes(root: Path, outputs: list[Path]) -> dict[str, int]:
+    files = [f for out in outputs for f in (sorted(out.rglob("*")) if out.is_dir() else [out]) if f.is_file()]
+    return {f.relative_to(root).as_posix(): f.stat().st_size for f in files}
+
+
+def _manifest_matches(root: Path, seed: int, outputs: list[Path]) -> bool:
+    """True when the manifest is for this version and seed and every file it lists is there, unchanged in size."""
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_text())
+        if manifest["version"] != DEMO_VERSION or manifest["seed"] != seed:
+            return False
+        files: dict[str, int] = manifest["files"]
+        if not all(out.exists() for out in outputs):
+            return False
+        return all((root / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+@contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    """Serialize generation into one folder across processes (parallel test workers, a CLI beside tests)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; generation is rare enough to go unguarded
+        yield
+        return
+    with (root / ".nodegraph-demo.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _generate(folder: Path, seed: int) -> None:
+    from safetensors.torch import save_file
+
+    checkpoints, loras = folder / "checkpoints", folder / "loras"
+    loras.mkdir(parents=True)
+    pipelines = {"sd15": build_sd15_pipeline(seed), "sdxl": build_sdxl_pipeline(seed)}
+    for family, pipe in pipelines.items():
+        pipe.save_pretrained(checkpoints / f"tiny-{family}", safe_serialization=True)
+    # SDXL's single file is left out to keep the folder small; write_single_file makes it on demand.
+    write_single_file(pipelines["sd15"], checkpoints / "tiny-sd15.safetensors")
+    for name, spec in DEMO_LORAS.items():
+        tensors, metadata = make_lora(pipelines[spec.model], name, seed)
+        save_file(tensors, loras / f"{name}.safetensors", metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def _derived_seed(seed: int, name: str) -> int:
+    """An independent, stable seed per component, so that adding one never changes the others."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+@contextmanager
+def _seeded(seed: int, name: str) -> Iterator[None]:
+    """Seed torch's global RNG (module init draws from it) without disturbing the caller's stream."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_derived_seed(seed, name))
+        yield
+
+
+def _tiny_vae(seed: int, name: str, scaling_factor: float) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
+    with _seeded(seed, name):
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 64),
+            latent_channels=4,
+            sample_size=64,
+            scaling_factor=scaling_factor,
+        )
+
+
+def _tiny_clip(
+    seed: int, name: str, pad_token: str, *, hidden: int = 32, projection: bool = False, activation: str = "quick_gelu"
+) -> tuple[CLIPTextModel | CLIPTextModelWithProjection, CLIPTokenizer]:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = demo_clip_tokenizer(pad_token)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        projection_dim=32,
+        hidden_act=activation,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed, name):
+        model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+    return model.eval(), tokenizer
+
+
+def _scheduler(family: str) -> Any:  # a diffusers scheduler; their classes share no typed base
+    import diffusers
+
+    config = scheduler_config(family)
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def build_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """The tiny SD1.5-shaped pipeline (≈2.1 M parameters), built in memory."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    with _seeded(seed, "sd15/unet"):
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,  # SD 1.x's convention: 8 heads
+        )
+    text_encoder, tokenizer = _tiny_clip(seed, "sd15/text_encoder", "<|endoftext|>")
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(seed, "sd15/vae", 0.18215),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler("sd15"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """The tiny SDXL-shaped pipeline: two text encoders, size/crop conditioning (≈3.0 M parameters)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    with _seeded(seed, "sdxl/unet"):
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            cross_attention_dim=32 + 64,  # both text encoders' hidden states, concatenated
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 size/crop numbers + pooled text
+        )
+    text_encoder, tokenizer = _tiny_clip(seed, "sdxl/text_encoder", "<|endoftext|>")
+    # The second encoder must be wider than the first, as in SDXL: diffusers' single-file loader tells the
+    # two apart by width, and with equal widths it silently loads CLIP-L weights into text_encoder_2.
+    text_encoder_2, tokenizer_2 = _tiny_clip(
+        seed, "sdxl/text_encoder_2", "!", hidden=64, projection=True, activation="gelu"
+    )
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(seed, "sdxl/vae", 0.13025),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_scheduler("sdxl"),
+        add_watermarker=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- ldm layout
+
+_RESNET_TO_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_FIXED_TO_LDM = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def _resnet_to_ldm(rest: str) -> str:
+    layer, _, param = rest.partition(".")
+    return f"{_RESNET_TO_LDM[layer]}.{param}"
+
+
+def _block_part(kind: str, rest: str) -> str:
+    """Inside one ldm block, slot 0 is the resnet (with its own layer names) and slot 1 the attention."""
+    return f"1.{rest}" if kind == "attentions" else f"0.{_resnet_to_ldm(rest)}"
+
+
+def unet_key_to_ldm(key: str, layers_per_block: int, up_has_attention: list[bool]) -> str:
+    """Map one diffusers UNet2DConditionModel key to its ldm (`model.diffusion_model.` less) name."""
+    stride = layers_per_block + 1  # ldm blocks per level: the resnets plus a down/upsampler slot
+    module, _, param = key.rpartition(".")
+    if module in _UNET_FIXED_TO_LDM:
+        return f"{_UNET_FIXED_TO_LDM[module]}.{param}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        level, kind, index, rest = int(m[1]), m[2], int(m[3]), m[4]
+        block = 1 + level * stride + index
+        return f"input_blocks.{block}.{_block_part(kind, rest)}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * stride}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        if m[1] == "attentions":
+            return f"middle_block.1.{m[3]}"
+        # The mid block is resnet, attention, resnet in one flat list.
+        return f"middle_block.{2 * int(m[2])}.{_resnet_to_ldm(m[3])}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        level, kind, index, rest = int(m[1]), m[2], int(m[3]), m[4]
+        block = level * stride + index
+        return f"output_blocks.{block}.{_block_part(kind, rest)}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        level = int(m[1])
+        # The upsampler follows the level's last resnet, and its attention when the level has one.
+        slot = 2 if up_has_attention[level] else 1
+        return f"output_blocks.{level * stride + layers_per_block}.{slot}.conv.{m[2]}"
+    raise ValueError(f"no ldm name for UNet key '{key}'")
+
+
+_VAE_ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_key_to_ldm(key: str, levels: int) -> str:
+    """Map one diffusers AutoencoderKL key to its ldm (`first_stage_model.` less) name."""
+    key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(.+)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", key):
+        return f"encoder.down.{m[1]}.downsample.{m[2]}"
+    # The decoder's up levels are numbered from the bottom in ldm, from the top in diffusers.
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(.+)", key):
+        return f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
+        return f"decoder.up.{levels - 1 - int(m[1])}.upsample.{m[2]}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+        return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION_TO_LDM[m[2]]}.{m[3]}"
+    return key  # conv_in, conv_out, norm_out, quant_conv, post_quant_conv keep their names
+
+
+def _with_text_model_level(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5's CLIPTextModel has no `text_model.` level; the original layouts do."""
+    return {
+        (k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v for k, v in state.items()
+    }
+
+
+def _openclip_state_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIP text model's state dict in OpenCLIP's names (fused q/k/v, transposed projection)."""
+    import torch
+
+    state = _with_text_model_level(state)
+    out: dict[str, torch.Tensor] = {
+        prefix + "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": state["text_model.final_layer_norm.weight"],
+        prefix + "ln_final.bias": state["text_model.final_layer_norm.bias"],
+    }
+    if "text_projection.weight" in state:
+        out[prefix + "text_projection"] = state["text_projection.weight"].T
+    renames = {
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+        "self_attn.out_proj": "attn.out_proj",
+    }
+    for key, value in state.items():
+        m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        if m and m[2] in renames:
+            out[f"{prefix}transformer.resblocks.{m[1]}.{renames[m[2]]}.{m[3]}"] = value
+        elif m and m[2] == "self_attn.q_proj":
+            # OpenCLIP keeps q, k and v as one stacked projection.
+            layer = f"text_model.encoder.layers.{m[1]}.self_attn."
+            fused = torch.cat([state[f"{layer}{p}_proj.{m[3]}"] for p in "qkv"])
+            out[f"{prefix}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"] = fused
+    return out
+
+
+def write_single_file(pipe: DemoPipeline, path: Path) -> Path:
+    """Save a demo pipeline as one safetensors file in the original layout, with its config hints."""
+    from safetensors.torch import save_file
+
+    hints = _SDXL_HINTS if getattr(pipe, "text_encoder_2", None) is not None else _SD15_HINTS
+    # One metadata entry only (no "format": "pt"): safetensors writes its metadata from a hash map, so with
+    # two entries their order, and the file's bytes, change from run to run.
+    metadata = {CONFIG_HINTS_KEY: json.dumps(hints, sort_keys=True)}
+    save_file(to_ldm_state_dict(pipe), path, metadata=metadata)
+    return Path(path)
+
+
+def to_ldm_state_dict(pipe: DemoPipeline) -> dict[str, torch.Tensor]:
+    """A demo pipeline's weights in the original single-file layout (ldm for SD 1.x, SGM for SDXL)."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        text_encoders = {"cond_stage_model.transformer.": pipe.text_encoder}
+    else:
+        text_encoders = {
+            "conditioner.embedders.0.transformer.": pipe.text_encoder,
+            "conditioner.embedders.1.model.": pipe.text_encoder_2,
+        }
+    return components_to_ldm_state_dict(pipe.unet, pipe.vae, text_encoders)
+
+
+def components_to_ldm_state_dict(
+    unet: torch.nn.Module, vae: torch.nn.Module, text_encoders: dict[str, torch.nn.Module]
+) -> dict[str, torch.Tensor]:
+    """UNet, VAE and text encoders in the original layout. `text_encoders` maps each ldm prefix to its
+    model; a prefix ending in `.model.` gets OpenCLIP's names, any other the transformers names."""
+    unet_config, vae_config = unet.config, vae.config
+    up_has_attention = ["CrossAttn" in t for t in unet_config.up_block_types]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in unet.state_dict().items():
+        out["model.diffusion_model." + unet_key_to_ldm(key, unet_config.layers_per_block, up_has_attention)] = value
+    levels = len(vae_config.block_out_channels)
+    for key, value in vae.state_dict().items():
+        name = vae_key_to_ldm(key, levels)
+        # ldm's VAE attention uses 1x1 convolutions where diffusers uses linear layers.
+        if ".mid.attn_1." in name and name.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        out["first_stage_model." + name] = value
+    for prefix, model in text_encoders.items():
+        state = model.state_dict()
+        if prefix.endswith(".model."):
+            out.update(_openclip_state_dict(state, prefix))
+        else:
+            out.update({prefix + k: v for k, v in _with_text_model_level(state).items()})
+    out = {k: v for k, v in out.items() if not k.endswith("position_ids")}
+    # Each tensor gets its own storage: safetensors refuses views that share one.
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------- LoRAs
+
+
+def _targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[str]:
+    import torch
+
+    return sorted(
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(name.endswith("." + s) for s in suffixes)
+    )
+
+
+def make_lora(pipe: DemoPipeline, name: str, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """Random tensors and safetensors metadata for the demo LoRA `name`, against `pipe`'s layer shapes.
+
+    lora_B is not zero (a fresh PEFT adapter's is), so the LoRA changes the output. Each pair is scaled
+    so that the weight change at strength 1.0 is LORA_RELATIVE_STRENGTH times the layer's own weight spread.
+    """
+    import torch
+
+    spec = DEMO_LORAS[name]
+    source = spec.tensors_of or name
+    generator = torch.Generator().manual_seed(_derived_seed(seed, f"lora/{source}"))
+    scale = DEMO_LORAS[source].alpha / spec.rank  # PEFT multiplies up @ down by alpha / rank
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, Any] = {}
+    parts = [("unet", pipe.unet, spec.unet_targets), ("text_encoder", pipe.text_encoder, spec.text_targets)]
+    for component, model, suffixes in parts:
+        targets = _targets(model, suffixes) if suffixes else []
+        for target in targets:
+            layer = model.get_submodule(target)
+            down = torch.randn(spec.rank, layer.in_features, generator=generator) / layer.in_features**0.5
+            # With unit-variance rows in `down`, (up @ down) has the spread of `up` times sqrt(rank / in).
+            spread = (
+                LORA_RELATIVE_STRENGTH * float(layer.weight.detach().std()) * (layer.in_features / spec.rank) ** 0.5
+            )
+            up = torch.randn(layer.out_features, spec.rank, generator=generator) * spread / scale
+            if spec.kohya:
+                kohya_name = ("lora_unet_" if component == "unet" else "lora_te_") + target.replace(".", "_")
+                tensors[f"{kohya_name}.lora_down.weight"] = down
+                tensors[f"{kohya_name}.lora_up.weight"] = up
+                tensors[f"{kohya_name}.alpha"] = torch.tensor(float(spec.alpha))
+            else:
+                # The original-layout `text_model.` level is accepted by every transformers version.
+                key = target
+                if component == "text_encoder" and not target.startswith("text_model."):
+                    key = "text_model." + target
+                tensors[f"{component}.{key}.lora_A.weight"] = down
+                tensors[f"{component}.{key}.lora_B.weight"] = up
+        if targets and not spec.kohya:
+            # Without this metadata diffusers silently loads the LoRA with alpha = rank.
+            metadata.update(
+                {
+                    f"{component}.r": spec.rank,
+                    f"{component}.lora_alpha": spec.alpha,
+                    f"{component}.target_modules": targets,
+                }
+            )
+    # A single metadata entry keeps the bytes reproducible (see write_single_file).
+    if not metadata:
+        return tensors, None
+    return tensors, {"lora_adapter_metadata": json.dumps(metadata, indent=2, sort_keys=True)}
+
+
+if __name__ == "__main__":
+    for written in make_demo_models(Path(sys.argv[1] if len(sys.argv) > 1 else "models")):
+        print(written)

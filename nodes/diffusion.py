@@ -1,0 +1,322 @@
+"""The diffusion nodes: LoadCheckpoint, LoadLoRA, FuseLoRA build MODEL recipes; Sample makes images.
+
+Loader nodes never touch a pipeline: they check their files (headers only) and return a new
+frozen recipe, so they are cheap and cache well. Sample is where a recipe becomes a live
+pipeline (`nodes.pipelines.materialize`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from nodegraph.cache import file_fingerprint
+from nodegraph.context import Context, NodeFailure
+from nodegraph.schema import Input, Node, Output
+from nodegraph.settings import Settings
+from nodes import lora_files
+from nodes.recipe import Adapter, Fuse, ModelRecipe
+
+_SLOT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _checkpoints(settings: Settings) -> list[str]:
+    return settings.model_files("checkpoints", folders=True)
+
+
+def _loras(settings: Settings) -> list[str]:
+    return settings.model_files("loras")
+
+
+def _model_file(settings: Settings, kind: str, name: str, input_name: str) -> Path:
+    try:
+        return settings.resolve_model(kind, name)
+    except FileNotFoundError as exc:
+        raise NodeFailure(str(exc), input_name, "file_not_found") from None
+
+
+class LoadCheckpoint(Node):
+    type = "LoadCheckpoint"
+    version = "1.0.0"
+    category = "model"
+    description = (
+        "A checkpoint from the models folder: a diffusers folder or a single .safetensors file "
+        "(SD1.x/2.x, SDXL). Outputs a MODEL recipe; the weights load when a Sample needs them."
+    )
+    inputs = (
+        Input("checkpoint", "COMBO", choices=_checkpoints),
+        Input("dtype", "COMBO", default="auto", choices=("auto", "fp32", "fp16", "bf16")),
+    )
+    outputs = (Output("model", "MODEL"),)
+
+    @classmethod
+    def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
+        return [_model_file(settings, "checkpoints", inputs["checkpoint"], "checkpoint")]
+
+    def run(self, ctx: Context, checkpoint: str, dtype: str) -> dict[str, Any]:
+        from nodes.checkpoints import CheckpointError, detect_family
+
+        path = _model_file(ctx.settings, "checkpoints", checkpoint, "checkpoint")
+        try:
+            family = detect_family(path)
+        except CheckpointError as exc:
+            raise NodeFailure(str(exc), "checkpoint", "bad_checkpoint") from None
+        if family not in ("sd15", "sd2", "sdxl"):
+            raise NodeFailure(
+                f"{checkpoint}: {family} checkpoints are not supported yet", "checkpoint", "bad_checkpoint"
+            )
+        return {"model": ModelRecipe(str(path), file_fingerprint(path), family, dtype)}
+
+
+class LoadLoRA(Node):
+    type = "LoadLoRA"
+    version = "1.0.0"
+    category = "lora"
+    description = (
+        "Adds a LoRA (diffusers, PEFT, Kohya or another format diffusers converts) to the model in "
+        "an adapter slot, with UNet and text-encoder strengths. Chain several to stack them."
+    )
+    inputs = (
+        Input("model", "MODEL"),
+        Input("lora", "COMBO", choices=_loras),
+        Input("strength", "FLOAT", default=1.0, min=-10.0, max=10.0, step=0.05),
+        Input("text_encoder_strength", "FLOAT", default=1.0, min=-10.0, max=10.0, step=0.05),
+        Input("slot", "STRING", default="", description="adapter name; empty: from the file name"),
+        Input(
+            "block_scales",
+            "STRING",
+            default="",
+            multiline=True,
+            description='UNet scales per block, as JSON: {"down": 0.5, "up": {"block_0": [0, 1, 1]}}',
+        ),
+    )
+    outputs = (Output("model", "MODEL"),)
+
+    @classmethod
+    def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
+        problems: list[tuple[str | None, str]] = []
+        slot = literals.get("slot", "")
+        if slot and not _SLOT.match(slot):
+            problems.append(("slot", f"{slot[:40]!r} is not a slot name (letters, digits and _, up to 64)"))
+        problem = block_scales_problem(literals.get("block_scales", ""))
+        if problem:
+            problems.append(("block_scales", problem))
+        return problems
+
+    @classmethod
+    def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
+        return [_model_file(settings, "loras", inputs["lora"], "lora")]
+
+    def run(
+        self,
+        ctx: Context,
+        model: ModelRecipe,
+        lora: str,
+        strength: float,
+        text_encoder_strength: float,
+        slot: str,
+        block_scales: str,
+    ) -> dict[str, Any]:
+        for name, problem in self.check({"slot": slot, "block_scales": block_scales}, ctx.settings):
+            raise NodeFailure(problem, name, "invalid_value")
+        path = _model_file(ctx.settings, "loras", lora, "lora")
+        try:
+            info = lora_files.inspect(path)
+        except lora_files.LoraFileError as exc:
+            raise NodeFailure(str(exc), "lora", "bad_lora") from None
+        live = model.live()
+        slot = slot or _free_slot(re.sub(r"\W", "_", path.stem), live)
+        if slot in live:
+            raise NodeFailure(
+                f"slot {slot!r} already holds {Path(live[slot].path).name}; pick another slot, "
+                "or replace it with HotswapLoRA",
+                "slot",
+                "slot_taken",
+            )
+        canonical = json.dumps(json.loads(block_scales), sort_keys=True) if block_scales.strip() else ""
+        adapter = Adapter(
+            slot,
+            str(path),
+            file_fingerprint(path),
+            strength,
+            text_encoder_strength,
+            canonical,
+            tuple(sorted(info.components)),
+        )
+        return {"model": model.then(adapter)}
+
+
+class FuseLoRA(Node):
+    type = "FuseLoRA"
+    version = "1.0.0"
+    category = "lora"
+    description = (
+        "Fuses adapters into the model's weights (faster sampling, no per-step LoRA cost). A later "
+        "run without the fuse gets the original weights back exactly."
+    )
+    inputs = (
+        Input("model", "MODEL"),
+        Input("slots", "STRING", default="", description="comma-separated slots; empty: all active"),
+        Input("lora_scale", "FLOAT", default=1.0, min=-10.0, max=10.0, step=0.05),
+    )
+    outputs = (Output("model", "MODEL"),)
+
+    def run(self, ctx: Context, model: ModelRecipe, slots: str, lora_scale: float) -> dict[str, Any]:
+        live = model.live()
+        chosen = [s.strip() for s in slots.split(",") if s.strip()] or list(live)
+        if not chosen:
+            raise NodeFailure("the model has no active LoRA to fuse", "model", "nothing_to_fuse")
+        unknown = [s for s in chosen if s not in live]
+        if unknown:
+            raise NodeFailure(
+                f"no active adapter in slot(s) {', '.join(unknown)}; active: {', '.join(live) or 'none'}",
+                "slots",
+                "unknown_slot",
+            )
+        return {"model": model.then(Fuse(tuple(dict.fromkeys(chosen)), lora_scale))}
+
+
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    ),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+class Sample(Node):
+    type = "Sample"
+    version = "1.0.0"
+    category = "sampling"
+    description = "Text to image with the model's pipeline. Same seed, same image on the same device."
+    inputs = (
+        Input("model", "MODEL"),
+        Input("prompt", "STRING", default="", multiline=True),
+        Input("negative_prompt", "STRING", default="", multiline=True),
+        Input("seed", "INT", default=0, min=0, max=2**64 - 1),
+        Input("steps", "INT", default=20, min=1, max=1000),
+        Input("guidance", "FLOAT", default=7.0, min=0.0, max=100.0, step=0.1),
+        Input("width", "INT", default=512, min=8, max=8192, step=8),
+        Input("height", "INT", default=512, min=8, max=8192, step=8),
+        Input("scheduler", "COMBO", default="euler", choices=tuple(SCHEDULERS)),
+        Input("batch_size", "INT", default=1, min=1, max=64),
+    )
+    outputs = (Output("images", "IMAGE"),)
+
+    @classmethod
+    def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
+        return [
+            (name, f"{literals[name]} is not a multiple of 8")
+            for name in ("width", "height")
+            if name in literals and literals[name] % 8
+        ]
+
+    def run(
+        self,
+        ctx: Context,
+        model: ModelRecipe,
+        prompt: str,
+        negative_prompt: str,
+        seed: int,
+        steps: int,
+        guidance: float,
+        width: int,
+        height: int,
+        scheduler: str,
+        batch_size: int,
+    ) -> dict[str, Any]:
+        import diffusers
+        import numpy as np
+        import torch
+
+        from nodes.images import ImageBatch
+        from nodes.pipelines import materialize
+
+        for name, problem in self.check({"width": width, "height": height}, ctx.settings):
+            raise NodeFailure(problem, name, "invalid_value")
+        with materialize(ctx, model) as resident:
+            pipe = resident.pipe
+            class_name, overrides = SCHEDULERS[scheduler]
+            pipe.scheduler = getattr(diffusers, class_name).from_config(resident.scheduler_config, **overrides)
+
+            def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                ctx.progress(step + 1, steps)
+                return {}
+
+            generator = torch.Generator(device=pipe.device).manual_seed(seed)
+            ctx.check_cancelled()
+            with torch.inference_mode():
+                result = pipe(
+                    prompt=prompt,
+                    negative_prompt=negative_prompt or None,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    width=width,
+                    height=height,
+                    num_images_per_prompt=batch_size,
+                    generator=generator,
+                    output_type="np",
+                    callback_on_step_end=on_step,
+                )
+        pixels = (np.clip(result.images, 0.0, 1.0) * 255).round().astype(np.uint8)
+        params = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "seed": seed,
+            "steps": steps,
+            "guidance": guidance,
+            "width": width,
+            "height": height,
+            "scheduler": scheduler,
+            "model": model.summary(),
+        }
+        return {"images": ImageBatch(pixels, params)}
+
+
+def block_scales_problem(text: str) -> str | None:
+    """What is wrong with a block-scales JSON (diffusers silently ignores unknown keys), or None."""
+    if not text.strip():
+        return None
+    try:
+        scales = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"not JSON: {exc.msg}"
+    if not isinstance(scales, dict) or not scales:
+        return 'expected an object such as {"down": 0.5, "mid": 1, "up": {"block_0": [0, 1, 1]}}'
+    for part, value in scales.items():
+        if part not in ("down", "mid", "up"):
+            return f"unknown part {part!r}; use down, mid and up"
+        if _is_number(value):
+            continue
+        if part == "mid" or not isinstance(value, dict):
+            return f"{part}: expected a number{'' if part == 'mid' else ' or an object of blocks'}"
+        for block, scale in value.items():
+            if not re.fullmatch(r"block_\d+", block):
+                return f"{part}: unknown block {block!r}; use block_0, block_1, …"
+            if not (_is_number(scale) or (isinstance(scale, list) and scale and all(map(_is_number, scale)))):
+                return f"{part}.{block}: expected a number or a list of numbers (one per layer)"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _free_slot(stem: str, live: dict[str, Adapter]) -> str:
+    slot, n = stem or "lora", 2
+    while slot in live:
+        slot, n = f"{stem}_{n}", n + 1
+    return slot
+
+
+NODES: list[type[Node]] = [LoadCheckpoint, LoadLoRA, FuseLoRA, Sample]

@@ -1,0 +1,105 @@
+"""MODEL values: frozen recipes that say what a pipeline should be, never the pipeline itself.
+
+diffusers pipelines are mutable (loading a LoRA changes the UNet in place) while a caching graph
+needs values that never change. So loader nodes only build a `ModelRecipe`: the checkpoint's
+identity and dtype plus the ordered LoRA operations. The reconciler (`nodes/reconcile.py`) makes
+a resident pipeline match a recipe when a node such as Sample needs the real thing.
+
+A recipe reduces to two parts (see `fused_groups` and `live`): the LoRAs baked into the weights
+by FuseLoRA, in order, and the adapters still live on top of them with their strengths.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA file loaded into an adapter slot, with its strengths."""
+
+    slot: str
+    path: str
+    fingerprint: str  # size + mtime of the file, so a changed file is a different adapter
+    strength: float = 1.0
+    te_strength: float = 1.0
+    block_scales: str = ""  # canonical JSON of diffusers' block-wise UNet scales, "" for none
+    components: tuple[str, ...] = ("unet",)  # the parts of the model the file has layers for
+
+    def same_file(self, other: Adapter) -> bool:
+        return (self.path, self.fingerprint) == (other.path, other.fingerprint)
+
+    def weights(self, text_encoders: tuple[str, ...]) -> dict[str, Any]:
+        """The per-component weights `set_adapters` takes for this adapter."""
+        unet: Any = json.loads(self.block_scales) if self.block_scales else self.strength
+        if isinstance(unet, dict):
+            unet = scale_blocks(unet, self.strength)
+        return {"unet": unet, **{name: self.te_strength for name in text_encoders if name in self.components}}
+
+
+@dataclass(frozen=True)
+class Fuse:
+    """FuseLoRA: bake these live slots into the weights at `lora_scale`."""
+
+    slots: tuple[str, ...]
+    lora_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    checkpoint: str  # absolute path of the diffusers folder or single file
+    fingerprint: str
+    family: str  # sd15, sd2, sdxl
+    dtype: str  # auto, fp32, fp16, bf16 (auto is resolved per device when the pipeline is loaded)
+    ops: tuple[Adapter | Fuse, ...] = ()
+
+    def then(self, op: Adapter | Fuse) -> ModelRecipe:
+        return replace(self, ops=(*self.ops, op))
+
+    @property
+    def base(self) -> tuple[str, str]:
+        """The checkpoint file this recipe starts from (the model manager adds dtype and device)."""
+        return self.checkpoint, self.fingerprint
+
+    def live(self) -> dict[str, Adapter]:
+        """The adapters active on top of the weights after every op, by slot, in load order."""
+        return self._reduce()[1]
+
+    def fused_groups(self) -> tuple[tuple[tuple[Adapter, ...], float], ...]:
+        """Each FuseLoRA, in order: the adapters it baked in and its lora_scale."""
+        return self._reduce()[0]
+
+    def _reduce(self) -> tuple[tuple[tuple[tuple[Adapter, ...], float], ...], dict[str, Adapter]]:
+        live: dict[str, Adapter] = {}
+        fused: list[tuple[tuple[Adapter, ...], float]] = []
+        for op in self.ops:
+            if isinstance(op, Adapter):
+                live[op.slot] = op
+            else:
+                fused.append((tuple(live.pop(slot) for slot in op.slots), op.lora_scale))
+        return tuple(fused), live
+
+    def summary(self) -> str:
+        name = self.checkpoint.rsplit("/", 1)[-1]
+        loras = ", ".join(f"{a.slot}@{a.strength:g}" for a in self.live().values())
+        fused = sum(len(group) for group, _ in self.fused_groups())
+        return (
+            f"{name} ({self.family}, {self.dtype})"
+            + (f" + {loras}" if loras else "")
+            + (f", {fused} fused" if fused else "")
+        )
+
+
+def scale_blocks(scales: dict[str, Any], strength: float) -> dict[str, Any]:
+    """Multiply every number in a block-scales dict by the adapter's strength."""
+
+    def scaled(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: scaled(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scaled(v) for v in value]
+        return value * strength
+
+    return scaled(scales)
