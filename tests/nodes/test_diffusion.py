@@ -166,7 +166,8 @@ def test_fuse_matches_unfused_and_unfusing_restores_the_base(shared: Executor) -
 
 def test_fuse_then_another_lora_on_top(shared: Executor) -> None:
     wf = graph(loras=({"lora": "tiny-sd15-style.safetensors", "slot": "a"},), fuse={"slots": "a"})
-    wf["nodes"]["more"] = {"type": "LoadLoRA", "inputs": {"model": ["fuse", "model"], "lora": "tiny-sd15-kohya.safetensors"}}
+    wf["nodes"]["more"] = {"type": "LoadLoRA",
+                           "inputs": {"model": ["fuse", "model"], "lora": "tiny-sd15-kohya.safetensors"}}
     wf["nodes"]["sample"]["inputs"]["model"] = ["more", "model"]
     assert images(shared, wf).shape == (1, 64, 64, 3)
 
@@ -174,7 +175,8 @@ def test_fuse_then_another_lora_on_top(shared: Executor) -> None:
 @pytest.mark.parametrize("change, where", [
     ({"lora": "missing.safetensors"}, ("lora0", "lora", "not_a_choice")),
     ({"lora": "tiny-sd15-style.safetensors", "slot": "no spaces"}, ("lora0", "slot", "invalid_value")),
-    ({"lora": "tiny-sd15-style.safetensors", "block_scales": '{"left": 1}'}, ("lora0", "block_scales", "invalid_value")),
+    ({"lora": "tiny-sd15-style.safetensors", "block_scales": '{"left": 1}'},
+     ("lora0", "block_scales", "invalid_value")),
     ({"lora": "tiny-sd15-style.safetensors", "block_scales": "{"}, ("lora0", "block_scales", "invalid_value")),
 ])
 def test_bad_lora_inputs_are_validation_errors(shared: Executor, change: dict[str, Any], where: Any) -> None:
