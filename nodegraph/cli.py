@@ -24,7 +24,7 @@ from nodegraph import workflow as wf
 from nodegraph.context import CancelToken
 from nodegraph.executor import Executor, RunResult, json_summary
 from nodegraph.registry import DeclarationError, Registry, load_registry
-from nodegraph.settings import Settings
+from nodegraph.settings import ConfigError, Settings
 from nodegraph.validate import Problem, validate
 
 EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -32,10 +32,10 @@ EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = Settings.from_args(args.models_dir, getattr(args, "output_dir", None), args.nodes_dir)
     try:
+        settings = Settings.from_args(args.models_dir, getattr(args, "output_dir", None), args.nodes_dir)
         registry = load_registry(settings.nodes_dirs)
-    except DeclarationError as exc:
+    except (DeclarationError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     command: int = args.func(args, registry, settings)
@@ -224,7 +224,9 @@ def _print_summary(result: RunResult) -> None:
         if record is None:
             continue
         for name, value in record.outputs.items():
-            print(f"node {node_id} ({record.node_type}) {name}: {json.dumps(json_summary(value))}")
+            shown = json_summary(value)
+            if not isinstance(shown, dict):  # values, not summaries of images or models
+                print(f"node {node_id} ({record.node_type}) {name}: {json.dumps(shown)}")
     for path in result.files:
         print(f"wrote {path}")
     _print_problems(result.errors, sys.stderr)

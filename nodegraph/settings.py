@@ -1,16 +1,20 @@
 """Where things live: model folders, the output folder, node-pack folders.
 
 Model folders come from `--models-dir` (repeatable, several roots as ComfyUI's extra model
-paths), then the `NODEGRAPH_MODELS` environment variable (paths joined by the OS path separator).
-Model files are named by their path relative to the `<root>/<kind>/` folder they are found in.
+paths), else the `NODEGRAPH_MODELS` environment variable (paths joined by the OS path separator),
+else a config file, else `./models`. The config file is `$NODEGRAPH_CONFIG`, else `./nodegraph.json`:
+`{"models_dirs": ["/data/models", "models"], "output_dir": "outputs"}` (relative paths are taken
+from the file's folder). Model files are named by their path relative to `<root>/<kind>/`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MODELS_DIR = Path("models")
 DEFAULT_OUTPUT_DIR = Path("outputs")
@@ -29,11 +33,13 @@ class Settings:
     @classmethod
     def from_args(cls, models_dirs: Sequence[str] = (), output_dir: str | None = None,
                   nodes_dirs: Sequence[str] = ()) -> Settings:
+        config = read_config()
         roots = [Path(p) for p in models_dirs]
         if not roots and os.environ.get("NODEGRAPH_MODELS"):
             roots = [Path(p) for p in os.environ["NODEGRAPH_MODELS"].split(os.pathsep) if p]
-        return cls(models_dirs=tuple(roots) or (DEFAULT_MODELS_DIR,),
-                   output_dir=Path(output_dir) if output_dir else DEFAULT_OUTPUT_DIR,
+        roots = roots or config.get("models_dirs", [])
+        output = Path(output_dir) if output_dir else config.get("output_dir", DEFAULT_OUTPUT_DIR)
+        return cls(models_dirs=tuple(roots) or (DEFAULT_MODELS_DIR,), output_dir=output,
                    nodes_dirs=tuple(Path(p) for p in nodes_dirs))
 
     def model_files(self, kind: str, suffixes: Sequence[str] = (".safetensors",),
@@ -67,3 +73,29 @@ class Settings:
                 return candidate
         raise FileNotFoundError(f"no {kind} model named {name!r} in " +
                                 ", ".join(str(r / kind) for r in self.models_dirs))
+
+
+class ConfigError(ValueError):
+    """The config file cannot be read or has the wrong shape."""
+
+
+def read_config() -> dict[str, Any]:
+    """The config file's settings as paths (see the module docstring); {} when there is none."""
+    path = Path(os.environ.get("NODEGRAPH_CONFIG") or "nodegraph.json")
+    if not path.is_file():
+        if os.environ.get("NODEGRAPH_CONFIG"):
+            raise ConfigError(f"config file {path} (from NODEGRAPH_CONFIG) does not exist")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    roots, output = data.get("models_dirs", []), data.get("output_dir")
+    if not isinstance(data, dict) or not isinstance(roots, list) or not all(isinstance(r, str) for r in roots) \
+            or not isinstance(output, (str, type(None))):
+        raise ConfigError(f'config file {path}: expected {{"models_dirs": [paths], "output_dir": path}}')
+    base = path.parent
+    config: dict[str, Any] = {"models_dirs": [base / r for r in roots]}
+    if output:
+        config["output_dir"] = base / output
+    return config

@@ -1,5 +1,12 @@
 """The built-in node pack: utility nodes, and the diffusion nodes on diffusers + PEFT."""
 
-from nodes import diffusion, output, utility
+import os
+
+# Progress and warnings reach users as our events; the libraries' own bars and notices (model
+# shards written, an optional torchvision missing) are noise on a terminal. Users can still set these.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from nodes import diffusion, output, utility  # noqa: E402
 
 NODES = [*utility.NODES, *diffusion.NODES, *output.NODES]

@@ -7,24 +7,25 @@ for (checkpoint, dtype, device), brought to the recipe by the reconciler, locked
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
 import diffusers
 import torch
-import transformers
 
 from nodegraph.context import Context, NodeFailure
 from nodes.checkpoints import CheckpointError, load_pipeline
 from nodes.recipe import ModelRecipe
 from nodes.reconcile import ReconcileError, Resident, reconcile
 
-# Progress and warnings reach the user as events; the libraries' own bars and notices are noise here.
+# Progress reaches the user as events; diffusers' own bars would be noise (transformers' are off
+# through the environment, see nodes/__init__.py).
 diffusers.utils.logging.set_verbosity_error()
 diffusers.utils.logging.disable_progress_bar()
-transformers.utils.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
+# PEFT warns on every second adapter loaded into a model; stacking adapters is the point here.
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute in the model")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

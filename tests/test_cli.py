@@ -124,3 +124,25 @@ def test_ctrl_c_interrupts_cleanly_with_exit_130(tmp_path: Path) -> None:
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert json.loads(out)["status"] == "interrupted" and "Traceback" not in err
+
+
+def test_models_folders_from_flag_environment_and_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from nodegraph.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NODEGRAPH_MODELS", raising=False)
+    monkeypatch.delenv("NODEGRAPH_CONFIG", raising=False)
+    assert Settings.from_args().models_dirs == (Path("models"),)
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "nodegraph.json").write_text('{"models_dirs": ["m1", "/abs"], "output_dir": "out"}')
+    monkeypatch.setenv("NODEGRAPH_CONFIG", str(tmp_path / "conf" / "nodegraph.json"))
+    settings = Settings.from_args()
+    assert settings.models_dirs == (tmp_path / "conf" / "m1", Path("/abs"))
+    assert settings.output_dir == tmp_path / "conf" / "out"
+    monkeypatch.setenv("NODEGRAPH_MODELS", os.pathsep.join(["e1", "e2"]))
+    assert Settings.from_args().models_dirs == (Path("e1"), Path("e2"))
+    assert Settings.from_args(["flag"], "o").models_dirs == (Path("flag"),)
+    (tmp_path / "conf" / "nodegraph.json").write_text('{"models_dirs": "not a list"}')
+    code, _, err = run_cli(capsys, "nodes")
+    assert code == 1 and "config file" in err
