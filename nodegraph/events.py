@@ -2,6 +2,8 @@
 
 The CLI turns them into progress bars and a summary table, the server into websocket messages,
 the store into history. `to_json()` gives the wire form: the fields plus a `type` tag.
+Events are plain (not frozen) dataclasses: one is built per node per run, and frozen ones cost
+three times as much to build. Sinks must not change them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 
-@dataclass(frozen=True)
+@dataclass
 class Event:
     type: ClassVar[str] = "event"
     job_id: str
@@ -20,27 +22,27 @@ class Event:
         return {"type": self.type, **asdict(self)}
 
 
-@dataclass(frozen=True)
+@dataclass
 class JobStarted(Event):
     type: ClassVar[str] = "job_started"
     nodes: list[str] = field(default_factory=list)  # the planned nodes, in execution order
 
 
-@dataclass(frozen=True)
+@dataclass
 class NodeStarted(Event):
     type: ClassVar[str] = "node_started"
     node_id: str = ""
     node_type: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass
 class NodeCached(Event):
     type: ClassVar[str] = "node_cached"
     node_id: str = ""
     node_type: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Progress(Event):
     type: ClassVar[str] = "progress"
     node_id: str = ""
@@ -49,7 +51,7 @@ class Progress(Event):
     preview: str | None = None  # a file name in the temp folder, when the node made one
 
 
-@dataclass(frozen=True)
+@dataclass
 class NodeInfo(Event):
     """Something a node wants the user to know (a compile, a model load) with its duration."""
 
@@ -60,7 +62,7 @@ class NodeInfo(Event):
     seconds: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class NodeFinished(Event):
     type: ClassVar[str] = "node_finished"
     node_id: str = ""
@@ -68,7 +70,7 @@ class NodeFinished(Event):
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class NodeError(Event):
     type: ClassVar[str] = "node_error"
     node_id: str = ""
@@ -78,13 +80,13 @@ class NodeError(Event):
     message: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Interrupted(Event):
     type: ClassVar[str] = "interrupted"
     node_id: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class JobFinished(Event):
     type: ClassVar[str] = "job_finished"
     status: str = "ok"  # ok | error | interrupted | invalid

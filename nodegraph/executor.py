@@ -15,8 +15,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import networkx as nx
-
 from nodegraph import events as ev
 from nodegraph.cache import Entry, OutputCache, node_key
 from nodegraph.context import CancelToken, Context, Interrupted, NodeFailure
@@ -97,7 +95,7 @@ class Executor:
                 upstream[name] = f"{keys[source]}/{output}"
             try:
                 files = step.cls.files(inputs, self.settings) if _reads_files(step.cls) else ()
-                key = keys[node_id] = node_key(step.cls.type, step.cls.version, step.literals, upstream, files)
+                key = keys[node_id] = node_key(step.cls.type, step.cls.version, step.literals_json, upstream, files)
             except Exception as exc:  # a recipe that cannot be keyed, a node's files() that failed
                 self._fail(result, step, emit, exc, started)
                 break
@@ -146,6 +144,12 @@ class Executor:
 
 def plan(graph: Graph) -> list[str]:
     """The nodes the output nodes need, in dependency order (stable for a given workflow)."""
+    if graph.plan is None:
+        graph.plan = _needed_in_order(graph)
+    return graph.plan
+
+
+def _needed_in_order(graph: Graph) -> list[str]:
     needed = set(graph.outputs)
     stack = list(graph.outputs)
     while stack:
@@ -153,7 +157,7 @@ def plan(graph: Graph) -> list[str]:
             if source not in needed:
                 needed.add(source)
                 stack.append(source)
-    return [node_id for node_id in nx.topological_sort(graph.dag) if node_id in needed]
+    return [node_id for node_id in graph.order if node_id in needed]
 
 
 def _reads_files(cls: type[Node]) -> bool:

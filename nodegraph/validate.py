@@ -14,6 +14,7 @@ from typing import Any
 
 import networkx as nx
 
+from nodegraph.cache import canonical_json
 from nodegraph.registry import Registry
 from nodegraph.schema import REQUIRED, Input, Node, check_literal, describe, link_compatible
 from nodegraph.workflow import FORMAT, is_link
@@ -46,6 +47,7 @@ class Step:
     cls: type[Node]
     literals: dict[str, Any]
     links: dict[str, tuple[str, str]]
+    literals_json: str = ""  # canonical, computed once here for the cache keys
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Graph:
     steps: dict[str, Step]
     dag: Any = field(repr=False)  # networkx.DiGraph, edges from producer to consumer
     outputs: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # a dependency order of every step
+    plan: list[str] | None = None  # what the outputs need, in order; the executor fills it once
     workflow: dict[str, Any] = field(default_factory=dict, repr=False)  # as written, for SaveImage
 
 def validate(workflow: Any, registry: Registry, settings: Any = None) -> tuple[Graph | None, list[Problem]]:
@@ -74,14 +78,18 @@ def validate(workflow: Any, registry: Registry, settings: Any = None) -> tuple[G
                         if len(c) > 1 or dag.has_edge(next(iter(c)), next(iter(c)))):
         problems.append(Problem(cycle[0], None, "cycle", "these nodes form a cycle: " + " → ".join(cycle)))
     outputs = [node_id for node_id, step in steps.items() if step.cls.output_node]
-    declared = any(isinstance(e, dict) and getattr(registry.get(e.get("type")), "output_node", False)
-                   for e in nodes.values())
-    if not declared and not any(p.code == "unknown_node_type" for p in problems):
+    if not outputs and not _declares_output(nodes, registry) and not any(
+            p.code == "unknown_node_type" for p in problems):
         problems.append(Problem(None, None, "no_output_node",
                                 "the workflow has no output node (Show, SaveImage, …), so nothing would run"))
     if problems:
         return None, problems[:MAX_SHOWN]
-    return Graph(steps, dag, outputs, workflow), []
+    return Graph(steps, dag, outputs, order=list(nx.topological_sort(dag)), workflow=workflow), []
+
+
+def _declares_output(nodes: dict[str, Any], registry: Registry) -> bool:
+    return any(isinstance(e, dict) and getattr(registry.get(e.get("type")), "output_node", False)
+               for e in nodes.values())
 
 
 def _check_shape(workflow: Any, problems: list[Problem]) -> dict[str, Any] | None:
@@ -123,7 +131,7 @@ def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Regis
     if not isinstance(given, dict):
         fail(None, "invalid_node", f"'inputs' must be an object, got {describe(given)}")
         return None
-    specs = {spec.name: spec for spec in cls.inputs}
+    specs = _specs(cls)
     before = len(problems)
     for name in given:
         if name not in specs:
@@ -156,7 +164,18 @@ def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Regis
     if len(problems) == before:
         for input_name, message in cls.check(literals, settings):
             fail(input_name, "invalid_value", message)
-    return Step(node_id, cls, literals, links) if len(problems) == before else None
+    return Step(node_id, cls, literals, links, canonical_json(literals)) if len(problems) == before else None
+
+
+_SPECS: dict[type[Node], dict[str, Input]] = {}
+
+
+def _specs(cls: type[Node]) -> dict[str, Input]:
+    """A node class's inputs by name, built once per class."""
+    specs = _SPECS.get(cls)
+    if specs is None:
+        specs = _SPECS[cls] = {spec.name: spec for spec in cls.inputs}
+    return specs
 
 
 def _check_link(spec: Input, value: list[Any], nodes: dict[str, Any], registry: Registry,
