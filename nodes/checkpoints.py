@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
@@ -265,17 +265,19 @@ def load_pipeline(
         family = _folder_family(path)  # validates the folder
         try:
             # use_safetensors=True makes diffusers fail rather than fall back to pickled .bin weights.
-            return DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
+            pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
         except Exception as e:  # diffusers raises many types here; tie them to the folder
             raise CheckpointError(path, f"diffusers could not load it as {family}: {e}") from e
+        return cast("DiffusionPipeline", pipe)
     header = read_header(path)
     family = _single_file_family(path, header.shapes)
     config_dir = single_file_config_dir(path, header, family, cache_dir)
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     try:
-        return pipeline_class.from_single_file(str(path), config=str(config_dir), local_files_only=True, dtype=dtype)
+        pipe = pipeline_class.from_single_file(str(path), config=str(config_dir), local_files_only=True, dtype=dtype)
     except Exception as e:  # diffusers raises many types here; tie them to the file
         raise CheckpointError(path, f"diffusers could not load it as {family}: {e}") from e
+    return cast("DiffusionPipeline", pipe)
 
 
 def default_cache_dir() -> Path:
@@ -625,7 +627,9 @@ def demo_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
 def _clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str) -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
+    # merges must be (left, right) tuples: tokenizers 0.23 rejects the "left right" strings that
+    # CLIPTokenizer's annotation suggests.
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)  # type: ignore[arg-type]
 
 
 def real_clip_tokenizer(path: Path, pad_token: str) -> CLIPTokenizer:

@@ -33,10 +33,12 @@ from nodes.checkpoints import CONFIG_HINTS_KEY, demo_clip_tokenizer, scheduler_c
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    DemoPipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+# A tiny SD1.5 or SDXL pipeline. diffusers registers pipeline components at run time, so their attributes
+# (unet, vae, text_encoder, ...) are invisible to a type checker anyway.
+DemoPipeline = Any
 
 #: Bump whenever anything generated changes; older folders are then regenerated.
 DEMO_VERSION = 1
@@ -165,7 +167,7 @@ def _generate(folder: Path, seed: int) -> None:
 
     checkpoints, loras = folder / "checkpoints", folder / "loras"
     loras.mkdir(parents=True)
-    pipelines = {"sd15": build_sd15_pipeline(seed), "sdxl": build_sdxl_pipeline(seed)}
+    pipelines: dict[str, DemoPipeline] = {"sd15": build_sd15_pipeline(seed), "sdxl": build_sdxl_pipeline(seed)}
     for family, pipe in pipelines.items():
         pipe.save_pretrained(checkpoints / f"tiny-{family}", safe_serialization=True)
     # SDXL's single file is left out to keep the folder small; write_single_file makes it on demand.
@@ -453,16 +455,16 @@ def to_ldm_state_dict(pipe: DemoPipeline) -> dict[str, torch.Tensor]:
 
 
 def components_to_ldm_state_dict(
-    unet: torch.nn.Module, vae: torch.nn.Module, text_encoders: dict[str, torch.nn.Module]
+    unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoders: dict[str, torch.nn.Module]
 ) -> dict[str, torch.Tensor]:
     """UNet, VAE and text encoders in the original layout. `text_encoders` maps each ldm prefix to its
     model; a prefix ending in `.model.` gets OpenCLIP's names, any other the transformers names."""
     unet_config, vae_config = unet.config, vae.config
-    up_has_attention = ["CrossAttn" in t for t in unet_config.up_block_types]
+    up_has_attention = ["CrossAttn" in t for t in unet_config["up_block_types"]]
     out: dict[str, torch.Tensor] = {}
     for key, value in unet.state_dict().items():
-        out["model.diffusion_model." + unet_key_to_ldm(key, unet_config.layers_per_block, up_has_attention)] = value
-    levels = len(vae_config.block_out_channels)
+        out["model.diffusion_model." + unet_key_to_ldm(key, unet_config["layers_per_block"], up_has_attention)] = value
+    levels = len(vae_config["block_out_channels"])
     for key, value in vae.state_dict().items():
         name = vae_key_to_ldm(key, levels)
         # ldm's VAE attention uses 1x1 convolutions where diffusers uses linear layers.
@@ -513,7 +515,7 @@ def make_lora(pipe: DemoPipeline, name: str, seed: int) -> tuple[dict[str, torch
         for target in targets:
             layer = model.get_submodule(target)
             down = torch.randn(spec.rank, layer.in_features, generator=generator) / layer.in_features**0.5
-            # With unit-variance rows in `down`, (up @ down) has the spread of `up` times sqrt(rank / in).
+            # Rows of `down` have unit norm, so (up @ down) has the spread of `up` times sqrt(rank / in).
             spread = (
                 LORA_RELATIVE_STRENGTH * float(layer.weight.detach().std()) * (layer.in_features / spec.rank) ** 0.5
             )
