@@ -1,6 +1,7 @@
 """The `nodegraph` command line: run | validate | nodes | models.
 
     nodegraph run workflows/math.json --set 1.value=10
+    nodegraph run workflows/lora.json --sweep 2.strength=0,0.5,1 --sweep 3.seed=1,2
     nodegraph validate workflows/math.json --json
     nodegraph nodes --json
     nodegraph models demo
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,6 +29,7 @@ from nodegraph.context import CancelToken
 from nodegraph.executor import Executor, RunResult, json_summary
 from nodegraph.registry import DeclarationError, Registry, load_registry
 from nodegraph.settings import ConfigError, Settings
+from nodegraph.sweep import Axis, Job, SweepResult, run_sweep
 from nodegraph.validate import Problem, validate
 
 EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -56,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("file")
     run.add_argument("--set", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
                      help="override a literal input; VALUE is JSON, or else a plain string (repeatable)")
+    run.add_argument("--sweep", action="append", default=[], metavar="NODE_ID.INPUT=A,B,C",
+                     help="run once per value and grid the images; a second --sweep makes rows (X × Y)")
     run.add_argument("--output-dir", metavar="DIR", help="where images are written (default ./outputs)")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--debug", action="store_true", help="print the traceback of an unexpected node error")
@@ -125,25 +132,19 @@ def cmd_validate(args: argparse.Namespace, registry: Registry, settings: Setting
 
 def cmd_run(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
     workflow, problems = load_workflow(args.file, args.set)
+    if args.sweep:
+        return cmd_sweep(args, registry, settings, workflow, problems)
     if problems:
         result = RunResult("", "invalid", errors=problems)
     else:
         cancel = CancelToken()
         progress = ProgressPrinter(sys.stderr, enabled=not args.json and sys.stderr.isatty())
-
-        def interrupt(signum: int, frame: Any) -> None:
-            if cancel.cancelled:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
-            cancel.cancel()
-            print("\ninterrupting… (Ctrl-C again to stop at once)", file=sys.stderr)
-
-        previous = signal.signal(signal.SIGINT, interrupt)
         try:
-            result = Executor(registry, settings).run(workflow, progress, cancel)
+            with ctrl_c_cancels(cancel):
+                result = Executor(registry, settings).run(workflow, progress, cancel)
         except KeyboardInterrupt:
             result = RunResult("", "interrupted")
         finally:
-            signal.signal(signal.SIGINT, previous)
             progress.clear()
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -151,7 +152,83 @@ def cmd_run(args: argparse.Namespace, registry: Registry, settings: Settings) ->
         _print_summary(result)
         if args.debug and result.traceback:
             print(result.traceback, file=sys.stderr)
-    return {"ok": EXIT_OK, "invalid": EXIT_INVALID, "error": EXIT_FAILED}.get(result.status, EXIT_INTERRUPTED)
+    return _exit_code(result.status)
+
+
+def cmd_sweep(args: argparse.Namespace, registry: Registry, settings: Settings, workflow: Any,
+              problems: list[Problem]) -> int:
+    """`run --sweep`: one job per value (per combination, with two axes), then the grid image."""
+    axes = []
+    for text in args.sweep:
+        axis = parse_sweep(text)
+        if isinstance(axis, Problem):
+            problems.append(axis)
+        else:
+            axes.append(axis)
+    if problems:
+        result = SweepResult("invalid", axes, errors=problems)
+    else:
+        cancel = CancelToken()
+        progress = ProgressPrinter(sys.stderr, enabled=not args.json and sys.stderr.isatty())
+        total = math.prod(len(axis.values) for axis in axes)
+        done: list[Job] = []
+
+        def show(job: Job) -> None:
+            done.append(job)
+            if not args.json:
+                progress.clear()
+                _print_job(job, len(done), total, args.debug)
+
+        try:
+            with ctrl_c_cancels(cancel):
+                result = run_sweep(Executor(registry, settings), workflow, axes, progress, cancel, show)
+        except KeyboardInterrupt:  # between jobs (the executor reports one inside a job itself)
+            result = SweepResult("interrupted", axes, jobs=done)
+        finally:
+            progress.clear()
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_problems(result.errors, sys.stderr)
+        if result.grid is not None:
+            print(f"wrote {result.grid}")
+        if result.status == "interrupted":
+            print("interrupted", file=sys.stderr)
+    return _exit_code(result.status)
+
+
+def parse_sweep(text: str) -> Axis | Problem:
+    """`--sweep NODE_ID.INPUT=A,B,C`: values split on commas, each parsed like a `--set` value.
+
+    A comma inside a value is written `\\,` (`--sweep "3.prompt=a cat\\, 4k,a dog"`).
+    """
+    target, eq, values = text.partition("=")
+    node_id, dot, input_name = target.rpartition(".")
+    if not (eq and dot and node_id and input_name):
+        return Problem(None, None, "bad_sweep", f"--sweep {text!r}: expected NODE_ID.INPUT=A,B,C")
+    parts = re.split(r"(?<!\\),", values) if values else []
+    return Axis(node_id, input_name, tuple(parse_value(part.replace("\\,", ",")) for part in parts))
+
+
+@contextmanager
+def ctrl_c_cancels(cancel: CancelToken) -> Iterator[None]:
+    """While inside: the first Ctrl-C cancels the job cleanly, a second one stops at once."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        cancel.cancel()
+        print("\ninterrupting… (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _exit_code(status: str) -> int:
+    return {"ok": EXIT_OK, "invalid": EXIT_INVALID, "error": EXIT_FAILED}.get(status, EXIT_INTERRUPTED)
 
 
 def cmd_nodes(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
@@ -232,6 +309,19 @@ def _print_summary(result: RunResult) -> None:
     _print_problems(result.errors, sys.stderr)
     if result.status == "interrupted":
         print("interrupted", file=sys.stderr)
+
+
+def _print_job(job: Job, index: int, total: int, debug: bool) -> None:
+    values = ", ".join(f"{name}={value if isinstance(value, str) else json.dumps(value)}"
+                       for name, value in job.values.items())
+    values = values if len(values) <= 100 else values[:97] + "..."
+    counts = job.counts()
+    print(f"[{index}/{total}] {values}: {job.status}, {job.seconds:.2f} s "
+          f"({counts['ran']} ran, {counts['cached']} cached)", flush=True)
+    if job.result is not None:
+        _print_problems(job.result.errors, sys.stderr)
+        if debug and job.result.traceback:
+            print(job.result.traceback, file=sys.stderr)
 
 
 def _print_problems(problems: Sequence[Problem], stream: TextIO) -> None:

@@ -116,6 +116,19 @@ class Node:
         return []
 
     @classmethod
+    def prepare_sweep(cls, input_name: str, values: list[Any], literals: dict[str, Any],
+                      settings: Any) -> dict[str, Any]:
+        """Literal overrides for this node in every job of a sweep over its input `input_name`.
+
+        Called once per swept input before a sweep runs, after every job's workflow validated,
+        with the swept `values` and the node's other literal inputs (defaults filled in). The
+        returned literals are set on this node in every job (the swept value itself always wins)
+        and validated like any other. E.g. HotswapLoRA sets its hot-swap target rank to the
+        largest rank among the swept LoRA files, so no job has to re-prepare the pipeline.
+        """
+        return {}
+
+    @classmethod
     def schema(cls, settings: Any = None) -> dict[str, Any]:
         return {
             "type": cls.type, "version": cls.version, "category": cls.category,

@@ -240,7 +240,7 @@ class Sample(Node):
         import torch
 
         from nodes.images import ImageBatch
-        from nodes.pipelines import materialize
+        from nodes.pipelines import materialize, watch_compile
 
         for name, problem in self.check({"width": width, "height": height}, ctx.settings):
             raise NodeFailure(problem, name, "invalid_value")
@@ -249,13 +249,19 @@ class Sample(Node):
             class_name, overrides = SCHEDULERS[scheduler]
             pipe.scheduler = getattr(diffusers, class_name).from_config(resident.scheduler_config, **overrides)
 
+            scheduled = bool(resident.applied.schedules)
+            if scheduled:
+                resident.set_step(0)
+
             def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                if scheduled:
+                    resident.set_step(step + 1)  # scales for the next step, written in place
                 ctx.progress(step + 1, steps)
                 return {}
 
             generator = torch.Generator(device=pipe.device).manual_seed(seed)
             ctx.check_cancelled()
-            with torch.inference_mode():
+            with torch.inference_mode(), watch_compile(ctx, resident):
                 result = pipe(
                     prompt=prompt,
                     negative_prompt=negative_prompt or None,

@@ -31,6 +31,10 @@ class LoraInfo:
     def max_rank(self) -> int:
         return max(self.ranks.values())
 
+    @property
+    def targets(self) -> frozenset[str]:
+        return normalized_targets(self)
+
 
 def inspect(path: Path) -> LoraInfo:
     try:
@@ -56,3 +60,13 @@ def _component(module: str) -> str:
     if module.startswith(("lora_te_", "lora_te1_", "text_encoder.", "te1.", "te.")):
         return "text_encoder"
     return "unet"
+
+
+def normalized_targets(info: LoraInfo) -> frozenset[str]:
+    """The UNet modules a LoRA targets, in one spelling for every format (`down_blocks_1_…_to_q`)."""
+    targets = set()
+    for module in info.ranks:
+        if _component(module) == "unet":
+            name = module.removeprefix("lora_unet_").removeprefix("unet.").replace(".", "_")
+            targets.add(name)
+    return frozenset(targets)

@@ -75,3 +75,23 @@ def materialize(ctx: Context, recipe: ModelRecipe) -> Iterator[Resident]:
         if actions:
             ctx.info("reconcile", "model: " + ", ".join(actions), time.perf_counter() - started)
         yield resident
+
+
+@contextmanager
+def watch_compile(ctx: Context, resident: Resident) -> Iterator[None]:
+    """Tell the user when a compiled denoiser compiles or recompiles, and how long the call took."""
+    if resident.compiled is None:
+        yield
+        return
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    started = time.perf_counter()
+    yield
+    graphs = counters["stats"]["unique_graphs"] - before
+    if graphs:
+        first = not resident.compile_seen
+        what = "compiled the denoiser" if first else (
+            "recompiled the denoiser (a new resolution or batch size; CompileModel's dynamic avoids this)")
+        ctx.info("compile", f"{what}: {graphs} graph(s), the call took", time.perf_counter() - started)
+    resident.compile_seen = True

@@ -27,6 +27,7 @@ class Adapter:
     te_strength: float = 1.0
     block_scales: str = ""  # canonical JSON of diffusers' block-wise UNet scales, "" for none
     components: tuple[str, ...] = ("unet",)  # the parts of the model the file has layers for
+    rank: int = 0  # the largest rank in the file (for hot-swap preparation)
 
     def same_file(self, other: Adapter) -> bool:
         return (self.path, self.fingerprint) == (other.path, other.fingerprint)
@@ -48,15 +49,40 @@ class Fuse:
 
 
 @dataclass(frozen=True)
+class Compile:
+    """CompileModel: `torch.compile` the denoiser in place with these settings."""
+
+    mode: str = "default"
+    fullgraph: bool = False
+    dynamic: bool = False
+
+
+@dataclass(frozen=True)
 class ModelRecipe:
     checkpoint: str  # absolute path of the diffusers folder or single file
     fingerprint: str
     family: str  # sd15, sd2, sdxl
     dtype: str  # auto, fp32, fp16, bf16 (auto is resolved per device when the pipeline is loaded)
     ops: tuple[Adapter | Fuse, ...] = ()
+    # Hot-swap preparation (`enable_lora_hotswap(target_rank)`) before the first adapter is loaded:
+    # 0 for none. Once a slot may be swapped, or a schedule must run on a compiled model, it is set.
+    hotswap_rank: int = 0
+    compile: Compile | None = None
+    schedules: tuple[tuple[str, str], ...] = ()  # (slot, schedule JSON): per-step UNet scales
 
     def then(self, op: Adapter | Fuse) -> ModelRecipe:
-        return replace(self, ops=(*self.ops, op))
+        # A pipeline prepared for hot-swap pads every adapter to the target rank: keep it large enough.
+        rank = max(self.hotswap_rank, op.rank) if self.hotswap_rank and isinstance(op, Adapter) else self.hotswap_rank
+        return replace(self, ops=(*self.ops, op), hotswap_rank=rank)
+
+    def prepared_for_hotswap(self, rank: int = 0) -> ModelRecipe:
+        """This recipe, with hot-swap preparation at least `rank` and every adapter's rank."""
+        ranks = [a.rank for a in self.live().values()] + [a.rank for g, _ in self.fused_groups() for a in g]
+        return replace(self, hotswap_rank=max([self.hotswap_rank, rank, 1, *ranks]))
+
+    def bare(self) -> ModelRecipe:
+        """The checkpoint alone: what a freshly loaded pipeline realizes."""
+        return ModelRecipe(self.checkpoint, self.fingerprint, self.family, self.dtype)
 
     @property
     def base(self) -> tuple[str, str]:

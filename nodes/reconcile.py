@@ -5,12 +5,20 @@ pipeline was in, after `reconcile(resident, recipe)` its output equals that of a
 built from the recipe alone, and exactly the recipe's live adapters exist on its modules.
 
 Transitions, cheapest first:
-- a strength or block-scale change: `set_adapters` only;
-- a new adapter: `load_lora_weights` into its slot; a removed one: `delete_adapters`;
-  a slot whose file changed: delete, then load;
-- any change to what is fused: restore the base weights from a snapshot taken before the first
-  fuse (bitwise, in every dtype; diffusers' `unfuse_lora` is neither exact nor possible after
-  the fused adapters are unloaded), then fuse the new groups.
+- a strength or block-scale change: new scales only;
+- a new file in an existing slot: an in-place hot-swap when the pipeline was prepared for it
+  and the file fits the slot (UNet only, rank within the target, a subset of the slot's layers),
+  else delete and load; a new adapter: `load_lora_weights`; a removed one: `delete_adapters`;
+- any change to what is fused, or a larger hot-swap rank: restore the base weights from a snapshot
+  taken before the first fuse (bitwise, in every dtype; diffusers' `unfuse_lora` is neither exact
+  nor possible after the fused adapters are unloaded), then rebuild;
+- compile settings: `module.compile()` in place, so adapters stay visible to diffusers.
+
+Scales are written by us, not left to `set_adapters`: a hot-swap does not update PEFT's `r` and
+`lora_alpha`, so `set_adapters` would scale a swapped adapter with its predecessor's alpha/rank,
+and it replaces the scaling tensors that hot-swap preparation creates (a recompile on a compiled
+model). We snapshot each layer's scaling right after every (hot-)load and write base × weight,
+in place (`fill_`) where the scaling is a tensor. That also makes per-step schedules free.
 
 diffusers' LoRA loading is not atomic (see shared/notes/diffusers-peft.md): a failed transition
 resets the pipeline to its base weights and rebuilds the last good recipe, then re-raises.
@@ -19,11 +27,26 @@ resets the pipeline to its base weights and rebuilds the last good recipe, then 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
+from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from nodes.recipe import Adapter, ModelRecipe
+from nodes import lora_files, schedules
+from nodes.recipe import Adapter, Compile, ModelRecipe
+
+Layer = tuple[str, str]  # (component, module name)
+
+
+def peft_name(slot: str) -> str:
+    """The adapter name PEFT sees for a slot.
+
+    PEFT's hot-swap finds an adapter's weights by substring (`adapter_name in key`), so a slot
+    called `a` would match every key containing an "a" and zero other adapters' layers. Slots are
+    [A-Za-z0-9_]; wrapped in dashes, no name is a substring of another name or of a module path.
+    """
+    return f"s-{slot}-"
 
 
 class ReconcileError(Exception):
@@ -32,7 +55,7 @@ class ReconcileError(Exception):
 
 @dataclass
 class Resident:
-    """A live pipeline, the recipe it currently realizes, and the base weights fusing replaced."""
+    """A live pipeline, the recipe it currently realizes, and what realizing it needs to remember."""
 
     pipe: Any
     applied: ModelRecipe
@@ -40,6 +63,12 @@ class Resident:
     snapshot: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = field(default_factory=dict)
     broken: bool = False  # a failed transition could not be rolled back
     scheduler_config: dict[str, Any] = field(default_factory=dict)  # the checkpoint's own, for Sample
+    hotswap_rank: int = 0  # the target rank `enable_lora_hotswap` was called with; 0 if never
+    compiled: Compile | None = None
+    compile_seen: bool = False  # a compiled forward has run (so new graphs are recompiles)
+    base_scaling: dict[str, dict[Layer, float]] = field(default_factory=dict)  # slot -> layer -> alpha/r
+    slot_targets: dict[str, frozenset[str]] = field(default_factory=dict)  # layers of a slot's first file
+    unit_scaling: dict[str, dict[Layer, float]] = field(default_factory=dict)  # scheduled slot at scale 1
 
     @property
     def components(self) -> list[str]:
@@ -49,6 +78,14 @@ class Resident:
     @property
     def text_encoders(self) -> tuple[str, ...]:
         return tuple(c for c in self.components if c.startswith("text_encoder"))
+
+    def set_step(self, step: int) -> None:
+        """Write the scheduled scales for sampling step `step` (0-based), in place."""
+        for slot, spec in self.applied.schedules:
+            scale = schedules.scale_at(spec, step)
+            for (component, module), unit in self.unit_scaling.get(slot, {}).items():
+                layer = getattr(self.pipe, component).get_submodule(module)
+                _write(layer, peft_name(slot), unit * scale)
 
 
 def reconcile(resident: Resident, target: ModelRecipe) -> list[str]:
@@ -62,98 +99,170 @@ def reconcile(resident: Resident, target: ModelRecipe) -> list[str]:
         try:
             _reset(resident)
             _transition(resident, previous)
-            resident.applied = previous
         except Exception:
             resident.broken = True  # the model manager drops it; the next run loads it afresh
         if isinstance(exc, ReconcileError):
             raise
         raise ReconcileError(f"{type(exc).__name__}: {exc}") from exc
-    resident.applied = target
     return actions
 
 
 def _transition(resident: Resident, target: ModelRecipe) -> list[str]:
     pipe, actions = resident.pipe, []
+    if target.hotswap_rank > resident.hotswap_rank:
+        if resident.applied.ops:
+            _reset(resident)
+            actions.append("restore_base")
+        # Must come before the first adapter is loaded; it pads every later LoRA to this rank.
+        pipe.enable_lora_hotswap(target_rank=target.hotswap_rank)
+        resident.hotswap_rank = target.hotswap_rank
+        actions.append(f"prepare_hotswap:{target.hotswap_rank}")
     current = resident.applied
     if current.fused_groups() != target.fused_groups():
-        if current.fused_groups() or current.live():
+        if current.ops:
             _reset(resident)
             actions.append("restore_base")
         for group, lora_scale in target.fused_groups():
             for adapter in group:
                 _load(resident, adapter)
-            _activate(resident, group)
+            _activate(resident, group, ())
             _snapshot(resident)
-            pipe.fuse_lora(components=resident.components, lora_scale=lora_scale, adapter_names=[a.slot for a in group])
-            _unload_all(pipe)  # the merged weights stay; the LoRA layers go
+            pipe.fuse_lora(components=resident.components, lora_scale=lora_scale,
+                           adapter_names=[peft_name(a.slot) for a in group])
+            _unload_all(resident)  # the merged weights stay; the LoRA layers go
             actions.append("fuse")
         live: dict[str, Adapter] = {}
     else:
         live = current.live()
     wanted = target.live()
+    swaps = {slot for slot, a in wanted.items() if slot in live and not a.same_file(live[slot])
+             and _swappable(resident, slot, a)}
     for slot, adapter in live.items():
-        if slot not in wanted or not adapter.same_file(wanted[slot]):
-            pipe.delete_adapters(slot)
+        if slot not in wanted or (not adapter.same_file(wanted[slot]) and slot not in swaps):
+            pipe.delete_adapters(peft_name(slot))
+            resident.base_scaling.pop(slot, None)
             actions.append(f"delete:{slot}")
-    loaded = False
+    changed = False
     for slot, adapter in wanted.items():
-        if slot not in live or not live[slot].same_file(adapter):
+        if slot in swaps:
+            _load(resident, adapter, hotswap=True)
+            actions.append(f"hotswap:{slot}")
+            changed = True
+        elif slot not in live or not live[slot].same_file(adapter):
             _load(resident, adapter)
             actions.append(f"load:{slot}")
-            loaded = True
-    if wanted and (loaded or list(wanted.values()) != list(live.values())):
-        _activate(resident, tuple(wanted.values()))
-        actions.append("set_adapters")
+            changed = True
+    if wanted and (changed or list(wanted.values()) != list(live.values()) or target.schedules != current.schedules):
+        _activate(resident, tuple(wanted.values()), target.schedules)
+        actions.append("scales")
     elif not wanted and live:
-        _unload_all(pipe)  # no adapters left: drop the empty LoRA wrappers too
+        _unload_all(resident)  # no adapters left: drop the empty LoRA wrappers too
+    if target.compile != resident.compiled:
+        _compile(resident, target.compile)
+        actions.append("compile" if target.compile else "uncompile")
+    resident.applied = target
     return actions
 
 
-def _load(resident: Resident, adapter: Adapter) -> None:
+def _swappable(resident: Resident, slot: str, adapter: Adapter) -> bool:
+    """Can diffusers hot-swap this file into the slot without failing half way (see the notes)?"""
+    if not resident.hotswap_rank or adapter.components != ("unet",) or adapter.rank > resident.hotswap_rank:
+        return False
+    return lora_files.inspect(Path(adapter.path)).targets <= resident.slot_targets.get(slot, frozenset())
+
+
+def _load(resident: Resident, adapter: Adapter, hotswap: bool = False) -> None:
+    name = peft_name(adapter.slot)
     try:
-        resident.pipe.load_lora_weights(adapter.path, adapter_name=adapter.slot)
+        resident.pipe.load_lora_weights(adapter.path, adapter_name=name, hotswap=hotswap)
+        if resident.hotswap_rank and not hotswap:
+            # diffusers pads and tensorizes only the first adapter loaded after enable_lora_hotswap;
+            # every adapter of a prepared pipeline needs it to be swapped or scheduled in place.
+            prepare_model_for_compiled_hotswap(resident.pipe.unet, target_rank=resident.hotswap_rank,
+                                               check_compiled="ignore")
     except Exception as exc:
-        name = adapter.path.rsplit("/", 1)[-1]
-        raise ReconcileError(
-            f"LoRA {name!r} (slot {adapter.slot!r}) cannot be loaded into this model: {type(exc).__name__}: {exc}"
-        ) from exc
+        file_name = adapter.path.rsplit("/", 1)[-1]
+        raise ReconcileError(f"LoRA {file_name!r} (slot {adapter.slot!r}) cannot be loaded into this model: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    if not hotswap:
+        resident.slot_targets[adapter.slot] = lora_files.inspect(Path(adapter.path)).targets
+    # Right after a (hot-)load a layer's scaling is the file's own alpha/rank: keep it.
+    resident.base_scaling[adapter.slot] = {
+        (component, module): float(layer.scaling[name])
+        for component, module, layer in _lora_layers(resident) if name in layer.scaling}
 
 
-def _activate(resident: Resident, adapters: tuple[Adapter, ...]) -> None:
-    # Each load activates only the new adapter, so the whole stack is set after every change.
-    resident.pipe.set_adapters([a.slot for a in adapters], [a.weights(resident.text_encoders) for a in adapters])
+def _activate(resident: Resident, adapters: tuple[Adapter, ...], scheduled: tuple[tuple[str, str], ...]) -> None:
+    """Activate the stack and write every layer's scale: base × the weight set_adapters chose for it."""
+    tensors = {(component, name, slot): value for component, name, layer in _lora_layers(resident)
+               for slot, value in layer.scaling.items() if isinstance(value, torch.Tensor)}
+    schedule_slots = {slot for slot, _ in scheduled}
+    # set_adapters turns strengths and block scales into per-layer weights (times PEFT's alpha/r)...
+    weights = [replace(a, strength=1.0).weights(resident.text_encoders) if a.slot in schedule_slots
+               else a.weights(resident.text_encoders) for a in adapters]
+    resident.pipe.set_adapters([peft_name(a.slot) for a in adapters], weights)
+    resident.unit_scaling = {slot: {} for slot in schedule_slots}
+    for component, module, layer in _lora_layers(resident):
+        for adapter in adapters:
+            name = peft_name(adapter.slot)
+            if name not in layer.scaling:
+                continue
+            # ...which we read back and apply to the scaling the file really has.
+            weight = float(layer.scaling[name]) * layer.r[name] / layer.lora_alpha[name]
+            value = resident.base_scaling[adapter.slot][(component, module)] * weight
+            layer.scaling[name] = tensors.get((component, module, name), layer.scaling[name])
+            _write(layer, name, value)
+            if adapter.slot in schedule_slots and component == "unet":
+                resident.unit_scaling[adapter.slot][(component, module)] = value
 
 
-def _unload_all(pipe: Any) -> None:
-    pipe.unload_lora_weights()
-    pipe._merged_adapters = set()  # diffusers keeps the names of unloaded fused adapters here
+def _write(layer: Any, name: str, value: float) -> None:
+    current = layer.scaling[name]
+    if isinstance(current, torch.Tensor):
+        current.fill_(value)  # in place: a compiled graph keeps reading the same tensor
+    else:
+        layer.scaling[name] = value
 
 
-def _lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if hasattr(module, "base_layer") and hasattr(module, "lora_A")
-    ]
+def _compile(resident: Resident, settings: Compile | None) -> None:
+    denoiser = getattr(resident.pipe, "unet", None) or resident.pipe.transformer
+    if settings is None:
+        denoiser._compiled_call_impl = None  # what nn.Module.compile() set; without it, eager again
+    else:
+        # In place: `pipe.unet = torch.compile(pipe.unet)` would hide the adapters from diffusers.
+        denoiser.compile(mode=None if settings.mode == "default" else settings.mode,
+                         fullgraph=settings.fullgraph, dynamic=settings.dynamic)
+    resident.compiled = settings
+    resident.compile_seen = False
+
+
+def _unload_all(resident: Resident) -> None:
+    resident.pipe.unload_lora_weights()
+    resident.pipe._merged_adapters = set()  # diffusers keeps the names of unloaded fused adapters here
+    resident.base_scaling.clear()
+    resident.slot_targets.clear()
+
+
+def _lora_layers(resident: Resident) -> list[tuple[str, str, Any]]:
+    return [(component, name, module) for component in resident.components
+            for name, module in getattr(resident.pipe, component).named_modules()
+            if hasattr(module, "base_layer") and hasattr(module, "lora_A")]
 
 
 def _snapshot(resident: Resident) -> None:
     """Keep the original weights of every layer about to be fused into, once per pipeline."""
-    for component in resident.components:
+    for component, name, layer in _lora_layers(resident):
         saved = resident.snapshot.setdefault(component, {})
-        for name, layer in _lora_layers(getattr(resident.pipe, component)):
-            if name not in saved:
-                base = layer.base_layer
-                bias = getattr(base, "bias", None)
-                saved[name] = (
-                    base.weight.detach().to("cpu", copy=True),
-                    None if bias is None else bias.detach().to("cpu", copy=True),
-                )
+        if name not in saved:
+            base = layer.base_layer
+            bias = getattr(base, "bias", None)
+            saved[name] = (base.weight.detach().to("cpu", copy=True),
+                           None if bias is None else bias.detach().to("cpu", copy=True))
 
 
 def _reset(resident: Resident) -> None:
     """Back to the checkpoint's weights: no LoRA layers, fused layers restored bitwise."""
-    _unload_all(resident.pipe)
+    _unload_all(resident)
     with torch.no_grad():
         for component, layers in resident.snapshot.items():
             model = getattr(resident.pipe, component)
@@ -162,4 +271,6 @@ def _reset(resident: Resident) -> None:
                 module.weight.copy_(weight)
                 if bias is not None:
                     module.bias.copy_(bias)
-    resident.applied = replace(resident.applied, ops=())
+    # Compile settings and hot-swap preparation survive a reset: they are not weights.
+    resident.applied = replace(resident.applied.bare(), hotswap_rank=resident.hotswap_rank,
+                               compile=resident.compiled)

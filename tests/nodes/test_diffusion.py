@@ -127,7 +127,7 @@ def test_strength_change_reuses_the_pipeline(shared: Executor) -> None:
     events = Recorder()
     images(shared, graph(loras=({"lora": "tiny-sd15-kohya.safetensors", "strength": 0.3},)), events)
     infos = [(e.kind, e.message) for e in events.of(ev.NodeInfo)]
-    assert infos == [("reconcile", "model: set_adapters")]
+    assert infos == [("reconcile", "model: scales")]
     assert events.ran() == ["lora0", "sample", "show"]
 
 

@@ -22,7 +22,7 @@ from nodegraph.cache import file_fingerprint
 from nodes import lora_files
 from nodes.checkpoints import load_pipeline
 from nodes.recipe import Adapter, Fuse, ModelRecipe
-from nodes.reconcile import ReconcileError, Resident, reconcile
+from nodes.reconcile import ReconcileError, Resident, peft_name, reconcile
 
 LORAS = ["tiny-sd15-style", "tiny-sd15-kohya", "tiny-sd15-subset", "tiny-sd15-te", "tiny-sd15-alpha"]
 ATOL = 1e-5  # fp32; fusing reorders the same sums, which moves outputs by ~1e-7 here
@@ -43,8 +43,9 @@ def resident(base: Any, demo_dir: Path) -> Resident:
 
 def adapter(demo_dir: Path, name: str, slot: str, strength: float = 1.0, te: float = 1.0, blocks: str = "") -> Adapter:
     path = demo_dir / "loras" / f"{name}.safetensors"
-    components = tuple(sorted(lora_files.inspect(path).components))
-    return Adapter(slot, str(path), file_fingerprint(path), strength, te, blocks, components)
+    info = lora_files.inspect(path)
+    return Adapter(slot, str(path), file_fingerprint(path), strength, te, blocks, tuple(sorted(info.components)),
+                   info.max_rank)
 
 
 def fresh(base: Any, recipe: ModelRecipe) -> Any:
@@ -85,11 +86,15 @@ def adapters_on(pipe: Any) -> set[str]:
     return names
 
 
+def slots(recipe: ModelRecipe) -> set[str]:
+    return {peft_name(slot) for slot in recipe.live()}
+
+
 def assert_realizes(resident: Resident, base: Any, recipe: ModelRecipe) -> None:
     got, want = signature(resident.pipe), signature(fresh(base, recipe))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
-    assert adapters_on(resident.pipe) == set(recipe.live())
+    assert adapters_on(resident.pipe) == slots(recipe)
     assert resident.applied == recipe
 
 
@@ -104,6 +109,7 @@ EDITS = st.one_of(
     st.tuples(st.just("blocks"), st.integers(0, 5), BLOCKS),
     st.tuples(st.just("add"), st.integers(0, 5), st.one_of(LOAD, LOAD, FUSE)),
     st.tuples(st.just("remove"), st.integers(0, 5)),
+    st.tuples(st.just("add"), st.integers(0, 5), st.just(("hotswap", 8))),
 )
 
 
@@ -128,6 +134,8 @@ def build(demo_dir: Path, root: ModelRecipe, ops: list[Any]) -> ModelRecipe:
             recipe = recipe.then(adapter(demo_dir, op[1], op[2], op[3], op[4], op[5]))
         elif op[0] == "fuse" and recipe.live():
             recipe = recipe.then(Fuse(tuple(recipe.live()), op[1]))
+    if ("hotswap", 8) in ops:  # prepared for hot-swap: a changed file in a slot is swapped in place
+        recipe = recipe.prepared_for_hotswap(8)
     return recipe
 
 
@@ -136,7 +144,7 @@ def build(demo_dir: Path, root: ModelRecipe, ops: list[Any]) -> ModelRecipe:
 def test_any_sequence_of_edits_reconciles_to_the_fresh_result(
     resident: Resident, base: Any, demo_dir: Path, ops: list[Any], edits: list[Any]
 ) -> None:
-    root = replace_ops(resident.applied)
+    root = resident.applied.bare()
     for change in [None, *edits]:
         ops = edit(ops, change) if change else ops
         recipe = build(demo_dir, root, ops)
@@ -145,18 +153,18 @@ def test_any_sequence_of_edits_reconciles_to_the_fresh_result(
 
 
 def test_strength_change_is_set_adapters_only(resident: Resident, demo_dir: Path) -> None:
-    root = replace_ops(resident.applied)
+    root = resident.applied.bare()
     one = root.then(adapter(demo_dir, "tiny-sd15-style", "a", 1.0))
     reconcile(resident, one)
-    assert reconcile(resident, root.then(adapter(demo_dir, "tiny-sd15-style", "a", 0.4))) == ["set_adapters"]
+    assert reconcile(resident, root.then(adapter(demo_dir, "tiny-sd15-style", "a", 0.4))) == ["scales"]
     both = root.then(adapter(demo_dir, "tiny-sd15-style", "a", 0.4)).then(adapter(demo_dir, "tiny-sd15-kohya", "b"))
-    assert reconcile(resident, both) == ["load:b", "set_adapters"]
+    assert reconcile(resident, both) == ["load:b", "scales"]
     assert reconcile(resident, both) == []
-    assert reconcile(resident, root.then(adapter(demo_dir, "tiny-sd15-kohya", "b"))) == ["delete:a", "set_adapters"]
+    assert reconcile(resident, root.then(adapter(demo_dir, "tiny-sd15-kohya", "b"))) == ["delete:a", "scales"]
 
 
 def test_unfused_weights_come_back_bitwise(resident: Resident, demo_dir: Path) -> None:
-    root = replace_ops(resident.applied)
+    root = resident.applied.bare()
     reconcile(resident, root)
     before = {k: v.clone() for k, v in resident.pipe.unet.state_dict().items()}
     fused = root.then(adapter(demo_dir, "tiny-sd15-te", "a", 0.8)).then(Fuse(("a",), 0.7))
@@ -170,7 +178,7 @@ def test_unfused_weights_come_back_bitwise(resident: Resident, demo_dir: Path) -
 
 
 def test_a_failed_transition_keeps_the_last_good_state(resident: Resident, base: Any, demo_dir: Path) -> None:
-    root = replace_ops(resident.applied)
+    root = resident.applied.bare()
     good = root.then(adapter(demo_dir, "tiny-sd15-style", "a", 0.6))
     reconcile(resident, good)
     wrong_model = adapter(demo_dir, "tiny-sdxl-style", "b")  # a LoRA for another architecture
@@ -183,5 +191,3 @@ def test_a_failed_transition_keeps_the_last_good_state(resident: Resident, base:
     assert_realizes(resident, base, after)
 
 
-def replace_ops(recipe: ModelRecipe) -> ModelRecipe:
-    return ModelRecipe(recipe.checkpoint, recipe.fingerprint, recipe.family, recipe.dtype)

@@ -1,0 +1,153 @@
+"""Hot-swap, compile and per-step scales: HotswapLoRA, CompileModel, ScaleSchedule.
+
+People serving many LoRAs compile their model once and then change LoRAs and scales without
+paying the compile again. These nodes only edit recipes; the reconciler realizes them with
+diffusers' in-place hot-swap (`enable_lora_hotswap` before the first load, `hotswap=True`
+after) and by writing LoRA scales in place, so a compiled denoiser is never recompiled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from nodegraph.cache import file_fingerprint
+from nodegraph.context import Context, NodeFailure
+from nodegraph.schema import Input, Node, Output
+from nodes import lora_files, schedules
+from nodes.diffusion import _SLOT, _loras, _model_file
+from nodes.recipe import Compile, ModelRecipe
+
+
+def _lora_info(settings: Any, name: str) -> lora_files.LoraInfo:
+    try:
+        return lora_files.inspect(_model_file(settings, "loras", name, "lora"))
+    except lora_files.LoraFileError as exc:
+        raise NodeFailure(str(exc), "lora", "bad_lora") from None
+
+
+class HotswapLoRA(Node):
+    type = "HotswapLoRA"
+    version = "1.0.0"
+    category = "lora"
+    description = ("Replaces the LoRA in an adapter slot with another file, in place (diffusers' hot-swap): "
+                   "no new adapter, and no recompile of a compiled model.")
+    inputs = (Input("model", "MODEL"),
+              Input("lora", "COMBO", choices=_loras),
+              Input("slot", "STRING", default="", description="the slot to swap; empty: the only one"),
+              Input("strength", "FLOAT", default=1.0, min=-10.0, max=10.0, step=0.05),
+              Input("hotswap_rank", "INT", default=0, min=0, max=1024,
+                    description="rank to pad every LoRA in the pipeline to; 0: the largest rank it can get"))
+    outputs = (Output("model", "MODEL"),)
+
+    @classmethod
+    def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
+        slot = literals.get("slot", "")
+        return [("slot", f"{slot[:40]!r} is not a slot name")] if slot and not _SLOT.match(slot) else []
+
+    @classmethod
+    def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
+        return [_model_file(settings, "loras", inputs["lora"], "lora")]
+
+    @classmethod
+    def prepare_sweep(cls, input_name: str, values: list[Any], literals: dict[str, Any],
+                      settings: Any) -> dict[str, Any]:
+        """Sweeping the LoRA: prepare once for the largest rank among all the files swept."""
+        if input_name != "lora" or literals.get("hotswap_rank", 0):
+            return {}
+        return {"hotswap_rank": max(_lora_info(settings, value).max_rank for value in values)}
+
+    def run(self, ctx: Context, model: ModelRecipe, lora: str, slot: str, strength: float,
+            hotswap_rank: int) -> dict[str, Any]:
+        live = model.live()
+        if not slot:
+            if len(live) != 1:
+                raise NodeFailure(f"the model has {len(live)} adapters ({', '.join(live) or 'none'}); "
+                                  "name the slot to swap", "slot", "unknown_slot")
+            slot = next(iter(live))
+        if slot not in live:
+            raise NodeFailure(f"no adapter in slot {slot!r} upstream (active: {', '.join(live) or 'none'}); "
+                              "load one with LoadLoRA first", "slot", "unknown_slot")
+        first = live[slot]
+        info = _lora_info(ctx.settings, lora)
+        if info.components != {"unet"}:
+            raise NodeFailure(f"{lora} has text-encoder layers, which diffusers cannot hot-swap; "
+                              "use LoadLoRA in another slot", "lora", "not_swappable")
+        extra = info.targets - lora_files.inspect(Path(first.path)).targets
+        if extra:
+            raise NodeFailure(f"{lora} targets {len(extra)} layer(s) that {Path(first.path).name} in slot "
+                              f"{slot!r} does not (e.g. {sorted(extra)[0]}); a hot-swap can only use the "
+                              "slot's layers or a subset", "lora", "not_swappable")
+        target = hotswap_rank or max(first.rank, info.max_rank)
+        if info.max_rank > target or first.rank > target:
+            raise NodeFailure(f"rank {max(info.max_rank, first.rank)} exceeds hotswap_rank {target}",
+                              "hotswap_rank", "not_swappable")
+        path = _model_file(ctx.settings, "loras", lora, "lora")
+        swapped = replace(first, path=str(path), fingerprint=file_fingerprint(path), strength=strength,
+                          rank=info.max_rank)
+        # Preparation must come before the slot's first load, so it applies to the whole recipe.
+        return {"model": model.prepared_for_hotswap(target).then(swapped)}
+
+
+class CompileModel(Node):
+    type = "CompileModel"
+    version = "1.0.0"
+    category = "model"
+    description = ("torch.compile the denoiser (in place, so adapters keep working). Hot-swaps, strengths and "
+                   "schedules after this never recompile; a new resolution or batch size does unless dynamic.")
+    inputs = (Input("model", "MODEL"),
+              Input("mode", "COMBO", default="default", choices=("default", "reduce-overhead", "max-autotune")),
+              Input("fullgraph", "BOOLEAN", default=False),
+              Input("dynamic", "BOOLEAN", default=False))
+    outputs = (Output("model", "MODEL"),)
+
+    def run(self, ctx: Context, model: ModelRecipe, mode: str, fullgraph: bool, dynamic: bool) -> dict[str, Any]:
+        # Scales written in place need tensors, which hot-swap preparation makes: prepare for it.
+        return {"model": replace(model.prepared_for_hotswap(), compile=Compile(mode, fullgraph, dynamic))}
+
+
+class ScaleSchedule(Node):
+    type = "ScaleSchedule"
+    version = "1.0.0"
+    category = "lora"
+    description = ("A per-step UNet scale for one adapter slot, applied by Sample at every step "
+                   "(constant, linear, cosine, keyframes, or a ramp then hold).")
+    inputs = (Input("model", "MODEL"),
+              Input("slot", "STRING", default=""),
+              Input("kind", "COMBO", default="ramp_hold", choices=schedules.KINDS),
+              Input("start", "FLOAT", default=1.5, min=-10.0, max=10.0, step=0.05),
+              Input("end", "FLOAT", default=0.7, min=-10.0, max=10.0, step=0.05),
+              Input("ramp_steps", "INT", default=20, min=1, max=1000),
+              Input("hold", "FLOAT", default=0.2, min=-10.0, max=10.0, step=0.05),
+              Input("keyframes", "STRING", default='{"0": 1.0}', description='JSON {step: scale}'))
+    outputs = (Output("model", "MODEL"), Output("scales", "STRING"))
+
+    @classmethod
+    def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
+        if literals.get("kind") != "keyframes":
+            return []
+        try:
+            schedules.parse_keyframes(literals.get("keyframes", ""))
+        except ValueError as exc:
+            return [("keyframes", str(exc))]
+        return []
+
+    def run(self, ctx: Context, model: ModelRecipe, slot: str, kind: str, start: float, end: float,
+            ramp_steps: int, hold: float, keyframes: str) -> dict[str, Any]:
+        live = model.live()
+        slot = slot or (next(iter(live)) if len(live) == 1 else "")
+        if slot not in live:
+            raise NodeFailure(f"no active adapter in slot {slot!r} (active: {', '.join(live) or 'none'})",
+                              "slot", "unknown_slot")
+        try:
+            spec = schedules.spec(kind, start, end, ramp_steps, hold, keyframes)
+        except ValueError as exc:
+            raise NodeFailure(str(exc), "keyframes", "invalid_value") from None
+        others = tuple((s, v) for s, v in model.schedules if s != slot)
+        recipe = replace(model, schedules=(*others, (slot, spec)))
+        return {"model": recipe, "scales": json.dumps(schedules.preview(spec))}
+
+
+NODES: list[type[Node]] = [HotswapLoRA, CompileModel, ScaleSchedule]
