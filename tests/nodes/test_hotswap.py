@@ -1,0 +1,170 @@
+"""HotswapLoRA, ScaleSchedule and CompileModel on the demo models: in-place swaps, per-step
+scales, and the zero-recompile guarantee on a compiled UNet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from nodegraph import events as ev
+from nodegraph.executor import Executor
+from nodegraph.registry import Registry
+from nodegraph.settings import Settings
+from nodes import schedules
+from nodes.checkpoints import load_pipeline
+from nodes.hotswap import HotswapLoRA
+from tests.conftest import Recorder, workflow
+
+
+def graph(first: str = "tiny-sd15-style", swap: str | None = None, strength: float = 1.0, rank: int = 0,
+          schedule: dict[str, Any] | None = None, compile: bool = False, slot: str = "s",
+          steps: int = 3) -> dict[str, Any]:
+    nodes: dict[str, Any] = {
+        "ckpt": {"type": "LoadCheckpoint", "inputs": {"checkpoint": "tiny-sd15", "dtype": "fp32"}},
+        "lora": {"type": "LoadLoRA", "inputs": {"model": ["ckpt", 0], "lora": f"{first}.safetensors", "slot": "s",
+                                                 "strength": strength}}}
+    model = ["lora", 0]
+    if swap:
+        nodes["swap"] = {"type": "HotswapLoRA", "inputs": {"model": model, "lora": f"{swap}.safetensors",
+                                                            "slot": slot, "strength": strength, "hotswap_rank": rank}}
+        model = ["swap", 0]
+    if compile:
+        nodes["compile"] = {"type": "CompileModel", "inputs": {"model": model}}
+        model = ["compile", 0]
+    if schedule:
+        nodes["schedule"] = {"type": "ScaleSchedule", "inputs": {"model": model, "slot": "s", **schedule}}
+        model = ["schedule", 0]
+    nodes["sample"] = {"type": "Sample", "inputs": {"model": model, "prompt": "a castle", "seed": 4, "steps": steps,
+                                                    "width": 64, "height": 64, "scheduler": "euler"}}
+    nodes["show"] = {"type": "Show", "inputs": {"value": ["sample", 0]}}
+    return workflow(nodes)
+
+
+@pytest.fixture(scope="module")
+def eager(registry: Registry, demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Executor:
+    return Executor(registry, Settings(models_dirs=(demo_dir,), output_dir=tmp_path_factory.mktemp("out")))
+
+
+def pixels(executor: Executor, wf: dict[str, Any], events: Recorder | None = None) -> np.ndarray:
+    result = executor.run(wf, events if events is not None else Recorder())
+    assert result.status == "ok", result.errors
+    out: np.ndarray = result.nodes["show"].outputs["value"].pixels.astype(np.int16)
+    return out
+
+
+def assert_close(a: np.ndarray, b: np.ndarray) -> None:
+    """Same image up to float noise: a pipeline prepared for hot-swap pads LoRAs with zero ranks,
+    which reorders sums, and steps amplify the last bits into a few uint8 levels here and there."""
+    diff = np.abs(a - b)
+    assert diff.mean() < 0.25 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def reconciled(events: Recorder) -> list[str]:
+    return [e.message for e in events.of(ev.NodeInfo) if e.kind == "reconcile"]
+
+
+def test_hotswap_equals_a_normal_load_and_swaps_in_place(eager: Executor) -> None:
+    swapped = pixels(eager, graph(swap="tiny-sd15-alpha", strength=0.8))
+    eager.cache.clear()
+    assert_close(swapped, pixels(eager, graph("tiny-sd15-alpha", strength=0.8)))
+    events = Recorder()
+    # The slot may hold ranks up to 8 (a sweep finds this itself: HotswapLoRA.prepare_sweep).
+    pixels(eager, graph(swap="tiny-sd15-alpha", strength=0.8, rank=8))
+    for lora in ("tiny-sd15-rank2", "tiny-sd15-subset", "tiny-sd15-kohya"):
+        events = Recorder()
+        image = pixels(eager, graph(swap=lora, strength=0.8, rank=8), events)
+        assert reconciled(events) == ["model: hotswap:s, scales"]
+        eager.cache.clear()
+        assert_close(image, pixels(eager, graph(lora, strength=0.8)))
+
+
+@pytest.mark.parametrize("swap, slot, rank, code, where", [
+    ("tiny-sd15-te", "s", 0, "not_swappable", "lora"),            # text-encoder layers
+    ("tiny-sd15-style", "s", 0, "not_swappable", "lora"),         # layers the subset slot lacks
+    ("tiny-sd15-subset", "other", 0, "unknown_slot", "slot"),
+    ("tiny-sd15-subset", "s", 2, "not_swappable", "hotswap_rank"),  # rank 4 > 2
+])
+def test_swaps_that_cannot_work_are_node_errors(eager: Executor, swap: str, slot: str, rank: int, code: str,
+                                               where: str) -> None:
+    result = eager.run(graph("tiny-sd15-subset", swap=swap, slot=slot, rank=rank))
+    assert result.status == "error"
+    assert [(p.node_id, p.input, p.code) for p in result.errors] == [("swap", where, code)]
+
+
+def test_prepare_sweep_uses_the_largest_rank(demo_settings: Settings) -> None:
+    values = ["tiny-sd15-rank2.safetensors", "tiny-sd15-kohya.safetensors", "tiny-sd15-style.safetensors"]
+    assert HotswapLoRA.prepare_sweep("lora", values, {"hotswap_rank": 0}, demo_settings) == {"hotswap_rank": 8}
+    assert HotswapLoRA.prepare_sweep("lora", values, {"hotswap_rank": 16}, demo_settings) == {}
+    assert HotswapLoRA.prepare_sweep("strength", [0.1, 1.0], {"hotswap_rank": 0}, demo_settings) == {}
+
+
+def test_schedule_values_and_preview() -> None:
+    ramp = schedules.spec("ramp_hold", 1.5, 0.7, 20, 0.2, "")
+    assert np.allclose([schedules.scale_at(ramp, i) for i in range(20)], np.linspace(1.5, 0.7, 20))
+    assert schedules.scale_at(ramp, 20) == schedules.scale_at(ramp, 49) == 0.2
+    frames = schedules.spec("keyframes", 0, 0, 1, 0, '{"0": 1.0, "3": 0.5}')
+    assert schedules.preview(frames) == [1.0, 1.0, 1.0, 0.5, 0.5]
+    cosine = schedules.spec("cosine", 1.0, 0.0, 3, 0.0, "")
+    assert schedules.preview(cosine) == [1.0, 0.5, 0.0, 0.0]
+    assert schedules.scale_at(schedules.spec("linear", 0.0, 1.0, 5, 9, ""), 2) == 0.5
+    with pytest.raises(ValueError, match="keyframes"):
+        schedules.spec("keyframes", 0, 0, 1, 0, '{"x": 1}')
+
+
+def reference_with_schedule(demo_dir: Path, spec: str, steps: int) -> np.ndarray:
+    """diffusers' LoRA guide, by hand: set_adapters with the scheduled weight at every step."""
+    pipe = load_pipeline(demo_dir / "checkpoints" / "tiny-sd15")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(demo_dir / "loras" / "tiny-sd15-style.safetensors"), adapter_name="s")
+    pipe.set_adapters(["s"], [schedules.scale_at(spec, 0)])
+
+    def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        pipe.set_adapters(["s"], [schedules.scale_at(spec, step + 1)])
+        return {}
+
+    from diffusers import EulerDiscreteScheduler
+
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    image = pipe(prompt="a castle", num_inference_steps=steps, width=64, height=64, output_type="np",
+                 guidance_scale=7.0, generator=torch.Generator().manual_seed(4), callback_on_step_end=on_step).images
+    return (np.clip(image, 0, 1) * 255).round().astype(np.int16)
+
+
+def test_schedule_equals_per_step_set_adapters(eager: Executor, demo_dir: Path) -> None:
+    schedule = {"kind": "ramp_hold", "start": 1.5, "end": 0.5, "ramp_steps": 3, "hold": -0.5}
+    ours = pixels(eager, graph(schedule=schedule, steps=5))
+    spec = schedules.spec("ramp_hold", 1.5, 0.5, 3, -0.5, "")
+    assert_close(ours, reference_with_schedule(demo_dir, spec, 5))
+    constant = pixels(eager, graph(schedule={"kind": "constant", "start": 0.6}, steps=5))
+    assert_close(constant, pixels(eager, graph(strength=0.6, steps=5)))
+    assert np.abs(constant - ours).mean() > 2  # the schedule really changed something
+
+
+def test_schedule_node_reports_its_scales(eager: Executor) -> None:
+    result = eager.run(graph(schedule={"kind": "linear", "start": 1.0, "end": 0.0, "ramp_steps": 3}))
+    assert result.nodes["schedule"].outputs["scales"] == "[1.0, 0.5, 0.0, 0.0]"
+
+
+def test_compiled_model_never_recompiles_across_swaps_strengths_and_schedules(
+        registry: Registry, demo_dir: Path, eager: Executor, tmp_path: Path) -> None:
+    """One compiled pipeline (compiling takes about a minute here), then everything inside error_on_recompile."""
+    compiled = Executor(registry, Settings(models_dirs=(demo_dir,), output_dir=tmp_path))
+    events = Recorder()
+    pixels(compiled, graph(swap="tiny-sd15-style", rank=8, compile=True), events)  # compiles once
+    assert [e.kind for e in events.of(ev.NodeInfo)].count("compile") == 1
+    cases = [("tiny-sd15-alpha", 1.0, None), ("tiny-sd15-rank2", 0.7, None), ("tiny-sd15-rank8", 1.2, None),
+             ("tiny-sd15-subset", 1.0, None), ("tiny-sd15-kohya", 0.5, None),
+             ("tiny-sd15-alpha", 1.0, {"kind": "linear", "start": 1.5, "end": 0.2, "ramp_steps": 3})]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lora, strength, schedule in cases:
+            events = Recorder()
+            got = pixels(compiled, graph(swap=lora, strength=strength, rank=8, compile=True, schedule=schedule),
+                         events)
+            assert "compile" not in [e.kind for e in events.of(ev.NodeInfo)]
+            assert all("load:" not in m and "delete:" not in m for m in reconciled(events))
+            want = pixels(eager, graph(lora, strength=strength, schedule=schedule))
+            assert_close(got, want)
