@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,15 +86,18 @@ def canonical_json(value: Any) -> str:
 
 
 def node_key(node_type: str, version: str, literals_json: str, upstream: dict[str, str],
-             files: Iterable[Path] = ()) -> str:
+             files: Sequence[Path] = ()) -> str:
     """The content address of a node's outputs.
 
     `literals_json` is the canonical JSON of its literal inputs; `upstream` maps each linked input
     to the key of the producing node plus the output name; `files` are the files the node reads,
     fingerprinted by path, size and modification time.
     """
-    parts = [node_type, version, literals_json, *(f"{k}={v}" for k, v in sorted(upstream.items()))]
-    parts.extend(file_fingerprint(path) for path in files)
+    parts = [node_type, version, literals_json]
+    if upstream:
+        parts += [f"{name}={key}" for name, key in sorted(upstream.items())]
+    if files:
+        parts += [file_fingerprint(path) for path in files]
     return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
 
 

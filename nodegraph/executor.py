@@ -88,15 +88,11 @@ class Executor:
                 result.status = "interrupted"
                 break
             step = graph.steps[node_id]
-            inputs = dict(step.literals)
-            upstream = {}
-            for name, (source, output) in step.links.items():
-                inputs[name] = values[source][output]
-                upstream[name] = f"{keys[source]}/{output}"
+            upstream = {name: f"{keys[source]}/{output}" for name, (source, output) in step.links.items()}
             try:
-                files = step.cls.files(inputs, self.settings) if _reads_files(step.cls) else ()
+                files = step.cls.files(_inputs(step, values), self.settings) if _reads_files(step.cls) else []
                 key = keys[node_id] = node_key(step.cls.type, step.cls.version, step.literals_json, upstream, files)
-            except Exception as exc:  # a recipe that cannot be keyed, a node's files() that failed
+            except Exception as exc:  # a node's files() that failed (a model file gone missing)
                 self._fail(result, step, emit, exc, started)
                 break
             entry = self.cache.get(key)
@@ -105,6 +101,7 @@ class Executor:
                 values[node_id] = entry.outputs
                 result.nodes[node_id] = NodeRecord(step.cls.type, "cached", 0.0, entry.outputs, entry.files)
                 continue
+            inputs = _inputs(step, values)
             emit(ev.NodeStarted(job_id, node_id, step.cls.type))
             ctx = Context(job_id, node_id, self.settings, self.models, emit, cancel, workflow=graph.workflow)
             t0 = time.perf_counter()
@@ -158,6 +155,13 @@ def _needed_in_order(graph: Graph) -> list[str]:
                 needed.add(source)
                 stack.append(source)
     return [node_id for node_id in graph.order if node_id in needed]
+
+
+def _inputs(step: Step, values: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    inputs = dict(step.literals)
+    for name, (source, output) in step.links.items():
+        inputs[name] = values[source][output]
+    return inputs
 
 
 def _reads_files(cls: type[Node]) -> bool:

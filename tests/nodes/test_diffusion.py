@@ -230,7 +230,7 @@ def test_lora_for_another_model_fails_on_sample_and_the_next_run_works(registry:
     assert np.array_equal(images(executor, graph(loras=({"lora": "tiny-sd15-style.safetensors"},))), good)
 
 
-@pytest.mark.parametrize("name", ["lora.json", "stacked.json", "fused.json", "sdxl.json"])
+@pytest.mark.parametrize("name", ["lora.json", "stacked.json", "fused.json", "sdxl.json", "hotswap.json"])
 def test_example_workflows_run_headless(name: str, demo_dir: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["run", str(ROOT / "workflows" / name), "--models-dir", str(demo_dir), "--output-dir",
