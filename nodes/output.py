@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, BinaryIO
+from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from nodegraph.context import Context, NodeFailure
+from nodegraph.naming import create_numbered, next_counter
 from nodegraph.schema import Input, Node, Output, describe
 from nodes.images import ImageBatch
 
@@ -77,26 +77,6 @@ def png_info(workflow: dict[str, Any], params: dict[str, Any]) -> PngInfo:
     return info
 
 
-def next_counter(folder: Path, name: str) -> int:
-    """One past the highest counter among `{name}_{counter}_.png` files already in `folder`."""
-    pattern = re.compile(re.escape(name) + r"_(\d+)_\.png")
-    counters = (int(match.group(1)) for entry in os.scandir(folder) if (match := pattern.fullmatch(entry.name)))
-    return max(counters, default=0) + 1
-
-
-def create_png(folder: Path, name: str, counter: int) -> tuple[BinaryIO, Path, int]:
-    """Open the first free `{name}_{counter:05}_.png` from `counter` on; also returns the next counter."""
-    while True:
-        path = folder / f"{name}_{counter:05}_.png"
-        counter += 1
-        try:
-            # Exclusive create: never overwrite, even when another process took the same counter
-            # after our scan; O_EXCL also refuses a symlink planted under that name.
-            return open(path, "xb"), path, counter
-        except FileExistsError:
-            continue
-
-
 def write_pngs(ctx: Context, images: Any, folder: Path, name: str) -> list[Path]:
     """Write each image as `folder/{name}_{counter:05}_.png`, report it with `ctx.add_file`.
 
@@ -111,7 +91,7 @@ def write_pngs(ctx: Context, images: Any, folder: Path, name: str) -> list[Path]
         folder.mkdir(parents=True, exist_ok=True)
         counter = next_counter(folder, name)
         for pixels in images.pixels:
-            file, path, counter = create_png(folder, name, counter)
+            file, path, counter = create_numbered(folder, name, counter)
             written.append(path)
             with file:
                 # compress_level 4, as ComfyUI: much faster than the default 6 for nearly the same size.
