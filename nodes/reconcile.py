@@ -141,6 +141,7 @@ def _transition(resident: Resident, target: ModelRecipe) -> list[str]:
         if slot not in wanted or (not adapter.same_file(wanted[slot]) and slot not in swaps):
             pipe.delete_adapters(peft_name(slot))
             resident.base_scaling.pop(slot, None)
+            resident.slot_targets.pop(slot, None)
             actions.append(f"delete:{slot}")
     changed = False
     for slot, adapter in wanted.items():
