@@ -1,0 +1,261 @@
+"""LoRA transitions through our reconciler, against the same change done the plain way and against the floor.
+
+    python bench/lora.py                # tiny demo SD1.5 + its rank-4 attention LoRA: ≈1 min
+    python bench/lora.py --size sd15    # full-size SD1.5 architecture, random weights, rank-8 attention LoRA: ≈2 min
+
+Options: `--repeats N` rounds (default 30 tiny, 15 sd15); `--models-dir DIR` keeps the generated models there
+and reuses them (default: a temp dir, removed at the end; sd15 writes ≈4 GB and takes ≈1 min to build);
+`--threads N` torch threads (default 1, see bench/common.py).
+
+One pipeline (`nodes.checkpoints.load_pipeline`, fp32, CPU) held as a reconciler `Resident`; recipes are
+built by our LoadCheckpoint and LoadLoRA nodes, exactly as a workflow builds them.
+
+(a) strength change, 1.0 ↔ 0.5, each call a real change:
+  ours     `reconcile(resident, recipe)` with a recipe differing only in strength: must be one action, new
+           scales only (`set_adapters`, plus our per-layer scale write-back in the current reconciler).
+  floor    diffusers' `set_adapters` alone: the library's own strength change, which ours builds on.
+  reload   the same change done by `unload_lora_weights()` + `load_lora_weights(file)` + `set_adapters`.
+(b) LoRA load into the resident pipeline:
+  ours     `reconcile` from the bare recipe to one with the LoRA (`load_lora_weights` + scales);
+           removing it again (`delete_adapters` + `unload_lora_weights`) runs untimed after each, and is
+           timed separately for information.
+  diffusers `load_lora_weights(file)` + `set_adapters` called directly (then `unload_lora_weights`, untimed).
+  read     `safetensors.torch.load_file(file)`: reading the tensors, the floor of any load.
+The file is in the page cache for all of them. The cases take turns in one process (order rotating each
+round); figures are medians in ms, × the median of per-round ratios. Before timing, a UNet forward on a
+fixed input checks that both ways of each change give bitwise the same model, that the change changes
+it, and that removing the LoRA gives back the bare model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import common
+import torch
+from common import Models, interleaved, median, ms, require, table
+
+SLOT = "style"
+STRENGTHS = (1.0, 0.5)
+SCALES = "scales"  # the reconciler's action for new strengths only
+REPEATS = {"tiny": 30, "sd15": 15}
+
+
+@dataclass
+class Bench:
+    """The resident pipeline, the recipes, and a probe that fingerprints what the UNet computes."""
+
+    models: Models
+    resident: Any  # nodes.reconcile.Resident
+    bare: Any  # ModelRecipe without the LoRA
+    with_lora: dict[float, Any]  # strength -> ModelRecipe with the LoRA at that strength
+
+    @classmethod
+    def build(cls, models: Models) -> Bench:
+        from nodegraph.context import Context
+        from nodegraph.settings import Settings
+        from nodes.checkpoints import load_pipeline
+        from nodes.diffusion import LoadCheckpoint, LoadLoRA
+        from nodes.reconcile import Resident
+
+        ctx = Context("bench", "bench", Settings(models_dirs=(models.root,)))
+        bare = LoadCheckpoint().run(ctx, models.checkpoint, "fp32")["model"]
+        with_lora = {
+            s: LoadLoRA().run(ctx, bare, models.lora, s, 1.0, SLOT, "")["model"] for s in STRENGTHS
+        }
+        pipe = load_pipeline(models.checkpoint_path, torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(models, Resident(pipe, bare, scheduler_config=dict(pipe.scheduler.config)), bare, with_lora)
+
+    @property
+    def pipe(self) -> Any:
+        return self.resident.pipe
+
+    @property
+    def adapter_name(self) -> str:
+        """The name the reconciler gives the slot's adapter in PEFT; the plain way uses it too, so that
+        both act on the same adapter and the reconciler's books stay true."""
+        from nodes.reconcile import peft_name
+
+        name: str = peft_name(SLOT)
+        return name
+
+    def reconcile(self, target: Any, expected: list[str]) -> None:
+        """`reconcile`, requiring exactly the `expected` actions."""
+        from nodes.reconcile import reconcile
+
+        actions = reconcile(self.resident, target)
+        require(actions == expected, f"reconcile took {actions}, expected {expected}")
+
+    def diffusers_load(self, strength: float) -> None:
+        """The plain way: load the file into the slot and activate it (the resident's books kept true)."""
+        self.pipe.load_lora_weights(str(self.models.lora_path), adapter_name=self.adapter_name)
+        adapter = self.with_lora[strength].live()[SLOT]
+        self.pipe.set_adapters([self.adapter_name], [adapter.weights(self.resident.text_encoders)])
+        self.resident.applied = self.with_lora[strength]
+
+    def set_adapters(self, strength: float) -> None:
+        """The least a strength change can cost: diffusers' `set_adapters` alone (books kept true)."""
+        adapter = self.with_lora[strength].live()[SLOT]
+        self.pipe.set_adapters([self.adapter_name], [adapter.weights(self.resident.text_encoders)])
+        self.resident.applied = self.with_lora[strength]
+
+    def reload(self, strength: float) -> None:
+        self.pipe.unload_lora_weights()
+        self.diffusers_load(strength)
+
+    def unload(self) -> None:
+        self.pipe.unload_lora_weights()
+        self.resident.applied = self.bare
+
+    def probe(self) -> torch.Tensor:
+        unet = self.pipe.unet
+        generator = torch.Generator().manual_seed(0)
+        latents = torch.randn(1, unet.config.in_channels, 8, 8, generator=generator)
+        text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+        with torch.inference_mode():
+            out: torch.Tensor = unet(latents, 500, encoder_hidden_states=text).sample
+        return out.clone()
+
+
+def check(bench: Bench) -> None:
+    """Both ways of each change give bitwise the same UNet, the changes change it, removal restores it."""
+    bare = bench.probe()
+    load, strength = ["load:" + SLOT, SCALES], [SCALES]
+    bench.reconcile(bench.with_lora[1.0], load)
+    ours_full = bench.probe()
+    bench.reconcile(bench.with_lora[0.5], strength)
+    ours_half = bench.probe()
+    bench.reload(1.0)
+    reload_full = bench.probe()
+    bench.reload(0.5)
+    reload_half = bench.probe()
+    bench.set_adapters(1.0)
+    bench.set_adapters(0.5)
+    plain_half = bench.probe()
+    bench.reconcile(bench.bare, ["delete:" + SLOT])
+    removed = bench.probe()
+    bench.diffusers_load(1.0)
+    plain_full = bench.probe()
+    bench.unload()
+    require(not torch.equal(bare, ours_full) and not torch.equal(ours_full, ours_half), "the LoRA changes nothing")
+    require(torch.equal(ours_full, reload_full) and torch.equal(ours_full, plain_full), "strength 1: ways differ")
+    require(torch.equal(ours_half, reload_half) and torch.equal(ours_half, plain_half), "strength 0.5: ways differ")
+    require(torch.equal(removed, bare), "removing the LoRA did not restore the bare UNet")
+
+
+@dataclass
+class Results:
+    scales: list[float]
+    set_adapters: list[float]
+    reload: list[float]
+    load: list[float]
+    diffusers: list[float]
+    read: list[float]
+    remove: list[float]
+
+
+def measure(bench: Bench, repeats: int) -> Results:
+    from safetensors.torch import load_file
+
+    strength_load = ["load:" + SLOT, SCALES]
+    state = {"strength": 1.0}
+
+    def flip() -> float:
+        state["strength"] = STRENGTHS[1] if state["strength"] == STRENGTHS[0] else STRENGTHS[0]
+        return state["strength"]
+
+    # (a) from a resident LoRA, each call moves to the other strength
+    bench.reconcile(bench.with_lora[1.0], strength_load)
+    a = interleaved(
+        {
+            "scales": lambda: bench.reconcile(bench.with_lora[flip()], [SCALES]),
+            "set_adapters": lambda: bench.set_adapters(flip()),
+            "reload": lambda: bench.reload(flip()),
+        },
+        repeats,
+    )
+    bench.reconcile(bench.bare, ["delete:" + SLOT])
+
+    # (b) from the bare pipeline, each call loads the LoRA; undone untimed after
+    remove: list[float] = []
+
+    def unload_timed() -> None:
+        t0 = time.perf_counter()
+        bench.reconcile(bench.bare, ["delete:" + SLOT])
+        remove.append(time.perf_counter() - t0)
+
+    path = str(bench.models.lora_path)
+    b = interleaved(
+        {
+            "load": lambda: bench.reconcile(bench.with_lora[1.0], strength_load),
+            "diffusers": lambda: bench.diffusers_load(1.0),
+            "read": lambda: load_file(path),
+        },
+        repeats,
+        after={"load": unload_timed, "diffusers": bench.unload},
+    )
+    return Results(a["scales"], a["set_adapters"], a["reload"], b["load"], b["diffusers"], b["read"], remove)
+
+
+def ratio(ours: list[float], reference: list[float]) -> float:
+    """Median of the per-round ratios: each pair ran in the same round, so slow spells cancel out."""
+    return median([o / r for o, r in zip(ours, reference, strict=True)])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=tuple(REPEATS), default="tiny")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--models-dir", default=None, help="keep generated models here (default: a temp dir)")
+    common.add_threads_option(parser)
+    args = parser.parse_args()
+    common.set_threads(args.threads)
+    repeats = args.repeats or REPEATS[args.size]
+
+    from nodes.lora_files import inspect
+
+    with common.models(args.size, args.models_dir) as models:
+        info = inspect(models.lora_path)
+        size_kb = models.lora_path.stat().st_size / 1024
+        bench = Bench.build(models)
+        check(bench)
+        r = measure(bench, repeats)
+
+    print(f"nodegraph LoRA transitions — {args.size}: {models.checkpoint} + {models.lora} "
+          f"(rank {info.max_rank}, {len(info.ranks)} layers, {size_kb:,.0f} KiB), fp32 CPU")
+    print(common.machine())
+    print(f"{repeats} interleaved rounds; ms are medians, × the median of per-round ratios; "
+          "reconcile's actions asserted on every call; outputs checked bitwise before timing")
+    print()
+    print("(a) strength change 1.0 ↔ 0.5")
+    print(table([
+        ("way", "ms", "× set_adapters", "× reload"),
+        ("ours: reconcile → new scales only", ms(median(r.scales)), f"{ratio(r.scales, r.set_adapters):.2f}×",
+         f"{ratio(r.scales, r.reload):.3f}×"),
+        ("diffusers: set_adapters alone (the floor)", ms(median(r.set_adapters)), "1×",
+         f"{ratio(r.set_adapters, r.reload):.3f}×"),
+        ("reload: unload + load + set_adapters", ms(median(r.reload)), "", "1×"),
+    ]))
+    speedup = median([b / a for a, b in zip(r.scales, r.reload, strict=True)])
+    print(f"ours is {speedup:.0f}× faster than a reload")
+    print()
+    print("(b) LoRA load into the resident pipeline")
+    print(table([
+        ("way", "ms", "× read", "× diffusers"),
+        ("ours: reconcile → load + scales", ms(median(r.load)), f"{ratio(r.load, r.read):.1f}×",
+         f"{ratio(r.load, r.diffusers):.3f}×"),
+        ("diffusers: load_lora_weights + set_adapters", ms(median(r.diffusers)), f"{ratio(r.diffusers, r.read):.1f}×",
+         "1×"),
+        ("read: safetensors load_file (the floor)", ms(median(r.read)), "1×", ""),
+        ("ours: reconcile → remove (for information)", ms(median(r.remove)), "", ""),
+    ]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
