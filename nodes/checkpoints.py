@@ -141,14 +141,19 @@ def read_header(path: Path | str) -> SafetensorsHeader:
     path = require_safetensors(path)
     size = path.stat().st_size
     with path.open("rb") as f:
-        prefix = f.read(8)
-        if prefix[:4] == b"PK\x03\x04" or prefix[:1] == b"\x80":
+        prefix = f.read(9)
+        header_len = int.from_bytes(prefix[:8], "little")
+        plausible = len(prefix) == 9 and prefix[8:9] == b"{" and header_len <= min(size - 8, _MAX_HEADER_BYTES)
+        # A pickle starts with 0x80 and a torch.save archive with "PK", but so may a safetensors header
+        # length (0x80 is its low byte once in 256 files): only a file that is not plausibly safetensors
+        # is called a pickle.
+        if not plausible and (prefix[:4] == b"PK\x03\x04" or prefix[:1] == b"\x80"):
             raise UnsafeFormatError(path, "this is a pickle / torch.save archive named .safetensors; refused")
-        if len(prefix) < 8:
+        if len(prefix) < 9:
             raise CorruptCheckpointError(path, f"file is {size} bytes, too short for a safetensors header")
-        header_len = int.from_bytes(prefix, "little")
         if header_len > min(size - 8, _MAX_HEADER_BYTES):
             raise CorruptCheckpointError(path, "header length exceeds the file: truncated or not safetensors")
+        f.seek(8)
         raw = f.read(header_len)
     try:
         header = json.loads(raw)

@@ -144,6 +144,7 @@ class LoadLoRA(Node):
             text_encoder_strength,
             canonical,
             tuple(sorted(info.components)),
+            info.max_rank,
         )
         return {"model": model.then(adapter)}
 
@@ -259,7 +260,7 @@ class Sample(Node):
                 ctx.progress(step + 1, steps)
                 return {}
 
-            generator = torch.Generator(device=pipe.device).manual_seed(seed)
+            generator = torch.Generator(device=resident.device).manual_seed(seed)
             ctx.check_cancelled()
             with torch.inference_mode(), watch_compile(ctx, resident):
                 result = pipe(

@@ -7,6 +7,7 @@ and Kohya (`lora_down`/`lora_up`/`alpha`, `lora_unet_…`, `lora_te_…`).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,12 @@ def _component(module: str) -> str:
     if module.startswith(("lora_te_", "lora_te1_", "text_encoder.", "te1.", "te.")):
         return "text_encoder"
     return "unet"
+
+
+@functools.lru_cache(maxsize=256)
+def targets(path: str, fingerprint: str) -> frozenset[str]:
+    """The UNet modules a LoRA file targets, read once per file version (the fingerprint)."""
+    return inspect(Path(path)).targets
 
 
 def normalized_targets(info: LoraInfo) -> frozenset[str]:

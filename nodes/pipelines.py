@@ -10,7 +10,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 
 import diffusers
 import torch
@@ -62,7 +61,7 @@ def materialize(ctx: Context, recipe: ModelRecipe) -> Iterator[Resident]:
         ctx.info(
             "load", f"loaded {name} ({str(dtype).removeprefix('torch.')}, {device})", time.perf_counter() - started
         )
-        return Resident(pipe, replace(recipe, ops=()), scheduler_config=dict(pipe.scheduler.config))
+        return Resident(pipe, recipe.bare(), device, scheduler_config=dict(pipe.scheduler.config))
 
     with ctx.models.use(key, load) as resident:
         started = time.perf_counter()

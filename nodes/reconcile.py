@@ -27,10 +27,10 @@ resets the pipeline to its base weights and rebuilds the last good recipe, then 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
+from peft.tuners.lora import LoraLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
 from nodes import lora_files, schedules
@@ -59,6 +59,7 @@ class Resident:
 
     pipe: Any
     applied: ModelRecipe
+    device: str = "cpu"  # where it lives (diffusers' `pipe.device` walks every module to find out)
     # component -> module name -> original (weight, bias) of the layers a fuse has modified
     snapshot: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = field(default_factory=dict)
     broken: bool = False  # a failed transition could not be rolled back
@@ -68,7 +69,8 @@ class Resident:
     compile_seen: bool = False  # a compiled forward has run (so new graphs are recompiles)
     base_scaling: dict[str, dict[Layer, float]] = field(default_factory=dict)  # slot -> layer -> alpha/r
     slot_targets: dict[str, frozenset[str]] = field(default_factory=dict)  # layers of a slot's first file
-    unit_scaling: dict[str, dict[Layer, float]] = field(default_factory=dict)  # scheduled slot at scale 1
+    # scheduled slot -> (layer module, PEFT name, its scale at weight 1), written at every step
+    unit_scaling: dict[str, list[tuple[Any, str, float]]] = field(default_factory=dict)
 
     @property
     def components(self) -> list[str]:
@@ -83,9 +85,8 @@ class Resident:
         """Write the scheduled scales for sampling step `step` (0-based), in place."""
         for slot, spec in self.applied.schedules:
             scale = schedules.scale_at(spec, step)
-            for (component, module), unit in self.unit_scaling.get(slot, {}).items():
-                layer = getattr(self.pipe, component).get_submodule(module)
-                _write(layer, peft_name(slot), unit * scale)
+            for layer, name, unit in self.unit_scaling.get(slot, ()):
+                _write(layer, name, unit * scale)
 
 
 def reconcile(resident: Resident, target: ModelRecipe) -> list[str]:
@@ -169,7 +170,7 @@ def _swappable(resident: Resident, slot: str, adapter: Adapter) -> bool:
     """Can diffusers hot-swap this file into the slot without failing half way (see the notes)?"""
     if not resident.hotswap_rank or adapter.components != ("unet",) or adapter.rank > resident.hotswap_rank:
         return False
-    return lora_files.inspect(Path(adapter.path)).targets <= resident.slot_targets.get(slot, frozenset())
+    return lora_files.targets(adapter.path, adapter.fingerprint) <= resident.slot_targets.get(slot, frozenset())
 
 
 def _load(resident: Resident, adapter: Adapter, hotswap: bool = False) -> None:
@@ -186,7 +187,7 @@ def _load(resident: Resident, adapter: Adapter, hotswap: bool = False) -> None:
         raise ReconcileError(f"LoRA {file_name!r} (slot {adapter.slot!r}) cannot be loaded into this model: "
                              f"{type(exc).__name__}: {exc}") from exc
     if not hotswap:
-        resident.slot_targets[adapter.slot] = lora_files.inspect(Path(adapter.path)).targets
+        resident.slot_targets[adapter.slot] = lora_files.targets(adapter.path, adapter.fingerprint)
     # Right after a (hot-)load a layer's scaling is the file's own alpha/rank: keep it.
     resident.base_scaling[adapter.slot] = {
         (component, module): float(layer.scaling[name])
@@ -195,15 +196,16 @@ def _load(resident: Resident, adapter: Adapter, hotswap: bool = False) -> None:
 
 def _activate(resident: Resident, adapters: tuple[Adapter, ...], scheduled: tuple[tuple[str, str], ...]) -> None:
     """Activate the stack and write every layer's scale: base × the weight set_adapters chose for it."""
-    tensors = {(component, name, slot): value for component, name, layer in _lora_layers(resident)
+    layers = _lora_layers(resident)
+    tensors = {(component, name, slot): value for component, name, layer in layers
                for slot, value in layer.scaling.items() if isinstance(value, torch.Tensor)}
     schedule_slots = {slot for slot, _ in scheduled}
     # set_adapters turns strengths and block scales into per-layer weights (times PEFT's alpha/r)...
     weights = [replace(a, strength=1.0).weights(resident.text_encoders) if a.slot in schedule_slots
                else a.weights(resident.text_encoders) for a in adapters]
     resident.pipe.set_adapters([peft_name(a.slot) for a in adapters], weights)
-    resident.unit_scaling = {slot: {} for slot in schedule_slots}
-    for component, module, layer in _lora_layers(resident):
+    resident.unit_scaling = {slot: [] for slot in schedule_slots}
+    for component, module, layer in layers:
         for adapter in adapters:
             name = peft_name(adapter.slot)
             if name not in layer.scaling:
@@ -214,7 +216,7 @@ def _activate(resident: Resident, adapters: tuple[Adapter, ...], scheduled: tupl
             layer.scaling[name] = tensors.get((component, module, name), layer.scaling[name])
             _write(layer, name, value)
             if adapter.slot in schedule_slots and component == "unet":
-                resident.unit_scaling[adapter.slot][(component, module)] = value
+                resident.unit_scaling[adapter.slot].append((layer, name, value))
 
 
 def _write(layer: Any, name: str, value: float) -> None:
@@ -246,8 +248,7 @@ def _unload_all(resident: Resident) -> None:
 
 def _lora_layers(resident: Resident) -> list[tuple[str, str, Any]]:
     return [(component, name, module) for component in resident.components
-            for name, module in getattr(resident.pipe, component).named_modules()
-            if hasattr(module, "base_layer") and hasattr(module, "lora_A")]
+            for name, module in getattr(resident.pipe, component).named_modules() if isinstance(module, LoraLayer)]
 
 
 def _snapshot(resident: Resident) -> None:

@@ -370,3 +370,11 @@ def test_unknown_families_are_named(tmp_path: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(UnknownFamilyError, match="KandinskyPipeline"):
         detect_family(folder)
+
+
+def test_a_header_length_whose_low_byte_is_0x80_is_not_taken_for_a_pickle(tmp_path: Path) -> None:
+    header = json.dumps({"__metadata__": {"note": "padding"}}).encode().ljust(0x180)  # 0x80 is a pickle's first byte
+    path = tmp_path / "lucky.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    assert path.read_bytes()[0] == 0x80
+    assert read_header(path).metadata == {"note": "padding"}

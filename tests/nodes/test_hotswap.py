@@ -168,3 +168,11 @@ def test_compiled_model_never_recompiles_across_swaps_strengths_and_schedules(
             assert all("load:" not in m and "delete:" not in m for m in reconciled(events))
             want = pixels(eager, graph(lora, strength=strength, schedule=schedule))
             assert_close(got, want)
+
+
+def test_compile_after_loadlora_prepares_for_the_loras_rank(eager: Executor) -> None:
+    wf = graph("tiny-sd15-kohya", compile=True)
+    del wf["nodes"]["sample"], wf["nodes"]["show"]
+    wf["nodes"]["show"] = {"type": "Show", "inputs": {"value": ["compile", 0]}}
+    recipe = eager.run(wf).nodes["compile"].outputs["model"]
+    assert (recipe.hotswap_rank, recipe.compile is not None) == (8, True)  # the Kohya file is rank 8
