@@ -44,8 +44,18 @@ class HotswapLoRA(Node):
 
     @classmethod
     def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
+        """What the literals alone show cannot be swapped, before anything runs."""
+        problems: list[tuple[str | None, str]] = []
         slot = literals.get("slot", "")
-        return [("slot", f"{slot[:40]!r} is not a slot name")] if slot and not _SLOT.match(slot) else []
+        if slot and not _SLOT.match(slot):
+            problems.append(("slot", f"{slot[:40]!r} is not a slot name"))
+        if settings is not None and "lora" in literals:
+            try:
+                info = _lora_info(settings, literals["lora"])
+            except NodeFailure as exc:
+                return [*problems, ("lora", str(exc))]
+            problems += _file_problems(literals["lora"], info, literals.get("hotswap_rank", 0))
+        return problems
 
     @classmethod
     def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
@@ -72,9 +82,8 @@ class HotswapLoRA(Node):
                               "load one with LoadLoRA first", "slot", "unknown_slot")
         first = live[slot]
         info = _lora_info(ctx.settings, lora)
-        if info.components != {"unet"}:
-            raise NodeFailure(f"{lora} has text-encoder layers, which diffusers cannot hot-swap; "
-                              "use LoadLoRA in another slot", "lora", "not_swappable")
+        for input_name, problem in _file_problems(lora, info, hotswap_rank):
+            raise NodeFailure(problem, input_name, "not_swappable")
         extra = info.targets - lora_files.inspect(Path(first.path)).targets
         if extra:
             raise NodeFailure(f"{lora} targets {len(extra)} layer(s) that {Path(first.path).name} in slot "
@@ -89,6 +98,16 @@ class HotswapLoRA(Node):
                           rank=info.max_rank)
         # Preparation must come before the slot's first load, so it applies to the whole recipe.
         return {"model": model.prepared_for_hotswap(target).then(swapped)}
+
+
+def _file_problems(lora: str, info: lora_files.LoraInfo, hotswap_rank: int) -> list[tuple[str | None, str]]:
+    problems: list[tuple[str | None, str]] = []
+    if info.components != {"unet"}:
+        problems.append(("lora", f"{lora} has text-encoder layers, which diffusers cannot hot-swap; "
+                                 "use LoadLoRA in another slot"))
+    if hotswap_rank and info.max_rank > hotswap_rank:
+        problems.append(("hotswap_rank", f"{lora} has rank {info.max_rank}, above hotswap_rank {hotswap_rank}"))
+    return problems
 
 
 class CompileModel(Node):

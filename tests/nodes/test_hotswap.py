@@ -82,16 +82,24 @@ def test_hotswap_equals_a_normal_load_and_swaps_in_place(eager: Executor) -> Non
         assert_close(image, pixels(eager, graph(lora, strength=0.8)))
 
 
-@pytest.mark.parametrize("swap, slot, rank, code, where", [
-    ("tiny-sd15-te", "s", 0, "not_swappable", "lora"),            # text-encoder layers
-    ("tiny-sd15-style", "s", 0, "not_swappable", "lora"),         # layers the subset slot lacks
-    ("tiny-sd15-subset", "other", 0, "unknown_slot", "slot"),
-    ("tiny-sd15-subset", "s", 2, "not_swappable", "hotswap_rank"),  # rank 4 > 2
+@pytest.mark.parametrize("swap, rank, where", [
+    ("tiny-sd15-te", 0, "lora"),             # text-encoder layers
+    ("tiny-sd15-subset", 2, "hotswap_rank"),  # rank 4 > 2
 ])
-def test_swaps_that_cannot_work_are_node_errors(eager: Executor, swap: str, slot: str, rank: int, code: str,
-                                               where: str) -> None:
-    result = eager.run(graph("tiny-sd15-subset", swap=swap, slot=slot, rank=rank))
-    assert result.status == "error"
+def test_swaps_the_files_rule_out_are_validation_errors(eager: Executor, swap: str, rank: int, where: str) -> None:
+    result = eager.run(graph("tiny-sd15-subset", swap=swap, rank=rank))
+    assert result.status == "invalid" and not result.nodes  # nothing ran
+    assert [(p.node_id, p.input, p.code) for p in result.errors] == [("swap", where, "invalid_value")]
+
+
+@pytest.mark.parametrize("swap, slot, code, where", [
+    ("tiny-sd15-style", "s", "not_swappable", "lora"),  # layers the subset in the slot lacks
+    ("tiny-sd15-subset", "other", "unknown_slot", "slot"),
+])
+def test_swaps_that_depend_on_the_slot_are_node_errors(eager: Executor, swap: str, slot: str, code: str,
+                                                       where: str) -> None:
+    result = eager.run(graph("tiny-sd15-subset", swap=swap, slot=slot))
+    assert result.status == "error" and "sample" not in result.nodes  # before any model was touched
     assert [(p.node_id, p.input, p.code) for p in result.errors] == [("swap", where, code)]
 
 
