@@ -30,6 +30,22 @@ def _loras(settings: Settings) -> list[str]:
     return settings.model_files("loras")
 
 
+def slot_problems(slot: str) -> list[tuple[str | None, str]]:
+    """A slot name is empty (automatic) or a PEFT-safe name: letters, digits and _."""
+    if slot and not _SLOT.match(slot):
+        return [("slot", f"{slot[:40]!r} is not a slot name (letters, digits and _, up to 64)")]
+    return []
+
+
+def lora_file(settings: Settings, name: str) -> tuple[Path, lora_files.LoraInfo]:
+    """A LoRA from the models folder and what its header says, or a node error on `lora`."""
+    path = _model_file(settings, "loras", name, "lora")
+    try:
+        return path, lora_files.inspect(path)
+    except lora_files.LoraFileError as exc:
+        raise NodeFailure(str(exc), "lora", "bad_lora") from None
+
+
 def _model_file(settings: Settings, kind: str, name: str, input_name: str) -> Path:
     try:
         return settings.resolve_model(kind, name)
@@ -96,10 +112,7 @@ class LoadLoRA(Node):
 
     @classmethod
     def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
-        problems: list[tuple[str | None, str]] = []
-        slot = literals.get("slot", "")
-        if slot and not _SLOT.match(slot):
-            problems.append(("slot", f"{slot[:40]!r} is not a slot name (letters, digits and _, up to 64)"))
+        problems = slot_problems(literals.get("slot", ""))
         problem = block_scales_problem(literals.get("block_scales", ""))
         if problem:
             problems.append(("block_scales", problem))
@@ -121,11 +134,7 @@ class LoadLoRA(Node):
     ) -> dict[str, Any]:
         for name, problem in self.check({"slot": slot, "block_scales": block_scales}, ctx.settings):
             raise NodeFailure(problem, name, "invalid_value")
-        path = _model_file(ctx.settings, "loras", lora, "lora")
-        try:
-            info = lora_files.inspect(path)
-        except lora_files.LoraFileError as exc:
-            raise NodeFailure(str(exc), "lora", "bad_lora") from None
+        path, info = lora_file(ctx.settings, lora)
         live = model.live()
         slot = slot or _free_slot(re.sub(r"\W", "_", path.stem), live)
         if slot in live:

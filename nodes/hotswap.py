@@ -17,15 +17,8 @@ from nodegraph.cache import file_fingerprint
 from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
 from nodes import lora_files, schedules
-from nodes.diffusion import _SLOT, _loras, _model_file
+from nodes.diffusion import _loras, _model_file, lora_file, slot_problems
 from nodes.recipe import Compile, ModelRecipe
-
-
-def _lora_info(settings: Any, name: str) -> lora_files.LoraInfo:
-    try:
-        return lora_files.inspect(_model_file(settings, "loras", name, "lora"))
-    except lora_files.LoraFileError as exc:
-        raise NodeFailure(str(exc), "lora", "bad_lora") from None
 
 
 class HotswapLoRA(Node):
@@ -45,13 +38,10 @@ class HotswapLoRA(Node):
     @classmethod
     def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
         """What the literals alone show cannot be swapped, before anything runs."""
-        problems: list[tuple[str | None, str]] = []
-        slot = literals.get("slot", "")
-        if slot and not _SLOT.match(slot):
-            problems.append(("slot", f"{slot[:40]!r} is not a slot name"))
+        problems = slot_problems(literals.get("slot", ""))
         if settings is not None and "lora" in literals:
             try:
-                info = _lora_info(settings, literals["lora"])
+                _, info = lora_file(settings, literals["lora"])
             except NodeFailure as exc:
                 return [*problems, ("lora", str(exc))]
             problems += _file_problems(literals["lora"], info, literals.get("hotswap_rank", 0))
@@ -67,7 +57,7 @@ class HotswapLoRA(Node):
         """Sweeping the LoRA: prepare once for the largest rank among all the files swept."""
         if input_name != "lora" or literals.get("hotswap_rank", 0):
             return {}
-        return {"hotswap_rank": max(_lora_info(settings, value).max_rank for value in values)}
+        return {"hotswap_rank": max(lora_file(settings, value)[1].max_rank for value in values)}
 
     def run(self, ctx: Context, model: ModelRecipe, lora: str, slot: str, strength: float,
             hotswap_rank: int) -> dict[str, Any]:
@@ -81,10 +71,10 @@ class HotswapLoRA(Node):
             raise NodeFailure(f"no adapter in slot {slot!r} upstream (active: {', '.join(live) or 'none'}); "
                               "load one with LoadLoRA first", "slot", "unknown_slot")
         first = live[slot]
-        info = _lora_info(ctx.settings, lora)
+        path, info = lora_file(ctx.settings, lora)
         for input_name, problem in _file_problems(lora, info, hotswap_rank):
             raise NodeFailure(problem, input_name, "not_swappable")
-        extra = info.targets - lora_files.inspect(Path(first.path)).targets
+        extra = info.targets - lora_files.targets(first.path, first.fingerprint)
         if extra:
             raise NodeFailure(f"{lora} targets {len(extra)} layer(s) that {Path(first.path).name} in slot "
                               f"{slot!r} does not (e.g. {sorted(extra)[0]}); a hot-swap can only use the "
@@ -93,7 +83,6 @@ class HotswapLoRA(Node):
         if info.max_rank > target or first.rank > target:
             raise NodeFailure(f"rank {max(info.max_rank, first.rank)} exceeds hotswap_rank {target}",
                               "hotswap_rank", "not_swappable")
-        path = _model_file(ctx.settings, "loras", lora, "lora")
         swapped = replace(first, path=str(path), fingerprint=file_fingerprint(path), strength=strength,
                           rank=info.max_rank)
         # Preparation must come before the slot's first load, so it applies to the whole recipe.
