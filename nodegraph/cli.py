@@ -27,6 +27,7 @@ from nodegraph import events as ev
 from nodegraph import workflow as wf
 from nodegraph.context import CancelToken
 from nodegraph.executor import Executor, RunResult, json_summary
+from nodegraph.models import ModelManager
 from nodegraph.registry import DeclarationError, Registry, load_registry
 from nodegraph.settings import ConfigError, Settings
 from nodegraph.sweep import Axis, Job, SweepResult, run_sweep
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                              "default $NODEGRAPH_MODELS or ./models)")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", parents=[common], help="run a workflow headless")
+    run = sub.add_parser("run", parents=[common, model_options()], help="run a workflow headless")
     run.add_argument("file")
     run.add_argument("--set", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
                      help="override a literal input; VALUE is JSON, or else a plain string (repeatable)")
@@ -85,6 +86,23 @@ def _parser() -> argparse.ArgumentParser:
     nodes.add_argument("--json", action="store_true", help="print the schema the editor reads")
     nodes.set_defaults(func=cmd_nodes)
     return parser
+
+
+def model_options() -> argparse.ArgumentParser:
+    """--device and the memory budgets, shared by `run` and `serve`."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--device", default="auto", metavar="DEVICE",
+                         help="auto (default: the first GPU, else the CPU), cpu, cuda, cuda:N or mps")
+    options.add_argument("--vram-budget", metavar="SIZE",
+                         help="GPU memory models may use: bytes (8G, 8000M, 8589934592) or a percentage of "
+                              "the GPU's memory (default 90%%)")
+    options.add_argument("--ram-budget", metavar="SIZE",
+                         help="main memory models may use: bytes or a percentage of the RAM (default 50%%)")
+    return options
+
+
+def model_manager(args: argparse.Namespace) -> ModelManager:
+    return ModelManager(device=args.device, vram_budget=args.vram_budget, ram_budget=args.ram_budget)
 
 
 def load_workflow(path: str, overrides: Sequence[str] = ()) -> tuple[Any, list[Problem]]:
@@ -141,7 +159,7 @@ def cmd_run(args: argparse.Namespace, registry: Registry, settings: Settings) ->
         progress = ProgressPrinter(sys.stderr, enabled=not args.json and sys.stderr.isatty())
         try:
             with ctrl_c_cancels(cancel):
-                result = Executor(registry, settings).run(workflow, progress, cancel)
+                result = Executor(registry, settings, models=model_manager(args)).run(workflow, progress, cancel)
         except KeyboardInterrupt:
             result = RunResult("", "interrupted")
         finally:
@@ -181,7 +199,8 @@ def cmd_sweep(args: argparse.Namespace, registry: Registry, settings: Settings, 
 
         try:
             with ctrl_c_cancels(cancel):
-                result = run_sweep(Executor(registry, settings), workflow, axes, progress, cancel, show)
+                executor = Executor(registry, settings, models=model_manager(args))
+                result = run_sweep(executor, workflow, axes, progress, cancel, show)
         except KeyboardInterrupt:  # between jobs (the executor reports one inside a job itself)
             result = SweepResult("interrupted", axes, jobs=done)
         finally:

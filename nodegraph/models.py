@@ -27,9 +27,11 @@ class ResidentModel:
 
 
 class ModelManager:
-    def __init__(self, max_resident: int = 1, device: str = "auto") -> None:
+    def __init__(self, max_resident: int = 1, device: str = "auto", vram_budget: str | int | None = None,
+                 ram_budget: str | int | None = None) -> None:
         self.max_resident = max_resident
         self.device = device
+        self.vram_budget, self.ram_budget = vram_budget, ram_budget
         self._entries: OrderedDict[Hashable, ResidentModel] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -63,6 +65,11 @@ class ModelManager:
     def resident(self) -> list[ResidentModel]:
         with self._lock:
             return list(self._entries.values())
+
+    def status(self) -> dict[str, Any]:
+        """Devices, budgets and resident models as JSON (`nodegraph models status`, `GET /api/system`)."""
+        return {"device": self.device, "residents": [
+            {"key": repr(e.key), "locks": e.locks, "last_used": e.last_used} for e in self.resident()]}
 
     def _make_room(self, keep: int) -> None:
         for key in [k for k, e in self._entries.items() if e.locks == 0]:
