@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ class Context:
     cancel_token: CancelToken = field(default_factory=CancelToken)
     files: list[str] = field(default_factory=list)
     workflow: dict[str, Any] = field(default_factory=dict)  # the workflow being run, to embed in outputs
+    # Releases unused models and cached outputs: a node's last resort before giving up on out-of-memory.
+    free_memory: Callable[[], None] = lambda: None
 
     def check_cancelled(self) -> None:
         if self.cancel_token.cancelled:

@@ -68,6 +68,7 @@ class NodeFinished(Event):
     node_id: str = ""
     node_type: str = ""
     seconds: float = 0.0
+    files: list[str] = field(default_factory=list)  # the files the node wrote (ctx.add_file), as recorded
 
 
 @dataclass

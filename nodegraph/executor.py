@@ -66,6 +66,11 @@ class Executor:
         self.cache = cache if cache is not None else OutputCache()
         self.models = models if models is not None else ModelManager()
 
+    def free_memory(self) -> None:
+        """Release models not in use and every cached output (`POST /api/free`; out-of-memory retries)."""
+        self.cache.clear()
+        self.models.clear()
+
     def run(self, workflow: Any, emit: ev.EventSink = ev.ignore, cancel: CancelToken | None = None,
             job_id: str | None = None) -> RunResult:
         job_id = job_id or uuid.uuid4().hex
@@ -103,7 +108,8 @@ class Executor:
                 continue
             inputs = _inputs(step, values)
             emit(ev.NodeStarted(job_id, node_id, step.cls.type))
-            ctx = Context(job_id, node_id, self.settings, self.models, emit, cancel, workflow=graph.workflow)
+            ctx = Context(job_id, node_id, self.settings, self.models, emit, cancel, workflow=graph.workflow,
+                          free_memory=self.free_memory)
             t0 = time.perf_counter()
             try:
                 _check_linked_choices(step, inputs, self.settings)
@@ -121,7 +127,7 @@ class Executor:
             self.cache.put(key, entry)
             values[node_id] = outputs
             result.nodes[node_id] = NodeRecord(step.cls.type, "ran", seconds, outputs, entry.files)
-            emit(ev.NodeFinished(job_id, node_id, step.cls.type, seconds))
+            emit(ev.NodeFinished(job_id, node_id, step.cls.type, seconds, list(entry.files)))
         emit(ev.JobFinished(job_id, result.status, time.perf_counter() - started))
         return result
 

@@ -1,66 +1,242 @@
-"""Model residency: live models (pipelines) kept between jobs, least recently used first out.
+"""Model residency: which live models stay in memory, on which device, within which budget.
 
-The manager knows nothing about diffusion: a resident is any object, loaded by a function the
-node supplies, under a key that identifies it (checkpoint fingerprint, dtype, device). A model
-in use by a running node is locked and never evicted. Live models live here and only here: the
-output cache holds recipes, never pipelines.
+The manager knows nothing about diffusion. A resident is any object that can say how many bytes
+of tensors it holds on each device, move itself to another device and release what it holds
+(the `Residency` protocol); the node pack supplies the loader. What the manager decides:
+
+- where a model goes: the compute device when it fits the device's budget (after evicting least
+  recently used unlocked models), else loaded with offloading (`Placement.offload`);
+- what eviction means: a model on a GPU moves to the CPU when the RAM budget has room for it (a
+  fast return later: "reload"), else it is released; a model on the CPU is released (the next use
+  loads it again from its memory-mapped safetensors files);
+- that a model in use by a running node (locked) is never evicted.
+
+Budgets are bytes (`8G`, `512M`, `1073741824`) or a percentage of the device's memory (`50%`).
+Models may fill a budget up to its reserve, the part kept free for inference (activations grow
+with image size and batch). Accounting is by the residents' real tensor bytes, measured after
+every use (a LoRA load or fuse changes them).
 """
 
 from __future__ import annotations
 
+import gc
+import os
+import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+DEFAULT_VRAM_BUDGET = "90%"
+DEFAULT_RAM_BUDGET = "50%"
+RESERVE = 0.1  # of each budget, kept free for inference
+
+Report = Callable[[str, str, float], None]  # kind (load, offload, evict, reload), message, seconds
+
+
+def _quiet(kind: str, message: str, seconds: float) -> None:
+    """The default report: nobody is listening."""
+
+
+class Residency(Protocol):
+    def memory(self) -> dict[str, int]:
+        """Bytes of tensors held on each device ("cpu", "cuda:0", ...)."""
+
+    def move(self, device: str) -> None:
+        """Move to `device` (a GPU model evicted to the CPU, and back)."""
+
+    def release(self) -> None:
+        """Free what is held outside Python's reach (offload files); called once, when evicted."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # where the model computes
+    offload: bool = False  # larger than the device's budget: load it with offloading
 
 
 @dataclass
 class ResidentModel:
     key: Hashable
+    name: str
     value: Any
+    device: str
+    offloaded: bool
     loaded_at: float
     last_used: float
+    memory: dict[str, int] = field(default_factory=dict)
     locks: int = 0
+
+    def on(self, kind: str) -> int:
+        """Bytes held on devices of `kind` ("cpu" or "gpu")."""
+        return sum(n for device, n in self.memory.items() if device_kind(device) == kind)
+
+    def to_json(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"name": self.name, "key": [str(k) for k in self.key] if isinstance(self.key, tuple) else str(self.key),
+                "device": self.device, "offloaded": self.offloaded, "bytes": dict(self.memory),
+                "loaded_seconds_ago": round(now - self.loaded_at, 3),
+                "idle_seconds": 0.0 if self.locks else round(now - self.last_used, 3), "locked": self.locks > 0}
+
+
+class BudgetError(ValueError):
+    """A budget that cannot be parsed."""
+
+
+def parse_size(text: str | int, total: int) -> int:
+    """`8G`, `512M`, `1.5GiB`, `1073741824` or `50%` (of `total`) as bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%|[kmgt]i?b?|b)?\s*", text.lower())
+    if not match:
+        raise BudgetError(f"{text!r} is not a size: use bytes (8G, 512M, 1073741824) or a percentage (50%)")
+    number, unit = float(match.group(1)), match.group(2) or "b"
+    if unit == "%":
+        if number > 100:
+            raise BudgetError(f"{text!r}: a percentage above 100")
+        return int(total * number / 100)
+    return int(number * 1024 ** "bkmgt".index(unit[0]))
+
+
+def device_kind(device: str) -> str:
+    return "cpu" if device == "cpu" else "gpu"
+
+
+def resolve_device(device: str) -> str:
+    """`auto`: the first CUDA GPU, else Apple's MPS, else the CPU; `cuda` means `cuda:0`."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda:0"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if device == "cuda":
+        return "cuda:0"
+    if not re.fullmatch(r"cpu|mps|cuda:\d+", device):
+        raise BudgetError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def device_memory(device: str) -> int:
+    """Total memory of a device in bytes (RAM for the CPU)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    if device == "mps":
+        return int(torch.mps.recommended_max_memory())
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
 
 
 class ModelManager:
-    def __init__(self, max_resident: int = 1, device: str = "auto", vram_budget: str | int | None = None,
-                 ram_budget: str | int | None = None) -> None:
-        self.max_resident = max_resident
-        self.device = device
-        self.vram_budget, self.ram_budget = vram_budget, ram_budget
-        self._entries: OrderedDict[Hashable, ResidentModel] = OrderedDict()
-        self._lock = threading.Lock()
+    def __init__(self, device: str = "auto", vram_budget: str | int | None = None,
+                 ram_budget: str | int | None = None, reserve: float = RESERVE) -> None:
+        self.requested_device = device
+        self._budgets = {"gpu": vram_budget or DEFAULT_VRAM_BUDGET, "cpu": ram_budget or DEFAULT_RAM_BUDGET}
+        for text in self._budgets.values():
+            parse_size(text, 100)  # bad input fails here, at start-up, not at the first load
+        self.reserve = reserve
+        self._device: str | None = None
+        self._entries: dict[Hashable, ResidentModel] = {}  # least recently used first
+        self._lock = threading.Lock()  # the entries' bookkeeping (status() reads it from other threads)
+        self._work = threading.RLock()  # one load, move or eviction at a time
+
+    @property
+    def device(self) -> str:
+        """The compute device, resolved on first use (so `nodegraph validate` never imports torch)."""
+        if self._device is None:
+            self._device = resolve_device(self.requested_device)
+        return self._device
+
+    def budget(self, kind: str) -> int:
+        """The budget of a device kind in bytes: "gpu" for the compute device, "cpu" for RAM."""
+        device = self.device if kind == "gpu" else "cpu"
+        if kind == "gpu" and device == "cpu":
+            return 0
+        return parse_size(self._budgets[kind], device_memory(device))
+
+    def limit(self, kind: str) -> int:
+        """What models may occupy: the budget less the reserve kept free for inference."""
+        return int(self.budget(kind) * (1 - self.reserve))
+
+    def used(self, kind: str) -> int:
+        with self._lock:
+            return sum(e.on(kind) for e in self._entries.values())
 
     @contextmanager
-    def use(self, key: Hashable, load: Callable[[], Any]) -> Iterator[Any]:
-        """The resident model for `key` (loaded by `load()` when absent), locked while in use."""
-        with self._lock:
+    def use(self, key: Hashable, load: Callable[[Placement], Any], size: int = 0, name: str = "",
+            report: Report = _quiet) -> Iterator[Any]:
+        """The resident model for `key`, locked while inside.
+
+        Absent: room is made for `size` bytes (an estimate; the real size is measured after loading)
+        and `load(placement)` builds it. Evicted to the CPU: it comes back to the compute device.
+        """
+        name = name or str(key)
+        with self._work:
             entry = self._entries.get(key)
+            kind = device_kind(self.device)
             if entry is None:
-                self._make_room(self.max_resident - 1)
+                offload = not self._make_room(kind, size, report)
+                started = time.perf_counter()
+                value = load(Placement(self.device, offload))
                 now = time.monotonic()
-                entry = self._entries[key] = ResidentModel(key, load(), now, now)
-            self._entries.move_to_end(key)
-            entry.locks += 1
+                entry = ResidentModel(key, name, value, self.device, offload, now, now)
+                self._measure(entry)
+                with self._lock:
+                    self._entries[key] = entry
+                where = self.device + (" with offloading (larger than the budget)" if offload else "")
+                report("load", f"loaded {name}: {format_bytes(sum(entry.memory.values()))} on {where}",
+                       time.perf_counter() - started)
+            elif entry.device != self.device:  # evicted from the GPU to the CPU earlier
+                self._make_room(kind, entry.on("cpu"), report, keep=key)
+                started = time.perf_counter()
+                entry.value.move(self.device)
+                entry.device = self.device
+                self._measure(entry)
+                report("reload", f"moved {name} back to {self.device}", time.perf_counter() - started)
+            with self._lock:
+                entry.locks += 1
+                self._entries[key] = self._entries.pop(key)  # most recently used last
         try:
             yield entry.value
         finally:
             with self._lock:
                 entry.locks -= 1
                 entry.last_used = time.monotonic()
+            with self._work:
+                if key in self._entries:
+                    self._measure(entry)  # adapters loaded or fused change the size
+                    self._make_room(kind, 0, report, keep=key)
+
+    def get(self, key: Hashable) -> Any:
+        """The resident value for `key` without using it, or None."""
+        with self._lock:
+            entry = self._entries.get(key)
+        return None if entry is None else entry.value
 
     def drop(self, key: Hashable) -> None:
-        """Forget a model (e.g. one left in an unknown state); the next use loads it afresh."""
-        with self._lock:
-            self._entries.pop(key, None)
+        """Forget a model (left in an unknown state, or to be rebuilt); the next use loads it afresh."""
+        with self._work:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._release(entry)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._make_room(0)
+    def clear(self, report: Report = _quiet) -> None:
+        """Release every model not in use (`POST /api/free`, and before retrying after out of memory)."""
+        with self._work:
+            for entry in [e for e in self._entries.values() if not e.locks]:
+                self._evict(entry, report, demote=False)
 
     def resident(self) -> list[ResidentModel]:
         with self._lock:
@@ -68,11 +244,55 @@ class ModelManager:
 
     def status(self) -> dict[str, Any]:
         """Devices, budgets and resident models as JSON (`nodegraph models status`, `GET /api/system`)."""
-        return {"device": self.device, "residents": [
-            {"key": repr(e.key), "locks": e.locks, "last_used": e.last_used} for e in self.resident()]}
+        budgets = {}
+        for kind in ("gpu", "cpu"):
+            if kind == "gpu" and device_kind(self.device) == "cpu":
+                continue
+            budgets["vram" if kind == "gpu" else "ram"] = {
+                "device": self.device if kind == "gpu" else "cpu", "budget": self.budget(kind),
+                "limit": self.limit(kind), "used": self.used(kind)}
+        return {"device": self.device, "budgets": budgets, "residents": [e.to_json() for e in self.resident()]}
 
-    def _make_room(self, keep: int) -> None:
-        for key in [k for k, e in self._entries.items() if e.locks == 0]:
-            if len(self._entries) <= keep:
+    def _measure(self, entry: ResidentModel) -> None:
+        memory = entry.value.memory()
+        with self._lock:
+            entry.memory = memory
+
+    def _make_room(self, kind: str, size: int, report: Report, keep: Hashable = None) -> bool:
+        """Evict least recently used unlocked models of `kind` until `size` more bytes fit the limit."""
+        limit = self.limit(kind)
+        if size > limit:
+            return False
+        for entry in self.resident():
+            if self.used(kind) + size <= limit:
                 break
-            del self._entries[key]
+            if entry.key != keep and not entry.locks and entry.on(kind):
+                self._evict(entry, report, demote=kind == "gpu")
+        return self.used(kind) + size <= limit
+
+    def _evict(self, entry: ResidentModel, report: Report, demote: bool) -> None:
+        started = time.perf_counter()
+        size = entry.on("gpu")
+        if demote and not entry.offloaded and self._make_room("cpu", size, report, keep=entry.key):
+            entry.value.move("cpu")
+            entry.device = "cpu"
+            self._measure(entry)
+            report("offload", f"moved {entry.name} to the CPU to make room", time.perf_counter() - started)
+            return
+        self._release(entry)
+        report("evict", f"released {entry.name} ({format_bytes(sum(entry.memory.values()))})",
+               time.perf_counter() - started)
+
+    def _release(self, entry: ResidentModel) -> None:
+        with self._lock:
+            self._entries.pop(entry.key, None)
+        entry.value.release()
+        entry.value = None
+        # Pipelines hold reference cycles (modules ↔ hooks); collect them now so the memory
+        # returns before the next load, not at some later collection.
+        gc.collect()
+        if device_kind(self.device) == "gpu":
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

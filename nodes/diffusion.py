@@ -250,7 +250,7 @@ class Sample(Node):
         import torch
 
         from nodes.images import ImageBatch
-        from nodes.pipelines import materialize, watch_compile
+        from nodes.pipelines import materialize, retry_out_of_memory, watch_compile
 
         for name, problem in self.check({"width": width, "height": height}, ctx.settings):
             raise NodeFailure(problem, name, "invalid_value")
@@ -260,8 +260,6 @@ class Sample(Node):
             pipe.scheduler = getattr(diffusers, class_name).from_config(resident.scheduler_config, **overrides)
 
             scheduled = bool(resident.applied.schedules)
-            if scheduled:
-                resident.set_step(0)
 
             def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
                 if scheduled:
@@ -269,21 +267,26 @@ class Sample(Node):
                 ctx.progress(step + 1, steps)
                 return {}
 
-            generator = torch.Generator(device=resident.device).manual_seed(seed)
-            ctx.check_cancelled()
-            with torch.inference_mode(), watch_compile(ctx, resident):
-                result = pipe(
-                    prompt=prompt,
-                    negative_prompt=negative_prompt or None,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    width=width,
-                    height=height,
-                    num_images_per_prompt=batch_size,
-                    generator=generator,
-                    output_type="np",
-                    callback_on_step_end=on_step,
-                )
+            def sample() -> Any:
+                if scheduled:
+                    resident.set_step(0)
+                generator = torch.Generator(device=resident.device).manual_seed(seed)
+                ctx.check_cancelled()
+                with torch.inference_mode(), watch_compile(ctx, resident):
+                    return pipe(
+                        prompt=prompt,
+                        negative_prompt=negative_prompt or None,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance,
+                        width=width,
+                        height=height,
+                        num_images_per_prompt=batch_size,
+                        generator=generator,
+                        output_type="np",
+                        callback_on_step_end=on_step,
+                    )
+
+            result = retry_out_of_memory(ctx, sample, f"sampling {batch_size}× {width}×{height}")
         pixels = (np.clip(result.images, 0.0, 1.0) * 255).round().astype(np.uint8)
         params = {
             "prompt": prompt,

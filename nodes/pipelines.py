@@ -2,20 +2,28 @@
 
 `materialize(ctx, recipe)` is the one way a node gets a real pipeline: the manager's resident
 for (checkpoint, dtype, device), brought to the recipe by the reconciler, locked while in use.
+The manager decides where it lives; a model larger than its budget runs with diffusers' offloading.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import re
+import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
 
 import diffusers
 import torch
 
 from nodegraph.context import Context, NodeFailure
-from nodes.checkpoints import CheckpointError, load_pipeline
+from nodegraph.models import Placement, device_kind, format_bytes
+from nodes.checkpoints import CheckpointError, load_pipeline, read_header
 from nodes.recipe import ModelRecipe
 from nodes.reconcile import ReconcileError, Resident, reconcile
 
@@ -27,53 +35,140 @@ diffusers.utils.logging.disable_progress_bar()
 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute in the model")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+T = TypeVar("T")
+SHORT = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """`auto`: half precision on GPUs (bf16 where supported), fp32 on CPUs."""
+    """`auto`: half precision on GPUs (bf16 where supported), bf16 on CPUs with bf16 matrix units, else fp32."""
     if dtype != "auto":
         return DTYPES[dtype]
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    if device.startswith("mps"):
+        return torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matrix products run natively (an SD1.5 UNet forward 2.4× faster than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
+
+
+def estimate_bytes(checkpoint: str, dtype: torch.dtype) -> int:
+    """The size of a checkpoint's weights once loaded in `dtype`, from the safetensors headers alone."""
+    path = Path(checkpoint)
+    # A folder may hold variants (unet/diffusion_pytorch_model.fp16.safetensors) diffusers does not load.
+    files = [path] if path.is_file() else [f for f in path.rglob("*.safetensors") if f.name.count(".") == 1]
+    numel = sum(math.prod(shape) for f in files for shape in read_header(f).shapes.values())
+    return numel * torch.empty((), dtype=dtype).element_size()
 
 
 @contextmanager
 def materialize(ctx: Context, recipe: ModelRecipe) -> Iterator[Resident]:
-    device = resolve_device(ctx.models.device)
+    manager = ctx.models
+    device = manager.device
     dtype = resolve_dtype(recipe.dtype, device)
     key = (*recipe.base, str(dtype), device)
     name = recipe.checkpoint.rsplit("/", 1)[-1]
+    current = manager.get(key)
+    if current is not None and current.offload_dir is not None and current.applied != recipe:
+        manager.drop(key)  # weights offloaded to disk are not changed in place: rebuilt for the new recipe
+        current = None
+    try:
+        size = estimate_bytes(recipe.checkpoint, dtype) if current is None else 0
+    except CheckpointError as exc:
+        raise NodeFailure(str(exc), "model", "bad_checkpoint") from exc
 
-    def load() -> Resident:
-        started = time.perf_counter()
+    def load(placement: Placement) -> Resident:
         try:
-            pipe = load_pipeline(recipe.checkpoint, dtype).to(device)
+            pipe = load_pipeline(recipe.checkpoint, dtype)
         except CheckpointError as exc:
             raise NodeFailure(str(exc), "model", "bad_checkpoint") from exc
         pipe.set_progress_bar_config(disable=True)
-        ctx.info(
-            "load", f"loaded {name} ({str(dtype).removeprefix('torch.')}, {device})", time.perf_counter() - started
-        )
-        return Resident(pipe, recipe.bare(), device, scheduler_config=dict(pipe.scheduler.config))
+        resident = Resident(pipe, recipe.bare(), device, scheduler_config=dict(pipe.scheduler.config))
+        if not placement.offload:
+            pipe.to(device)
+        elif device_kind(device) == "gpu":
+            resident.offload = offload_to_cpu(pipe, device, manager.limit("gpu"))
+        else:
+            resident.offload = "disk"  # applied once the recipe is: LoRAs cannot load into offloaded modules
+        return resident
 
-    with ctx.models.use(key, load) as resident:
+    with manager.use(key, load, size, f"{name} ({SHORT[dtype]})", ctx.info) as resident:
         started = time.perf_counter()
         try:
             actions = reconcile(resident, recipe)
         except ReconcileError as exc:
             if resident.broken:
-                ctx.models.drop(key)
+                manager.drop(key)
             raise NodeFailure(str(exc), "model", "lora_failed") from exc
         if actions:
             ctx.info("reconcile", "model: " + ", ".join(actions), time.perf_counter() - started)
+        if resident.offload == "disk" and resident.offload_dir is None:
+            offload_to_disk(resident)
         yield resident
+
+
+def offload_to_cpu(pipe: Any, device: str, limit: int) -> str:
+    """Run a model larger than the GPU budget from the CPU with diffusers' own offloading.
+
+    Whole components move to the GPU in turn when the largest fits the budget; else leaf-level
+    group offloading (layer by layer, overlapped with compute on a CUDA stream).
+    """
+    sizes = [sum(t.numel() * t.element_size() for t in module.parameters())
+             for module in pipe.components.values() if isinstance(module, torch.nn.Module)]
+    if max(sizes) <= limit:
+        pipe.enable_model_cpu_offload(device=device)
+        return "model"
+    pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                              offload_type="leaf_level", use_stream=device.startswith("cuda"))
+    return "group"
+
+
+def offload_to_disk(resident: Resident) -> None:
+    """A model larger than the RAM budget on a CPU: its weights go to files, one block is read at a time."""
+    resident.offload_dir = tempfile.mkdtemp(prefix="nodegraph-offload-")
+    resident.pipe.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                       offload_type="block_level", num_blocks_per_group=1,
+                                       offload_to_disk_path=resident.offload_dir)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    # CUDA raises torch.OutOfMemoryError; the CPU and MPS allocators raise a plain RuntimeError.
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()))
+
+
+def retry_out_of_memory(ctx: Context, work: Callable[[], T], what: str) -> T:
+    """Run `work`; on out-of-memory free other models and cached outputs and retry once, then fail clearly."""
+    try:
+        return work()
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        first = exc
+    ctx.info("out_of_memory", f"out of memory {what}; released other models and cached outputs, retrying")
+    ctx.free_memory()
+    try:
+        return work()
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+    manager = ctx.models
+    kind = device_kind(manager.device)
+    budget = "--vram-budget" if kind == "gpu" else "--ram-budget"
+    raise NodeFailure(
+        f"out of memory on {manager.device} {what}, even after releasing every other model "
+        f"({str(first).splitlines()[0][:200]}). Models may use {format_bytes(manager.limit(kind))} of the "
+        f"{format_bytes(manager.budget(kind))} {budget} ({format_bytes(manager.used(kind))} resident now). "
+        f"Try a smaller size or batch, fp16/bf16, or a lower {budget} so more is left for inference.",
+        None, "out_of_memory") from None
 
 
 @contextmanager

@@ -26,6 +26,7 @@ resets the pipeline to its base weights and rebuilds the last good recipe, then 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -71,6 +72,40 @@ class Resident:
     slot_targets: dict[str, frozenset[str]] = field(default_factory=dict)  # layers of a slot's first file
     # scheduled slot -> (layer module, PEFT name, its scale at weight 1), written at every step
     unit_scaling: dict[str, list[tuple[Any, str, float]]] = field(default_factory=dict)
+
+    offload: str = ""  # "", or how a model larger than its budget runs: "model" / "group" (GPU), "disk" (CPU)
+    offload_dir: str | None = None  # where "disk" offloading keeps the weights, once applied
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of tensors per device: the pipeline's modules (shared storage counted once) and snapshots."""
+        seen: set[tuple[str, int]] = set()
+        totals: dict[str, int] = {}
+        tensors = [t for layers in self.snapshot.values() for pair in layers.values() for t in pair if t is not None]
+        if self.offload_dir is None:  # disk-offloaded modules hold placeholders; the weights are in files
+            for module in self.pipe.components.values():
+                if isinstance(module, torch.nn.Module):
+                    tensors.extend(module.parameters())
+                    tensors.extend(module.buffers())
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            where = str(tensor.device)
+            if where == "meta" or (where, storage.data_ptr()) in seen:
+                continue
+            seen.add((where, storage.data_ptr()))
+            totals[where] = totals.get(where, 0) + storage.nbytes()
+        return totals
+
+    def move(self, device: str) -> None:
+        self.pipe.to(device)
+        self.device = device
+
+    def release(self) -> None:
+        if self.offload_dir is not None:
+            shutil.rmtree(self.offload_dir, ignore_errors=True)
+            self.offload_dir = None
+        self.pipe = None
+        self.snapshot.clear()
+        self.unit_scaling.clear()
 
     @property
     def components(self) -> list[str]:
