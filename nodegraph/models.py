@@ -81,22 +81,22 @@ class ResidentModel:
                 "idle_seconds": 0.0 if self.locks else round(now - self.last_used, 3), "locked": self.locks > 0}
 
 
-class BudgetError(ValueError):
-    """A budget that cannot be parsed."""
+class OptionError(ValueError):
+    """A device or budget that cannot be understood (reported at start-up, before any job)."""
 
 
-def parse_size(text: str | int, total: int) -> int:
-    """`8G`, `512M`, `1.5GiB`, `1073741824` or `50%` (of `total`) as bytes."""
+def parse_size(text: str | int, total: Callable[[], int]) -> int:
+    """`8G`, `512M`, `1.5GiB`, `1073741824` or `50%` (of `total()`, asked only for percentages) as bytes."""
     if isinstance(text, int):
         return text
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%|[kmgt]i?b?|b)?\s*", text.lower())
     if not match:
-        raise BudgetError(f"{text!r} is not a size: use bytes (8G, 512M, 1073741824) or a percentage (50%)")
+        raise OptionError(f"{text!r} is not a size: use bytes (8G, 512M, 1073741824) or a percentage (50%)")
     number, unit = float(match.group(1)), match.group(2) or "b"
     if unit == "%":
         if number > 100:
-            raise BudgetError(f"{text!r}: a percentage above 100")
-        return int(total * number / 100)
+            raise OptionError(f"{text!r}: a percentage above 100")
+        return int(total() * number / 100)
     return int(number * 1024 ** "bkmgt".index(unit[0]))
 
 
@@ -113,11 +113,7 @@ def resolve_device(device: str) -> str:
             return "cuda:0"
         mps = getattr(torch.backends, "mps", None)
         return "mps" if mps is not None and mps.is_available() else "cpu"
-    if device == "cuda":
-        return "cuda:0"
-    if not re.fullmatch(r"cpu|mps|cuda:\d+", device):
-        raise BudgetError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
-    return device
+    return "cuda:0" if device == "cuda" else device
 
 
 def device_memory(device: str) -> int:
@@ -142,10 +138,12 @@ def format_bytes(n: int) -> str:
 class ModelManager:
     def __init__(self, device: str = "auto", vram_budget: str | int | None = None,
                  ram_budget: str | int | None = None, reserve: float = RESERVE) -> None:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise OptionError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
         self.requested_device = device
         self._budgets = {"gpu": vram_budget or DEFAULT_VRAM_BUDGET, "cpu": ram_budget or DEFAULT_RAM_BUDGET}
         for text in self._budgets.values():
-            parse_size(text, 100)  # bad input fails here, at start-up, not at the first load
+            parse_size(text, lambda: 100)  # bad input fails here, at start-up, not at the first load
         self.reserve = reserve
         self._device: str | None = None
         self._entries: dict[Hashable, ResidentModel] = {}  # least recently used first
@@ -164,7 +162,7 @@ class ModelManager:
         device = self.device if kind == "gpu" else "cpu"
         if kind == "gpu" and device == "cpu":
             return 0
-        return parse_size(self._budgets[kind], device_memory(device))
+        return parse_size(self._budgets[kind], lambda: device_memory(device))
 
     def limit(self, kind: str) -> int:
         """What models may occupy: the budget less the reserve kept free for inference."""

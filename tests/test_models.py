@@ -1,0 +1,181 @@
+"""The model manager's decisions, with stand-in models that report their sizes (no diffusion here)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from nodegraph.models import ModelManager, OptionError, Placement, parse_size
+
+
+class Model:
+    """A resident that holds `size` bytes on one device and logs what the manager asks of it."""
+
+    def __init__(self, name: str, size: int, placement: Placement, log: list[str]) -> None:
+        self.name, self.size, self.placement, self.log = name, size, placement, log
+        self.device = placement.device
+
+    def memory(self) -> dict[str, int]:
+        return {} if self.placement.offload else {self.device: self.size}  # offloaded: its weights are on disk
+
+    def move(self, device: str) -> None:
+        self.log.append(f"move {self.name} {device}")
+        self.device = device
+
+    def release(self) -> None:
+        self.log.append(f"release {self.name}")
+
+
+class Harness:
+    def __init__(self, **options: Any) -> None:
+        self.manager = ModelManager(**options)
+        self.log: list[str] = []
+        self.reports: list[tuple[str, str]] = []
+
+    def use(self, name: str, size: int) -> Any:
+        return self.manager.use(name, lambda placement: Model(name, size, placement, self.log), size, name,
+                                lambda kind, message, seconds: self.reports.append((kind, message)))
+
+    def load(self, name: str, size: int) -> Model:
+        with self.use(name, size) as model:
+            assert isinstance(model, Model)
+            return model
+
+    def resident(self) -> dict[str, str]:
+        return {str(e.key): e.device for e in self.manager.resident()}
+
+
+def test_sizes_and_percentages() -> None:
+    assert parse_size("8G", lambda: 0) == 8 * 1024**3
+    assert parse_size("512MiB", lambda: 0) == 512 * 1024**2
+    assert parse_size("1.5g", lambda: 0) == int(1.5 * 1024**3)
+    assert parse_size("1073741824", lambda: 0) == 1073741824
+    assert parse_size("25%", lambda: 1000) == 250
+    for bad in ("lots", "-1G", "150%", "8 parsecs"):
+        with pytest.raises(OptionError):
+            parse_size(bad, lambda: 1000)
+
+
+def test_bad_options_fail_at_start() -> None:
+    with pytest.raises(OptionError, match="unknown device 'gpu'"):
+        ModelManager(device="gpu")
+    with pytest.raises(OptionError, match="not a size"):
+        ModelManager(ram_budget="half")
+
+
+def test_least_recently_used_is_evicted_first_within_the_budget() -> None:
+    h = Harness(device="cpu", ram_budget=100)  # models may use 90 bytes
+    h.load("a", 40)
+    h.load("b", 40)
+    h.load("a", 40)  # a is now the most recently used
+    h.load("c", 40)
+    assert h.resident() == {"a": "cpu", "c": "cpu"}
+    assert h.log == ["release b"]
+    assert ("evict", "released b (40 B)") in h.reports
+    assert h.manager.used("cpu") == 80 <= h.manager.limit("cpu")
+
+
+def test_a_model_in_use_is_never_evicted() -> None:
+    h = Harness(device="cpu", ram_budget=100)
+    with h.use("a", 60):
+        big = h.load("b", 60)  # no room while a is locked: b runs offloaded rather than evict a
+        assert big.placement.offload
+        assert "a" in h.resident()
+    assert h.log == []
+
+
+def test_a_model_larger_than_the_budget_is_loaded_with_offloading() -> None:
+    h = Harness(device="cpu", ram_budget=100)
+    h.load("small", 10)
+    model = h.load("huge", 1000)
+    assert model.placement == Placement("cpu", offload=True)
+    assert "small" in h.resident()  # nothing was evicted for a model that could never fit
+    assert any(kind == "load" and "with offloading" in message for kind, message in h.reports)
+
+
+def test_gpu_models_move_to_the_cpu_and_back() -> None:
+    h = Harness(device="cuda:0", vram_budget=100, ram_budget=1000)
+    h.load("a", 60)
+    h.load("b", 60)
+    assert h.resident() == {"a": "cpu", "b": "cuda:0"}
+    assert h.log == ["move a cpu"]
+    h.load("a", 60)  # back from the CPU: no load, b makes room the same way
+    assert h.resident() == {"b": "cpu", "a": "cuda:0"}
+    assert h.log == ["move a cpu", "move b cpu", "move a cuda:0"]
+    assert [kind for kind, _ in h.reports] == ["load", "offload", "load", "offload", "reload"]
+
+
+def test_gpu_models_are_released_when_the_ram_budget_has_no_room() -> None:
+    h = Harness(device="cuda:0", vram_budget=100, ram_budget=50)
+    h.load("a", 60)
+    h.load("b", 60)
+    assert h.resident() == {"b": "cuda:0"}
+    assert h.log == ["release a"]
+
+
+def test_a_model_that_grows_in_use_makes_room_when_released() -> None:
+    h = Harness(device="cpu", ram_budget=100)
+    h.load("a", 30)
+    with h.use("b", 30) as b:
+        b.size = 80  # e.g. LoRAs loaded into it
+    assert h.resident() == {"b": "cpu"}
+    assert h.manager.used("cpu") == 80
+
+
+def test_clear_and_drop() -> None:
+    h = Harness(device="cpu", ram_budget=100)
+    h.load("a", 10)
+    with h.use("b", 10):
+        h.manager.clear()
+        assert h.resident() == {"b": "cpu"}  # in use: kept
+    h.manager.drop("b")
+    assert h.resident() == {}
+    assert sorted(h.log) == ["release a", "release b"]
+
+
+def test_a_failed_load_leaves_nothing_behind() -> None:
+    h = Harness(device="cpu", ram_budget=100)
+
+    def fail(placement: Placement) -> Any:
+        raise RuntimeError("bad file")
+
+    with pytest.raises(RuntimeError), h.manager.use("x", fail, 10):
+        pass
+    assert h.resident() == {}
+
+
+def test_status_reports_budgets_and_residents() -> None:
+    h = Harness(device="cuda:0", vram_budget="1000", ram_budget="2000")
+    h.load("a", 300)
+    with h.use("b", 200):
+        status = h.manager.status()
+    assert status["device"] == "cuda:0"
+    assert status["budgets"]["vram"] == {"device": "cuda:0", "budget": 1000, "limit": 900, "used": 500}
+    assert status["budgets"]["ram"]["budget"] == 2000
+    [a, b] = status["residents"]
+    assert (a["name"], a["device"], a["bytes"], a["locked"]) == ("a", "cuda:0", {"cuda:0": 300}, False)
+    assert b["locked"] is True
+
+
+def test_status_can_be_read_while_a_model_loads() -> None:
+    h = Harness(device="cpu", ram_budget=100)
+    loading, release = threading.Event(), threading.Event()
+
+    def slow(placement: Placement) -> Model:
+        loading.set()
+        release.wait(10)
+        return Model("slow", 10, placement, h.log)
+
+    def worker() -> None:
+        with h.manager.use("slow", slow, 10):
+            pass
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert loading.wait(10)
+    assert h.manager.status()["residents"] == []  # answered at once, not after the load
+    release.set()
+    thread.join(10)
+    assert h.resident() == {"slow": "cpu"}
