@@ -1,10 +1,12 @@
-"""The `nodegraph` command line: run | validate | nodes | models.
+"""The `nodegraph` command line: run | validate | nodes | models | serve.
 
     nodegraph run workflows/math.json --set 1.value=10
     nodegraph run workflows/lora.json --sweep 2.strength=0,0.5,1 --sweep 3.seed=1,2
     nodegraph validate workflows/math.json --json
     nodegraph nodes --json
     nodegraph models demo
+    nodegraph models status
+    nodegraph serve --port 8188
 
 Exit codes: 0 success, 1 invalid workflow (or bad arguments), 2 execution error, 130 interrupted.
 """
@@ -14,9 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import signal
 import sys
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import entry_points
@@ -27,7 +31,7 @@ from nodegraph import events as ev
 from nodegraph import workflow as wf
 from nodegraph.context import CancelToken
 from nodegraph.executor import Executor, RunResult, json_summary
-from nodegraph.models import ModelManager
+from nodegraph.models import ModelManager, OptionError, format_bytes
 from nodegraph.registry import DeclarationError, Registry, load_registry
 from nodegraph.settings import ConfigError, Settings
 from nodegraph.sweep import Axis, Job, SweepResult, run_sweep
@@ -41,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_args(args.models_dir, getattr(args, "output_dir", None), args.nodes_dir)
         registry = load_registry(settings.nodes_dirs)
-    except (DeclarationError, ConfigError) as exc:
+        if hasattr(args, "device"):
+            model_manager(args)  # a bad --device or budget is reported now, before anything starts
+    except (DeclarationError, ConfigError, OptionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     command: int = args.func(args, registry, settings)
@@ -82,9 +88,30 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_models_demo)
 
+    status = models_sub.add_parser("status", parents=[common, model_options()],
+                                   help="what is resident where: asks a running server, else shows this machine")
+    status.add_argument("--url", default=os.environ.get("NODEGRAPH_URL", "http://127.0.0.1:8188"),
+                        help="the server to ask (default $NODEGRAPH_URL or http://127.0.0.1:8188)")
+    status.add_argument("--token", default=os.environ.get("NODEGRAPH_TOKEN"), help="its --token, if it has one")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=cmd_models_status)
+
     nodes = sub.add_parser("nodes", parents=[common], help="list the available node types")
     nodes.add_argument("--json", action="store_true", help="print the schema the editor reads")
     nodes.set_defaults(func=cmd_nodes)
+
+    serve = sub.add_parser("serve", parents=[common, model_options()], help="serve the editor and the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1; any "
+                                                           "other than loopback needs --token)")
+    serve.add_argument("--port", type=int, default=8188, help="the port (default 8188; 0 picks a free one)")
+    serve.add_argument("--output-dir", metavar="DIR", help="where images are written (default ./outputs)")
+    serve.add_argument("--data-dir", default="data", metavar="DIR",
+                       help="where the queue and history are kept, in SQLite (default ./data)")
+    serve.add_argument("--workflows-dir", default="workflows", metavar="DIR",
+                       help="the folder the editor saves and opens workflows in (default ./workflows)")
+    serve.add_argument("--token", default=os.environ.get("NODEGRAPH_TOKEN") or None, metavar="TOKEN",
+                       help="require this token on every request (default $NODEGRAPH_TOKEN)")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -269,6 +296,29 @@ def cmd_nodes(args: argparse.Namespace, registry: Registry, settings: Settings) 
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
+    """`serve`: imported here, so the other commands never load aiohttp."""
+    from nodegraph.server.app import serve
+    from nodegraph.server.security import is_loopback
+    from nodegraph.server.state import ServerConfig
+    from nodegraph.store import StoreBusy
+
+    if not is_loopback(args.host) and not args.token:
+        print(f"error: refusing to serve on {args.host} without --token: anyone who can reach it could run "
+              "workflows and read outputs (bind 127.0.0.1, or set --token / $NODEGRAPH_TOKEN)", file=sys.stderr)
+        return EXIT_INVALID
+    if not 0 <= args.port <= 65535:
+        print(f"error: --port {args.port} is not a port number", file=sys.stderr)
+        return EXIT_INVALID
+    config = ServerConfig(data_dir=Path(args.data_dir), workflows_dir=Path(args.workflows_dir), token=args.token)
+    executor = Executor(registry, settings, models=model_manager(args))
+    try:
+        return serve(executor, config, args.host, args.port)
+    except (StoreBusy, OSError) as exc:  # the data folder in use, the port taken, an unknown host
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+
 def cmd_models_demo(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
     """Model sets come from node packs (entry-point group nodegraph.model_sets), like nodes do."""
     makers = {ep.name: ep for ep in entry_points(group="nodegraph.model_sets")}
@@ -278,6 +328,32 @@ def cmd_models_demo(args: argparse.Namespace, registry: Registry, settings: Sett
     root = Path(args.dir) if args.dir else settings.models_dirs[0]
     for path in makers["demo"].load()(root, args.seed):
         print(path)
+    return EXIT_OK
+
+
+def cmd_models_status(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
+    """The server's resident models (`GET /api/system`); without a server, this machine's devices and budgets."""
+    request = urllib.request.Request(args.url.rstrip("/") + "/api/system")
+    if args.token:
+        request.add_header("Authorization", f"Bearer {args.token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            status, source = json.load(response)["models"], f"server {args.url}"
+    except (OSError, ValueError, KeyError) as exc:
+        status, source = model_manager(args).status(), f"this machine (no server at {args.url}: {exc})"
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    print(source)
+    for name, budget in status["budgets"].items():
+        print(f"{name} budget on {budget['device']}: {format_bytes(budget['budget'])}, models up to "
+              f"{format_bytes(budget['limit'])}, {format_bytes(budget['used'])} used")
+    rows = [(r["name"], r["device"] + (" (offloaded)" if r["offloaded"] else ""),
+             ", ".join(f"{format_bytes(n)} {d}" for d, n in r["bytes"].items()) or "0 B",
+             "in use" if r["locked"] else f"idle {r['idle_seconds']:.0f} s") for r in status["residents"]]
+    _print_table(("model", "device", "memory", "state"), rows)
+    if not rows:
+        print("no models resident")
     return EXIT_OK
 
 
@@ -309,12 +385,8 @@ class ProgressPrinter:
 
 
 def _print_summary(result: RunResult) -> None:
-    if result.nodes:
-        rows = [(node_id, r.node_type, r.status, f"{r.seconds:.3f}") for node_id, r in result.nodes.items()]
-        headers = ("node", "type", "status", "seconds")
-        widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(4)]
-        for row in [headers, *rows]:
-            print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    rows = [(node_id, r.node_type, r.status, f"{r.seconds:.3f}") for node_id, r in result.nodes.items()]
+    _print_table(("node", "type", "status", "seconds"), rows)
     for node_id in result.output_nodes:
         record = result.nodes.get(node_id)
         if record is None:
@@ -328,6 +400,14 @@ def _print_summary(result: RunResult) -> None:
     _print_problems(result.errors, sys.stderr)
     if result.status == "interrupted":
         print("interrupted", file=sys.stderr)
+
+
+def _print_table(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    if not rows:
+        return
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    for row in [headers, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _print_job(job: Job, index: int, total: int, debug: bool) -> None:

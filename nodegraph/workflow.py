@@ -56,8 +56,13 @@ def load(path: str | Path) -> Any:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise WorkflowError(f"cannot read {path}: {exc.strerror or exc}", code="unreadable") from None
+    return loads(raw, path)
+
+
+def loads(raw: bytes, name: str | Path = "the upload") -> Any:
+    """A workflow from a file's bytes (nodegraph or ComfyUI API JSON, or a PNG written by SaveImage)."""
     if raw.startswith(PNG_SIGNATURE):
-        return from_json(parse_png(raw, path))
+        return from_json(parse_png(raw, name))
     return from_json(parse(raw))
 
 

@@ -1,0 +1,103 @@
+"""Wiring: the aiohttp application, its lifecycle, and the serve loop behind `nodegraph serve`.
+
+    nodegraph serve --port 0 --data-dir /tmp/ng      # prints: nodegraph: serving on http://127.0.0.1:PORT
+
+The app owns one executor (its cache and models persist across jobs), one store (SQLite in the
+data folder) and one worker thread. On startup, jobs cut off by a previous crash are marked
+(`Store.recover`) and pending ones run in order; on shutdown the running job is interrupted and
+recorded as such, and websockets are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import suppress
+
+from aiohttp import web
+
+from nodegraph.executor import Executor
+from nodegraph.server import api_files, api_info, api_jobs, static, ws
+from nodegraph.server.errors import json_errors
+from nodegraph.server.hub import Hub
+from nodegraph.server.security import refuse_cross_site, require_token, security_headers
+from nodegraph.server.state import CONFIG, EXECUTOR, HUB, STORE, WORKER, ServerConfig
+from nodegraph.server.worker import Worker
+from nodegraph.store import Store
+
+READY = "nodegraph: serving on {url}"
+
+
+def create_app(executor: Executor, config: ServerConfig) -> web.Application:
+    # json_errors is outermost so the token and cross-site refusals are JSON errors as well.
+    app = web.Application(middlewares=[json_errors, require_token, refuse_cross_site],
+                          client_max_size=config.max_body)
+    store = Store(config.data_dir)
+    hub = Hub()
+    app[CONFIG], app[EXECUTOR], app[STORE], app[HUB] = config, executor, store, hub
+    app[WORKER] = Worker(store, executor, hub.publish_threadsafe)
+    for group in (api_jobs.routes, api_info.routes, api_files.routes, ws.routes, static.routes):
+        app.router.add_routes(group)
+    app.on_response_prepare.append(security_headers)
+    app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_close_websockets)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    app[HUB].bind(asyncio.get_running_loop())
+    app[STORE].recover()
+    app[WORKER].start()
+    yield
+    await asyncio.to_thread(app[WORKER].stop)
+    app[STORE].close()
+
+
+async def _close_websockets(app: web.Application) -> None:
+    await app[HUB].close_all()
+
+
+def serve(executor: Executor, config: ServerConfig, host: str, port: int) -> int:
+    """Serve until SIGINT or SIGTERM; prints the ready line (with the real port) to stdout."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(create_app(executor, config), host, port))
+    return 0
+
+
+async def _serve(app: web.Application, host: str, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None)  # stdout carries only the ready line
+    await runner.setup()
+    try:
+        sock = bind(host, port)
+        await web.SockSite(runner, sock).start()
+        bound_host, bound_port = sock.getsockname()[:2]
+        shown = f"[{bound_host}]" if sock.family == socket.AF_INET6 else bound_host
+        print(READY.format(url=f"http://{shown}:{bound_port}"), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with suppress(NotImplementedError):  # no signal handlers on Windows' loop
+                loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        # From here a second Ctrl-C stops at once (KeyboardInterrupt), as in `nodegraph run`.
+        with suppress(NotImplementedError):
+            loop.remove_signal_handler(signal.SIGINT)
+    finally:
+        await runner.cleanup()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (0 picks a free port), IPv4 or IPv6 as the host says."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock

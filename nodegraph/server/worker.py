@@ -1,0 +1,145 @@
+"""The worker: one thread that takes jobs off the store's queue and runs them on the executor.
+
+Jobs run off the event loop, so the API answers while a job samples. There is one executor for
+the life of the server, so its output cache and resident models carry over between jobs.
+A job is claimed atomically (`Store.claim`), re-validated by `Executor.run` (model files may
+have changed since it was queued) and recorded before `job_finished` is published, so a client
+that sees `job_finished` finds the final job in the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nodegraph import events as ev
+from nodegraph.context import CancelToken
+from nodegraph.executor import Executor, RunResult
+from nodegraph.store import SHUTDOWN_CODE, SHUTDOWN_MESSAGE, Job, Store
+
+log = logging.getLogger("nodegraph.server")
+Publish = Callable[[str | None, dict[str, Any]], None]
+
+
+def output_name(path: str, output_dir: Path) -> str:
+    """A file the executor recorded, named relative to the output folder (as `/api/outputs/` serves it).
+
+    Nodes record paths under the output folder as given (maybe relative to the working directory).
+    """
+    relative = os.path.relpath(os.path.realpath(path), os.path.realpath(output_dir))
+    return path if relative == ".." or relative.startswith("../") else Path(relative).as_posix()
+
+
+class Worker:
+    def __init__(self, store: Store, executor: Executor, publish: Publish) -> None:
+        self.store, self.executor, self.publish = store, executor, publish
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # claiming vs cancelling: a job is never both
+        self._busy = threading.Lock()  # held while a job runs; /api/free frees between jobs
+        self._current: tuple[str, CancelToken] | None = None
+        self._stopping = False
+        self._free_requested = False
+        self._thread = threading.Thread(target=self._loop, name="nodegraph-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Interrupt the running job (recorded as cut off by the shutdown) and wait for the thread."""
+        self._stopping = True
+        with self._lock:
+            if self._current is not None:
+                self._current[1].cancel()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def wake(self) -> None:
+        """A job was queued."""
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> str | None:
+        """'cancelled' (it was pending), 'interrupting' (it is running), or None (neither)."""
+        with self._lock:
+            if self.store.cancel(job_id):
+                return "cancelled"
+            if self._current is not None and self._current[0] == job_id:
+                self._current[1].cancel()
+                return "interrupting"
+        return None
+
+    def free(self) -> bool:
+        """Unload models and clear the output cache now if idle (True), else right after the running job."""
+        if self._busy.acquire(blocking=False):
+            try:
+                self._free()
+            finally:
+                self._busy.release()
+            return True
+        self._free_requested = True
+        self._wake.set()
+        return False
+
+    def _free(self) -> None:
+        self._free_requested = False
+        self.executor.free_memory()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()  # before claiming: a job queued after the claim sets it again
+            with self._busy:
+                if self._free_requested:
+                    self._free()
+                with self._lock:
+                    job = None if self._stopping else self.store.claim()
+                    token = CancelToken()
+                    self._current = (job.id, token) if job else None
+                if job is not None:
+                    try:
+                        self._run(job, token)
+                    finally:
+                        with self._lock:
+                            self._current = None
+            if job is None:
+                self._wake.wait()
+
+    def _run(self, job: Job, token: CancelToken) -> None:
+        output_dir = self.executor.settings.output_dir
+
+        def emit(event: ev.Event) -> None:
+            if isinstance(event, ev.JobFinished):
+                return  # sent below, once the job is recorded, with its final status
+            message = event.to_json()
+            if isinstance(event, ev.NodeFinished):
+                message["files"] = [output_name(f, output_dir) for f in event.files]
+            self.publish(job.client_id, message)
+
+        try:
+            result = self.executor.run(job.workflow, emit, token, job_id=job.id)
+            status, record = _record(result, output_dir)
+        except Exception as exc:  # a bug in the executor must not kill the worker or lose the job
+            log.exception("job %s failed unexpectedly", job.id)
+            status, record = "error", {"nodes": {}, "files": [], "errors": [
+                {"node_id": None, "input": None, "code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}]}
+        if status == "interrupted" and self._stopping:
+            status = "error"
+            record["errors"].append({"node_id": None, "input": None, "code": SHUTDOWN_CODE,
+                                     "message": SHUTDOWN_MESSAGE})
+        self.store.finish(job.id, status, record)
+        self.publish(job.client_id, {"type": "job_finished", "job_id": job.id, "status": status,
+                                     "files": record["files"], "errors": record["errors"]})
+
+
+def _record(result: RunResult, output_dir: Path) -> tuple[str, dict[str, Any]]:
+    """What the store keeps of a run: per-node results with their files, all files, errors."""
+    data = result.to_json()
+    for node_id, node in data["nodes"].items():
+        node["files"] = [output_name(f, output_dir) for f in result.nodes[node_id].files]
+    data["files"] = [output_name(f, output_dir) for f in result.files]
+    status = "error" if result.status == "invalid" else data.pop("status")
+    data.pop("status", None)
+    return status, data

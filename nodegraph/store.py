@@ -1,0 +1,239 @@
+"""The persistent job queue and history: one SQLite table, safe across crashes and restarts.
+
+    store = Store(Path("data"))          # data/nodegraph.sqlite3, created when missing
+    job = store.add(workflow, client_id="editor-1")
+    running = store.claim()              # the oldest pending job, now running (atomically)
+    store.finish(running.id, "ok", {"nodes": {...}, "files": [...], "errors": []})
+
+Every job, pending or finished, is one row. `seq` (monotonic, never reused) is the run order;
+`done_seq` (also monotonic) is the order jobs finished in, which is the history's order.
+A job still `running` when the store is opened again was cut off by a crash or a kill: `recover()`
+marks it `error` with the code `interrupted_by_shutdown`; it can be queued again from history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FILE_NAME = "nodegraph.sqlite3"
+LOCK_NAME = "nodegraph.lock"
+PENDING, RUNNING = "pending", "running"
+FINISHED = ("ok", "error", "interrupted", "cancelled")
+SHUTDOWN_CODE = "interrupted_by_shutdown"
+SHUTDOWN_MESSAGE = "interrupted by shutdown; queue it again from history"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+    id        TEXT NOT NULL UNIQUE,
+    status    TEXT NOT NULL,
+    client_id TEXT,
+    created   REAL NOT NULL,
+    started   REAL,
+    finished  REAL,
+    done_seq  INTEGER UNIQUE,
+    workflow  TEXT NOT NULL,
+    result    TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+"""
+
+
+@dataclass
+class Job:
+    id: str
+    status: str
+    client_id: str | None
+    created: float
+    workflow: Any
+    started: float | None = None
+    finished: float | None = None
+    seq: int = 0
+    done_seq: int | None = None
+    position: int | None = None  # pending jobs only: 0 runs next
+    result: dict[str, Any] = field(default_factory=dict)  # nodes, files, errors once finished
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "job_id": self.id, "status": self.status, "client_id": self.client_id,
+            "created": self.created, "started": self.started, "finished": self.finished,
+        }
+        if self.status == PENDING:
+            data["position"] = self.position
+        data["nodes"] = self.result.get("nodes", {})
+        data["files"] = self.result.get("files", [])
+        data["errors"] = self.result.get("errors", [])
+        data["workflow"] = self.workflow
+        return data
+
+
+class StoreBusy(Exception):
+    """Another process has the data folder open."""
+
+
+class Store:
+    """SQLite in WAL mode; one connection shared by the server's threads behind a lock.
+
+    synchronous=FULL: a commit is on disk before `add()` returns, so a job the API answered
+    201 for survives even a power cut. The store writes a few rows per job, never per step,
+    so the extra fsync costs nothing that matters.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / FILE_NAME
+        # One process per data folder: a second server would mark the first one's running job
+        # as cut off (recover) while it still runs.
+        self._owner = _lock_folder(data_dir / LOCK_NAME)
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), nothing implicit.
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+        os.close(self._owner)
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes SQLite's write lock at once, so a read-then-update (claim, finish)
+        # cannot interleave with another writer, even one in another process.
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def recover(self) -> list[str]:
+        """Mark the jobs left `running` by a process that died as errors; their ids."""
+        problem = {"node_id": None, "input": None, "code": SHUTDOWN_CODE, "message": SHUTDOWN_MESSAGE}
+        with self._write() as db:
+            ids = [row["id"] for row in db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq", (RUNNING,))]
+            for job_id in ids:
+                self._finish(db, job_id, "error", {"nodes": {}, "files": [], "errors": [problem]})
+        return ids
+
+    def add(self, workflow: Any, client_id: str | None = None) -> Job:
+        job = Job(uuid.uuid4().hex, PENDING, client_id, time.time(), workflow)
+        with self._write() as db:
+            cursor = db.execute("INSERT INTO jobs (id, status, client_id, created, workflow) VALUES (?, ?, ?, ?, ?)",
+                                (job.id, PENDING, client_id, job.created, json.dumps(workflow)))
+            job.seq = cursor.lastrowid or 0
+            # In the same transaction: the worker may claim the job as soon as it is committed.
+            (job.position,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?",
+                                         (PENDING, job.seq)).fetchone()
+        return job
+
+    def claim(self) -> Job | None:
+        """The oldest pending job, switched to running in the same transaction; None when none waits."""
+        with self._write() as db:
+            row = db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (PENDING,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET status = ?, started = ? WHERE id = ?", (RUNNING, time.time(), row["id"]))
+        return self.get(row["id"])
+
+    def finish(self, job_id: str, status: str, result: dict[str, Any]) -> None:
+        """Record a running job's end: status ok, error or interrupted, and its result."""
+        with self._write() as db:
+            self._finish(db, job_id, status, result)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a pending job (kept in history); False when it is not pending."""
+        with self._write() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] != PENDING:
+                return False
+            self._finish(db, job_id, "cancelled", {})
+        return True
+
+    @staticmethod
+    def _finish(db: sqlite3.Connection, job_id: str, status: str, result: dict[str, Any]) -> None:
+        assert status in FINISHED, status
+        (done,) = db.execute("SELECT COALESCE(MAX(done_seq), 0) + 1 FROM jobs").fetchone()
+        db.execute("UPDATE jobs SET status = ?, finished = ?, done_seq = ?, result = ? WHERE id = ?",
+                   (status, time.time(), done, json.dumps(result), job_id))
+
+    def delete(self, job_id: str) -> bool:
+        """Remove a finished job from history; False when there is no such finished job."""
+        with self._write() as db:
+            marks = ",".join("?" * len(FINISHED))
+            gone = db.execute(f"DELETE FROM jobs WHERE id = ? AND status IN ({marks})", (job_id, *FINISHED))
+        return gone.rowcount > 0
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            job = _job(row)
+            if job.status == PENDING:
+                (job.position,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?",
+                                                   (PENDING, job.seq)).fetchone()
+        return job
+
+    def queue(self) -> tuple[list[Job], list[Job]]:
+        """(running, pending): the pending jobs in run order, with their positions."""
+        with self._lock:
+            running = [_job(r) for r in self._db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq",
+                                                         (RUNNING,))]
+            pending = [_job(r) for r in self._db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq",
+                                                         (PENDING,))]
+        for position, job in enumerate(pending):
+            job.position = position
+        return running, pending
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs WHERE status IN (?, ?) GROUP BY status",
+                                    (PENDING, RUNNING)).fetchall()
+        found = {status: count for status, count in rows}
+        return {PENDING: found.get(PENDING, 0), RUNNING: found.get(RUNNING, 0)}
+
+    def history(self, limit: int = 50, before: int | None = None) -> tuple[list[Job], int | None]:
+        """Finished jobs, most recently finished first, and the cursor for the next page (or None)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE done_seq IS NOT NULL AND done_seq < ? ORDER BY done_seq DESC LIMIT ?",
+                (before if before is not None else 2**63 - 1, limit + 1)).fetchall()
+        jobs = [_job(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return jobs, (jobs[-1].done_seq if more and jobs else None)
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(id=row["id"], status=row["status"], client_id=row["client_id"], created=row["created"],
+               workflow=json.loads(row["workflow"]), started=row["started"], finished=row["finished"],
+               seq=row["seq"], done_seq=row["done_seq"], result=json.loads(row["result"] or "{}"))
+
+
+def _lock_folder(path: Path) -> int:
+    """An exclusive advisory lock held while the store is open; the OS drops it if the process dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one server per folder is up to the user there
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreBusy(f"{path.parent} is in use by another nodegraph process") from None
+    return fd

@@ -1,0 +1,111 @@
+"""Outputs, saved workflows and imports: safe names only, explicit content types, atomic writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from nodegraph import workflow as wf_module
+from nodegraph.cli import main
+from nodegraph.server.state import ServerConfig
+from nodegraph.settings import Settings
+from tests.server.conftest import Client, show
+
+
+def png(text: dict[str, str] | None = None) -> bytes:
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+async def test_outputs_serves_images_with_explicit_types(client: Client, settings: Settings) -> None:
+    (settings.output_dir / ".temp" / "sub").mkdir(parents=True)
+    (settings.output_dir / "a_00001_.png").write_bytes(png())
+    (settings.output_dir / ".temp" / "sub" / "p.png").write_bytes(png())
+    for name in ("a_00001_.png", ".temp/sub/p.png"):
+        response = await client.get(f"/api/outputs/{name}")
+        assert response.status == 200 and await response.read() == (settings.output_dir / name).read_bytes()
+        assert response.headers["Content-Type"] == "image/png"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert (await client.get("/api/outputs/missing.png")).status == 404
+
+
+@pytest.mark.parametrize("name, status", [
+    ("..%2Fsecret.png", 400), ("sub/..%2F..%2Fsecret.png", 400), ("%2Fetc%2Fpasswd.png", 400),
+    ("a%00.png", 400), ("notes.txt", 403), ("page.html", 403), ("link.png", 403), ("a%5C..%5Cb.png", 400),
+])
+async def test_outputs_refuses_unsafe_names(client: Client, settings: Settings, tmp_path: Path, name: str,
+                                            status: int) -> None:
+    settings.output_dir.mkdir(parents=True)
+    (tmp_path / "secret.png").write_bytes(png())
+    (settings.output_dir / "notes.txt").write_text("x")
+    (settings.output_dir / "page.html").write_text("<script>alert(1)</script>")
+    os.symlink(tmp_path / "secret.png", settings.output_dir / "link.png")
+    response = await client.get(f"/api/outputs/{name}")
+    assert response.status == status and "errors" in await response.json()
+
+
+async def test_workflows_round_trip_and_run_unchanged_from_the_command_line(
+        client: Client, config: ServerConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await (await client.get("/api/workflows")).json() == {"workflows": []}
+    workflow = {**show("saved"), "ui": {"groups": [1]}}
+    response = await client.put("/api/workflows/my flow.json", json=workflow)
+    assert response.status == 201
+    assert (await client.put("/api/workflows/my flow.json", json=workflow)).status == 200
+    path = config.workflows_dir / "my flow.json"
+    assert path.read_text() == wf_module.dumps(workflow)  # pretty-printed like `nodegraph.workflow.save`
+    assert [p.name for p in config.workflows_dir.iterdir()] == ["my flow.json"]  # no temporary file left
+    assert await (await client.get("/api/workflows")).json() == {"workflows": ["my flow.json"]}
+    assert await (await client.get("/api/workflows/my flow.json")).json() == workflow
+    assert main(["run", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nodes"]["1"]["outputs"] == {"value": "saved"}
+    assert (await client.delete("/api/workflows/my flow.json")).status == 200
+    assert (await client.get("/api/workflows/my flow.json")).status == 404
+    assert (await client.delete("/api/workflows/my flow.json")).status == 404
+
+
+async def test_workflow_names_and_bodies_are_checked(client: Client, config: ServerConfig, tmp_path: Path) -> None:
+    for name in ("..json", ".hidden.json", "a.txt", "..%2Fx.json", "x%00.json", "-x.json"):
+        response = await client.put(f"/api/workflows/{name}", json=show(1))
+        assert response.status in (400, 404), name  # 404: a name with a slash is no route at all
+    config.workflows_dir.mkdir()
+    (tmp_path / "outside.json").write_text("{}")
+    os.symlink(tmp_path / "outside.json", config.workflows_dir / "link.json")
+    for method in ("get", "put", "delete"):
+        response = await client.request(method, "/api/workflows/link.json", json=show(1))
+        assert response.status == 403 and (await response.json())["errors"][0]["code"] == "outside_folder"
+    assert (tmp_path / "outside.json").read_text() == "{}"
+    assert await (await client.get("/api/workflows")).json() == {"workflows": []}
+    for body in ([1], {"nodes": {}}, {"format": "nodegraph/1", "nodes": []}):
+        response = await client.put("/api/workflows/x.json", json=body)
+        assert response.status == 400 and (await response.json())["errors"][0]["code"] == "invalid_shape"
+
+
+async def test_import_accepts_workflows_comfyui_api_json_and_pngs(client: Client) -> None:
+    workflow = show("hi")
+    for body in (json.dumps(workflow).encode(), png({"workflow": json.dumps(workflow)})):
+        response = await client.post("/api/import", data=body)
+        assert response.status == 200 and await response.json() == {"workflow": workflow}
+    comfy = {"3": {"class_type": "Show", "inputs": {"value": "x"}}}
+    lowered = await (await client.post("/api/import", data=json.dumps(comfy))).json()
+    assert lowered == {"workflow": {"format": "nodegraph/1", "nodes": {"3": {"type": "Show", "inputs": {"value": "x"}}},
+                                    "ui": {}}}
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"\xff\xfe", "invalid_json"), (b"{", "invalid_json"), (png(), "no_workflow"),
+    (png()[:40], "no_workflow"), (b'{"nodes": [], "links": []}', "invalid_shape"), (b'{"format": "x", "nodes": {}}',
+                                                                                   "unknown_format"),
+])
+async def test_import_refuses_what_is_not_a_workflow(client: Client, body: bytes, code: str) -> None:
+    response = await client.post("/api/import", data=body)
+    assert response.status == 400 and (await response.json())["errors"][0]["code"] == code

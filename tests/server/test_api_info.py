@@ -1,0 +1,89 @@
+"""Nodes, models, validation, system and free, and the OpenAPI document against the app's routes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nodegraph.executor import Executor
+from nodegraph.registry import Registry
+from nodegraph.server.app import create_app
+from nodegraph.server.openapi import document
+from nodegraph.server.state import STORE, ServerConfig
+from nodegraph.settings import Settings
+from tests.server.conftest import Client, connect, finished, queue, show, slow, wf
+
+
+async def test_nodes_is_the_catalog_with_choices_current_at_request_time(
+        client: Client, registry: Registry, settings: Settings) -> None:
+    catalog = await (await client.get("/api/nodes")).json()
+    assert catalog == registry.catalog(settings)
+    (settings.models_dirs[0] / "loras").mkdir(parents=True)
+    (settings.models_dirs[0] / "loras" / "new.safetensors").write_bytes(b"")
+    lora_input = next(i for i in (await (await client.get("/api/nodes")).json())["nodes"]["LoadLoRA"]["inputs"]
+                      if i["name"] == "lora")
+    assert "new.safetensors" in lora_input["choices"]
+
+
+async def test_models_lists_files_of_a_kind(client: Client, settings: Settings) -> None:
+    root = settings.models_dirs[0]
+    (root / "checkpoints" / "folder-model").mkdir(parents=True)
+    (root / "checkpoints" / "folder-model" / "model_index.json").write_text("{}")
+    (root / "checkpoints" / "one.safetensors").write_bytes(b"")
+    (root / "checkpoints" / "notes.txt").write_text("")
+    assert await (await client.get("/api/models/checkpoints")).json() == {
+        "kind": "checkpoints", "files": ["folder-model", "one.safetensors"]}
+    assert await (await client.get("/api/models/loras")).json() == {"kind": "loras", "files": []}
+    response = await client.get("/api/models/secrets")
+    assert response.status == 404 and (await response.json())["errors"][0]["code"] == "unknown_model_kind"
+
+
+async def test_validate_returns_every_problem(client: Client) -> None:
+    ok = await (await client.post("/api/validate", json={"workflow": show(1)})).json()
+    assert ok == {"ok": True, "errors": []}
+    bad = await (await client.post("/api/validate", json={"workflow": wf({"1": {"type": "Show"}})})).json()
+    assert bad == {"ok": False, "errors": [{"node_id": "1", "input": "value", "code": "missing_input",
+                                            "message": "Show needs 'value' (*)"}]}
+    response = await client.post("/api/validate", json={"nope": 1})
+    assert response.status == 400
+
+
+async def test_system_reports_versions_models_and_queue(client: Client) -> None:
+    await finished(client, await queue(client, show(1)))
+    system = await (await client.get("/api/system")).json()
+    assert {"python", "nodegraph", "aiohttp"} <= set(system["versions"])
+    assert system["queue"] == {"pending": 0, "running": 0}
+    assert isinstance(system["models"], dict) and system["cache"]["entries"] == 1
+
+
+async def test_free_clears_the_cache_now_when_idle_and_after_the_running_job_otherwise(client: Client) -> None:
+    await finished(client, await queue(client, show(1)))
+    assert await (await client.post("/api/free")).json() == {"freed": True, "deferred": False}
+    assert (await (await client.get("/api/system")).json())["cache"]["entries"] == 0
+
+    events = await connect(client)
+    running = await queue(client, slow(), client_id="me")
+    await events.until(type="progress", job_id=running)
+    assert await (await client.post("/api/free")).json() == {"freed": False, "deferred": True}
+    await client.delete(f"/api/jobs/{running}")
+    await events.until(type="job_finished", job_id=running)
+    after = await finished(client, await queue(client, show(1)))
+    assert after["nodes"]["1"]["status"] == "ran"  # the cache was cleared before this job ran
+
+
+def test_openapi_describes_exactly_the_routes_of_the_app(registry: Registry, settings: Settings,
+                                                          tmp_path: Path) -> None:
+    app = create_app(Executor(registry, settings), ServerConfig(tmp_path / "d", tmp_path / "w"))
+    app[STORE].close()
+    routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes()  # type: ignore[union-attr]
+              if r.method != "HEAD"}
+    described = {(method, path) for path, ops in document()["paths"].items() for method in ops}
+    assert routes == described
+    for path, ops in document()["paths"].items():
+        for op in ops.values():
+            names = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+            assert names == {part[1:-1] for part in path.split("/") if part.startswith("{")}
+
+
+async def test_openapi_is_served(client: Client) -> None:
+    served = await (await client.get("/api/openapi.json")).json()
+    assert served["openapi"].startswith("3.") and "/api/jobs" in served["paths"]

@@ -1,0 +1,136 @@
+"""The queue and history over HTTP: queue, run, list, cancel, interrupt, re-queue, page, delete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.server.conftest import Client, connect, finished, queue, show, slow, wf
+
+MATH = json.loads((Path(__file__).parents[2] / "workflows" / "math.json").read_text())
+
+
+async def test_a_queued_workflow_runs_and_its_result_is_recorded(client: Client) -> None:
+    job_id = await queue(client, MATH, client_id="me")
+    job = await finished(client, job_id)
+    assert job["status"] == "ok" and job["errors"] == [] and job["client_id"] == "me"
+    assert job["workflow"] == MATH and job["files"] == []
+    assert job["nodes"]["5"] == {"type": "Show", "status": "ran", "seconds": job["nodes"]["5"]["seconds"],
+                                 "outputs": {"value": "(3 + 4.5)^2 = 56.25"}, "files": []}
+    assert job["created"] <= job["started"] <= job["finished"]
+    history = await (await client.get("/api/history")).json()
+    assert [j["job_id"] for j in history["jobs"]] == [job_id] and history["next"] is None
+
+
+async def test_the_executor_and_its_cache_persist_across_jobs(client: Client) -> None:
+    first = await finished(client, await queue(client, MATH))
+    second = await finished(client, await queue(client, MATH))
+    assert {n["status"] for n in first["nodes"].values()} == {"ran"}
+    assert {n["status"] for n in second["nodes"].values()} == {"cached"}
+
+
+async def test_an_invalid_workflow_is_refused_with_every_problem(client: Client) -> None:
+    bad = wf({"1": {"type": "Math", "inputs": {"a": "x", "op": "nope"}}, "2": {"type": "Nope"}})
+    response = await client.post("/api/jobs", json={"workflow": bad})
+    assert response.status == 400
+    errors = (await response.json())["errors"]
+    assert {(e["node_id"], e["code"]) for e in errors} >= {("1", "wrong_type"), ("1", "not_a_choice"),
+                                                          ("2", "unknown_node_type")}
+    assert (await (await client.get("/api/jobs")).json()) == {"running": [], "pending": []}
+
+
+async def test_a_comfyui_api_workflow_is_accepted(client: Client) -> None:
+    comfy = {"7": {"class_type": "Show", "inputs": {"value": "hi"}, "_meta": {"title": "t"}}}
+    job = await finished(client, await queue(client, comfy))  # type: ignore[arg-type]
+    assert job["status"] == "ok" and job["nodes"]["7"]["outputs"] == {"value": "hi"}
+
+
+async def test_bad_bodies_are_json_errors(client: Client) -> None:
+    for body, code in ((b"{", "invalid_json"), (b"[]", "invalid_body"), (b"{}", "invalid_body"),
+                       (b'{"workflow": {}, "client_id": 5}', "invalid_body")):
+        response = await client.post("/api/jobs", data=body)
+        assert response.status == 400 and (await response.json())["errors"][0]["code"] == code
+    response = await client.post("/api/jobs", json={"from_history": "nope"})
+    assert response.status == 404 and (await response.json())["errors"][0]["code"] == "no_such_job"
+
+
+async def test_pending_jobs_are_listed_in_run_order_and_cancelled_jobs_stay_in_history(client: Client) -> None:
+    events = await connect(client, "client_id=me")
+    running = await queue(client, slow(), client_id="me")
+    await events.until(type="progress", job_id=running)
+    waiting = [await queue(client, show(i), client_id="me") for i in range(3)]
+    jobs = await (await client.get("/api/jobs")).json()
+    assert [j["job_id"] for j in jobs["running"]] == [running]
+    assert [(j["job_id"], j["position"]) for j in jobs["pending"]] == jobs_at(waiting)
+    await events.until(type="job_queued", job_id=waiting[2])
+    assert [(m["job_id"], m["position"]) for m in events.of("job_queued")] == [(running, 0), *jobs_at(waiting)]
+
+    response = await client.delete(f"/api/jobs/{waiting[1]}")
+    assert response.status == 200 and (await response.json())["status"] == "cancelled"
+    await events.until(type="job_cancelled", job_id=waiting[1])
+    after = await (await client.get("/api/jobs")).json()
+    assert [(j["job_id"], j["position"]) for j in after["pending"]] == [(waiting[0], 0), (waiting[2], 1)]
+
+    response = await client.delete(f"/api/jobs/{running}")
+    assert response.status == 202
+    done = await events.until(type="job_finished", job_id=running)
+    assert done["status"] == "interrupted" and events.of("interrupted", running)
+    assert (await (await client.get(f"/api/jobs/{running}")).json())["status"] == "interrupted"
+    assert [(await finished(client, j))["status"] for j in waiting] == ["ok", "cancelled", "ok"]
+    history = [j["job_id"] for j in (await (await client.get("/api/history")).json())["jobs"]]
+    assert history == [waiting[2], waiting[0], running, waiting[1]]  # most recently finished first
+
+    response = await client.delete(f"/api/jobs/{running}")
+    assert response.status == 409 and (await response.json())["errors"][0]["code"] == "not_active"
+    assert (await client.delete("/api/jobs/nope")).status == 404
+    assert (await client.get("/api/jobs/nope")).status == 404
+
+
+async def test_a_past_job_can_be_queued_again(client: Client) -> None:
+    first = await queue(client, show("again"))
+    await finished(client, first)
+    response = await client.post("/api/jobs", json={"from_history": first, "client_id": "other"})
+    assert response.status == 201
+    second = (await response.json())["job_id"]
+    job = await finished(client, second)
+    assert second != first and job["workflow"] == show("again") and job["client_id"] == "other"
+
+
+async def test_a_failing_node_is_recorded_with_its_error(client: Client) -> None:
+    job = await finished(client, await queue(client, wf({"1": {"type": "Fail", "inputs": {}},
+                                                         "2": {"type": "Show", "inputs": {"value": ["1", 0]}}})))
+    assert job["status"] == "error" and job["nodes"]["1"]["status"] == "error"
+    assert [(e["node_id"], e["code"]) for e in job["errors"]] == [("1", "test_failure")]
+
+
+async def test_history_pages_and_deletes(client: Client) -> None:
+    ids = [await queue(client, show(i)) for i in range(5)]
+    await finished(client, ids[-1])
+    seen: list[str] = []
+    url = "/api/history?limit=2"
+    while True:
+        page = await (await client.get(url)).json()
+        seen += [j["job_id"] for j in page["jobs"]]
+        if page["next"] is None:
+            break
+        url = f"/api/history?limit=2&before={page['next']}"
+    assert seen == ids[::-1]
+    response = await client.delete(f"/api/history/{ids[0]}")
+    assert response.status == 200 and (await response.json()) == {"deleted": ids[0]}
+    assert (await client.get(f"/api/jobs/{ids[0]}")).status == 404
+    assert (await client.delete(f"/api/history/{ids[0]}")).status == 404
+    for query in ("limit=0", "limit=501", "limit=x", "before=y"):
+        response = await client.get(f"/api/history?{query}")
+        assert response.status == 400 and (await response.json())["errors"][0]["code"] == "bad_query"
+
+
+async def test_a_running_job_cannot_be_deleted_from_history(client: Client) -> None:
+    events = await connect(client)
+    running = await queue(client, slow(), client_id="me")
+    await events.until(type="progress", job_id=running)
+    response = await client.delete(f"/api/history/{running}")
+    assert response.status == 409 and (await response.json())["errors"][0]["code"] == "not_finished"
+
+
+def jobs_at(ids: list[str]) -> list[tuple[str, int]]:
+    return list(zip(ids, range(len(ids)), strict=True))

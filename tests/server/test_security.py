@@ -1,0 +1,130 @@
+"""Security defaults: cross-site refusals, the token (header and cookie), host names, body limits, errors."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp import WSServerHandshakeError
+
+from nodegraph.server.security import confined, content_security_policy, is_loopback, same_origin
+from tests.server.conftest import Client, MakeClient, connect, show
+
+MUTATING = [("post", "/api/jobs"), ("post", "/api/validate"), ("post", "/api/import"), ("post", "/api/free"),
+            ("put", "/api/workflows/x.json"), ("delete", "/api/workflows/x.json"), ("delete", "/api/jobs/x"),
+            ("delete", "/api/history/x")]
+CROSS_SITE = [{"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": "http://127.0.0.1:1"},
+              {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}, {"Origin": "garbage"}]
+
+
+async def test_mutating_routes_refuse_cross_site_requests(client: Client) -> None:
+    for method, path in MUTATING:
+        for headers in CROSS_SITE:
+            response = await client.request(method, path, json={"workflow": show(1)}, headers=headers)
+            assert response.status == 403, (method, path, headers)
+            assert (await response.json())["errors"][0]["code"] == "cross_site"
+    assert (await (await client.get("/api/jobs")).json())["pending"] == []
+
+
+async def test_same_origin_and_scripts_without_origin_are_allowed(client: Client) -> None:
+    origin = f"http://127.0.0.1:{client.port}"
+    for headers in ({}, {"Origin": origin}, {"Origin": origin, "Sec-Fetch-Site": "same-origin"},
+                    {"Sec-Fetch-Site": "none"}):
+        response = await client.post("/api/validate", json={"workflow": show(1)}, headers=headers)
+        assert response.status == 200, headers
+    assert (await client.get("/api/nodes", headers={"Origin": "http://evil.example"})).status == 200  # reads: CORS
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE[:4])
+async def test_the_websocket_refuses_cross_site_connections(client: Client, headers: dict[str, str]) -> None:
+    with pytest.raises(WSServerHandshakeError) as caught:
+        await client.ws_connect("/api/ws?client_id=x", headers=headers)
+    assert caught.value.status == 403
+    await connect(client, headers={"Origin": f"http://127.0.0.1:{client.port}"})
+
+
+async def test_with_a_token_every_route_needs_it(make_client: MakeClient) -> None:
+    client = await make_client(token="s3cret")
+    for method, path in [("get", "/"), ("get", "/web/index.html"), ("get", "/api/nodes"), ("get", "/api/ws"),
+                         ("get", "/api/outputs/a.png"), ("get", "/api/openapi.json"), *MUTATING]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            response = await client.request(method, path, headers=headers)
+            assert response.status == 401, (method, path, headers)
+            assert (await response.json())["errors"][0]["code"] == "unauthorized"
+    response = await client.get("/api/nodes", headers={"Authorization": "Bearer s3cret"})
+    assert response.status == 200
+    await connect(client, headers={"Authorization": "Bearer s3cret"})
+
+
+async def test_the_token_in_the_address_sets_a_strict_cookie_for_the_browser(make_client: MakeClient) -> None:
+    client = await make_client(token="s3cret")
+    assert (await client.get("/?token=wrong", allow_redirects=False)).status == 401
+    response = await client.get("/?token=s3cret", allow_redirects=False)
+    assert response.status == 302 and response.headers["Location"] == "/"
+    cookie = response.cookies["nodegraph_token"]
+    assert cookie.value == "s3cret" and cookie["httponly"] and cookie["samesite"] == "Strict"
+    assert (await client.get("/api/nodes")).status == 200  # the client's cookie jar now holds it
+    await connect(client)
+
+
+async def test_without_a_token_only_loopback_host_names_are_answered(client: Client) -> None:
+    # A DNS-rebinding page reaches 127.0.0.1 under its own name; the Host header gives it away.
+    for host in ("evil.example", "evil.example:80", "10.0.0.1"):
+        response = await client.get("/api/nodes", headers={"Host": host})
+        assert response.status == 403 and (await response.json())["errors"][0]["code"] == "bad_host"
+    for host in ("localhost:8188", "127.0.0.1", "[::1]:8188"):
+        assert (await client.get("/api/openapi.json", headers={"Host": host})).status == 200
+
+
+async def test_bodies_over_the_limit_are_refused(make_client: MakeClient) -> None:
+    client = await make_client(max_body=1024)
+    response = await client.post("/api/import", data=b"x" * 2048)
+    assert response.status == 413 and (await response.json())["errors"][0]["code"] == "body_too_large"
+
+
+async def test_every_refusal_is_a_json_error(client: Client) -> None:
+    for method, path, status in [("get", "/api/nope", 404), ("patch", "/api/jobs", 405), ("get", "/api/jobs/x", 404)]:
+        response = await client.request(method, path)
+        assert response.status == status and response.content_type == "application/json"
+        assert set((await response.json())["errors"][0]) >= {"code", "message"}
+
+
+async def test_the_editor_html_gets_a_strict_content_security_policy(make_client: MakeClient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    web = tmp_path / "web"
+    (web / "lib").mkdir(parents=True)
+    (web / "index.html").write_text("<!doctype html><title>x</title>")
+    (web / "lib" / "app.js").write_text("1")
+    (web / "secret.py").write_text("x")
+    client = await make_client(web_dir=web)
+    response = await client.get("/")
+    assert response.status == 200 and response.headers["Content-Type"] == "text/html; charset=utf-8"
+    policy = response.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in policy and "script-src 'self';" in policy and "unsafe" not in policy
+    response = await client.get("/web/lib/app.js")
+    assert response.status == 200 and response.headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert (await client.get("/web/secret.py")).status == 403
+    assert (await client.get("/web/..%2F..%2Fetc%2Fpasswd")).status == 400
+    empty = await make_client(web_dir=tmp_path / "none", data_dir=tmp_path / "other-data")
+    assert (await empty.get("/")).status == 404
+
+
+def test_names_are_confined_to_their_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "in").mkdir()
+    assert confined(tmp_path / "in", "a/b.png") == (tmp_path / "in" / "a" / "b.png").resolve()
+    for name in ("", "/etc/passwd", "../x", "a/../../x", "a//b", "a\\b", "a\0b", "./a"):
+        with pytest.raises(Exception, match="safe relative"):
+            confined(tmp_path / "in", name)
+
+
+def test_origin_and_host_rules() -> None:
+    assert same_origin("http://localhost:8188", "localhost:8188", "http")
+    assert same_origin("http://LOCALHOST", "localhost:80", "http")
+    assert not same_origin("https://localhost:8188", "localhost:8188", "http")
+    assert not same_origin("null", "localhost:8188", "http")
+    assert not same_origin("http://localhost:8188/path", "localhost:8188", "http")
+    assert all(map(is_loopback, ["localhost", "127.0.0.1", "127.1.2.3", "::1", "[::1]", "app.localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "192.168.1.2", "example.com", "::", "localhost.evil.com"]))
+
+
+def test_the_policy_names_the_websocket_only_for_plain_host_names() -> None:
+    assert "connect-src 'self' ws://127.0.0.1:8188 wss://127.0.0.1:8188;" in content_security_policy("127.0.0.1:8188")
+    assert "ws://[::1]:80 " in content_security_policy("[::1]:80")
+    assert "connect-src 'self';" in content_security_policy("x; script-src *")

@@ -1,0 +1,102 @@
+"""The SQLite queue and history: order, atomic claims, recovery after a crash, pagination."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from nodegraph.store import SHUTDOWN_CODE, Store, StoreBusy
+
+WORKFLOW = {"format": "nodegraph/1", "nodes": {}}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "data")
+    yield store
+    store.close()
+
+
+def test_jobs_are_claimed_in_the_order_queued_with_positions(store: Store) -> None:
+    jobs = [store.add({**WORKFLOW, "n": i}, client_id="c") for i in range(3)]
+    assert [j.position for j in jobs] == [0, 1, 2]
+    running, pending = store.queue()
+    assert running == [] and [j.id for j in pending] == [j.id for j in jobs]
+    claimed = store.claim()
+    assert claimed is not None and claimed.id == jobs[0].id and claimed.status == "running"
+    assert claimed.workflow == {**WORKFLOW, "n": 0} and claimed.started is not None
+    assert store.get(jobs[2].id).position == 1  # type: ignore[union-attr]
+    assert store.counts() == {"pending": 2, "running": 1}
+
+
+def test_no_job_is_claimed_twice_by_concurrent_claimers(store: Store) -> None:
+    ids = {store.add(WORKFLOW).id for _ in range(60)}
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claim_all() -> None:
+        while (job := store.claim()) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=claim_all) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(ids)
+
+
+def test_the_queue_survives_closing_and_reopening(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = store.add(WORKFLOW)
+    store.close()
+    reopened = Store(tmp_path)
+    assert reopened.get(job.id).status == "pending"  # type: ignore[union-attr]
+    reopened.close()
+
+
+def test_recover_marks_jobs_cut_off_by_a_crash_and_keeps_pending_ones(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    first, second = store.add(WORKFLOW), store.add(WORKFLOW)
+    store.claim()
+    store.close()  # as if the process died: the row still says running
+    store = Store(tmp_path)
+    assert store.recover() == [first.id]
+    cut = store.get(first.id)
+    assert cut is not None and cut.status == "error" and cut.finished is not None
+    assert [e["code"] for e in cut.to_json()["errors"]] == [SHUTDOWN_CODE]
+    assert store.claim().id == second.id  # type: ignore[union-attr]
+    store.close()
+
+
+def test_history_is_newest_finished_first_and_pages_with_a_cursor(store: Store) -> None:
+    jobs = [store.add(WORKFLOW) for _ in range(5)]
+    assert store.cancel(jobs[3].id)  # finishes before the others run
+    for _ in range(4):
+        job = store.claim()
+        assert job is not None
+        store.finish(job.id, "ok", {"nodes": {}, "files": ["a.png"], "errors": []})
+    order = [jobs[4].id, jobs[2].id, jobs[1].id, jobs[0].id, jobs[3].id]
+    page, cursor = store.history(limit=2)
+    assert [j.id for j in page] == order[:2] and cursor is not None
+    page2, cursor2 = store.history(limit=2, before=cursor)
+    page3, cursor3 = store.history(limit=2, before=cursor2)
+    assert [j.id for j in page2 + page3] == order[2:] and cursor3 is None
+    assert store.get(jobs[0].id).to_json()["files"] == ["a.png"]  # type: ignore[union-attr]
+
+
+def test_cancel_and_delete_only_apply_to_the_right_states(store: Store) -> None:
+    running, pending = store.add(WORKFLOW), store.add(WORKFLOW)
+    store.claim()
+    assert not store.cancel(running.id) and store.cancel(pending.id) and not store.cancel(pending.id)
+    assert store.get(pending.id).status == "cancelled"  # type: ignore[union-attr]
+    assert not store.delete(running.id) and store.delete(pending.id)
+    assert store.get(pending.id) is None and not store.cancel("nope") and not store.delete("nope")
+
+
+def test_one_process_per_data_folder(store: Store) -> None:
+    with pytest.raises(StoreBusy, match="in use"):
+        Store(store.path.parent)
