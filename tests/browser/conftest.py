@@ -53,7 +53,7 @@ class Server:
             return json.loads(response.read())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     if not (ROOT / "web/node_modules/litegraph.js/build/litegraph.core.js").is_file():
         pytest.fail("litegraph.js is not installed: run `npm ci --prefix web` first", pytrace=False)
@@ -69,7 +69,7 @@ def server(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     lines: queue.Queue[str] = queue.Queue()
     log: list[str] = []
 
-    def read() -> None:  # keeps the pipe drained for the whole session
+    def read() -> None:  # keeps the pipe drained while the server runs
         assert process.stdout is not None
         for line in process.stdout:
             log.append(line)
@@ -96,7 +96,9 @@ def server(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             process.wait()
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop running in this thread while
+# it is open, and the async server tests that run after this folder need the thread's loop free.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not CHROMIUM.is_file():
         pytest.fail(f"Chromium is missing at {CHROMIUM}: install it with `apt-get install chromium` "
