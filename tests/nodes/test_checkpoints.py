@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nodes import checkpoints
@@ -236,10 +237,68 @@ def test_single_file_configs_are_cached_by_header(models: Path, tmp_path: Path) 
     assert len(folders) == 2 and folders[0].startswith("sd15-") and folders[1].startswith("sdxl-")
 
 
+def folder_tensors(folder: Path, component: str) -> dict[str, torch.Tensor]:
+    with safe_open(next((folder / component).glob("*.safetensors")), "pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+
+
 def test_loads_in_the_requested_dtype(models: Path, tmp_path: Path) -> None:
+    expected = folder_tensors(checkpoint(models, "tiny-sd15"), "unet")
     for name in ("tiny-sd15", "tiny-sd15.safetensors"):
         pipe = load_pipeline(checkpoint(models, name), torch.bfloat16, cache_dir=tmp_path)
         assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
+        state = pipe.unet.state_dict()
+        assert all(torch.equal(state[key], value.to(torch.bfloat16)) for key, value in expected.items())
+
+
+# Every torch.nn.init function (and every hand-written init) ends in one of these in-place random fills.
+_RANDOM_FILLS = ("normal_", "uniform_", "bernoulli_", "exponential_", "geometric_", "cauchy_", "log_normal_", "random_")
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sd15.safetensors", "tiny-sdxl", "tiny-sdxl.safetensors"])
+def test_loading_makes_no_random_weights(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    filled: list[str] = []
+    for method in _RANDOM_FILLS:
+        original = getattr(torch.Tensor, method)
+
+        def fill(self: torch.Tensor, *args: Any, _method: str = method, _original: Any = original, **kw: Any) -> Any:
+            if self.device.type != "meta":  # init on the meta device allocates and draws nothing
+                filled.append(f"{_method} {tuple(self.shape)}")
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, method, fill)
+    pipe = load_pipeline(checkpoint(models, name), cache_dir=tmp_path)
+    assert filled == []
+    assert pipe.unet.device.type == "cpu"
+
+
+def mapped_files(tensors: list[torch.Tensor]) -> list[str | None]:
+    """The file each tensor's memory is mapped from, per /proc/self/maps; None for private memory."""
+    regions = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        regions.append((start, end, fields[5] if len(fields) == 6 else None))
+    return [next((name for start, end, name in regions if start <= t.data_ptr() < end), None) for t in tensors]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the memory map from Linux's /proc")
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sd15.safetensors"])
+def test_weights_are_the_files_tensors_mapped_not_copied(models: Path, tmp_path: Path, name: str) -> None:
+    path = checkpoint(models, name)
+    pipe = load_pipeline(path, torch.float32, cache_dir=tmp_path)
+    folder = checkpoint(models, "tiny-sd15")  # the single file holds the same weights in the ldm layout
+    for component in ("unet", "vae", "text_encoder"):
+        state = getattr(pipe, component).state_dict()
+        expected = folder_tensors(folder, component)
+        assert expected.keys() <= state.keys()
+        assert all(torch.equal(state[key], value) for key, value in expected.items()), component
+    # A weight stored in the load dtype is a view of the file's pages: loading copied nothing.
+    weights = [t for m in (pipe.unet, pipe.vae, pipe.text_encoder) for t in m.parameters()]
+    files = {str(f.resolve()) for f in ([path] if path.is_file() else path.rglob("*.safetensors"))}
+    assert set(mapped_files(weights)) <= files
 
 
 # ---------------------------------------------------------------------------------------------- refusals
