@@ -100,14 +100,19 @@ class Worker:
                     self._current = (job.id, token) if job else None
                 if job is not None:
                     try:
-                        self._run(job, token)
+                        status, record = self._run(job, token)
                     finally:
                         with self._lock:
                             self._current = None
             if job is None:
                 self._wake.wait()
+                continue
+            # Recorded once the worker is idle, so a client that sees the job finished can free at once.
+            self.store.finish(job.id, status, record)
+            self.publish(job.client_id, {"type": "job_finished", "job_id": job.id, "status": status,
+                                         "files": record["files"], "errors": record["errors"]})
 
-    def _run(self, job: Job, token: CancelToken) -> None:
+    def _run(self, job: Job, token: CancelToken) -> tuple[str, dict[str, Any]]:
         output_dir = self.executor.settings.output_dir
 
         def emit(event: ev.Event) -> None:
@@ -129,9 +134,7 @@ class Worker:
             status = "error"
             record["errors"].append({"node_id": None, "input": None, "code": SHUTDOWN_CODE,
                                      "message": SHUTDOWN_MESSAGE})
-        self.store.finish(job.id, status, record)
-        self.publish(job.client_id, {"type": "job_finished", "job_id": job.id, "status": status,
-                                     "files": record["files"], "errors": record["errors"]})
+        return status, record
 
 
 def _record(result: RunResult, output_dir: Path) -> tuple[str, dict[str, Any]]:
