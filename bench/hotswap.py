@@ -109,7 +109,7 @@ def swap_lora(models: Models) -> Path:
         save_file(tensors, path, metadata={**metadata, "pad": " " * pad})
         if path.read_bytes()[:1] != b"\x80":
             break
-    require(inspect(path).targets == info.targets, "the swap LoRA targets other layers than the first")
+    require(inspect(path).ranks.keys() == info.ranks.keys(), "the swap LoRA targets other layers than the first")
     return path
 
 

@@ -46,6 +46,22 @@ def lora_file(settings: Settings, name: str) -> tuple[Path, lora_files.LoraInfo]
         raise NodeFailure(str(exc), "lora", "bad_lora") from None
 
 
+def check_fits(model: ModelRecipe, path: Path, fingerprint: str, block_scales: str = "") -> None:
+    """A node error on `lora` (or `block_scales`) unless the file's layers and the blocks exist in the model."""
+    from nodes import lora_match
+
+    try:
+        problem = lora_match.mismatch(str(path), fingerprint, model.checkpoint, model.fingerprint)
+    except lora_files.LoraFileError as exc:
+        raise NodeFailure(str(exc), "lora", "bad_lora") from None
+    if problem:
+        raise NodeFailure(f"{path.name} does not fit this model, a LoRA for another architecture? {problem}",
+                          "lora", "wrong_model")
+    problem = lora_match.block_scales_mismatch(block_scales, model.checkpoint, model.fingerprint)
+    if problem:
+        raise NodeFailure(problem, "block_scales", "invalid_value")
+
+
 def _model_file(settings: Settings, kind: str, name: str, input_name: str) -> Path:
     try:
         return settings.resolve_model(kind, name)
@@ -145,10 +161,12 @@ class LoadLoRA(Node):
                 "slot_taken",
             )
         canonical = json.dumps(json.loads(block_scales), sort_keys=True) if block_scales.strip() else ""
+        fingerprint = file_fingerprint(path)
+        check_fits(model, path, fingerprint, canonical)
         adapter = Adapter(
             slot,
             str(path),
-            file_fingerprint(path),
+            fingerprint,
             strength,
             text_encoder_strength,
             canonical,

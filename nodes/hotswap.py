@@ -16,8 +16,8 @@ from typing import Any
 from nodegraph.cache import file_fingerprint
 from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
-from nodes import lora_files, schedules
-from nodes.diffusion import _loras, _model_file, lora_file, slot_problems
+from nodes import lora_files, lora_match, schedules
+from nodes.diffusion import _loras, _model_file, check_fits, lora_file, slot_problems
 from nodes.recipe import Compile, ModelRecipe
 
 
@@ -74,7 +74,11 @@ class HotswapLoRA(Node):
         path, info = lora_file(ctx.settings, lora)
         for input_name, problem in _file_problems(lora, info, hotswap_rank):
             raise NodeFailure(problem, input_name, "not_swappable")
-        extra = info.targets - lora_files.targets(first.path, first.fingerprint)
+        fingerprint = file_fingerprint(path)
+        check_fits(model, path, fingerprint)
+        fit = lora_match.model_layers(model.checkpoint, model.fingerprint)
+        extra = (lora_files.unet_targets(str(path), fingerprint, fit.family, fit.unet_config)
+                 - lora_files.unet_targets(first.path, first.fingerprint, fit.family, fit.unet_config))
         if extra:
             raise NodeFailure(f"{lora} targets {len(extra)} layer(s) that {Path(first.path).name} in slot "
                               f"{slot!r} does not (e.g. {sorted(extra)[0]}); a hot-swap can only use the "
@@ -83,7 +87,7 @@ class HotswapLoRA(Node):
         if info.max_rank > target or first.rank > target:
             raise NodeFailure(f"rank {max(info.max_rank, first.rank)} exceeds hotswap_rank {target}",
                               "hotswap_rank", "not_swappable")
-        swapped = replace(first, path=str(path), fingerprint=file_fingerprint(path), strength=strength,
+        swapped = replace(first, path=str(path), fingerprint=fingerprint, strength=strength,
                           rank=info.max_rank)
         # Preparation must come before the slot's first load, so it applies to the whole recipe.
         return {"model": model.prepared_for_hotswap(target).then(swapped)}

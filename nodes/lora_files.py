@@ -1,30 +1,49 @@
-"""LoRA files, read from the safetensors header only: is it a LoRA, which components, which ranks.
+"""LoRA files: which format, which components and ranks, and which layers diffusers will make of them.
 
-Used before anything touches a pipeline (LoadLoRA's checks), and by hot-swap to pick a target
-rank without loading the files. Formats: diffusers/PEFT (`lora_A`/`lora_B`, `lora.down`/`lora.up`)
-and Kohya (`lora_down`/`lora_up`/`alpha`, `lora_unet_…`, `lora_te_…`).
+Two readings, both without loading a pipeline:
+- `inspect(path)`, from the safetensors header alone: the format (refusing, by name, the formats diffusers
+  0.42 cannot load or loads wrong), the components the file has layers for and the largest rank. Used by
+  LoadLoRA's and HotswapLoRA's checks before anything runs.
+- `layers(path, fingerprint, family, unet_config)`: the exact PEFT layers `load_lora_weights` will create, by
+  component and module name, with their shapes. It runs diffusers' own key conversion (every layout diffusers
+  converts: PEFT, Kohya with diffusers or SGM block names, the attention-processor and training-script
+  layouts) on a state dict of meta tensors, so it costs a header read. Keys that the conversion leaves outside
+  every component are keys diffusers would silently drop: they are an error here.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nodes.checkpoints import CheckpointError, read_header
 
-# The "down" (A) matrix of each LoRA layer, in the formats diffusers converts; group 1 is the module.
-_DOWN = re.compile(r"^(.*?)\.(?:lora_A(?:\.[\w-]+)?\.weight|lora_down\.weight|lora\.down\.weight)$")
+# The "down" (A) matrix of each LoRA layer, in every layout diffusers converts; group 1 is the module.
+_DOWN = re.compile(
+    r"^(.*?)(?:\.lora_A(?:\.[\w-]+)?\.weight|\.lora_down\.weight|\.lora\.down\.weight|_lora\.down\.weight"
+    r"|\.lora_linear_layer\.down\.weight)$"
+)
+# Formats diffusers 0.42 cannot convert, or converts wrong, keyed by a substring only they use.
+_UNSUPPORTED = (
+    (".hada_w1_a", "LyCORIS LoHa"),
+    (".lokr_w1", "LyCORIS LoKr"),
+    (".lora_mid.", "LyCORIS LoCon with Tucker decomposition (lora_mid)"),
+    (".dora_scale", "DoRA in Kohya/LyCORIS form (dora_scale), which diffusers would load without its magnitudes"),
+)
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 class LoraFileError(ValueError):
-    """A file that cannot be a LoRA: not safetensors, corrupt, or without LoRA layers."""
+    """A file that cannot be a LoRA, or one in a format that cannot be loaded exactly."""
 
 
 @dataclass(frozen=True)
 class LoraInfo:
-    format: str  # "kohya" or "peft"
+    format: str  # "kohya" or "peft" (diffusers/PEFT in any of its layouts)
     ranks: dict[str, int]  # module key (as written in the file) -> rank
     components: frozenset[str]  # unet, text_encoder, text_encoder_2
 
@@ -32,16 +51,20 @@ class LoraInfo:
     def max_rank(self) -> int:
         return max(self.ranks.values())
 
-    @property
-    def targets(self) -> frozenset[str]:
-        return normalized_targets(self)
-
 
 def inspect(path: Path) -> LoraInfo:
     try:
         header = read_header(path)
     except CheckpointError as exc:
         raise LoraFileError(str(exc)) from None
+    for marker, name in _UNSUPPORTED:
+        key = next((k for k in header.shapes if marker in k), None)
+        if key is not None:
+            raise LoraFileError(f"{path.name}: {name} is not supported yet (key {key!r})")
+    key = next((k for k in header.shapes if k.startswith("diffusion_model.")), None)
+    if key is not None:
+        raise LoraFileError(f"{path.name}: LoRA keys in ComfyUI's ldm layout (e.g. {key!r}) are not supported yet; "
+                            "save the LoRA in Kohya or diffusers format")
     ranks = {}
     for key, shape in header.shapes.items():
         match = _DOWN.match(key)
@@ -63,17 +86,80 @@ def _component(module: str) -> str:
     return "unet"
 
 
+@dataclass(frozen=True)
+class Layer:
+    """One LoRA layer as PEFT will create it: rank and the base layer's input and output size."""
+
+    rank: int
+    in_features: int
+    out_features: int
+    conv: bool  # a LoCon convolution (4-D A/B matrices)
+
+
 @functools.lru_cache(maxsize=256)
-def targets(path: str, fingerprint: str) -> frozenset[str]:
-    """The UNet modules a LoRA file targets, read once per file version (the fingerprint)."""
-    return inspect(Path(path)).targets
+def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> dict[str, dict[str, Layer]]:
+    """component -> PEFT module name -> Layer, as `load_lora_weights` will make them (see the docstring).
+
+    `unet_config` (JSON) lets SDXL Kohya files with SGM block names map like diffusers maps them.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.configuration_utils import FrozenDict
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+    from safetensors import safe_open
+
+    name = Path(path).name
+    state: dict[str, Any] = {}
+    with safe_open(path, "pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            shape = handle.get_slice(key).get_shape()
+            # Alphas are read (the conversion folds them into per-layer values); the rest need shapes only.
+            state[key] = handle.get_tensor(key) if key.endswith(".alpha") else torch.empty(shape, device="meta")
+    kwargs: dict[str, Any] = {}
+    if family == "sdxl":
+        pipeline: Any = StableDiffusionXLPipeline
+        if unet_config:
+            kwargs["unet_config"] = FrozenDict(json.loads(unet_config))
+    else:
+        pipeline = StableDiffusionPipeline
+    try:
+        converted, _ = pipeline.lora_state_dict(state, **kwargs)
+    except Exception as exc:  # diffusers raises many types for layouts it does not know
+        raise LoraFileError(f"{name}: diffusers cannot convert its keys ({type(exc).__name__}: {exc})") from None
+    parts: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
+    stray = []
+    for key, value in converted.items():
+        component = next((c for c in COMPONENTS if key.startswith(c + ".")), None)
+        if component is None:
+            stray.append(key)
+        else:
+            parts[component][key.removeprefix(component + ".")] = value
+    if stray:
+        raise LoraFileError(f"{name}: {len(stray)} key(s) in a layout diffusers does not load (e.g. {stray[0]!r}); "
+                            "they would be dropped silently")
+    result: dict[str, dict[str, Layer]] = {}
+    for component, part in parts.items():
+        if not part:
+            continue
+        peft = convert_unet_state_dict_to_peft(part) if component == "unet" else \
+            convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+        found = {}
+        for key, down in peft.items():
+            module, sep, _ = key.partition(".lora_A")
+            if not sep:
+                continue
+            up = peft.get(f"{module}.lora_B.weight")
+            if up is None:
+                raise LoraFileError(f"{name}: layer {component}.{module} has a down matrix but no up matrix")
+            found[module] = Layer(down.shape[0], down.shape[1], up.shape[0], down.dim() == 4)
+        result[component] = found
+    return result
 
 
-def normalized_targets(info: LoraInfo) -> frozenset[str]:
-    """The UNet modules a LoRA targets, in one spelling for every format (`down_blocks_1_…_to_q`)."""
-    targets = set()
-    for module in info.ranks:
-        if _component(module) == "unet":
-            name = module.removeprefix("lora_unet_").removeprefix("unet.").replace(".", "_")
-            targets.add(name)
-    return frozenset(targets)
+def unet_targets(path: str, fingerprint: str, family: str, unet_config: str = "") -> frozenset[str]:
+    """The UNet modules a LoRA file has layers for, by their names in the model."""
+    return frozenset(layers(path, fingerprint, family, unet_config).get("unet", {}))

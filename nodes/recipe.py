@@ -11,6 +11,7 @@ by FuseLoRA, in order, and the adapters still live on top of them with their str
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,12 +33,17 @@ class Adapter:
     def same_file(self, other: Adapter) -> bool:
         return (self.path, self.fingerprint) == (other.path, other.fingerprint)
 
-    def weights(self, text_encoders: tuple[str, ...]) -> dict[str, Any]:
-        """The per-component weights `set_adapters` takes for this adapter."""
-        unet: Any = json.loads(self.block_scales) if self.block_scales else self.strength
-        if isinstance(unet, dict):
-            unet = scale_blocks(unet, self.strength)
-        return {"unet": unet, **{name: self.te_strength for name in text_encoders if name in self.components}}
+    def weight(self, component: str, module: str, strength: float | None = None) -> float:
+        """The factor on a layer's own alpha/rank: the text-encoder strength, or strength × block scale.
+
+        Block scales multiply the strength, so strength 0 is no LoRA whatever the blocks say; parts the JSON
+        leaves out and layers outside the attention blocks (resnets, samplers, conv_in) get the strength alone.
+        `strength` overrides the adapter's own (a scheduled slot is written at strength 1, then per step).
+        """
+        if component != "unet":
+            return self.te_strength
+        unet = self.strength if strength is None else strength
+        return unet * block_scale(self.block_scales, module) if self.block_scales else unet
 
 
 @dataclass(frozen=True)
@@ -118,14 +124,28 @@ class ModelRecipe:
         )
 
 
-def scale_blocks(scales: dict[str, Any], strength: float) -> dict[str, Any]:
-    """Multiply every number in a block-scales dict by the adapter's strength."""
+@functools.lru_cache(maxsize=1024)
+def _scales(block_scales: str) -> dict[str, Any]:
+    scales: dict[str, Any] = json.loads(block_scales)
+    return scales
 
-    def scaled(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: scaled(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [scaled(v) for v in value]
-        return value * strength
 
-    return scaled(scales)
+def block_scale(block_scales: str, module: str) -> float:
+    """The scale a block-scales JSON gives a UNet module, the way diffusers' `set_adapters` reads it.
+
+    `{"down": …, "mid": …, "up": …}`: a number for a whole part, or `{"block_i": number or [one per attention
+    layer]}`; it applies to the attention layers (`down_blocks.i.attentions.j.…`, `mid_block.attentions.…`).
+    Anything the JSON does not name, and every module outside an attention block, is 1.0.
+    """
+    parts = module.split(".")
+    if len(parts) > 2 and parts[0] == "mid_block" and parts[1] == "attentions":
+        value = _scales(block_scales).get("mid", 1.0)
+        return float(value[0] if isinstance(value, list) else value)
+    if len(parts) < 4 or parts[0] not in ("down_blocks", "up_blocks") or parts[2] != "attentions":
+        return 1.0
+    value = _scales(block_scales).get(parts[0].removesuffix("_blocks"), 1.0)
+    if isinstance(value, dict):
+        value = value.get(f"block_{parts[1]}", 1.0)
+    if isinstance(value, list):
+        value = value[int(parts[3])] if len(value) > 1 else value[0]
+    return float(value)

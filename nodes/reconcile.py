@@ -26,7 +26,13 @@ resets the pipeline to its base weights and rebuilds the last good recipe, then 
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -38,6 +44,9 @@ from nodes import lora_files, schedules
 from nodes.recipe import Adapter, Compile, ModelRecipe
 
 Layer = tuple[str, str]  # (component, module name)
+# What diffusers says of a file with no layers for one of the components: the file's layers are checked
+# against the model's before loading (nodes/lora_match.py), so this says nothing wrong.
+_HARMLESS = ("No LoRA keys associated to",)
 
 
 def peft_name(slot: str) -> str:
@@ -112,6 +121,11 @@ class Resident:
         """The components LoRAs can live in: unet and the text encoders this pipeline has."""
         return [c for c in self.pipe._lora_loadable_modules if getattr(self.pipe, c, None) is not None]
 
+    @functools.cached_property
+    def unet_config(self) -> str:
+        """The UNet's config as JSON: how diffusers maps SGM block names in Kohya files for this model."""
+        return json.dumps(dict(self.pipe.unet.config), sort_keys=True, default=str)
+
     @property
     def text_encoders(self) -> tuple[str, ...]:
         return tuple(c for c in self.components if c.startswith("text_encoder"))
@@ -182,6 +196,8 @@ def _transition(resident: Resident, target: ModelRecipe) -> list[str]:
     changed = False
     for slot, adapter in wanted.items():
         if slot in swaps:
+            # diffusers swaps the UNet part only: the old file's text-encoder layers would stay active.
+            _drop_text_encoder_layers(resident, slot)
             _load(resident, adapter, hotswap=True)
             actions.append(f"hotswap:{slot}")
             changed = True
@@ -202,55 +218,108 @@ def _transition(resident: Resident, target: ModelRecipe) -> list[str]:
 
 
 def _swappable(resident: Resident, slot: str, adapter: Adapter) -> bool:
-    """Can diffusers hot-swap this file into the slot without failing half way (see the notes)?"""
-    if not resident.hotswap_rank or adapter.components != ("unet",) or adapter.rank > resident.hotswap_rank:
+    """Can diffusers hot-swap this file into the slot without failing half way (see the notes)?
+
+    Only a UNet-only file, of a rank within the preparation, whose layers are the slot's or a subset, as
+    diffusers' own key conversion names them.
+    """
+    if not resident.hotswap_rank:
         return False
-    return lora_files.targets(adapter.path, adapter.fingerprint) <= resident.slot_targets.get(slot, frozenset())
+    layers = lora_files.layers(adapter.path, adapter.fingerprint, resident.applied.family, resident.unet_config)
+    unet = layers.get("unet", {})
+    return (set(layers) == {"unet"} and max(layer.rank for layer in unet.values()) <= resident.hotswap_rank
+            and unet.keys() <= resident.slot_targets.get(slot, frozenset()))
 
 
 def _load(resident: Resident, adapter: Adapter, hotswap: bool = False) -> None:
     name = peft_name(adapter.slot)
+    file_name = adapter.path.rsplit("/", 1)[-1]
     try:
-        resident.pipe.load_lora_weights(adapter.path, adapter_name=name, hotswap=hotswap)
-        if resident.hotswap_rank and not hotswap:
+        with _library_warnings() as warned:
+            resident.pipe.load_lora_weights(adapter.path, adapter_name=name, hotswap=hotswap)
+        warned = [w for w in warned if not w.startswith(_HARMLESS)]
+        if warned:
+            raise ReconcileError(f"LoRA {file_name!r} (slot {adapter.slot!r}) would load inexactly: {warned[0]}")
+        mine = [(component, module, layer) for component, module, layer in _lora_layers(resident)
+                if name in layer.scaling]
+        if not mine:
+            raise ReconcileError(f"LoRA {file_name!r} (slot {adapter.slot!r}) has no layer this model has")
+        if resident.hotswap_rank and not hotswap and any(component == "unet" for component, _, _ in mine):
             # diffusers pads and tensorizes only the first adapter loaded after enable_lora_hotswap;
             # every adapter of a prepared pipeline needs it to be swapped or scheduled in place.
             prepare_model_for_compiled_hotswap(resident.pipe.unet, target_rank=resident.hotswap_rank,
                                                check_compiled="ignore")
+    except ReconcileError:
+        raise
     except Exception as exc:
-        file_name = adapter.path.rsplit("/", 1)[-1]
         raise ReconcileError(f"LoRA {file_name!r} (slot {adapter.slot!r}) cannot be loaded into this model: "
                              f"{type(exc).__name__}: {exc}") from exc
     if not hotswap:
-        resident.slot_targets[adapter.slot] = lora_files.targets(adapter.path, adapter.fingerprint)
+        resident.slot_targets[adapter.slot] = frozenset(module for component, module, _ in mine
+                                                        if component == "unet")
     # Right after a (hot-)load a layer's scaling is the file's own alpha/rank: keep it.
-    resident.base_scaling[adapter.slot] = {
-        (component, module): float(layer.scaling[name])
-        for component, module, layer in _lora_layers(resident) if name in layer.scaling}
+    resident.base_scaling[adapter.slot] = {(component, module): float(layer.scaling[name])
+                                           for component, module, layer in mine}
+
+
+@contextmanager
+def _library_warnings() -> Iterator[list[str]]:
+    """Collect what diffusers and PEFT warn while loading: a dropped key or an ignored value is an error here."""
+    warned: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warned.append(record.getMessage())
+
+    loggers = [logging.getLogger("diffusers"), logging.getLogger("peft")]
+    saved = [(logger.level, logger.handlers, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.handlers, logger.propagate = [Collect(logging.WARNING)], False
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # PEFT warns on every second adapter loaded into a model; stacking adapters is the point here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute in the model")
+            yield warned
+        warned.extend(str(w.message) for w in caught)
+    finally:
+        for logger, (level, handlers, propagate) in zip(loggers, saved, strict=True):
+            logger.setLevel(level)
+            logger.handlers, logger.propagate = handlers, propagate
+
+
+def _drop_text_encoder_layers(resident: Resident, slot: str) -> None:
+    """Delete a slot's layers from the text encoders only: a compiled UNet is left untouched."""
+    from diffusers.utils.peft_utils import delete_adapter_layers
+
+    for component in resident.text_encoders:
+        delete_adapter_layers(getattr(resident.pipe, component), peft_name(slot))
 
 
 def _activate(resident: Resident, adapters: tuple[Adapter, ...], scheduled: tuple[tuple[str, str], ...]) -> None:
-    """Activate the stack and write every layer's scale: base × the weight set_adapters chose for it."""
+    """Activate the stack and write every layer's scale: the file's own alpha/rank × the recipe's weight.
+
+    `set_adapters` only activates: its block-wise scales leave layers outside the attention blocks at 1.0
+    and fail on LoRAs for conv_in or time_embedding, so weights come from `Adapter.weight` for every layer.
+    """
     layers = _lora_layers(resident)
     tensors = {(component, name, slot): value for component, name, layer in layers
                for slot, value in layer.scaling.items() if isinstance(value, torch.Tensor)}
     schedule_slots = {slot for slot, _ in scheduled}
-    # set_adapters turns strengths and block scales into per-layer weights (times PEFT's alpha/r)...
-    weights = [replace(a, strength=1.0).weights(resident.text_encoders) if a.slot in schedule_slots
-               else a.weights(resident.text_encoders) for a in adapters]
-    resident.pipe.set_adapters([peft_name(a.slot) for a in adapters], weights)
+    resident.pipe.set_adapters([peft_name(a.slot) for a in adapters])
     resident.unit_scaling = {slot: [] for slot in schedule_slots}
     for component, module, layer in layers:
         for adapter in adapters:
             name = peft_name(adapter.slot)
             if name not in layer.scaling:
                 continue
-            # ...which we read back and apply to the scaling the file really has.
-            weight = float(layer.scaling[name]) * layer.r[name] / layer.lora_alpha[name]
+            scheduled_here = adapter.slot in schedule_slots and component == "unet"
+            weight = adapter.weight(component, module, 1.0 if scheduled_here else None)
             value = resident.base_scaling[adapter.slot][(component, module)] * weight
             layer.scaling[name] = tensors.get((component, module, name), layer.scaling[name])
             _write(layer, name, value)
-            if adapter.slot in schedule_slots and component == "unet":
+            if scheduled_here:
                 resident.unit_scaling[adapter.slot].append((layer, name, value))
 
 

@@ -219,15 +219,27 @@ def test_pickled_checkpoint_is_refused(registry: Registry, odd_models: Settings)
     assert "pickle" in result.errors[0].message
 
 
-def test_lora_for_another_model_fails_on_sample_and_the_next_run_works(registry: Registry,
-                                                                       odd_models: Settings) -> None:
+def test_lora_for_another_model_fails_on_load_lora_naming_file_and_layer(registry: Registry,
+                                                                         odd_models: Settings) -> None:
     executor = Executor(registry, odd_models)
     good = images(executor, graph(loras=({"lora": "tiny-sd15-style.safetensors"},)))
-    result = executor.run(graph(loras=({"lora": "tiny-sd15-style.safetensors"}, {"lora": "sdxl-only.safetensors"})))
-    assert failure(result) == ("sample", "model", "lora_failed")
-    assert "sdxl-only.safetensors" in result.errors[0].message
+    events = Recorder()
+    result = executor.run(graph(loras=({"lora": "tiny-sd15-style.safetensors"}, {"lora": "sdxl-only.safetensors"})),
+                          events)
+    assert failure(result) == ("lora1", "lora", "wrong_model")
+    message = result.errors[0].message
+    assert "sdxl-only.safetensors" in message and "unet.down_blocks.1.attentions.0" in message and "96→64" in message
+    assert "sample" not in events.ran()  # found before any pipeline was touched
     executor.cache.clear()
     assert np.array_equal(images(executor, graph(loras=({"lora": "tiny-sd15-style.safetensors"},))), good)
+
+
+def test_block_scales_for_blocks_the_model_lacks_fail_on_load_lora(shared: Executor) -> None:
+    for scales, words in (('{"down": {"block_0": 1}}', "no attention layers"),
+                          ('{"up": {"block_0": [1, 0]}}', "3 attention layers")):
+        result = shared.run(graph(loras=({"lora": "tiny-sd15-style.safetensors", "block_scales": scales},)))
+        assert failure(result) == ("lora0", "block_scales", "invalid_value")
+        assert words in result.errors[0].message
 
 
 @pytest.mark.parametrize("name", ["lora.json", "stacked.json", "fused.json", "sdxl.json", "hotswap.json"])

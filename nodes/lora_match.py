@@ -1,0 +1,103 @@
+"""Does a LoRA fit a checkpoint? The layers a LoRA file will create, against the checkpoint's own modules.
+
+A LoRA for another architecture (an SDXL LoRA on SD1.5) otherwise fails only when a pipeline loads it,
+with a raw size-mismatch dump, or loads partly. Here it is found from headers and configs alone: the
+checkpoint's modules are built on the meta device from its configs (no weights, no memory), once per
+checkpoint version, and every layer of the file (`lora_files.layers`) must name one of them with the
+same input and output size.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from nodes import lora_files
+from nodes.checkpoints import detect_family, read_header, single_file_config_dir
+
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+@dataclass(frozen=True)
+class ModelLayers:
+    """A checkpoint's LoRA-able layers: component -> module name -> (in, out) size, and its UNet config."""
+
+    name: str
+    family: str
+    unet_config: str  # JSON, for diffusers' mapping of SGM block names
+    modules: dict[str, dict[str, tuple[int, int]]]
+
+
+@functools.lru_cache(maxsize=16)
+def model_layers(checkpoint: str, fingerprint: str) -> ModelLayers:
+    import torch
+    import transformers
+    from diffusers import UNet2DConditionModel
+
+    path = Path(checkpoint)
+    family = detect_family(path)
+    folder = path if path.is_dir() else single_file_config_dir(path, read_header(path), family)
+    index = json.loads((folder / "model_index.json").read_text())
+    unet_config = UNet2DConditionModel.load_config(folder / "unet")
+    modules: dict[str, dict[str, tuple[int, int]]] = {}
+    with torch.device("meta"):
+        models = {"unet": UNet2DConditionModel.from_config(unet_config)}
+        for component in _TEXT_ENCODERS:
+            entry = index.get(component) or [None, None]
+            if entry[1]:
+                model_class = getattr(transformers, entry[1])
+                models[component] = model_class(model_class.config_class.from_pretrained(folder / component))
+    for component, model in models.items():
+        found = modules[component] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                found[name] = (module.in_features, module.out_features)
+            elif isinstance(module, torch.nn.Conv2d):
+                found[name] = (module.in_channels, module.out_channels)
+    return ModelLayers(path.name, family, json.dumps(dict(unet_config), sort_keys=True, default=str), modules)
+
+
+def mismatch(lora: str, lora_fingerprint: str, checkpoint: str, fingerprint: str) -> str | None:
+    """Why the LoRA does not fit the checkpoint (naming the first layer that differs), or None if it fits.
+
+    Raises `lora_files.LoraFileError` for a file whose keys diffusers cannot convert.
+    """
+    model = model_layers(checkpoint, fingerprint)
+    for component, layers in lora_files.layers(lora, lora_fingerprint, model.family, model.unet_config).items():
+        have = model.modules.get(component)
+        if have is None:
+            return f"it has {component} layers, and {model.name} ({model.family}) has no {component}"
+        for module, layer in sorted(layers.items()):
+            # transformers 5 CLIP models have no `text_model.` level; the LoRA files of every tool do.
+            size = have.get(module, have.get(module.removeprefix("text_model.")))
+            if size is None:
+                return f"its layer {component}.{module} is not a layer of {model.name} ({model.family})"
+            if size != (layer.in_features, layer.out_features):
+                return (f"layer {component}.{module} is {layer.in_features}→{layer.out_features} in the LoRA and "
+                        f"{size[0]}→{size[1]} in {model.name} ({model.family})")
+    return None
+
+
+def block_scales_mismatch(block_scales: str, checkpoint: str, fingerprint: str) -> str | None:
+    """What a block-scales JSON names that this UNet lacks (a block without attention, a list of the wrong length)."""
+    if not block_scales:
+        return None
+    counts: dict[tuple[str, str], int] = {}
+    for module in model_layers(checkpoint, fingerprint).modules["unet"]:
+        parts = module.split(".")
+        if len(parts) > 3 and parts[0] in ("down_blocks", "up_blocks") and parts[2] == "attentions":
+            key = (parts[0].removesuffix("_blocks"), f"block_{parts[1]}")
+            counts[key] = max(counts.get(key, 0), int(parts[3]) + 1)
+    for part, value in json.loads(block_scales).items():
+        if part == "mid" or not isinstance(value, dict):
+            continue
+        for block, scales in value.items():
+            layers = counts.get((part, block))
+            if layers is None:
+                have = ", ".join(b for p, b in sorted(counts) if p == part)
+                return f"{part}.{block} has no attention layers in this model (blocks with attention: {have})"
+            if isinstance(scales, list) and len(scales) not in (1, layers):
+                return f"{part}.{block} has {layers} attention layers; the list has {len(scales)} scales"
+    return None
