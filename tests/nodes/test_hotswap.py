@@ -3,6 +3,7 @@ scales, and the zero-recompile guarantee on a compiled UNet."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from nodegraph import events as ev
 from nodegraph.executor import Executor
 from nodegraph.registry import Registry
 from nodegraph.settings import Settings
+from nodegraph.sweep import Axis, run_sweep
 from nodes import schedules
 from nodes.checkpoints import load_pipeline
 from nodes.hotswap import HotswapLoRA
@@ -101,6 +103,31 @@ def test_swaps_that_depend_on_the_slot_are_node_errors(eager: Executor, swap: st
     result = eager.run(graph("tiny-sd15-subset", swap=swap, slot=slot))
     assert result.status == "error" and "sample" not in result.nodes  # before any model was touched
     assert [(p.node_id, p.input, p.code) for p in result.errors] == [("swap", where, code)]
+
+
+def test_sweep_over_a_slot_feeding_a_hot_swap_equals_each_workflow_run_alone(
+        registry: Registry, demo_dir: Path, tmp_path: Path) -> None:
+    """Regression: the second job hot-swapped slot `a` out of a text-encoder LoRA and kept its text-encoder
+    layers, 74/255 away from the same workflow run alone."""
+    wf = workflow({
+        "1": {"type": "LoadCheckpoint", "inputs": {"checkpoint": "tiny-sd15", "dtype": "fp32"}},
+        "2": {"type": "LoadLoRA", "inputs": {"model": ["1", 0], "lora": "tiny-sd15-te.safetensors", "slot": "a"}},
+        "3": {"type": "LoadLoRA", "inputs": {"model": ["2", 0], "lora": "tiny-sd15-style.safetensors", "slot": "b"}},
+        "4": {"type": "HotswapLoRA", "inputs": {"model": ["3", 0], "lora": "tiny-sd15-rank8.safetensors",
+                                                "slot": "b"}},
+        "5": {"type": "Sample", "inputs": {"model": ["4", 0], "prompt": "a castle", "seed": 4, "steps": 3,
+                                           "width": 64, "height": 64}},
+        "show": {"type": "Show", "inputs": {"value": ["5", 0]}}})
+    files = ("tiny-sd15-te.safetensors", "tiny-sd15-kohya.safetensors")
+    settings = Settings(models_dirs=(demo_dir,), output_dir=tmp_path)
+    swept = run_sweep(Executor(registry, settings), wf, [Axis("2", "lora", files)])
+    assert swept.status == "ok", swept.to_json()
+    second = swept.jobs[1].result
+    assert second is not None
+    alone = copy.deepcopy(wf)
+    alone["nodes"]["2"]["inputs"]["lora"] = files[1]
+    swept_image = second.nodes["show"].outputs["value"].pixels.astype(np.int16)
+    assert_close(swept_image, pixels(Executor(registry, settings), alone))
 
 
 def test_prepare_sweep_uses_the_largest_rank(demo_settings: Settings) -> None:
