@@ -61,7 +61,8 @@ def test_missing_file_is_a_workflow_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text, code, where", [
-    ('{"format": "nodegraph/1", "nodes": {"3": {"inputs": {"b": 1e400}}}}', "non_finite_number", "node '3' at inputs/b"),
+    ('{"format": "nodegraph/1", "nodes": {"3": {"inputs": {"b": 1e400}}}}', "non_finite_number",
+     "node '3' at inputs/b"),
     ('{"nodes": {}, "ui": {"pos": [0, NaN]}}', "non_finite_number", "ui/pos/1"),
     ('{"nodes": {"1": {"ui": {"x": -Infinity}}}}', "non_finite_number", "node '1' at ui/x"),
     ('{"workflow": {"nodes": {"7": {"inputs": {"s": 1e999}}}}}', "non_finite_number", "node '7' at inputs/s"),
