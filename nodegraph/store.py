@@ -9,6 +9,10 @@ Every job, pending or finished, is one row. `seq` (monotonic, never reused) is t
 `done_seq` (also monotonic) is the order jobs finished in, which is the history's order.
 A job still `running` when the store is opened again was cut off by a crash or a kill: `recover()`
 marks it `error` with the code `interrupted_by_shutdown`; it can be queued again from history.
+
+A workflow is kept as the JSON text it was stored as, and `Job.to_json_text()` splices that text
+into an answer: reading a job back never parses or re-encodes its workflow, which for a graph of
+100 000 nodes takes a second during which Python can run nothing else. `workflow` parses on use.
 """
 
 from __future__ import annotations
@@ -55,15 +59,23 @@ class Job:
     status: str
     client_id: str | None
     created: float
-    workflow: Any
+    workflow_json: str  # the workflow as stored: JSON text, ASCII only
     started: float | None = None
     finished: float | None = None
     seq: int = 0
     done_seq: int | None = None
     position: int | None = None  # pending jobs only: 0 runs next
     result: dict[str, Any] = field(default_factory=dict)  # nodes, files, errors once finished
+    _workflow: Any = field(default=None, repr=False, compare=False)
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def workflow(self) -> Any:
+        """The workflow, parsed on first use."""
+        if self._workflow is None:
+            self._workflow = json.loads(self.workflow_json)
+        return self._workflow
+
+    def to_json(self, with_workflow: bool = True) -> dict[str, Any]:
         data: dict[str, Any] = {
             "job_id": self.id, "status": self.status, "client_id": self.client_id,
             "created": self.created, "started": self.started, "finished": self.finished,
@@ -73,8 +85,14 @@ class Job:
         data["nodes"] = self.result.get("nodes", {})
         data["files"] = self.result.get("files", [])
         data["errors"] = self.result.get("errors", [])
-        data["workflow"] = self.workflow
+        if with_workflow:
+            data["workflow"] = self.workflow
         return data
+
+    def to_json_text(self) -> str:
+        """`json.dumps(self.to_json())`, with the stored workflow text spliced in rather than re-encoded."""
+        head = json.dumps(self.to_json(with_workflow=False))
+        return f'{head[:-1]}, "workflow": {self.workflow_json}}}'
 
 
 class StoreBusy(Exception):
@@ -99,6 +117,7 @@ class Store:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
+        self._queued: dict[str, Any] = {}  # parsed workflows of jobs added by this process, until claimed
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
@@ -127,18 +146,20 @@ class Store:
         with self._write() as db:
             ids = [row["id"] for row in db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq", (RUNNING,))]
             for job_id in ids:
-                self._finish(db, job_id, "error", {"nodes": {}, "files": [], "errors": [problem]})
+                self._finish(db, job_id, "error", json.dumps({"nodes": {}, "files": [], "errors": [problem]}))
         return ids
 
     def add(self, workflow: Any, client_id: str | None = None) -> Job:
-        job = Job(uuid.uuid4().hex, PENDING, client_id, time.time(), workflow)
+        # Encoded before taking the lock, so other threads' reads do not wait on it.
+        job = Job(uuid.uuid4().hex, PENDING, client_id, time.time(), json.dumps(workflow), _workflow=workflow)
         with self._write() as db:
             cursor = db.execute("INSERT INTO jobs (id, status, client_id, created, workflow) VALUES (?, ?, ?, ?, ?)",
-                                (job.id, PENDING, client_id, job.created, json.dumps(workflow)))
+                                (job.id, PENDING, client_id, job.created, job.workflow_json))
             job.seq = cursor.lastrowid or 0
             # In the same transaction: the worker may claim the job as soon as it is committed.
             (job.position,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?",
                                          (PENDING, job.seq)).fetchone()
+            self._queued[job.id] = workflow  # the worker runs it without parsing it again
         return job
 
     def claim(self) -> Job | None:
@@ -148,12 +169,17 @@ class Store:
             if row is None:
                 return None
             db.execute("UPDATE jobs SET status = ?, started = ? WHERE id = ?", (RUNNING, time.time(), row["id"]))
-        return self.get(row["id"])
+            workflow = self._queued.pop(row["id"], None)
+        job = self.get(row["id"])
+        if job is not None and workflow is not None:
+            job._workflow = workflow
+        return job
 
     def finish(self, job_id: str, status: str, result: dict[str, Any]) -> None:
         """Record a running job's end: status ok, error or interrupted, and its result."""
+        text = json.dumps(result)
         with self._write() as db:
-            self._finish(db, job_id, status, result)
+            self._finish(db, job_id, status, text)
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a pending job (kept in history); False when it is not pending."""
@@ -161,15 +187,16 @@ class Store:
             row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["status"] != PENDING:
                 return False
-            self._finish(db, job_id, "cancelled", {})
+            self._finish(db, job_id, "cancelled", "{}")
+            self._queued.pop(job_id, None)
         return True
 
     @staticmethod
-    def _finish(db: sqlite3.Connection, job_id: str, status: str, result: dict[str, Any]) -> None:
+    def _finish(db: sqlite3.Connection, job_id: str, status: str, result: str) -> None:
         assert status in FINISHED, status
         (done,) = db.execute("SELECT COALESCE(MAX(done_seq), 0) + 1 FROM jobs").fetchone()
         db.execute("UPDATE jobs SET status = ?, finished = ?, done_seq = ?, result = ? WHERE id = ?",
-                   (status, time.time(), done, json.dumps(result), job_id))
+                   (status, time.time(), done, result, job_id))
 
     def delete(self, job_id: str) -> bool:
         """Remove a finished job from history; False when there is no such finished job."""
@@ -183,19 +210,20 @@ class Store:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
-            job = _job(row)
-            if job.status == PENDING:
-                (job.position,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?",
-                                                   (PENDING, job.seq)).fetchone()
+            position = None
+            if row["status"] == PENDING:
+                (position,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?",
+                                               (PENDING, row["seq"])).fetchone()
+        job = _job(row)  # results are decoded outside the lock: other threads need not wait
+        job.position = position
         return job
 
     def queue(self) -> tuple[list[Job], list[Job]]:
         """(running, pending): the pending jobs in run order, with their positions."""
         with self._lock:
-            running = [_job(r) for r in self._db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq",
-                                                         (RUNNING,))]
-            pending = [_job(r) for r in self._db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq",
-                                                         (PENDING,))]
+            rows = [self._db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status,)).fetchall()
+                    for status in (RUNNING, PENDING)]
+        running, pending = ([_job(r) for r in found] for found in rows)
         for position, job in enumerate(pending):
             job.position = position
         return running, pending
@@ -220,7 +248,7 @@ class Store:
 
 def _job(row: sqlite3.Row) -> Job:
     return Job(id=row["id"], status=row["status"], client_id=row["client_id"], created=row["created"],
-               workflow=json.loads(row["workflow"]), started=row["started"], finished=row["finished"],
+               workflow_json=row["workflow"], started=row["started"], finished=row["finished"],
                seq=row["seq"], done_seq=row["done_seq"], result=json.loads(row["result"] or "{}"))
 
 

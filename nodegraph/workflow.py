@@ -9,12 +9,14 @@ SaveImage is a workflow file too: its `workflow` text chunk holds the workflow t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 FORMAT = "nodegraph/1"
 SCHEMA_PATH = Path(__file__).with_name("workflow.schema.json")
 MAX_BYTES = 64 * 1024 * 1024
+MAX_DEPTH = 64  # nesting of objects and lists; real workflows stay under 10
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -32,7 +34,11 @@ def is_link(value: Any) -> bool:
 
 
 def parse(data: bytes | str) -> Any:
-    """JSON text to a Python value, with every failure (binary, 1e400 digits, deep nesting) a WorkflowError."""
+    """JSON text to a Python value, with every failure (binary, huge digits, deep nesting) a WorkflowError.
+
+    Python's json reads more than JSON allows: NaN, Infinity, 1e400 (infinite), lone surrogates
+    ("\\ud800", which no file or database can store). `check_values` refuses those.
+    """
     if isinstance(data, bytes):
         if len(data) > MAX_BYTES:
             raise WorkflowError(f"the file is {len(data)} bytes; the limit is {MAX_BYTES}")
@@ -41,13 +47,61 @@ def parse(data: bytes | str) -> Any:
         except UnicodeDecodeError as exc:
             raise WorkflowError(f"not UTF-8 text (byte {exc.start})") from None
     try:
-        return json.loads(data)
+        value = json.loads(data)
     except json.JSONDecodeError as exc:
         raise WorkflowError(f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except RecursionError:
         raise WorkflowError("malformed JSON: nested too deeply") from None
     except ValueError as exc:  # e.g. an integer with more digits than Python will convert
         raise WorkflowError(f"malformed JSON: {exc}") from None
+    check_values(value)
+    return value
+
+
+def check_values(value: Any) -> None:
+    """Refuse nesting deeper than MAX_DEPTH, non-finite numbers and lone surrogates, naming where.
+
+    Iterative, so a deep value cannot exhaust the stack; strings are only encoded when not ASCII.
+    """
+    _check_scalar(value, ())
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(value, ())] if isinstance(value, (dict, list)) else []
+    while stack:
+        item, path = stack.pop()
+        if len(path) >= MAX_DEPTH:
+            raise WorkflowError(f"nested deeper than {MAX_DEPTH} levels at {where(path)}", "too_deep")
+        for key, child in item.items() if type(item) is dict else enumerate(item):
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, (*path, key)))
+            elif kind is float or kind is str:
+                _check_scalar(child, (*path, key))
+            if type(key) is str and not key.isascii():
+                _check_scalar(key, (*path, key))
+
+
+def _check_scalar(value: Any, path: tuple[Any, ...]) -> None:
+    if type(value) is float and not math.isfinite(value):
+        raise WorkflowError(f"{where(path)}: {value} is not a finite number (JSON has no NaN or Infinity, "
+                            "and 1e400 is out of range)", "non_finite_number")
+    if type(value) is str and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise WorkflowError(f"{where(path)}: the text holds a lone surrogate (such as \\ud800), which is "
+                                "not Unicode text", "invalid_text") from None
+
+
+def where(path: tuple[Any, ...]) -> str:
+    """A key path for messages: `node '3' at inputs/seed`, or `ui/groups/0` outside the nodes."""
+    # Keys come from the request: lone surrogates escaped, long ones cut, so the message prints anywhere.
+    keys = [str(k)[:60].encode("utf-8", "backslashreplace").decode("utf-8") for k in path]
+    if keys[:1] == ["workflow"]:  # an API request's body: {"workflow": {...}}
+        keys = keys[1:]
+    if len(keys) >= 2 and keys[0] == "nodes":
+        return f"node {keys[1]!r}" + (f" at {'/'.join(keys[2:])}" if keys[2:] else "")
+    if len(keys) > 12:
+        keys = [*keys[:10], "…"]
+    return "/".join(keys) or "the top level"
 
 
 def load(path: str | Path) -> Any:

@@ -44,12 +44,15 @@ def prefix_problem(prefix: str, output_dir: Path | None = None) -> str | None:
         return f"{describe(prefix)} has no file name after its folder, such as 'portraits/cat'"
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         return f"the file name part of the prefix is longer than {MAX_NAME_BYTES} bytes"
-    if output_dir is not None:
-        root = os.path.realpath(output_dir)
-        folder = os.path.realpath(os.path.join(root, *folders))
-        if os.path.commonpath([root, folder]) != root:
-            return f"{describe(prefix)} leads outside the output folder (through a symbolic link)"
+    if output_dir is not None and not inside(Path(output_dir, *folders), output_dir):
+        return f"{describe(prefix)} leads outside the output folder (through a symbolic link)"
     return None
+
+
+def inside(folder: Path, output_dir: Path) -> bool:
+    """Whether `folder`'s real path (symbolic links followed) is `output_dir`'s or below it."""
+    root = os.path.realpath(output_dir)
+    return os.path.commonpath([root, os.path.realpath(folder)]) == root
 
 
 def _parts(prefix: str) -> list[str]:
@@ -152,6 +155,10 @@ class PreviewImage(Node):
     output_node = True
 
     def run(self, ctx: Context, images: ImageBatch) -> dict[str, Any]:
+        # The temporary folder is confined like SaveImage's subfolders: a symlink must not lead out.
+        if not inside(ctx.settings.temp_dir, ctx.settings.output_dir):
+            raise NodeFailure(f"the temporary folder {ctx.settings.temp_dir} leads outside the output folder "
+                              "(through a symbolic link)", None, "outside_output_folder")
         write_pngs(ctx, images, ctx.settings.temp_dir, PREVIEW_NAME)
         return {"images": images}
 

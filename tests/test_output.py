@@ -201,6 +201,18 @@ def test_preview_writes_to_the_temp_folder(executor: Executor, settings: Setting
     assert [p.name for p in settings.output_dir.iterdir()] == [temp.name]
 
 
+def test_preview_refuses_a_temp_folder_linked_out_of_the_output_folder(executor: Executor, settings: Settings,
+                                                                      tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    settings.output_dir.mkdir()
+    settings.temp_dir.symlink_to(elsewhere)
+    result = executor.run(saving(node_type="PreviewImage"))
+    assert errors(result) == [("2", None, "outside_output_folder")]
+    assert "leads outside the output folder" in result.errors[0].message
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_a_png_opens_as_the_workflow_that_made_it(pack: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "outputs"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -100,3 +101,17 @@ def test_cancel_and_delete_only_apply_to_the_right_states(store: Store) -> None:
 def test_one_process_per_data_folder(store: Store) -> None:
     with pytest.raises(StoreBusy, match="in use"):
         Store(store.path.parent)
+
+
+def test_a_jobs_answer_splices_the_stored_workflow_text_unchanged(store: Store) -> None:
+    workflow = {**WORKFLOW, "ui": {"title": "café ☕", "pos": [1.5, -2]}}
+    pending = store.add(workflow, client_id="c")
+    store.add(WORKFLOW)
+    store.claim()
+    store.finish(pending.id, "ok", {"nodes": {"1": {"status": "ok"}}, "files": ["a.png"], "errors": []})
+    for job in (store.get(pending.id), *store.queue()[1]):
+        assert job is not None
+        assert json.loads(job.to_json_text()) == job.to_json()
+    done = store.get(pending.id)
+    assert done is not None and json.loads(done.to_json_text())["workflow"] == workflow
+    assert done.to_json_text().isascii()  # stored escaped: the answer's bytes are its characters

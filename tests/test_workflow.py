@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -57,3 +58,30 @@ def test_missing_file_is_a_workflow_error(tmp_path: Path) -> None:
     with pytest.raises(wf.WorkflowError) as err:
         wf.load(tmp_path / "nope.json")
     assert err.value.code == "unreadable"
+
+
+@pytest.mark.parametrize("text, code, where", [
+    ('{"format": "nodegraph/1", "nodes": {"3": {"inputs": {"b": 1e400}}}}', "non_finite_number",
+     "node '3' at inputs/b"),
+    ('{"nodes": {}, "ui": {"pos": [0, NaN]}}', "non_finite_number", "ui/pos/1"),
+    ('{"nodes": {"1": {"ui": {"x": -Infinity}}}}', "non_finite_number", "node '1' at ui/x"),
+    ('{"workflow": {"nodes": {"7": {"inputs": {"s": 1e999}}}}}', "non_finite_number", "node '7' at inputs/s"),
+    ('Infinity', "non_finite_number", "the top level"),
+    ('{"nodes": {}, "ui": {"title": "\\ud800"}}', "invalid_text", "ui/title"),
+    ('{"nodes": {}, "ui": {"\\udfff": {}}}', "invalid_text", "ui/\\udfff"),
+    ('{"client_id": "a\\udc00b"}', "invalid_text", "client_id"),
+    ('{"nodes": {}, "ui": ' + "[" * 200 + "]" * 200 + "}", "too_deep", "ui/0/0/0"),
+])
+def test_values_json_has_no_room_for_are_refused_naming_where(tmp_path: Path, text: str, code: str,
+                                                              where: str) -> None:
+    # Python's json reads these; no file, database or JSON reply can hold them.
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(wf.WorkflowError, match=re.escape(where)) as err:
+        wf.load(tmp_path / "bad.json")
+    assert err.value.code == code
+
+
+def test_finite_numbers_unicode_and_ordinary_nesting_pass() -> None:
+    text = '{"nodes": {"1": {"inputs": {"f": 1e308, "s": "😀 \\ud83d\\ude00 é"}}}, "ui": ' + "[" * 40 + "]" * 40 + "}"
+    value = wf.parse(text)
+    assert value["nodes"]["1"]["inputs"] == {"f": 1e308, "s": "😀 😀 é"}

@@ -69,7 +69,7 @@ async def put_workflow(request: web.Request) -> web.Response:
                                                                                               dict)):
         raise ApiError(400, "invalid_shape", f'a workflow is {{"format": "{wf.FORMAT}", "nodes": {{...}}}}')
     existed = path.exists()
-    await asyncio.to_thread(write_atomically, path, wf.dumps(workflow))
+    await asyncio.to_thread(lambda: write_atomically(path, wf.dumps(workflow)))  # encoding is slow on a big graph
     return web.json_response({"name": path.name}, status=200 if existed else 201)
 
 

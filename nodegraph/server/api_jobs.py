@@ -1,28 +1,46 @@
-"""The queue and the history: `/api/jobs` and `/api/history`."""
+"""The queue and the history: `/api/jobs` and `/api/history`.
+
+Jobs carry their workflows, which can be megabytes: answers are read from the store and built off
+the event loop, with each workflow's stored text spliced in (`Job.to_json_text`), never re-encoded.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from nodegraph import workflow as wf
-from nodegraph.server.errors import ApiError, json_object, problems
+from nodegraph.server.errors import ApiError, json_object, printable, problems
 from nodegraph.server.state import EXECUTOR, HUB, STORE, WORKER
 from nodegraph.store import FINISHED, Job
 from nodegraph.validate import validate
 
 routes = web.RouteTableDef()
+log = logging.getLogger("nodegraph.server")
 MAX_CLIENT_ID = 200
 HISTORY_LIMIT, HISTORY_MAX = 50, 500
 
 
-def _job(request: web.Request) -> Job:
-    job = request.app[STORE].get(request.match_info["job_id"])
+async def _job(request: web.Request) -> Job:
+    job = await asyncio.to_thread(request.app[STORE].get, request.match_info["job_id"])
     if job is None:
         raise ApiError(404, "no_such_job", f"no job {request.match_info['job_id'][:100]!r}")
     return job
+
+
+async def jobs_reply(build: Callable[[], str], status: int = 200) -> web.Response:
+    """A JSON answer whose text `build` makes in a worker thread, so the event loop never waits on it."""
+    body = await asyncio.to_thread(lambda: build().encode("utf-8"))
+    return web.Response(body=body, status=status, content_type="application/json", charset="utf-8")
+
+
+def _list(jobs: list[Job]) -> str:
+    return "[" + ", ".join(job.to_json_text() for job in jobs) + "]"
 
 
 def _client_id(body: dict[str, Any]) -> str | None:
@@ -37,10 +55,10 @@ async def queue_job(request: web.Request) -> web.Response:
     body = await json_object(request)
     client_id = _client_id(body)
     if "from_history" in body:
-        past = request.app[STORE].get(str(body["from_history"]))
+        past = await asyncio.to_thread(request.app[STORE].get, str(body["from_history"]))
         if past is None:
             raise ApiError(404, "no_such_job", f"no job {str(body['from_history'])[:100]!r} in history")
-        workflow = past.workflow
+        workflow = await asyncio.to_thread(lambda: past.workflow)
     elif "workflow" in body:
         workflow = wf.from_json(body["workflow"])
     else:
@@ -50,8 +68,10 @@ async def queue_job(request: web.Request) -> web.Response:
     _, found = await asyncio.to_thread(validate, workflow, executor.registry, executor.settings)
     if found:
         raise problems(400, found)
-    job = request.app[STORE].add(workflow, client_id)
+    job = await asyncio.to_thread(request.app[STORE].add, workflow, client_id)
     request.app[WORKER].wake()
+    log.info("job %s queued (position %d, client %s)", job.id, job.position or 0,
+             "-" if client_id is None else printable(client_id))
     request.app[HUB].publish(client_id, {"type": "job_queued", "job_id": job.id, "position": job.position,
                                          "client_id": client_id})
     return web.json_response({"job_id": job.id, "position": job.position}, status=201)
@@ -59,51 +79,53 @@ async def queue_job(request: web.Request) -> web.Response:
 
 @routes.get("/api/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
-    running, pending = request.app[STORE].queue()
-    return web.json_response({"running": [j.to_json() for j in running], "pending": [j.to_json() for j in pending]})
+    running, pending = await asyncio.to_thread(request.app[STORE].queue)
+    return await jobs_reply(lambda: f'{{"running": {_list(running)}, "pending": {_list(pending)}}}')
 
 
 @routes.get("/api/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
-    return web.json_response(_job(request).to_json())
+    return await jobs_reply((await _job(request)).to_json_text)
 
 
 @routes.delete("/api/jobs/{job_id}")
 async def cancel_job(request: web.Request) -> web.Response:
-    job = _job(request)
+    job = await _job(request)
     outcome = request.app[WORKER].cancel(job.id)
     if outcome is None:
         raise ApiError(409, "not_active", f"job {job.id} is {job.status}: only pending and running jobs stop")
     if outcome == "cancelled":
         request.app[HUB].publish(job.client_id, {"type": "job_cancelled", "job_id": job.id})
     # A running job stops at its next progress step or node; `job_finished` says when.
-    latest = request.app[STORE].get(job.id) or job
-    return web.json_response(latest.to_json(), status=200 if outcome == "cancelled" else 202)
+    latest = await asyncio.to_thread(request.app[STORE].get, job.id) or job
+    return await jobs_reply(latest.to_json_text, status=200 if outcome == "cancelled" else 202)
 
 
 @routes.get("/api/history")
 async def history(request: web.Request) -> web.Response:
-    limit = _int_query(request, "limit", HISTORY_LIMIT)
-    before = _int_query(request, "before", None)
-    if limit is None or not 1 <= limit <= HISTORY_MAX:
-        raise ApiError(400, "bad_query", f"'limit' must be 1 to {HISTORY_MAX}")
-    jobs, cursor = request.app[STORE].history(limit, before)
-    return web.json_response({"jobs": [j.to_json() for j in jobs], "next": cursor})
+    limit = _int_query(request, "limit", HISTORY_MAX, low=1)
+    before = _int_query(request, "before", 2**63 - 1)  # SQLite's integers are 64-bit
+    jobs, cursor = await asyncio.to_thread(request.app[STORE].history, HISTORY_LIMIT if limit is None else limit,
+                                           before)
+    return await jobs_reply(lambda: f'{{"jobs": {_list(jobs)}, "next": {json.dumps(cursor)}}}')
 
 
 @routes.delete("/api/history/{job_id}")
 async def delete_history(request: web.Request) -> web.Response:
-    job = _job(request)
+    job = await _job(request)
     if job.status not in FINISHED or not request.app[STORE].delete(job.id):
         raise ApiError(409, "not_finished", f"job {job.id} is {job.status}; cancel it first")
     return web.json_response({"deleted": job.id})
 
 
-def _int_query(request: web.Request, name: str, default: int | None) -> int | None:
+def _int_query(request: web.Request, name: str, high: int, low: int = 0) -> int | None:
     text = request.query.get(name)
     if text is None:
-        return default
+        return None
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise ApiError(400, "bad_query", f"{name!r} must be an integer") from None
+        value = low - 1
+    if not low <= value <= high:
+        raise ApiError(400, "bad_query", f"{name!r} must be an integer from {low} to {high}")
+    return value

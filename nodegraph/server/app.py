@@ -21,9 +21,9 @@ from aiohttp import web
 
 from nodegraph.executor import Executor
 from nodegraph.server import api_files, api_info, api_jobs, static, ws
-from nodegraph.server.errors import json_errors
+from nodegraph.server.errors import json_errors, json_protocol
 from nodegraph.server.hub import Hub
-from nodegraph.server.security import refuse_cross_site, require_token, security_headers
+from nodegraph.server.security import check_host, refuse_cross_site, require_token, security_headers
 from nodegraph.server.state import CONFIG, EXECUTOR, HUB, STORE, WORKER, ServerConfig
 from nodegraph.server.worker import Worker
 from nodegraph.store import Store
@@ -32,8 +32,8 @@ READY = "nodegraph: serving on {url}"
 
 
 def create_app(executor: Executor, config: ServerConfig) -> web.Application:
-    # json_errors is outermost so the token and cross-site refusals are JSON errors as well.
-    app = web.Application(middlewares=[json_errors, require_token, refuse_cross_site],
+    # json_errors is outermost so the host, token and cross-site refusals are JSON errors as well.
+    app = web.Application(middlewares=[json_errors, check_host, require_token, refuse_cross_site],
                           client_max_size=config.max_body)
     store = Store(config.data_dir)
     hub = Hub()
@@ -61,8 +61,12 @@ async def _close_websockets(app: web.Application) -> None:
 
 
 def serve(executor: Executor, config: ServerConfig, host: str, port: int) -> int:
-    """Serve until SIGINT or SIGTERM; prints the ready line (with the real port) to stdout."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    """Serve until SIGINT or SIGTERM; prints the ready line (with the real port) to stdout.
+
+    stderr gets a line per error answer and per job (queued, started, finished), with the time.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("nodegraph.server").setLevel(logging.INFO)
     asyncio.run(_serve(create_app(executor, config), host, port))
     return 0
 
@@ -70,9 +74,10 @@ def serve(executor: Executor, config: ServerConfig, host: str, port: int) -> int
 async def _serve(app: web.Application, host: str, port: int) -> None:
     runner = web.AppRunner(app, access_log=None)  # stdout carries only the ready line
     await runner.setup()
+    listening = None
     try:
         sock = bind(host, port)
-        await web.SockSite(runner, sock).start()
+        listening = await listen(runner, sock)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if sock.family == socket.AF_INET6 else bound_host
         print(READY.format(url=f"http://{shown}:{bound_port}"), flush=True)
@@ -86,7 +91,15 @@ async def _serve(app: web.Application, host: str, port: int) -> None:
         with suppress(NotImplementedError):
             loop.remove_signal_handler(signal.SIGINT)
     finally:
+        if listening is not None:
+            listening.close()
         await runner.cleanup()
+
+
+async def listen(runner: web.AppRunner, sock: socket.socket) -> asyncio.Server:
+    """Serve the set-up runner's app on `sock`, aiohttp's own refusals answered as JSON (`json_protocol`)."""
+    assert runner.server is not None, "runner.setup() first"
+    return await asyncio.get_running_loop().create_server(json_protocol(runner.server), sock=sock)
 
 
 def bind(host: str, port: int) -> socket.socket:

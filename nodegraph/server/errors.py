@@ -1,18 +1,29 @@
-"""JSON errors: every 4xx and 5xx answer is `{"errors": [{"code", "message", ...}]}`, never a traceback."""
+"""JSON errors: every 4xx and 5xx answer is `{"errors": [{"code", "message", ...}]}`, never a traceback.
+
+One path for every failure: `json_errors` (the outermost middleware) turns refusals, aiohttp's
+own errors and bugs into JSON answers, and `json_protocol` does the same for what aiohttp refuses
+before any middleware runs (a garbled request line, a duplicate Host, a broken chunked body).
+Each error answer is logged as one line: `POST /api/jobs -> 400 invalid_json: ...`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestPayloadError
 
 from nodegraph import workflow as wf
 from nodegraph.validate import Problem
 
 log = logging.getLogger("nodegraph.server")
+LARGE_BODY = 64 * 1024
 
 # aiohttp's own refusals (no such route, wrong method, body too large) get stable codes too.
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -39,24 +50,96 @@ def error_response(status: int, errors: list[dict[str, Any]]) -> web.Response:
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    close, crash = False, None
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.errors)
+        status, errors = exc.status, exc.errors
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects
-        return error_response(exc.status, [{"code": _CODES.get(exc.status, "http_error"), "message": exc.reason}])
-    except Exception:
-        log.exception("unexpected error in %s %s", request.method, request.path)
-        return error_response(500, [{"code": "internal_error", "message": "internal server error (see the log)"}])
+        status, errors = exc.status, [{"code": _CODES.get(exc.status, "http_error"), "message": exc.reason}]
+    except (RequestPayloadError, HttpProcessingError) as exc:
+        # aiohttp could not read the body (bad gzip, broken chunks): the connection is out of step.
+        status, errors, close = 400, [{"code": "unreadable_body", "message": _reason(exc)}], True
+    except Exception as exc:
+        status, errors, crash = 500, [{"code": "internal_error", "message": "internal server error (see the log)"}], exc
+    log_error(request.method, request.raw_path, status, errors[0], crash)
+    response = error_response(status, errors)
+    if close:
+        response.force_close()
+    return response
+
+
+def json_protocol(server: web.Server) -> Callable[[], web.RequestHandler]:
+    """The protocol factory to listen with: aiohttp's, with its own refusals answered as JSON too.
+
+    aiohttp answers a request it cannot parse in plain text, before routing (so no middleware
+    sees it); its `handle_error` is the one hook, and only `nodegraph serve` listens through this.
+    """
+
+    def protocol() -> web.RequestHandler:
+        handler = server()
+        # aiohttp builds the handler from the app's settings; only its class is changed, to one
+        # that differs in `handle_error` alone (no new fields: the slots stay the same).
+        handler.__class__ = _JsonErrorsHandler
+        return handler
+
+    return protocol
+
+
+class _JsonErrorsHandler(web.RequestHandler):
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp does: an answer has begun, only closing is left
+            raise ConnectionError("the response is partly sent; cannot send an error")
+        if status >= 500:
+            error = {"code": "internal_error", "message": "internal server error (see the log)"}
+        else:
+            error = {"code": _CODES.get(status, "bad_request"), "message": _reason(exc) if exc else message or ""}
+        # The request line is what could not be read: there is no method or path to show.
+        log_error("-", "(unparsable request)", status, error, exc if status >= 500 else None)
+        response = error_response(status, [error])
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.force_close()
+        return response
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        # After answering a body it could not read, aiohttp reads the rest to keep the connection,
+        # meets the same error again and logs a traceback; the answer's own line says it all.
+        if not isinstance(kwargs.get("exc_info"), (RequestPayloadError, HttpProcessingError)):
+            super().log_exception(*args, **kwargs)
+
+
+def _reason(exc: BaseException) -> str:
+    """aiohttp's own message, first line ('Can not decode content-encoding: gzip'), without its status."""
+    cause = exc.__cause__ if isinstance(exc, RequestPayloadError) and exc.__cause__ else exc
+    text = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:300] or "unreadable request"
+
+
+def log_error(method: str, path: str, status: int, error: dict[str, Any], crash: BaseException | None = None) -> None:
+    """One line per error answer, like a server's error log (a 500 adds its traceback)."""
+    log.log(logging.ERROR if status >= 500 else logging.INFO, "%s %s -> %d %s: %s", printable(method),
+            printable(path), status, error.get("code"), printable(str(error.get("message", ""))), exc_info=crash)
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """Request text made safe for a log line: control characters and lone surrogates escaped, cut short."""
+    text = text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 async def json_body(request: web.Request) -> Any:
-    """The request's body as JSON, or a 400 `invalid_json` (the size limit gives 413 before this)."""
+    """The request's body as JSON, or a 400 `invalid_json` (the size limit gives 413 before this).
+
+    A large body is parsed and checked (`wf.parse`) in a thread, so the event loop keeps answering.
+    """
     raw = await request.read()
     try:
-        return wf.parse(raw)
+        return await asyncio.to_thread(wf.parse, raw) if len(raw) > LARGE_BODY else wf.parse(raw)
     except wf.WorkflowError as exc:
         raise ApiError(400, exc.code, f"the request body: {exc}") from None
 

@@ -7,6 +7,9 @@
   `Origin` (curl, scripts) pass: a browser always sends one on these requests.
 - Without a token the server only answers to loopback host names, so a DNS-rebinding page
   (evil.example resolving to 127.0.0.1) cannot reach it through the victim's browser.
+- The Host header is parsed strictly (a name or IP and a port, nothing else: no `user@`, no
+  `%00`), and a request with two Host or two Origin headers is refused: proxies and checks may
+  each read a different one.
 - File names from requests are checked and resolved inside their folder (`confined`).
 """
 
@@ -26,6 +29,7 @@ from nodegraph.server.errors import ApiError
 from nodegraph.server.state import CONFIG
 
 COOKIE = "nodegraph_token"
+MAX_PART_BYTES, MAX_NAME_BYTES = 255, 1024  # a file name, and a whole relative path, on common file systems
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -39,11 +43,27 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _host_name(host: str) -> str:
-    try:
-        return URL(f"//{host}").host or ""
-    except ValueError:
-        return ""
+_HOST = re.compile(r"(?P<name>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+
+
+def host_name(host: str) -> str | None:
+    """The name in a Host header (`name`, `name:port`, `[v6]:port`); None when it is anything else."""
+    match = _HOST.fullmatch(host)
+    return match.group("name") if match else None
+
+
+@web.middleware
+async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+    for header in (hdrs.HOST, hdrs.ORIGIN):
+        if len(request.headers.getall(header, ())) > 1:
+            raise ApiError(400, "duplicate_header", f"more than one {header} header")
+    name = host_name(request.host)
+    if name is None:
+        raise ApiError(400, "bad_host", f"the Host header {request.host[:100]!r} is not a host name and port")
+    if request.app[CONFIG].token is None and not is_loopback(name):
+        raise ApiError(403, "bad_host", "this server answers to loopback host names only "
+                                        "(start it with --token to serve other names)")
+    return await handler(request)
 
 
 def _same_token(given: str | None, token: str) -> bool:
@@ -54,9 +74,6 @@ def _same_token(given: str | None, token: str) -> bool:
 async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request.app[CONFIG].token
     if token is None:
-        if not is_loopback(_host_name(request.host)):
-            raise ApiError(403, "bad_host", "this server answers to loopback host names only "
-                                            "(start it with --token to serve other names)")
         return await handler(request)
     if request.method == "GET" and request.path == "/" and "token" in request.query:
         if not _same_token(request.query["token"], token):
@@ -106,16 +123,13 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
     response.headers.setdefault("Referrer-Policy", "no-referrer")
 
 
-_HOST_SOURCE = re.compile(r"[A-Za-z0-9.\-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
-
-
 def content_security_policy(host: str) -> str:
     """For the editor's HTML: only this server's scripts, styles, images and websocket.
 
     The websocket is named explicitly: older browsers do not count ws: as 'self'. A Host header
     that is not a plain host name is left out rather than written into the policy.
     """
-    websocket = f" ws://{host} wss://{host}" if _HOST_SOURCE.fullmatch(host) else ""
+    websocket = f" ws://{host} wss://{host}" if _HOST.fullmatch(host) else ""
     return ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
             f"connect-src 'self'{websocket}; object-src 'none'; base-uri 'none'; "
             "form-action 'self'; frame-ancestors 'none'")
@@ -124,12 +138,20 @@ def content_security_policy(host: str) -> str:
 def confined(folder: Path, name: str) -> Path:
     """`folder/name` when `name` is a safe relative name whose real path stays inside `folder`.
 
-    Refuses absolute names, `..`, empty parts, backslashes and NUL, and symlinks that lead out.
-    The folder itself may be a symlink (an outputs folder on another disk).
+    Refuses absolute names, `..`, empty parts, backslashes and NUL, names the file system cannot
+    hold (a part over 255 bytes, lone surrogates), and symlinks that lead out. The folder itself
+    may be a symlink (an outputs folder on another disk).
     """
     parts = name.split("/")
     if not name or "\0" in name or "\\" in name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise ApiError(400, "bad_name", f"{name[:200]!r} is not a safe relative file name")
+    try:
+        sizes = [len(part.encode("utf-8")) for part in parts]
+    except UnicodeEncodeError:
+        raise ApiError(400, "bad_name", f"{name[:200]!r} is not valid Unicode") from None
+    if max(sizes) > MAX_PART_BYTES or sum(sizes) + len(parts) > MAX_NAME_BYTES:
+        raise ApiError(400, "bad_name", f"{name[:60]!r}… is too long (at most {MAX_PART_BYTES} bytes a part, "
+                                        f"{MAX_NAME_BYTES} in all)")
     root = os.path.realpath(folder)
     path = os.path.realpath(os.path.join(root, *parts))
     if os.path.commonpath([root, path]) != root:

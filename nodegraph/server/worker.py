@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,8 @@ class Worker:
                     token = CancelToken()
                     self._current = (job.id, token) if job else None
                 if job is not None:
+                    log.info("job %s started", job.id)
+                    started = time.monotonic()
                     try:
                         status, record = self._run(job, token)
                     finally:
@@ -109,6 +112,7 @@ class Worker:
                 continue
             # Recorded once the worker is idle, so a client that sees the job finished can free at once.
             self.store.finish(job.id, status, record)
+            log.info("job %s finished: %s in %.2f s", job.id, status, time.monotonic() - started)
             self.publish(job.client_id, {"type": "job_finished", "job_id": job.id, "status": status,
                                          "files": record["files"], "errors": record["errors"]})
 

@@ -110,3 +110,28 @@ async def connect(client: Client, query: str = "client_id=me", **kwargs: Any) ->
     await events.until(type="hello")
     events.seen.clear()
     return events
+
+
+async def state(client: Client, tmp_path: Path) -> tuple[list[str], Any, Any]:
+    """What a refused request must leave as it was: the files (outside the store's folder), queue, history."""
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                   if p.relative_to(tmp_path).parts[0] != "data")
+    return files, await (await client.get("/api/jobs")).json(), await (await client.get("/api/history")).json()
+
+
+async def raw(host: str, port: int, request: bytes) -> tuple[int, str, bytes]:
+    """Send bytes as they are (what no client library sends); the answer's status, Content-Type and body.
+
+    `request` should say `Connection: close`; the answer is read until the server closes.
+    """
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in lines)}
+    return int(status_line.split()[1]), headers.get("content-type", ""), body

@@ -15,7 +15,7 @@ from nodegraph import workflow as wf_module
 from nodegraph.cli import main
 from nodegraph.server.state import ServerConfig
 from nodegraph.settings import Settings
-from tests.server.conftest import Client, show
+from tests.server.conftest import Client, show, state
 
 
 def png(text: dict[str, str] | None = None) -> bytes:
@@ -109,3 +109,46 @@ async def test_import_accepts_workflows_comfyui_api_json_and_pngs(client: Client
 async def test_import_refuses_what_is_not_a_workflow(client: Client, body: bytes, code: str) -> None:
     response = await client.post("/api/import", data=body)
     assert response.status == 400 and (await response.json())["errors"][0]["code"] == code
+
+
+LONG = "a" * 300  # past the 255 bytes a file name may have (ENAMETOOLONG)
+
+
+async def test_names_too_long_for_the_file_system_are_refused(client: Client, tmp_path: Path) -> None:
+    before = await state(client, tmp_path)
+    for method, path in [("get", f"/api/outputs/{LONG}.png"), ("get", f"/api/outputs/x/{LONG}.png"),
+                         ("get", "/api/outputs/" + "a/" * 600 + "x.png"), ("get", f"/api/workflows/{LONG}.json"),
+                         ("put", f"/api/workflows/{LONG}.json"), ("delete", f"/api/workflows/{LONG}.json")]:
+        response = await client.request(method, path, json=show(1))
+        assert response.status == 400, (method, path[:40])
+        assert (await response.json())["errors"][0]["code"] == "bad_name"
+    assert await state(client, tmp_path) == before
+
+
+STORABLE = [  # JSON that Python reads but no file, database or JSON answer can hold
+    (b'{"format": "nodegraph/1", "nodes": {}, "ui": {"title": "\\ud800"}}', "invalid_text", "ui/title"),
+    (b'{"format": "nodegraph/1", "nodes": {}, "ui": {"x": 1e400}}', "non_finite_number", "ui/x"),
+    (b'{"format": "nodegraph/1", "nodes": {"1": {"type": "Int", "inputs": {"value": NaN}}}}', "non_finite_number",
+     "node '1' at inputs/value"),
+]
+
+
+@pytest.mark.parametrize("body, code, where", STORABLE)
+async def test_workflows_that_cannot_be_stored_are_refused_everywhere(client: Client, tmp_path: Path, body: bytes,
+                                                                     code: str, where: str) -> None:
+    before = await state(client, tmp_path)
+    for method, path, data in [("put", "/api/workflows/w.json", body), ("post", "/api/import", body),
+                               ("post", "/api/jobs", b'{"workflow": ' + body + b"}"),
+                               ("post", "/api/validate", b'{"workflow": ' + body + b"}")]:
+        response = await client.request(method, path, data=data)
+        assert response.status == 400, path
+        error = (await response.json())["errors"][0]
+        assert error["code"] == code and where in error["message"], (path, error)
+    assert await state(client, tmp_path) == before
+
+
+async def test_an_import_nested_too_deep_to_answer_is_refused(client: Client) -> None:
+    body = '{"format": "nodegraph/1", "nodes": {}, "ui": ' + "[" * 980 + "]" * 980 + "}"
+    response = await client.post("/api/import", data=body)
+    assert response.status == 400  # too_deep here; invalid_json where Python's own parser gives up first
+    assert (await response.json())["errors"][0]["code"] in ("too_deep", "invalid_json")

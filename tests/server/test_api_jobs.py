@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import threading
 from pathlib import Path
 
-from tests.server.conftest import Client, connect, finished, queue, show, slow, wf
+import pytest
+
+from nodegraph.store import Job
+from tests.server.conftest import WAIT, Client, connect, finished, queue, show, slow, state, wf
 
 MATH = json.loads((Path(__file__).parents[2] / "workflows" / "math.json").read_text())
 
@@ -119,7 +125,7 @@ async def test_history_pages_and_deletes(client: Client) -> None:
     assert response.status == 200 and (await response.json()) == {"deleted": ids[0]}
     assert (await client.get(f"/api/jobs/{ids[0]}")).status == 404
     assert (await client.delete(f"/api/history/{ids[0]}")).status == 404
-    for query in ("limit=0", "limit=501", "limit=x", "before=y"):
+    for query in ("limit=0", "limit=501", "limit=x", "before=y", f"before={2**63}", "before=-1", f"limit={2**64}"):
         response = await client.get(f"/api/history?{query}")
         assert response.status == 400 and (await response.json())["errors"][0]["code"] == "bad_query"
 
@@ -134,3 +140,65 @@ async def test_a_running_job_cannot_be_deleted_from_history(client: Client) -> N
 
 def jobs_at(ids: list[str]) -> list[tuple[str, int]]:
     return list(zip(ids, range(len(ids)), strict=True))
+
+
+async def test_the_largest_cursor_sqlite_holds_is_accepted(client: Client) -> None:
+    job_id = await queue(client, show(1))
+    await finished(client, job_id)
+    page = await (await client.get(f"/api/history?before={2**63 - 1}")).json()
+    assert [j["job_id"] for j in page["jobs"]] == [job_id]
+
+
+async def test_a_client_id_that_is_not_unicode_text_queues_nothing(client: Client, tmp_path: Path) -> None:
+    before = await state(client, tmp_path)
+    body = '{"workflow": ' + json.dumps(show(1)) + ', "client_id": "editor-\\udc80"}'
+    response = await client.post("/api/jobs", data=body)
+    assert response.status == 400
+    error = (await response.json())["errors"][0]
+    assert error["code"] == "invalid_text" and "client_id" in error["message"]
+    assert await state(client, tmp_path) == before
+
+
+async def test_jobs_are_answered_off_the_event_loop(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A deliberately slow answer (as a job with a huge workflow): other requests are answered meanwhile.
+    job_id = await queue(client, show("big"))
+    await finished(client, job_id)
+    running = await queue(client, slow())  # so that /api/jobs lists one
+    release, entered = threading.Event(), threading.Event()
+    original = Job.to_json_text
+
+    def slow_text(job: Job) -> str:
+        entered.set()
+        release.wait(WAIT)  # on the event loop, this would hold every other request back until WAIT
+        return original(job)
+
+    monkeypatch.setattr(Job, "to_json_text", slow_text)
+    for path in (f"/api/jobs/{job_id}", "/api/history", "/api/jobs"):
+        entered.clear()
+        release.clear()
+        reading = asyncio.ensure_future(client.get(path))
+        await asyncio.to_thread(entered.wait, WAIT)
+        assert (await client.get("/api/system")).status == 200
+        assert not reading.done(), path  # /api/system was answered while the job was still being encoded
+        release.set()
+        response = await reading
+        assert response.status == 200
+        text = json.dumps(await response.json())
+        big = '"workflow": {"format": "nodegraph/1", "nodes": {"1": {"type": "Show", "inputs": {"value": "big"}}}'
+        assert big in text or f'"job_id": "{running}"' in text
+
+
+async def test_the_server_logs_each_job_queued_started_and_finished(client: Client,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nodegraph.server")
+    ok = await queue(client, show(1), client_id="me")
+    failed = await queue(client, wf({"1": {"type": "Fail", "inputs": {}},
+                                     "2": {"type": "Show", "inputs": {"value": ["1", 0]}}}))
+    await finished(client, failed)
+    await finished(client, ok)
+    lines = [r.getMessage() for r in caplog.records if r.name == "nodegraph.server"]
+    for job_id, status in ((ok, "ok"), (failed, "error")):
+        mine = [line for line in lines if line.startswith(f"job {job_id} ")]
+        assert [line.split()[2] for line in mine] == ["queued", "started", "finished:"], mine
+        assert mine[2].startswith(f"job {job_id} finished: {status} in ") and mine[2].endswith(" s")
+    assert f"job {ok} queued (position 0, client me)" in lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,3 +121,51 @@ def test_a_second_server_on_the_same_data_folder_is_refused(tmp_path: Path) -> N
         second = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=WAIT)
         assert second.returncode == 1 and "in use by another nodegraph process" in second.stderr
         assert first.api("GET", "/api/jobs")[0] == 200
+
+
+def send(url: str, request: bytes) -> tuple[int, str, Any]:
+    """Raw bytes to the server (what no client library sends); the answer's status, Content-Type, JSON body."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=WAIT) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):  # error answers close the connection
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in lines)}
+    return int(status_line.split()[1]), headers.get("content-type", ""), json.loads(body)
+
+
+UNPARSABLE = [  # refused by aiohttp's parser, before any route or middleware
+    b"GARBAGE\r\n\r\n",
+    b"GET /api/system HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n",
+    b"POST /api/validate HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+]
+
+
+def test_the_server_answers_what_aiohttp_cannot_parse_in_json_and_logs_to_stderr(tmp_path: Path) -> None:
+    with serving(tmp_path) as server:
+        for request in UNPARSABLE:
+            status, content_type, body = send(server.url, request)
+            assert status == 400 and content_type.startswith("application/json"), request
+            assert body["errors"][0]["code"] == "bad_request" and body["errors"][0]["message"], request
+        gzipped = (b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n"
+                   b"\r\nnot gzip!")
+        status, _, body = send(server.url, gzipped)
+        assert status == 400 and body["errors"][0]["code"] == "unreadable_body"
+        _, queued = server.api("POST", "/api/jobs", {"workflow": show(1), "client_id": "cli"})
+        server.wait_for(f"/api/jobs/{queued['job_id']}", lambda job: job["status"] == "ok")
+        assert server.api("GET", "/api/jobs/nope")[0] == 404
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=WAIT) == 0
+    log = (tmp_path / "stderr.txt").read_text()
+    job = queued["job_id"]
+    for line in ("- (unparsable request) -> 400 bad_request: Invalid method encountered",
+                 "- (unparsable request) -> 400 bad_request: Duplicate 'Host' header found",
+                 "- (unparsable request) -> 400 bad_request: Invalid character in chunk size",
+                 "POST /api/jobs -> 400 unreadable_body: Can not decode content-encoding: gzip",
+                 f"job {job} queued (position 0, client cli)", f"job {job} started", f"job {job} finished: ok in ",
+                 "GET /api/jobs/nope -> 404 no_such_job: no job 'nope'"):
+        assert line in log, (line, log)
+    assert "Traceback" not in log and len(log.splitlines()) == 8, log

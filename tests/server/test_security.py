@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from aiohttp import WSServerHandshakeError
 
-from nodegraph.server.security import confined, content_security_policy, is_loopback, same_origin
-from tests.server.conftest import Client, MakeClient, connect, show
+from nodegraph.server.errors import ApiError
+from nodegraph.server.security import confined, content_security_policy, host_name, is_loopback, same_origin
+from tests.server.conftest import Client, MakeClient, connect, raw, show, state
 
 MUTATING = [("post", "/api/jobs"), ("post", "/api/validate"), ("post", "/api/import"), ("post", "/api/free"),
             ("put", "/api/workflows/x.json"), ("delete", "/api/workflows/x.json"), ("delete", "/api/jobs/x"),
@@ -112,6 +116,43 @@ def test_names_are_confined_to_their_folder(tmp_path) -> None:  # type: ignore[n
     for name in ("", "/etc/passwd", "../x", "a/../../x", "a//b", "a\\b", "a\0b", "./a"):
         with pytest.raises(Exception, match="safe relative"):
             confined(tmp_path / "in", name)
+    for name in ("a" * 256, "é" * 128, "a/" * 600 + "x", "x\udc80.png"):  # too long in bytes; not Unicode
+        with pytest.raises(ApiError) as refused:
+            confined(tmp_path / "in", name)
+        assert refused.value.status == 400 and refused.value.code == "bad_name"
+    assert confined(tmp_path / "in", "a" * 255).name == "a" * 255
+
+
+async def test_two_origin_headers_are_refused_whichever_comes_first(client: Client, tmp_path: Path) -> None:
+    # Ours first and a foreign one second was accepted: one check read the first, a browser may mean the other.
+    before = await state(client, tmp_path)
+    ours = f"http://127.0.0.1:{client.port}"
+    body = json.dumps({"workflow": show(1)}).encode()
+    for first, second in ((ours, "http://evil.example"), ("http://evil.example", ours), (ours, ours)):
+        request = (f"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1:{client.port}\r\nOrigin: {first}\r\n"
+                   f"Origin: {second}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                   "Connection: close\r\n\r\n").encode() + body
+        status, content_type, answer = await raw(client.host, client.port, request)
+        assert status == 400 and content_type.startswith("application/json")
+        assert json.loads(answer)["errors"][0]["code"] == "duplicate_header"
+    assert await state(client, tmp_path) == before
+
+
+@pytest.mark.parametrize("token", [None, "s3cret"])
+async def test_host_headers_are_parsed_strictly(make_client: MakeClient, token: str | None) -> None:
+    client = await make_client(token=token)
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    for host in (f"evil.example:{client.port}@127.0.0.1", "evil.example%00.localhost", "127.0.0.1:80:80",
+                 "localhost/x", "[::1", "a b.localhost", "localhost:99999999"):
+        response = await client.get("/api/system", headers={"Host": host, **auth})
+        assert response.status == 400, host
+        assert (await response.json())["errors"][0]["code"] == "bad_host"
+
+
+def test_host_names() -> None:
+    assert host_name("localhost:8188") == "localhost" and host_name("[::1]:80") == "[::1]"
+    assert host_name("127.0.0.1") == "127.0.0.1"
+    assert host_name("evil.example:1@127.0.0.1") is None and host_name("x%00.localhost") is None
 
 
 def test_origin_and_host_rules() -> None:
