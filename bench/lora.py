@@ -95,13 +95,13 @@ class Bench:
         """The plain way: load the file into the slot and activate it (the resident's books kept true)."""
         self.pipe.load_lora_weights(str(self.models.lora_path), adapter_name=self.adapter_name)
         adapter = self.with_lora[strength].live()[SLOT]
-        self.pipe.set_adapters([self.adapter_name], [adapter.strength]  # a UNet-only LoRA)
+        self.pipe.set_adapters([self.adapter_name], [adapter.strength])  # a UNet-only LoRA
         self.resident.applied = self.with_lora[strength]
 
     def set_adapters(self, strength: float) -> None:
         """The least a strength change can cost: diffusers' `set_adapters` alone (books kept true)."""
         adapter = self.with_lora[strength].live()[SLOT]
-        self.pipe.set_adapters([self.adapter_name], [adapter.strength]  # a UNet-only LoRA)
+        self.pipe.set_adapters([self.adapter_name], [adapter.strength])  # a UNet-only LoRA
         self.resident.applied = self.with_lora[strength]
 
     def reload(self, strength: float) -> None:
