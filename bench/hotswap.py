@@ -150,7 +150,7 @@ class Setup:
 
         pipe = load_pipeline(self.models.checkpoint_path, torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        return Resident(pipe, self.bare, scheduler_config=dict(pipe.scheduler.config))
+        return Resident.fresh(pipe, self.bare, scheduler_config=dict(pipe.scheduler.config))
 
     def other(self, resident: Any) -> str:
         """The file not in the resident's slot now."""

@@ -69,7 +69,7 @@ class Bench:
         }
         pipe = load_pipeline(models.checkpoint_path, torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        return cls(models, Resident(pipe, bare, scheduler_config=dict(pipe.scheduler.config)), bare, with_lora)
+        return cls(models, Resident.fresh(pipe, bare, scheduler_config=dict(pipe.scheduler.config)), bare, with_lora)
 
     @property
     def pipe(self) -> Any:
@@ -96,13 +96,13 @@ class Bench:
         self.pipe.load_lora_weights(str(self.models.lora_path), adapter_name=self.adapter_name)
         adapter = self.with_lora[strength].live()[SLOT]
         self.pipe.set_adapters([self.adapter_name], [adapter.strength])  # a UNet-only LoRA
-        self.resident.applied = self.with_lora[strength]
+        self.resident.parts["unet"].applied = self.with_lora[strength]
 
     def set_adapters(self, strength: float) -> None:
         """The least a strength change can cost: diffusers' `set_adapters` alone (books kept true)."""
         adapter = self.with_lora[strength].live()[SLOT]
         self.pipe.set_adapters([self.adapter_name], [adapter.strength])  # a UNet-only LoRA
-        self.resident.applied = self.with_lora[strength]
+        self.resident.parts["unet"].applied = self.with_lora[strength]
 
     def reload(self, strength: float) -> None:
         self.pipe.unload_lora_weights()
@@ -110,7 +110,7 @@ class Bench:
 
     def unload(self) -> None:
         self.pipe.unload_lora_weights()
-        self.resident.applied = self.bare
+        self.resident.parts["unet"].applied = self.bare
 
     def probe(self) -> torch.Tensor:
         unet = self.pipe.unet

@@ -272,7 +272,7 @@ class Sample(Node):
 
         for name, problem in self.check({"width": width, "height": height}, ctx.settings):
             raise NodeFailure(problem, name, "invalid_value")
-        with materialize(ctx, model) as resident:
+        with materialize(ctx, model, model.clip()) as resident:
             pipe = resident.pipe
             class_name, overrides = SCHEDULERS[scheduler]
             pipe.scheduler = getattr(diffusers, class_name).from_config(resident.scheduler_config, **overrides)

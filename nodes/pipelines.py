@@ -70,14 +70,18 @@ def estimate_bytes(checkpoint: str, dtype: torch.dtype) -> int:
 
 
 @contextmanager
-def materialize(ctx: Context, recipe: ModelRecipe) -> Iterator[Resident]:
+def materialize(ctx: Context, recipe: ModelRecipe, *more: ModelRecipe) -> Iterator[Resident]:
+    """The resident pipeline for `recipe`'s checkpoint, with `recipe` and each of `more` (other parts of the same
+    checkpoint, such as a CLIP recipe) reconciled, locked while the caller uses it."""
     manager = ctx.models
+    recipes = (recipe, *more)
     device = manager.device
     dtype = resolve_dtype(recipe.dtype, device)
     key = (*recipe.base, str(dtype), device)
     name = recipe.checkpoint.rsplit("/", 1)[-1]
     current = manager.get(key)
-    if current is not None and current.offload_dir is not None and current.applied != recipe:
+    if current is not None and current.offload_dir is not None and any(
+            current.parts[r.part].applied != r for r in recipes):
         manager.drop(key)  # weights offloaded to disk are not changed in place: rebuilt for the new recipe
         current = None
     try:
@@ -91,7 +95,7 @@ def materialize(ctx: Context, recipe: ModelRecipe) -> Iterator[Resident]:
         except CheckpointError as exc:
             raise NodeFailure(str(exc), "model", "bad_checkpoint") from exc
         pipe.set_progress_bar_config(disable=True)
-        resident = Resident(pipe, recipe.bare(), device, scheduler_config=dict(pipe.scheduler.config))
+        resident = Resident.fresh(pipe, recipe, device=device, scheduler_config=dict(pipe.scheduler.config))
         if not placement.offload:
             pipe.to(device)
         elif device_kind(device) == "gpu":
@@ -102,14 +106,16 @@ def materialize(ctx: Context, recipe: ModelRecipe) -> Iterator[Resident]:
 
     with manager.use(key, load, size, f"{name} ({SHORT[dtype]})", ctx.info) as resident:
         started = time.perf_counter()
-        try:
-            actions = reconcile(resident, recipe)
-        except ReconcileError as exc:
-            if resident.broken:
-                manager.drop(key)
-            raise NodeFailure(str(exc), "model", "lora_failed") from exc
-        if actions:
-            ctx.info("reconcile", "model: " + ", ".join(actions), time.perf_counter() - started)
+        for wanted in recipes:
+            try:
+                actions = reconcile(resident, wanted)
+            except ReconcileError as exc:
+                if resident.broken:
+                    manager.drop(key)
+                raise NodeFailure(str(exc), "model" if wanted.part == "unet" else "clip", "lora_failed") from exc
+            if actions:
+                what = "model" if wanted.part == "unet" else "clip"
+                ctx.info("reconcile", f"{what}: " + ", ".join(actions), time.perf_counter() - started)
         if resident.offload == "disk" and resident.offload_dir is None:
             offload_to_disk(resident)
         yield resident

@@ -75,6 +75,10 @@ class ModelRecipe:
     hotswap_rank: int = 0
     compile: Compile | None = None
     schedules: tuple[tuple[str, str], ...] = ()  # (slot, schedule JSON): per-step UNet scales
+    # Which target of the pipeline this recipe is for: "unet" (a MODEL: the denoiser) or "clip" (a CLIP: the
+    # text encoders, where an adapter's weight is its te_strength). CLIP recipes have no hot-swap or compile.
+    part: str = "unet"
+    clip_skip: int = 0  # CLIP only: text-encoder layers skipped from the end (ComfyUI's stop_at_clip_layer -1 - n)
 
     def then(self, op: Adapter | Fuse) -> ModelRecipe:
         # A pipeline prepared for hot-swap pads every adapter to the target rank: keep it large enough.
@@ -88,7 +92,11 @@ class ModelRecipe:
 
     def bare(self) -> ModelRecipe:
         """The checkpoint alone: what a freshly loaded pipeline realizes."""
-        return ModelRecipe(self.checkpoint, self.fingerprint, self.family, self.dtype)
+        return ModelRecipe(self.checkpoint, self.fingerprint, self.family, self.dtype, part=self.part)
+
+    def clip(self) -> ModelRecipe:
+        """The text-encoder side of this recipe: the same LoRAs and fuses, weighted by their te_strength."""
+        return replace(self, part="clip", hotswap_rank=0, compile=None, schedules=())
 
     @property
     def base(self) -> tuple[str, str]:

@@ -1,17 +1,22 @@
-"""The reconciler: make a resident diffusers pipeline match a `ModelRecipe` in the fewest steps.
+"""The reconciler: make a resident diffusers pipeline match recipes in the fewest steps.
+
+A resident has two targets that reconcile independently, so a MODEL and a CLIP carrying different
+LoRA stacks never undo each other's work: the denoiser (`part="unet"`, MODEL recipes) and the text
+encoders (`part="clip"`, CLIP recipes). A LoRA file's layers are loaded into the part's components
+only, with diffusers' own `load_lora_into_unet` / `load_lora_into_text_encoder`.
 
 The invariant (tested by property tests over random recipe sequences): whatever state the
-pipeline was in, after `reconcile(resident, recipe)` its output equals that of a fresh pipeline
-built from the recipe alone, and exactly the recipe's live adapters exist on its modules.
+pipeline was in, after `reconcile(resident, recipe)` the part's output equals that of a fresh
+pipeline built from the recipe alone, and exactly the recipe's live adapters exist on its modules.
 
 Transitions, cheapest first:
 - a strength or block-scale change: new scales only;
-- a new file in an existing slot: an in-place hot-swap when the pipeline was prepared for it
+- a new file in an existing slot: an in-place hot-swap (UNet) when the pipeline was prepared for it
   and the file fits the slot (UNet only, rank within the target, a subset of the slot's layers),
-  else delete and load; a new adapter: `load_lora_weights`; a removed one: `delete_adapters`;
-- any change to what is fused, or a larger hot-swap rank: restore the base weights from a snapshot
-  taken before the first fuse (bitwise, in every dtype; diffusers' `unfuse_lora` is neither exact
-  nor possible after the fused adapters are unloaded), then rebuild;
+  else delete and load; a new adapter: a load; a removed one: a delete;
+- any change to what is fused, or a larger hot-swap rank: restore the part's base weights from a
+  snapshot taken before the first fuse (bitwise, in every dtype; diffusers' `unfuse_lora` is neither
+  exact nor possible after the fused adapters are unloaded), then rebuild;
 - compile settings: `module.compile()` in place, so adapters stay visible to diffusers.
 
 Scales are written by us, not left to `set_adapters`: a hot-swap does not update PEFT's `r` and
@@ -21,7 +26,7 @@ model). We snapshot each layer's scaling right after every (hot-)load and write 
 in place (`fill_`) where the scaling is a tensor. That also makes per-step schedules free.
 
 diffusers' LoRA loading is not atomic (see shared/notes/diffusers-peft.md): a failed transition
-resets the pipeline to its base weights and rebuilds the last good recipe, then re-raises.
+resets the part to its base weights and rebuilds its last good recipe, then re-raises.
 """
 
 from __future__ import annotations
@@ -64,11 +69,22 @@ class ReconcileError(Exception):
 
 
 @dataclass
+class Part:
+    """The LoRA state of one target of a resident: the recipe it realizes and what that needs remembered."""
+
+    applied: ModelRecipe
+    base_scaling: dict[str, dict[Layer, float]] = field(default_factory=dict)  # slot -> layer -> alpha/r
+    slot_targets: dict[str, frozenset[str]] = field(default_factory=dict)  # UNet layers of a slot's first file
+    # scheduled slot -> (layer module, PEFT name, its scale at weight 1), written at every step
+    unit_scaling: dict[str, list[tuple[Any, str, float]]] = field(default_factory=dict)
+
+
+@dataclass
 class Resident:
-    """A live pipeline, the recipe it currently realizes, and what realizing it needs to remember."""
+    """A live pipeline and, per part (denoiser, text encoders), the recipe it currently realizes."""
 
     pipe: Any
-    applied: ModelRecipe
+    parts: dict[str, Part]
     device: str = "cpu"  # where it lives (diffusers' `pipe.device` walks every module to find out)
     # component -> module name -> original (weight, bias) of the layers a fuse has modified
     snapshot: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = field(default_factory=dict)
@@ -77,13 +93,20 @@ class Resident:
     hotswap_rank: int = 0  # the target rank `enable_lora_hotswap` was called with; 0 if never
     compiled: Compile | None = None
     compile_seen: bool = False  # a compiled forward has run (so new graphs are recompiles)
-    base_scaling: dict[str, dict[Layer, float]] = field(default_factory=dict)  # slot -> layer -> alpha/r
-    slot_targets: dict[str, frozenset[str]] = field(default_factory=dict)  # layers of a slot's first file
-    # scheduled slot -> (layer module, PEFT name, its scale at weight 1), written at every step
-    unit_scaling: dict[str, list[tuple[Any, str, float]]] = field(default_factory=dict)
 
     offload: str = ""  # "", or how a model larger than its budget runs: "model" / "group" (GPU), "disk" (CPU)
     offload_dir: str | None = None  # where "disk" offloading keeps the weights, once applied
+
+    @classmethod
+    def fresh(cls, pipe: Any, checkpoint: ModelRecipe, **kwargs: Any) -> Resident:
+        """A resident for a pipeline just loaded from `checkpoint` (its LoRA ops are ignored)."""
+        bare = checkpoint.bare()
+        return cls(pipe, {"unet": Part(bare), "clip": Part(replace(bare, part="clip"))}, **kwargs)
+
+    @property
+    def applied(self) -> ModelRecipe:
+        """The MODEL recipe the denoiser realizes."""
+        return self.parts["unet"].applied
 
     def memory(self) -> dict[str, int]:
         """Bytes of tensors per device: the pipeline's modules (shared storage counted once) and snapshots."""
@@ -114,40 +137,39 @@ class Resident:
             self.offload_dir = None
         self.pipe = None
         self.snapshot.clear()
-        self.unit_scaling.clear()
+        for part in self.parts.values():
+            part.unit_scaling.clear()
 
-    @property
-    def components(self) -> list[str]:
-        """The components LoRAs can live in: unet and the text encoders this pipeline has."""
-        return [c for c in self.pipe._lora_loadable_modules if getattr(self.pipe, c, None) is not None]
+    def components(self, part: str) -> list[str]:
+        """The modules a part's LoRAs live in: the denoiser, or the text encoders this pipeline has."""
+        loadable = [c for c in self.pipe._lora_loadable_modules if getattr(self.pipe, c, None) is not None]
+        return [c for c in loadable if c.startswith("text_encoder") == (part == "clip")]
 
     @functools.cached_property
     def unet_config(self) -> str:
         """The UNet's config as JSON: how diffusers maps SGM block names in Kohya files for this model."""
         return json.dumps(dict(self.pipe.unet.config), sort_keys=True, default=str)
 
-    @property
-    def text_encoders(self) -> tuple[str, ...]:
-        return tuple(c for c in self.components if c.startswith("text_encoder"))
-
     def set_step(self, step: int) -> None:
         """Write the scheduled scales for sampling step `step` (0-based), in place."""
-        for slot, spec in self.applied.schedules:
+        unet = self.parts["unet"]
+        for slot, spec in unet.applied.schedules:
             scale = schedules.scale_at(spec, step)
-            for layer, name, unit in self.unit_scaling.get(slot, ()):
+            for layer, name, unit in unet.unit_scaling.get(slot, ()):
                 _write(layer, name, unit * scale)
 
 
 def reconcile(resident: Resident, target: ModelRecipe) -> list[str]:
-    """Bring the pipeline to `target`; returns the actions taken (for events, tests, benchmarks)."""
-    if resident.applied.base != target.base:
+    """Bring the target's part of the pipeline to `target`; returns the actions taken (events, tests, benchmarks)."""
+    part = resident.parts[target.part]
+    if part.applied.base != target.base:
         raise ValueError("a resident pipeline only reconciles recipes of its own checkpoint")
-    previous = resident.applied
+    previous = part.applied
     try:
         actions = _transition(resident, target)
     except Exception as exc:
         try:
-            _reset(resident)
+            _reset(resident, target.part)
             _transition(resident, previous)
         except Exception:
             resident.broken = True  # the model manager drops it; the next run loads it afresh
@@ -158,62 +180,60 @@ def reconcile(resident: Resident, target: ModelRecipe) -> list[str]:
 
 
 def _transition(resident: Resident, target: ModelRecipe) -> list[str]:
-    pipe, actions = resident.pipe, []
-    if target.hotswap_rank > resident.hotswap_rank:
-        if resident.applied.ops:
-            _reset(resident)
+    pipe, actions, which = resident.pipe, [], target.part
+    part = resident.parts[which]
+    if which == "unet" and target.hotswap_rank > resident.hotswap_rank:
+        if part.applied.ops:
+            _reset(resident, which)
             actions.append("restore_base")
         # Must come before the first adapter is loaded; it pads every later LoRA to this rank.
         pipe.enable_lora_hotswap(target_rank=target.hotswap_rank)
         resident.hotswap_rank = target.hotswap_rank
         actions.append(f"prepare_hotswap:{target.hotswap_rank}")
-    current = resident.applied
+    current = part.applied
     if current.fused_groups() != target.fused_groups():
         if current.ops:
-            _reset(resident)
+            _reset(resident, which)
             actions.append("restore_base")
         for group, lora_scale in target.fused_groups():
-            for adapter in group:
-                _load(resident, adapter)
-            _activate(resident, group, ())
-            _snapshot(resident)
-            pipe.fuse_lora(components=resident.components, lora_scale=lora_scale,
+            if not any([_load(resident, which, adapter) for adapter in group]):
+                continue  # none of the group's files has layers in this part
+            _activate(resident, which, group, ())
+            _snapshot(resident, which)
+            pipe.fuse_lora(components=resident.components(which), lora_scale=lora_scale,
                            adapter_names=[peft_name(a.slot) for a in group])
-            _unload_all(resident)  # the merged weights stay; the LoRA layers go
+            _unload_all(resident, which)  # the merged weights stay; the LoRA layers go
             actions.append("fuse")
         live: dict[str, Adapter] = {}
     else:
         live = current.live()
     wanted = target.live()
     swaps = {slot for slot, a in wanted.items() if slot in live and not a.same_file(live[slot])
-             and _swappable(resident, slot, a)}
+             and which == "unet" and _swappable(resident, slot, a)}
     for slot, adapter in live.items():
         if slot not in wanted or (not adapter.same_file(wanted[slot]) and slot not in swaps):
-            pipe.delete_adapters(peft_name(slot))
-            resident.base_scaling.pop(slot, None)
-            resident.slot_targets.pop(slot, None)
-            actions.append(f"delete:{slot}")
+            if _delete(resident, which, slot):
+                actions.append(f"delete:{slot}")
     changed = False
     for slot, adapter in wanted.items():
         if slot in swaps:
-            # diffusers swaps the UNet part only: the old file's text-encoder layers would stay active.
-            _drop_text_encoder_layers(resident, slot)
-            _load(resident, adapter, hotswap=True)
+            _load(resident, which, adapter, hotswap=True)
             actions.append(f"hotswap:{slot}")
             changed = True
         elif slot not in live or not live[slot].same_file(adapter):
-            _load(resident, adapter)
-            actions.append(f"load:{slot}")
+            if _load(resident, which, adapter):
+                actions.append(f"load:{slot}")
             changed = True
     if wanted and (changed or list(wanted.values()) != list(live.values()) or target.schedules != current.schedules):
-        _activate(resident, tuple(wanted.values()), target.schedules)
-        actions.append("scales")
+        _activate(resident, which, tuple(wanted.values()), target.schedules)
+        if any(part.base_scaling.values()):
+            actions.append("scales")
     elif not wanted and live:
-        _unload_all(resident)  # no adapters left: drop the empty LoRA wrappers too
-    if target.compile != resident.compiled:
+        _unload_all(resident, which)  # no adapters left: drop the empty LoRA wrappers too
+    if which == "unet" and target.compile != resident.compiled:
         _compile(resident, target.compile)
         actions.append("compile" if target.compile else "uncompile")
-    resident.applied = target
+    part.applied = target
     return actions
 
 
@@ -228,38 +248,48 @@ def _swappable(resident: Resident, slot: str, adapter: Adapter) -> bool:
     layers = lora_files.layers(adapter.path, adapter.fingerprint, resident.applied.family, resident.unet_config)
     unet = layers.get("unet", {})
     return (set(layers) == {"unet"} and max(layer.rank for layer in unet.values()) <= resident.hotswap_rank
-            and unet.keys() <= resident.slot_targets.get(slot, frozenset()))
+            and unet.keys() <= resident.parts["unet"].slot_targets.get(slot, frozenset()))
 
 
-def _load(resident: Resident, adapter: Adapter, hotswap: bool = False) -> None:
-    name = peft_name(adapter.slot)
+def _load(resident: Resident, which: str, adapter: Adapter, hotswap: bool = False) -> bool:
+    """Load a file's layers for one part into that part's components only; False if it has none there."""
+    pipe, part, name = resident.pipe, resident.parts[which], peft_name(adapter.slot)
     file_name = adapter.path.rsplit("/", 1)[-1]
+    components = resident.components(which)
+    layers = lora_files.layers(adapter.path, adapter.fingerprint, resident.applied.family, resident.unet_config)
     try:
-        with _library_warnings() as warned:
-            resident.pipe.load_lora_weights(adapter.path, adapter_name=name, hotswap=hotswap)
-        warned = [w for w in warned if not w.startswith(_HARMLESS)]
-        if warned:
-            raise ReconcileError(f"LoRA {file_name!r} (slot {adapter.slot!r}) would load inexactly: {warned[0]}")
-        mine = [(component, module, layer) for component, module, layer in _lora_layers(resident)
+        if any(c in layers for c in components):
+            with _library_warnings() as warned:
+                kwargs = {"unet_config": pipe.unet.config} if resident.applied.family == "sdxl" else {}
+                state, alphas, metadata = pipe.lora_state_dict(adapter.path, return_lora_metadata=True, **kwargs)
+                common = {"network_alphas": alphas, "adapter_name": name, "_pipeline": pipe, "metadata": metadata,
+                          "low_cpu_mem_usage": True}
+                if which == "unet":
+                    pipe.load_lora_into_unet(state, unet=pipe.unet, hotswap=hotswap, **common)
+                for component in components if which == "clip" else ():
+                    if component in layers:
+                        pipe.load_lora_into_text_encoder(state, text_encoder=getattr(pipe, component),
+                                                         prefix=component, lora_scale=pipe.lora_scale, **common)
+            warned = [w for w in warned if not w.startswith(_HARMLESS)]
+            if warned:
+                raise ReconcileError(f"LoRA {file_name!r} (slot {adapter.slot!r}) would load inexactly: {warned[0]}")
+        mine = [(component, module, layer) for component, module, layer in _lora_layers(resident, which)
                 if name in layer.scaling]
-        if not mine:
-            raise ReconcileError(f"LoRA {file_name!r} (slot {adapter.slot!r}) has no layer this model has")
-        if resident.hotswap_rank and not hotswap and any(component == "unet" for component, _, _ in mine):
+        if resident.hotswap_rank and not hotswap and which == "unet" and mine:
             # diffusers pads and tensorizes only the first adapter loaded after enable_lora_hotswap;
             # every adapter of a prepared pipeline needs it to be swapped or scheduled in place.
-            prepare_model_for_compiled_hotswap(resident.pipe.unet, target_rank=resident.hotswap_rank,
-                                               check_compiled="ignore")
+            prepare_model_for_compiled_hotswap(pipe.unet, target_rank=resident.hotswap_rank, check_compiled="ignore")
     except ReconcileError:
         raise
     except Exception as exc:
         raise ReconcileError(f"LoRA {file_name!r} (slot {adapter.slot!r}) cannot be loaded into this model: "
                              f"{type(exc).__name__}: {exc}") from exc
     if not hotswap:
-        resident.slot_targets[adapter.slot] = frozenset(module for component, module, _ in mine
-                                                        if component == "unet")
+        part.slot_targets[adapter.slot] = frozenset(module for component, module, _ in mine if component == "unet")
     # Right after a (hot-)load a layer's scaling is the file's own alpha/rank: keep it.
-    resident.base_scaling[adapter.slot] = {(component, module): float(layer.scaling[name])
-                                           for component, module, layer in mine}
+    part.base_scaling[adapter.slot] = {(component, module): float(layer.scaling[name])
+                                       for component, module, layer in mine}
+    return bool(mine)
 
 
 @contextmanager
@@ -289,26 +319,46 @@ def _library_warnings() -> Iterator[list[str]]:
             logger.handlers, logger.propagate = handlers, propagate
 
 
-def _drop_text_encoder_layers(resident: Resident, slot: str) -> None:
-    """Delete a slot's layers from the text encoders only: a compiled UNet is left untouched."""
-    from diffusers.utils.peft_utils import delete_adapter_layers
+def _delete(resident: Resident, which: str, slot: str) -> bool:
+    """Delete a slot's layers from one part's components (the other part is untouched); False if it had none."""
+    from diffusers.utils import delete_adapter_layers
 
-    for component in resident.text_encoders:
-        delete_adapter_layers(getattr(resident.pipe, component), peft_name(slot))
+    name, deleted = peft_name(slot), False
+    for component in resident.components(which):
+        model = getattr(resident.pipe, component)
+        if name in (getattr(model, "peft_config", None) or {}):
+            if component == "unet":
+                model.delete_adapters([name])  # also forgets its config, as diffusers' pipeline call does
+            else:
+                delete_adapter_layers(model, name)
+            deleted = True
+    part = resident.parts[which]
+    part.base_scaling.pop(slot, None)
+    part.slot_targets.pop(slot, None)
+    return deleted
 
 
-def _activate(resident: Resident, adapters: tuple[Adapter, ...], scheduled: tuple[tuple[str, str], ...]) -> None:
+def _activate(resident: Resident, which: str, adapters: tuple[Adapter, ...],
+              scheduled: tuple[tuple[str, str], ...]) -> None:
     """Activate the stack and write every layer's scale: the file's own alpha/rank × the recipe's weight.
 
-    `set_adapters` only activates: its block-wise scales leave layers outside the attention blocks at 1.0
-    and fail on LoRAs for conv_in or time_embedding, so weights come from `Adapter.weight` for every layer.
+    `set_adapters` would only activate: its block-wise scales leave layers outside the attention blocks at
+    1.0 and fail on LoRAs for conv_in or time_embedding, so weights come from `Adapter.weight` for every layer.
     """
-    layers = _lora_layers(resident)
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+    part = resident.parts[which]
+    layers = _lora_layers(resident, which)
     tensors = {(component, name, slot): value for component, name, layer in layers
                for slot, value in layer.scaling.items() if isinstance(value, torch.Tensor)}
+    for component in resident.components(which):
+        model = getattr(resident.pipe, component)
+        present = getattr(model, "peft_config", None) or {}
+        names = [peft_name(a.slot) for a in adapters if peft_name(a.slot) in present]
+        if names:
+            set_weights_and_activate_adapters(model, names, [1.0] * len(names))
     schedule_slots = {slot for slot, _ in scheduled}
-    resident.pipe.set_adapters([peft_name(a.slot) for a in adapters])
-    resident.unit_scaling = {slot: [] for slot in schedule_slots}
+    part.unit_scaling = {slot: [] for slot in schedule_slots}
     for component, module, layer in layers:
         for adapter in adapters:
             name = peft_name(adapter.slot)
@@ -316,11 +366,11 @@ def _activate(resident: Resident, adapters: tuple[Adapter, ...], scheduled: tupl
                 continue
             scheduled_here = adapter.slot in schedule_slots and component == "unet"
             weight = adapter.weight(component, module, 1.0 if scheduled_here else None)
-            value = resident.base_scaling[adapter.slot][(component, module)] * weight
+            value = part.base_scaling[adapter.slot][(component, module)] * weight
             layer.scaling[name] = tensors.get((component, module, name), layer.scaling[name])
             _write(layer, name, value)
             if scheduled_here:
-                resident.unit_scaling[adapter.slot].append((layer, name, value))
+                part.unit_scaling[adapter.slot].append((layer, name, value))
 
 
 def _write(layer: Any, name: str, value: float) -> None:
@@ -343,21 +393,33 @@ def _compile(resident: Resident, settings: Compile | None) -> None:
     resident.compile_seen = False
 
 
-def _unload_all(resident: Resident) -> None:
-    resident.pipe.unload_lora_weights()
+def _unload_all(resident: Resident, which: str) -> None:
+    """Remove every LoRA layer from a part's components, as diffusers' `unload_lora_weights` does for all."""
+    from diffusers.utils import recurse_remove_peft_layers
+
+    for component in resident.components(which):
+        model = getattr(resident.pipe, component)
+        if component == "unet":
+            model.unload_lora()
+        else:
+            recurse_remove_peft_layers(model)
+            if getattr(model, "peft_config", None) is not None:
+                del model.peft_config
+                model._hf_peft_config_loaded = None
     resident.pipe._merged_adapters = set()  # diffusers keeps the names of unloaded fused adapters here
-    resident.base_scaling.clear()
-    resident.slot_targets.clear()
+    part = resident.parts[which]
+    part.base_scaling.clear()
+    part.slot_targets.clear()
 
 
-def _lora_layers(resident: Resident) -> list[tuple[str, str, Any]]:
-    return [(component, name, module) for component in resident.components
+def _lora_layers(resident: Resident, which: str) -> list[tuple[str, str, Any]]:
+    return [(component, name, module) for component in resident.components(which)
             for name, module in getattr(resident.pipe, component).named_modules() if isinstance(module, LoraLayer)]
 
 
-def _snapshot(resident: Resident) -> None:
+def _snapshot(resident: Resident, which: str) -> None:
     """Keep the original weights of every layer about to be fused into, once per pipeline."""
-    for component, name, layer in _lora_layers(resident):
+    for component, name, layer in _lora_layers(resident, which):
         saved = resident.snapshot.setdefault(component, {})
         if name not in saved:
             base = layer.base_layer
@@ -366,17 +428,18 @@ def _snapshot(resident: Resident) -> None:
                            None if bias is None else bias.detach().to("cpu", copy=True))
 
 
-def _reset(resident: Resident) -> None:
-    """Back to the checkpoint's weights: no LoRA layers, fused layers restored bitwise."""
-    _unload_all(resident)
+def _reset(resident: Resident, which: str) -> None:
+    """Back to the checkpoint's weights in one part: no LoRA layers, fused layers restored bitwise."""
+    _unload_all(resident, which)
     with torch.no_grad():
-        for component, layers in resident.snapshot.items():
+        for component in resident.components(which):
             model = getattr(resident.pipe, component)
-            for name, (weight, bias) in layers.items():
+            for name, (weight, bias) in resident.snapshot.get(component, {}).items():
                 module = model.get_submodule(name)
                 module.weight.copy_(weight)
                 if bias is not None:
                     module.bias.copy_(bias)
+    part = resident.parts[which]
     # Compile settings and hot-swap preparation survive a reset: they are not weights.
-    resident.applied = replace(resident.applied.bare(), hotswap_rank=resident.hotswap_rank,
-                               compile=resident.compiled)
+    part.applied = replace(part.applied.bare(), hotswap_rank=resident.hotswap_rank if which == "unet" else 0,
+                           compile=resident.compiled if which == "unet" else None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +127,18 @@ def assert_same(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -
 
 def new_resident(base: Any, root: ModelRecipe, prepared: int = 0) -> Resident:
     """A resident on a fresh copy of the pipeline; `prepared` > 0: one that once served a hot-swap recipe."""
-    resident = Resident(copy.deepcopy(base), root)
+    resident = Resident.fresh(copy.deepcopy(base), root)
     if prepared:
-        reconcile(resident, root.prepared_for_hotswap(prepared))
-        reconcile(resident, root)  # the preparation stays: it is not undone by a recipe without it
+        apply(resident, root.prepared_for_hotswap(prepared))
+        apply(resident, root)  # the preparation stays: it is not undone by a recipe without it
     return resident
+
+
+def apply(resident: Resident, recipe: ModelRecipe) -> list[str]:
+    """Reconcile both parts to a one-recipe model, as Sample does; returns the denoiser's actions."""
+    actions = reconcile(resident, recipe)
+    reconcile(resident, recipe.clip())
+    return actions
 
 
 STRENGTHS = st.sampled_from([1.0, 0.5, -0.7, 1.3, 0.0])
@@ -187,7 +195,7 @@ def test_any_sequence_of_edits_reconciles_to_the_fresh_result(
     for change in [None, *edits]:
         ops = edit(ops, change) if change else ops
         recipe = build(demo_dir, root, ops)
-        note(f"{recipe.summary()} (hot-swap rank {recipe.hotswap_rank}): {reconcile(resident, recipe)}")
+        note(f"{recipe.summary()} (hot-swap rank {recipe.hotswap_rank}): {apply(resident, recipe)}")
         assert_realizes(resident, base, recipe)
 
 
@@ -201,32 +209,32 @@ def test_one_resident_equals_a_fresh_resident_per_recipe(
     resident = new_resident(base, root, prepared)
     for ops in recipes:
         recipe = build(demo_dir, root, ops)
-        note(f"{recipe.summary()}: {reconcile(resident, recipe)}")
+        note(f"{recipe.summary()}: {apply(resident, recipe)}")
         alone = new_resident(base, root)
-        reconcile(alone, recipe)
+        apply(alone, recipe)
         assert_same(signature(resident.pipe), signature(alone.pipe))
 
 
 def test_strength_change_is_set_adapters_only(resident: Resident, demo_dir: Path) -> None:
     root = resident.applied.bare()
     one = root.then(adapter(demo_dir, "tiny-sd15-style", "a", 1.0))
-    reconcile(resident, one)
-    assert reconcile(resident, root.then(adapter(demo_dir, "tiny-sd15-style", "a", 0.4))) == ["scales"]
+    apply(resident, one)
+    assert apply(resident, root.then(adapter(demo_dir, "tiny-sd15-style", "a", 0.4))) == ["scales"]
     both = root.then(adapter(demo_dir, "tiny-sd15-style", "a", 0.4)).then(adapter(demo_dir, "tiny-sd15-kohya", "b"))
-    assert reconcile(resident, both) == ["load:b", "scales"]
-    assert reconcile(resident, both) == []
-    assert reconcile(resident, root.then(adapter(demo_dir, "tiny-sd15-kohya", "b"))) == ["delete:a", "scales"]
+    assert apply(resident, both) == ["load:b", "scales"]
+    assert apply(resident, both) == []
+    assert apply(resident, root.then(adapter(demo_dir, "tiny-sd15-kohya", "b"))) == ["delete:a", "scales"]
 
 
 def test_unfused_weights_come_back_bitwise(resident: Resident, demo_dir: Path) -> None:
     root = resident.applied.bare()
-    reconcile(resident, root)
+    apply(resident, root)
     before = {k: v.clone() for k, v in resident.pipe.unet.state_dict().items()}
     fused = root.then(adapter(demo_dir, "tiny-sd15-te", "a", 0.8)).then(Fuse(("a",), 0.7))
-    assert reconcile(resident, fused) == ["fuse"]
+    assert apply(resident, fused) == ["fuse"]
     changed = [k for k, v in resident.pipe.unet.state_dict().items() if not torch.equal(v, before[k])]
     assert changed  # the fuse really changed the weights
-    assert reconcile(resident, root) == ["restore_base"]
+    assert apply(resident, root) == ["restore_base"]
     after = resident.pipe.unet.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
@@ -235,14 +243,14 @@ def test_unfused_weights_come_back_bitwise(resident: Resident, demo_dir: Path) -
 def test_a_failed_transition_keeps_the_last_good_state(resident: Resident, base: Any, demo_dir: Path) -> None:
     root = resident.applied.bare()
     good = root.then(adapter(demo_dir, "tiny-sd15-style", "a", 0.6))
-    reconcile(resident, good)
+    apply(resident, good)
     wrong_model = adapter(demo_dir, "tiny-sdxl-style", "b")  # a LoRA for another architecture
     with pytest.raises(ReconcileError, match="tiny-sdxl-style.safetensors"):
-        reconcile(resident, good.then(wrong_model))
+        apply(resident, good.then(wrong_model))
     assert not resident.broken
     assert_realizes(resident, base, good)
     after = good.then(adapter(demo_dir, "tiny-sd15-kohya", "b"))
-    reconcile(resident, after)  # the next run works
+    apply(resident, after)  # the next run works
     assert_realizes(resident, base, after)
 
 
@@ -255,9 +263,9 @@ def test_hot_swap_out_of_a_text_encoder_lora_leaves_no_text_encoder_layers(resid
                                                                            demo_dir: Path) -> None:
     root = resident.applied.bare()
     one = root.then(adapter(demo_dir, "tiny-sd15-te", "a")).prepared_for_hotswap(8)
-    reconcile(resident, one)
+    apply(resident, one)
     two = root.then(adapter(demo_dir, "tiny-sd15-style", "a")).prepared_for_hotswap(8)
-    assert "hotswap:a" in reconcile(resident, two)
+    assert "hotswap:a" in apply(resident, two)
     assert_realizes(resident, base, two)
 
 
@@ -267,7 +275,7 @@ def test_text_encoder_only_lora_on_a_resident_prepared_for_hot_swap(base: Any, d
     root = ModelRecipe(str(demo_dir / "checkpoints" / "tiny-sd15"), "f", "sd15", "fp32")
     resident = new_resident(base, root, prepared=8)
     recipe = root.then(adapter_at(path, "t", 1.0, 0.6))
-    reconcile(resident, recipe)
+    apply(resident, recipe)
     assert_realizes(resident, base, recipe)
 
 
@@ -277,7 +285,7 @@ def test_training_script_layout_honours_the_text_encoder_strength(resident: Resi
     root = resident.applied.bare()
     for te in (0.5, 0.0):
         recipe = root.then(adapter_at(path, "a", 0.8, te))
-        reconcile(resident, recipe)
+        apply(resident, recipe)
         assert_realizes(resident, base, recipe)
     # text-encoder strength 0: no LoRA there
     torch.testing.assert_close(signature(resident.pipe)[1], signature(base)[1], atol=ATOL, rtol=0)
@@ -285,14 +293,14 @@ def test_training_script_layout_honours_the_text_encoder_strength(resident: Resi
 
 def test_strength_zero_with_block_scales_is_no_lora(resident: Resident, base: Any, demo_dir: Path) -> None:
     recipe = resident.applied.bare().then(adapter(demo_dir, "tiny-sd15-style", "a", 0.0, 1.0, '{"mid": 0.0}'))
-    reconcile(resident, recipe)
+    apply(resident, recipe)
     assert_same(signature(resident.pipe), signature(base))
 
 
 def test_block_scales_multiply_the_strength_everywhere_conv_in_included(resident: Resident, base: Any,
                                                                          tmp_path: Path) -> None:
     path = lora_fixtures.with_conv_in(base.unet, tmp_path / "conv.safetensors")
-    reconcile(resident, resident.applied.bare().then(adapter_at(path, "a", 0.8, 1.0, '{"down": 0.5}')))
+    apply(resident, resident.applied.bare().then(adapter_at(path, "a", 0.8, 1.0, '{"down": 0.5}')))
     want = copy.deepcopy(base)
     want.load_lora_weights(str(path), adapter_name="a")
     for name, module in want.unet.named_modules():
@@ -309,7 +317,37 @@ def test_a_library_warning_while_loading_fails_the_transition(resident: Resident
     path = tmp_path / "extra.safetensors"
     lora_fixtures.save_file(tensors, path, metadata=metadata)
     good = resident.applied.bare().then(adapter(demo_dir, "tiny-sd15-kohya", "k"))
-    reconcile(resident, good)
+    apply(resident, good)
     with pytest.raises(ReconcileError, match="extra.safetensors"):
-        reconcile(resident, good.then(adapter_at(path, "x")))
+        apply(resident, good.then(adapter_at(path, "x")))
     assert_realizes(resident, base, good)
+
+
+def test_model_and_clip_sides_with_different_stacks_never_undo_each_other(resident: Resident, base: Any,
+                                                                          demo_dir: Path) -> None:
+    root = resident.applied.bare()
+    model = root.then(adapter(demo_dir, "tiny-sd15-te", "a", 0.7, 0.0)).then(adapter(demo_dir, "tiny-sd15-kohya", "b"))
+    clip = root.clip().then(adapter(demo_dir, "tiny-sd15-te", "a", 0.0, 0.6))
+    assert reconcile(resident, model) == ["load:a", "load:b", "scales"]
+    assert reconcile(resident, clip) == ["load:a", "scales"]
+    for _ in range(2):  # alternating encode (CLIP) and sample (MODEL) runs: nothing to do
+        assert reconcile(resident, model) == [] and reconcile(resident, clip) == []
+    unet, _ = signature(resident.pipe)
+    _, text = signature(fresh(base, replace(clip, part="unet")))
+    assert_same((unet, signature(resident.pipe)[1]), (signature(fresh(base, model))[0], text))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.lists(st.one_of(LOAD, LOAD, FUSE), max_size=3),
+                          st.lists(st.one_of(LOAD, LOAD, FUSE), max_size=3)), min_size=1, max_size=3))
+def test_model_and_clip_recipes_that_differ_reconcile_each_to_its_own_result(
+    base: Any, demo_dir: Path, pairs: list[tuple[list[Any], list[Any]]]
+) -> None:
+    root = ModelRecipe(str(demo_dir / "checkpoints" / "tiny-sd15"), "f", "sd15", "fp32")
+    resident = new_resident(base, root)
+    for model_ops, clip_ops in pairs:
+        model, clip = build(demo_dir, root, model_ops), build(demo_dir, root, clip_ops).clip()
+        note(f"model {model.summary()}: {reconcile(resident, model)}")
+        note(f"clip {clip.summary()}: {reconcile(resident, clip)}")
+        want = signature(fresh(base, model))[0], signature(fresh(base, replace(clip, part="unet")))[1]
+        assert_same(signature(resident.pipe), want)
