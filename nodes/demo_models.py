@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 DemoPipeline = Any
 
 #: Bump whenever anything generated changes; older folders are then regenerated.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 MANIFEST_NAME = ".nodegraph-demo.json"
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -202,9 +202,10 @@ def _tiny_vae(seed: int, name: str, scaling_factor: float) -> AutoencoderKL:
         return AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(32, 64),
+            # Four levels, as in the real SD VAEs: a latent is 1/8 of the image, which ComfyUI's nodes assume.
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(32, 32, 32, 32),
             latent_channels=4,
             sample_size=64,
             scaling_factor=scaling_factor,

@@ -88,18 +88,21 @@ class LoadCheckpoint(Node):
         return [_model_file(settings, "checkpoints", inputs["checkpoint"], "checkpoint")]
 
     def run(self, ctx: Context, checkpoint: str, dtype: str) -> dict[str, Any]:
-        from nodes.checkpoints import CheckpointError, detect_family
+        return {"model": checkpoint_recipe(ctx, checkpoint, dtype, "checkpoint")}
 
-        path = _model_file(ctx.settings, "checkpoints", checkpoint, "checkpoint")
-        try:
-            family = detect_family(path)
-        except CheckpointError as exc:
-            raise NodeFailure(str(exc), "checkpoint", "bad_checkpoint") from None
-        if family not in ("sd15", "sd2", "sdxl"):
-            raise NodeFailure(
-                f"{checkpoint}: {family} checkpoints are not supported yet", "checkpoint", "bad_checkpoint"
-            )
-        return {"model": ModelRecipe(str(path), file_fingerprint(path), family, dtype)}
+
+def checkpoint_recipe(ctx: Context, name: str, dtype: str, input_name: str) -> ModelRecipe:
+    """The MODEL recipe of a checkpoint in the models folder; node errors on `input_name`."""
+    from nodes.checkpoints import CheckpointError, detect_family
+
+    path = _model_file(ctx.settings, "checkpoints", name, input_name)
+    try:
+        family = detect_family(path)
+    except CheckpointError as exc:
+        raise NodeFailure(str(exc), input_name, "bad_checkpoint") from None
+    if family not in ("sd15", "sd2", "sdxl"):
+        raise NodeFailure(f"{name}: {family} checkpoints are not supported yet", input_name, "bad_checkpoint")
+    return ModelRecipe(str(path), file_fingerprint(path), family, dtype)
 
 
 class LoadLoRA(Node):

@@ -81,7 +81,7 @@ def materialize(ctx: Context, recipe: ModelRecipe, *more: ModelRecipe) -> Iterat
     name = recipe.checkpoint.rsplit("/", 1)[-1]
     current = manager.get(key)
     if current is not None and current.offload_dir is not None and any(
-            current.parts[r.part].applied != r for r in recipes):
+            r.part in current.parts and current.parts[r.part].applied != r for r in recipes):
         manager.drop(key)  # weights offloaded to disk are not changed in place: rebuilt for the new recipe
         current = None
     try:
@@ -107,6 +107,8 @@ def materialize(ctx: Context, recipe: ModelRecipe, *more: ModelRecipe) -> Iterat
     with manager.use(key, load, size, f"{name} ({SHORT[dtype]})", ctx.info) as resident:
         started = time.perf_counter()
         for wanted in recipes:
+            if wanted.part not in resident.parts:
+                continue  # a VAE recipe: nothing of it changes with LoRAs
             try:
                 actions = reconcile(resident, wanted)
             except ReconcileError as exc:

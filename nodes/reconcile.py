@@ -101,7 +101,8 @@ class Resident:
     def fresh(cls, pipe: Any, checkpoint: ModelRecipe, **kwargs: Any) -> Resident:
         """A resident for a pipeline just loaded from `checkpoint` (its LoRA ops are ignored)."""
         bare = checkpoint.bare()
-        return cls(pipe, {"unet": Part(bare), "clip": Part(replace(bare, part="clip"))}, **kwargs)
+        return cls(pipe, {"unet": Part(replace(bare, part="unet")), "clip": Part(replace(bare, part="clip"))},
+                   **kwargs)
 
     @property
     def applied(self) -> ModelRecipe:

@@ -1,0 +1,86 @@
+"""ComfyUI's conditioning nodes: CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine, ConditioningZeroOut.
+
+A prompt is encoded once by the text encoders of the CLIP recipe (its LoRAs reconciled on the text
+encoders only) and cached like any value: changing the negative prompt re-runs only its encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from nodegraph.context import Context, NodeFailure
+from nodegraph.schema import Input, Node, Output
+from nodes.recipe import ModelRecipe
+from nodes.values import CondEntry, Conditioning
+
+
+class CLIPTextEncode(Node):
+    type = "CLIPTextEncode"
+    version = "1.0.0"
+    category = "conditioning"
+    description = "Encodes a prompt with the CLIP's text encoders (SDXL: both, plus the pooled embedding)."
+    inputs = (Input("text", "STRING", default="", multiline=True), Input("clip", "CLIP"))
+    outputs = (Output("CONDITIONING", "CONDITIONING"),)
+
+    def run(self, ctx: Context, text: str, clip: ModelRecipe) -> dict[str, Any]:
+        import torch
+
+        from nodes.pipelines import materialize
+
+        with materialize(ctx, clip) as resident:
+            pipe = resident.pipe
+            layers = pipe.text_encoder.config.num_hidden_layers
+            if clip.clip_skip >= layers:
+                raise NodeFailure(f"stop_at_clip_layer {-1 - clip.clip_skip} is past the text encoder's {layers} "
+                                  "layers", "clip", "invalid_value")
+            skip = clip.clip_skip or None
+            with torch.inference_mode():
+                if clip.family == "sdxl":
+                    embeds, _, pooled, _ = pipe.encode_prompt(text, device=resident.device, num_images_per_prompt=1,
+                                                              do_classifier_free_guidance=False, clip_skip=skip)
+                else:
+                    embeds, _ = pipe.encode_prompt(text, resident.device, 1, False, clip_skip=skip)
+                    pooled = None
+        return {"CONDITIONING": Conditioning((CondEntry(embeds, pooled),))}
+
+
+class CLIPSetLastLayer(Node):
+    type = "CLIPSetLastLayer"
+    version = "1.0.0"
+    category = "conditioning"
+    description = "Which text-encoder layer prompts are read from: -1 the last, -2 the one before (\"clip skip 2\")."
+    inputs = (Input("clip", "CLIP"), Input("stop_at_clip_layer", "INT", default=-1, min=-24, max=-1, step=1))
+    outputs = (Output("CLIP", "CLIP"),)
+
+    def run(self, ctx: Context, clip: ModelRecipe, stop_at_clip_layer: int) -> dict[str, Any]:
+        return {"CLIP": replace(clip, clip_skip=-1 - stop_at_clip_layer)}
+
+
+class ConditioningCombine(Node):
+    type = "ConditioningCombine"
+    version = "1.0.0"
+    category = "conditioning"
+    description = "Both conditionings at once: the sampler predicts with each and averages, as ComfyUI does."
+    inputs = (Input("conditioning_1", "CONDITIONING"), Input("conditioning_2", "CONDITIONING"))
+    outputs = (Output("CONDITIONING", "CONDITIONING"),)
+
+    def run(self, ctx: Context, conditioning_1: Conditioning, conditioning_2: Conditioning) -> dict[str, Any]:
+        return {"CONDITIONING": Conditioning(conditioning_1.entries + conditioning_2.entries)}
+
+
+class ConditioningZeroOut(Node):
+    type = "ConditioningZeroOut"
+    version = "1.0.0"
+    category = "conditioning"
+    description = "The same conditioning with every embedding (and pooled embedding) set to zero."
+    inputs = (Input("conditioning", "CONDITIONING"),)
+    outputs = (Output("CONDITIONING", "CONDITIONING"),)
+
+    def run(self, ctx: Context, conditioning: Conditioning) -> dict[str, Any]:
+        return {"CONDITIONING": Conditioning(tuple(
+            replace(e, embeds=e.embeds * 0, pooled=None if e.pooled is None else e.pooled * 0)
+            for e in conditioning.entries))}
+
+
+NODES: list[type[Node]] = [CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine, ConditioningZeroOut]

@@ -1,0 +1,160 @@
+"""ComfyUI's samplers as nodes: KSampler and KSamplerAdvanced, on the MODEL recipe's UNet.
+
+The sampling mathematics (noise levels, schedules, samplers, classifier-free guidance) is in
+`nodes.sigmas` and `nodes.samplers`; here the UNet is wrapped as the noise predictor they call, with
+the CONDITIONING's embeddings (and SDXL's pooled embedding and size conditioning). Initial noise is
+drawn on the CPU in float32 from the seed, one `randn` of the whole latent, as ComfyUI does: the same
+seed gives the same image on every device. A latent with a `noise_mask` is repainted only where the
+mask is 1: elsewhere the model is shown the input latent at each step's noise level and its prediction
+is replaced by the input, as ComfyUI's inpainting sampler does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nodegraph.context import Context, NodeFailure
+from nodegraph.schema import Input, Node, Output
+from nodes.recipe import ModelRecipe
+from nodes.samplers import SAMPLERS
+from nodes.sigmas import SCHEDULERS
+from nodes.values import Conditioning, Latent
+
+SEED = {"default": 0, "min": 0, "max": 2**64 - 1}
+STEPS = {"default": 20, "min": 1, "max": 10000}
+CFG = {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1}
+
+
+def _cond(entries: Conditioning, batch: int, dtype: Any, device: str) -> dict[str, Any]:
+    """The conditioning dict the UNet wrapper reads: embeddings (batch, entries, tokens, dim) and pooled ones."""
+    import torch
+
+    def stacked(tensors: list[Any]) -> Any:
+        return torch.stack(tensors, dim=1).expand(batch, *[-1] * tensors[0].dim()).to(device, dtype)
+
+    out = {"embeds": stacked([e.embeds[0] for e in entries.entries])}
+    pooled = [e.pooled for e in entries.entries]
+    if all(p is not None for p in pooled):
+        out["pooled"] = stacked([p[0] for p in pooled if p is not None])
+    return out
+
+
+def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: float, sampler_name: str,
+                scheduler: str, positive: Conditioning, negative: Conditioning, latent: Latent, *,
+                denoise: float = 1.0, add_noise: bool = True, start: int = 0, end: int = 10000,
+                leftover: bool = False) -> Latent:
+    import torch
+
+    from nodes.pipelines import materialize, retry_out_of_memory, watch_compile
+    from nodes.samplers import CFGDenoiser, sample
+    from nodes.sigmas import DiscreteModel, initial_noise, noised_latent, sigma_slice, sigmas
+
+    with materialize(ctx, model) as resident:
+        unet = resident.pipe.unet
+        device, dtype = resident.device, unet.dtype
+        discrete = DiscreteModel.from_config(resident.scheduler_config)
+        schedule = sigma_slice(sigmas(scheduler, discrete, steps, denoise=denoise, sampler=sampler_name),
+                               start, end, leftover)
+        if len(schedule) < 2:
+            return latent  # nothing to sample (denoise 0, or start past the end)
+        samples = latent.samples
+        if samples.shape[1] != unet.config.in_channels:
+            raise NodeFailure(f"the latent has {samples.shape[1]} channels; this model takes "
+                              f"{unet.config.in_channels}", "latent_image", "wrong_latent")
+        batch, _, height, width = samples.shape
+        noise = initial_noise(seed, samples.shape) if add_noise else torch.zeros_like(samples)
+        samples, noise = samples.to(device), noise.to(device)
+        sdxl = model.family == "sdxl"
+        size = torch.tensor([[height * 8, width * 8, 0, 0, height * 8, width * 8]], device=device, dtype=dtype)
+        cond, uncond = _cond(positive, batch, dtype, device), _cond(negative, batch, dtype, device)
+        if sdxl and ("pooled" not in cond or "pooled" not in uncond):
+            raise NodeFailure("SDXL needs conditioning from its own CLIP (with pooled embeddings)", "positive",
+                              "wrong_conditioning")
+
+        def eps(x: Any, timestep: Any, c: dict[str, Any]) -> Any:
+            embeds = c["embeds"]  # (batch, entries, tokens, dim): one prediction per entry, averaged
+            rows, entries = embeds.shape[:2]
+            extra = {}
+            if sdxl:
+                extra["added_cond_kwargs"] = {"text_embeds": c["pooled"].flatten(0, 1),
+                                              "time_ids": size.expand(rows * entries, -1)}
+            out = unet(x.to(dtype).repeat_interleave(entries, 0), timestep.repeat_interleave(entries, 0),
+                       encoder_hidden_states=embeds.flatten(0, 1), **extra).sample.float()
+            return out.unflatten(0, (rows, entries)).mean(1)
+
+        mask = latent.noise_mask
+        if mask is not None:
+            mask = torch.nn.functional.interpolate(mask.to(device), size=(height, width), mode="bilinear")
+        guided = CFGDenoiser(discrete, eps, cond, uncond, cfg)
+
+        def denoiser(x: Any, sigma: Any) -> Any:
+            if mask is None:
+                return guided(x, sigma)
+            # Inpainting: outside the mask the model sees the input latent at this noise level, and predicts it.
+            x = x * mask + (samples + noise * sigma.to(x)) * (1 - mask)
+            return guided(x, sigma) * mask + samples * (1 - mask)
+
+        def on_step(i: int, total: int, x: Any, denoised: Any) -> None:
+            if model.schedules:
+                resident.set_step(i + 1)
+            ctx.progress(i + 1, total)
+
+        def run() -> Any:
+            if model.schedules:
+                resident.set_step(0)
+            x = noised_latent(discrete, samples, noise, schedule)
+            with torch.inference_mode(), watch_compile(ctx, resident):
+                return sample(sampler_name, denoiser, x, schedule, seed=seed, callback=on_step,
+                              cancel_check=ctx.check_cancelled)
+
+        out = retry_out_of_memory(ctx, run, f"sampling {batch}× {width * 8}×{height * 8}")
+    return Latent(out, latent.noise_mask)
+
+
+class KSampler(Node):
+    type = "KSampler"
+    version = "1.0.0"
+    category = "sampling"
+    description = ("Denoises a latent with the MODEL, guided by positive and negative conditioning (ComfyUI's "
+                   "samplers and schedulers). denoise < 1 keeps part of the input latent: image to image.")
+    inputs = (Input("model", "MODEL"), Input("seed", "INT", **SEED), Input("steps", "INT", **STEPS),
+              Input("cfg", "FLOAT", **CFG), Input("sampler_name", "COMBO", default="euler", choices=SAMPLERS),
+              Input("scheduler", "COMBO", default="normal", choices=SCHEDULERS),
+              Input("positive", "CONDITIONING"), Input("negative", "CONDITIONING"),
+              Input("latent_image", "LATENT"), Input("denoise", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.01))
+    outputs = (Output("LATENT", "LATENT"),)
+
+    def run(self, ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: float, sampler_name: str,
+            scheduler: str, positive: Conditioning, negative: Conditioning, latent_image: Latent,
+            denoise: float) -> dict[str, Any]:
+        return {"LATENT": run_sampler(ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                      latent_image, denoise=denoise)}
+
+
+class KSamplerAdvanced(Node):
+    type = "KSamplerAdvanced"
+    version = "1.0.0"
+    category = "sampling"
+    description = ("KSampler over a range of the schedule's steps: two in a row (the first returning its leftover "
+                   "noise, the second adding none) equal one full run.")
+    inputs = (Input("model", "MODEL"), Input("add_noise", "COMBO", default="enable", choices=("enable", "disable")),
+              Input("noise_seed", "INT", **SEED), Input("steps", "INT", **STEPS), Input("cfg", "FLOAT", **CFG),
+              Input("sampler_name", "COMBO", default="euler", choices=SAMPLERS),
+              Input("scheduler", "COMBO", default="normal", choices=SCHEDULERS),
+              Input("positive", "CONDITIONING"), Input("negative", "CONDITIONING"),
+              Input("latent_image", "LATENT"),
+              Input("start_at_step", "INT", default=0, min=0, max=10000),
+              Input("end_at_step", "INT", default=10000, min=0, max=10000),
+              Input("return_with_leftover_noise", "COMBO", default="disable", choices=("disable", "enable")))
+    outputs = (Output("LATENT", "LATENT"),)
+
+    def run(self, ctx: Context, model: ModelRecipe, add_noise: str, noise_seed: int, steps: int, cfg: float,
+            sampler_name: str, scheduler: str, positive: Conditioning, negative: Conditioning,
+            latent_image: Latent, start_at_step: int, end_at_step: int,
+            return_with_leftover_noise: str) -> dict[str, Any]:
+        return {"LATENT": run_sampler(ctx, model, noise_seed, steps, cfg, sampler_name, scheduler, positive,
+                                      negative, latent_image, add_noise=add_noise == "enable", start=start_at_step,
+                                      end=end_at_step, leftover=return_with_leftover_noise == "enable")}
+
+
+NODES: list[type[Node]] = [KSampler, KSamplerAdvanced]

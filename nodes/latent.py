@@ -1,0 +1,103 @@
+"""ComfyUI's latent nodes: EmptyLatentImage, VAEDecode, VAEEncode.
+
+A LATENT holds the VAE's latents unscaled (as the UNet sees them: encoded × the VAE's scaling
+factor), one eighth of the image's size, like ComfyUI's. Pixels follow ComfyUI too: VAEDecode maps
+the VAE's [-1, 1] to [0, 1] and quantises to 8 bits by truncation, as ComfyUI's SaveImage does;
+VAEEncode takes the posterior's mode (no sampling noise), so encoding is deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nodegraph.context import Context, NodeFailure
+from nodegraph.schema import Input, Node, Output
+from nodes.images import ImageBatch
+from nodes.recipe import ModelRecipe
+from nodes.values import Latent
+
+MAX_SIZE = 16384
+
+
+class EmptyLatentImage(Node):
+    type = "EmptyLatentImage"
+    version = "1.0.0"
+    category = "latent"
+    description = "An empty (zero) latent for a batch of images of this size: the start of text to image."
+    inputs = (Input("width", "INT", default=512, min=16, max=MAX_SIZE, step=8),
+              Input("height", "INT", default=512, min=16, max=MAX_SIZE, step=8),
+              Input("batch_size", "INT", default=1, min=1, max=4096))
+    outputs = (Output("LATENT", "LATENT"),)
+
+    @classmethod
+    def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
+        return [(name, f"{literals[name]} is not a multiple of 8")
+                for name in ("width", "height") if name in literals and literals[name] % 8]
+
+    def run(self, ctx: Context, width: int, height: int, batch_size: int) -> dict[str, Any]:
+        import torch
+
+        return {"LATENT": Latent(torch.zeros(batch_size, 4, height // 8, width // 8))}
+
+
+class VAEDecode(Node):
+    type = "VAEDecode"
+    version = "1.0.0"
+    category = "latent"
+    description = "Latents to pixels with the VAE."
+    inputs = (Input("samples", "LATENT"), Input("vae", "VAE"))
+    outputs = (Output("IMAGE", "IMAGE"),)
+
+    def run(self, ctx: Context, samples: Latent, vae: ModelRecipe) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        from nodes.pipelines import materialize
+
+        with materialize(ctx, vae) as resident:
+            model = resident.pipe.vae
+            if samples.samples.shape[1] != model.config.latent_channels:
+                raise NodeFailure(f"the latent has {samples.samples.shape[1]} channels; this VAE takes "
+                                  f"{model.config.latent_channels}", "samples", "wrong_latent")
+            latents = samples.samples.to(resident.device, model.dtype) / model.config.scaling_factor
+            with torch.inference_mode():
+                images = [model.decode(one[None]).sample.float().cpu() for one in latents]  # one at a time
+                ctx.check_cancelled()
+        pixels = ((torch.cat(images) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        return {"IMAGE": ImageBatch((pixels * 255).astype(np.uint8))}
+
+
+class VAEEncode(Node):
+    type = "VAEEncode"
+    version = "1.0.0"
+    category = "latent"
+    description = "Pixels to latents with the VAE (the posterior's mode), for image to image."
+    inputs = (Input("pixels", "IMAGE"), Input("vae", "VAE"))
+    outputs = (Output("LATENT", "LATENT"),)
+
+    def run(self, ctx: Context, pixels: ImageBatch, vae: ModelRecipe) -> dict[str, Any]:
+        return {"LATENT": Latent(encode(ctx, pixels, vae))}
+
+
+def encode(ctx: Context, pixels: ImageBatch, vae: ModelRecipe) -> Any:
+    """The VAE latents (scaled, as the UNet sees them) of images whose sides are cropped to multiples of 8."""
+    import torch
+
+    from nodes.pipelines import materialize
+
+    _, height, width, _ = pixels.pixels.shape
+    if height < 8 or width < 8:
+        raise NodeFailure(f"a {width}×{height} image is too small to encode (8×8 at least)", "pixels", "too_small")
+    array = pixels.pixels[:, : height // 8 * 8, : width // 8 * 8]  # ComfyUI crops to the latent grid too
+    with materialize(ctx, vae) as resident:
+        model = resident.pipe.vae
+        x = torch.from_numpy(array.copy()).permute(0, 3, 1, 2).float() / 255 * 2 - 1
+        out = []
+        with torch.inference_mode():
+            for one in x.to(resident.device, model.dtype):
+                out.append(model.encode(one[None]).latent_dist.mode().float().cpu())
+                ctx.check_cancelled()
+        return torch.cat(out) * model.config.scaling_factor
+
+
+NODES: list[type[Node]] = [EmptyLatentImage, VAEDecode, VAEEncode]

@@ -1,0 +1,177 @@
+"""ComfyUI's core nodes on the demo models: API-format workflows unchanged, caching per side, samplers."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nodegraph import events as ev
+from nodegraph.cli import main
+from nodegraph.executor import Executor
+from nodegraph.registry import Registry
+from nodegraph.settings import Settings
+from nodegraph.workflow import lower_comfy_api
+from tests.conftest import Recorder
+
+ROOT = Path(__file__).parents[2]
+COMFY = ROOT / "workflows" / "comfyui"
+
+
+def comfy(name: str) -> dict[str, Any]:
+    return json.loads((COMFY / name).read_text())
+
+
+def txt2img(**changes: Any) -> dict[str, Any]:
+    """ComfyUI's default txt2img + LoRA graph (API format); changes: {"node.input": value}."""
+    graph = comfy("txt2img_lora.json")
+    graph["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    for where, value in changes.items():
+        node, name = where.split(".")
+        graph[node]["inputs"][name] = value
+    return lower_comfy_api(graph)
+
+
+@pytest.fixture(scope="module")
+def shared(registry: Registry, demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Executor:
+    return Executor(registry, Settings(models_dirs=(demo_dir,), output_dir=tmp_path_factory.mktemp("out")))
+
+
+def run(executor: Executor, wf: dict[str, Any], events: Recorder | None = None) -> Any:
+    result = executor.run(wf, events if events is not None else Recorder())
+    assert result.status == "ok", result.errors
+    return result
+
+
+def latent(result: Any, node: str) -> torch.Tensor:
+    samples: torch.Tensor = result.nodes[node].outputs["LATENT"].samples
+    return samples
+
+
+def reconciled(events: Recorder) -> list[str]:
+    return [e.message for e in events.of(ev.NodeInfo) if e.kind == "reconcile"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in COMFY.glob("*.json")))
+def test_comfyui_api_workflows_run_unchanged_from_the_command_line(name: str, demo_dir: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", str(COMFY / name), "--models-dir", str(demo_dir), "--output-dir", str(tmp_path), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["status"] == "ok", result["errors"]
+    [path] = result["files"]
+    with Image.open(path) as image:
+        assert image.size == (64, 64)
+        assert np.asarray(image).std() > 1  # a picture, not a flat field
+
+
+def test_only_what_a_change_touches_runs_again(shared: Executor) -> None:
+    run(shared, txt2img())
+    events = Recorder()
+    run(shared, txt2img(**{"7.text": "ugly"}), events)
+    assert sorted(events.ran()) == ["3", "7", "8", "9"]  # the negative prompt, then the sampler onwards
+    events = Recorder()
+    run(shared, txt2img(**{"7.text": "ugly", "3.denoise": 0.8}), events)
+    assert sorted(events.ran()) == ["3", "8", "9"]
+
+
+def test_a_clip_strength_change_re_encodes_without_touching_the_unet(shared: Executor) -> None:
+    run(shared, txt2img())
+    events = Recorder()
+    run(shared, txt2img(**{"10.strength_clip": 0.5}), events)
+    assert sorted(events.ran()) == ["10", "3", "6", "7", "8", "9"]
+    assert reconciled(events) == ["clip: scales"]  # the MODEL's LoRA was not reloaded or rescaled
+
+
+def test_model_only_lora_leaves_the_text_encoders_alone(shared: Executor) -> None:
+    wf = txt2img()
+    wf["nodes"]["10"] = {"type": "LoraLoaderModelOnly", "inputs": {"model": ["4", 0], "lora_name":
+                                                                    "tiny-sd15-te.safetensors", "strength_model": 1.0}}
+    for node in ("6", "7"):
+        wf["nodes"][node]["inputs"]["clip"] = ["4", 1]
+    plain = txt2img(**{"10.strength_clip": 0.0})  # the same MODEL side; strength 0 leaves the CLIP untouched
+    a = run(shared, wf).nodes["6"].outputs["CONDITIONING"].entries[0].embeds
+    b = run(shared, plain).nodes["6"].outputs["CONDITIONING"].entries[0].embeds
+    assert torch.equal(a, b)
+    for graph in (wf, txt2img(), wf, txt2img()):  # CLIP sides differ, MODEL sides agree: the UNet is never touched
+        events = Recorder()
+        shared.cache.clear()
+        run(shared, graph, events)
+        assert [m for m in reconciled(events) if m.startswith("model:")] == []
+
+
+def test_two_ksampler_advanced_halves_equal_one_full_run(shared: Executor) -> None:
+    halves = lower_comfy_api(comfy("ksampler_advanced.json"))
+    full = copy.deepcopy(halves)
+    full["nodes"]["11"]["inputs"].update({"latent_image": ["5", 0], "add_noise": "enable", "start_at_step": 0})
+    a, b = latent(run(shared, halves), "11"), latent(run(shared, full), "11")
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    first = latent(run(shared, halves), "10")
+    assert first.std() > a.std()  # the first half stops with its noise left in
+
+
+def test_same_seed_same_latent_and_the_seed_matters(shared: Executor) -> None:
+    a, b = latent(run(shared, txt2img()), "3"), latent(run(shared, txt2img(**{"3.seed": 1})), "3")
+    shared.cache.clear()
+    assert torch.equal(a, latent(run(shared, txt2img()), "3"))
+    assert not torch.equal(a, b)
+
+
+def test_image_to_image_keeps_the_input_at_low_denoise(shared: Executor) -> None:
+    first = run(shared, txt2img())
+    wf = txt2img()
+    wf["nodes"]["20"] = {"type": "VAEEncode", "inputs": {"pixels": ["8", 0], "vae": ["4", 2]}}
+    wf["nodes"]["21"] = {"type": "KSampler", "inputs": {**wf["nodes"]["3"]["inputs"], "latent_image": ["20", 0],
+                                                       "denoise": 0.0, "seed": 5}}
+    wf["nodes"]["22"] = {"type": "VAEDecode", "inputs": {"samples": ["21", 0], "vae": ["4", 2]}}
+    wf["nodes"]["23"] = {"type": "PreviewImage", "inputs": {"images": ["22", 0]}}
+    result = run(shared, wf)
+    assert torch.equal(latent(result, "21"), latent(result, "20"))  # denoise 0: nothing sampled
+    wf["nodes"]["21"]["inputs"]["denoise"] = 0.6
+    changed = latent(run(shared, wf), "21")
+    encoded = latent(result, "20")
+    assert 0 < (changed - encoded).abs().mean() < (torch.randn_like(encoded) - encoded).abs().mean()
+    assert first.nodes["8"].outputs["IMAGE"].pixels.shape == (1, 64, 64, 3)
+
+
+def test_every_sampler_and_scheduler_runs(shared: Executor) -> None:
+    from nodes.samplers import SAMPLERS
+    from nodes.sigmas import SCHEDULERS
+
+    for sampler, scheduler in zip(SAMPLERS, [*SCHEDULERS, *SCHEDULERS], strict=False):
+        out = latent(run(shared, txt2img(**{"3.sampler_name": sampler, "3.scheduler": scheduler, "3.steps": 3})), "3")
+        assert torch.isfinite(out).all() and out.std() > 0, (sampler, scheduler)
+
+
+def test_clip_skip_and_conditioning_nodes(shared: Executor) -> None:
+    wf = txt2img()
+    wf["nodes"]["30"] = {"type": "CLIPSetLastLayer", "inputs": {"clip": ["10", 1], "stop_at_clip_layer": -2}}
+    wf["nodes"]["31"] = {"type": "CLIPTextEncode", "inputs": {"text": wf["nodes"]["6"]["inputs"]["text"],
+                                                             "clip": ["30", 0]}}
+    wf["nodes"]["32"] = {"type": "ConditioningZeroOut", "inputs": {"conditioning": ["6", 0]}}
+    wf["nodes"]["33"] = {"type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0],
+                                                                   "conditioning_2": ["6", 0]}}
+    result = run(shared, wf)
+    embeds = {n: result.nodes[n].outputs["CONDITIONING"].entries for n in ("6", "31", "32", "33")}
+    assert not torch.equal(embeds["6"][0].embeds, embeds["31"][0].embeds)
+    assert not embeds["32"][0].embeds.any()
+    assert len(embeds["33"]) == 2
+    wf["nodes"]["3"]["inputs"]["positive"] = ["33", 0]  # the same entry twice averages to itself
+    torch.testing.assert_close(latent(run(shared, wf), "3"), latent(result, "3"), atol=1e-5, rtol=0)
+    wf["nodes"]["30"]["inputs"]["stop_at_clip_layer"] = -24
+    failed = shared.run(wf)
+    assert failed.status == "error" and failed.errors[0].node_id == "31" and "layers" in failed.errors[0].message
+
+
+def test_sdxl_graph(shared: Executor) -> None:
+    wf = txt2img(**{"4.ckpt_name": "tiny-sdxl", "10.lora_name": "tiny-sdxl-style.safetensors"})
+    image = run(shared, wf).nodes["8"].outputs["IMAGE"].pixels
+    assert image.shape == (1, 64, 64, 3)
+    wrong = txt2img(**{"4.ckpt_name": "tiny-sdxl"})  # an SD1.5 LoRA on SDXL: refused on the loader
+    failed = shared.run(wrong)
+    assert failed.status == "error" and (failed.errors[0].node_id, failed.errors[0].code) == ("10", "wrong_model")
