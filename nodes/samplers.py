@@ -143,7 +143,7 @@ def brownian_noise(x: Tensor, sigmas: Tensor, seed: int) -> Noise:
         low, high, sign = (a, b, 1.0) if a < b else (b, a, -1.0)
         with warnings.catch_warnings():  # torchsde rounds the tree's ends to 1e-6 and warns when we touch them
             warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
-            w = tree(low, high)
+            w: Tensor = tree(low, high)
         return (w * sign).to(x) / (b - a).abs().to(x.device).sqrt()
     return noise
 
@@ -386,12 +386,12 @@ def _unipc_step(data: Denoise, x: Tensor, estimates: list[Tensor], at: list[Tens
     predicted = base
     if diffs:
         rhos = torch.tensor([0.5]) if k == 2 else torch.linalg.solve(matrix[:-1, :-1], b[:-1])
-        predicted = base - alpha_t * hh * sum(float(r) * d for r, d in zip(rhos, diffs))
+        predicted = base - alpha_t * hh * sum(float(r) * d for r, d in zip(rhos, diffs, strict=True))
     if not corrector:
         return predicted, None
     estimate = data(predicted, t)
     rhos_c = torch.tensor([0.5]) if k == 1 else torch.linalg.solve(matrix, b)
-    correction = sum((float(r) * d for r, d in zip(rhos_c[:-1], diffs)), torch.zeros_like(x))
+    correction = sum((float(r) * d for r, d in zip(rhos_c[:-1], diffs, strict=True)), torch.zeros_like(x))
     return base - alpha_t * hh * (correction + float(rhos_c[-1]) * (estimate - newest)), estimate
 
 
