@@ -40,9 +40,23 @@ class CLIPTextEncode(Node):
                     embeds, _, pooled, _ = pipe.encode_prompt(text, device=resident.device, num_images_per_prompt=1,
                                                               do_classifier_free_guidance=False, clip_skip=skip)
                 else:
-                    embeds, _ = pipe.encode_prompt(text, resident.device, 1, False, clip_skip=skip)
-                    pooled = None
+                    embeds, pooled = _encode(pipe, text, resident.device, clip.clip_skip), None
         return {"CONDITIONING": Conditioning((CondEntry(embeds, pooled),))}
+
+
+def _encode(pipe: Any, text: str, device: str, skip: int) -> Any:
+    """SD1.x/2.x prompt embeddings, `skip` layers before the last, through the final layer norm.
+
+    diffusers 0.42's `encode_prompt(clip_skip=…)` reads `text_encoder.text_model`, a level transformers 5's
+    CLIP models no longer have; this is the same computation on either layout.
+    """
+    ids = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+    encoder = pipe.text_encoder
+    if not skip:
+        return encoder(ids)[0]
+    hidden = encoder(ids, output_hidden_states=True).hidden_states[-(skip + 1)]
+    return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
 
 
 class CLIPSetLastLayer(Node):

@@ -30,7 +30,8 @@ def _cond(entries: Conditioning, batch: int, dtype: Any, device: str) -> dict[st
     import torch
 
     def stacked(tensors: list[Any]) -> Any:
-        return torch.stack(tensors, dim=1).expand(batch, *[-1] * tensors[0].dim()).to(device, dtype)
+        together = torch.stack(tensors)  # (entries, …)
+        return together[None].expand(batch, *together.shape).to(device, dtype)
 
     out = {"embeds": stacked([e.embeds[0] for e in entries.entries])}
     pooled = [e.pooled for e in entries.entries]

@@ -112,7 +112,7 @@ def test_two_ksampler_advanced_halves_equal_one_full_run(shared: Executor) -> No
     a, b = latent(run(shared, halves), "11"), latent(run(shared, full), "11")
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     first = latent(run(shared, halves), "10")
-    assert first.std() > a.std()  # the first half stops with its noise left in
+    assert (first - a).abs().mean() > 0.1  # the first half stops half way, with its noise left in
 
 
 def test_same_seed_same_latent_and_the_seed_matters(shared: Executor) -> None:
@@ -132,10 +132,11 @@ def test_image_to_image_keeps_the_input_at_low_denoise(shared: Executor) -> None
     wf["nodes"]["23"] = {"type": "PreviewImage", "inputs": {"images": ["22", 0]}}
     result = run(shared, wf)
     assert torch.equal(latent(result, "21"), latent(result, "20"))  # denoise 0: nothing sampled
-    wf["nodes"]["21"]["inputs"]["denoise"] = 0.6
-    changed = latent(run(shared, wf), "21")
-    encoded = latent(result, "20")
-    assert 0 < (changed - encoded).abs().mean() < (torch.randn_like(encoded) - encoded).abs().mean()
+    encoded, moved = latent(result, "20"), []
+    for denoise in (0.2, 0.6, 1.0):  # the lower the denoise, the more of the input survives
+        wf["nodes"]["21"]["inputs"]["denoise"] = denoise
+        moved.append(float((latent(run(shared, wf), "21") - encoded).abs().mean()))
+    assert 0 < moved[0] < moved[1] < moved[2], moved
     assert first.nodes["8"].outputs["IMAGE"].pixels.shape == (1, 64, 64, 3)
 
 
@@ -156,13 +157,15 @@ def test_clip_skip_and_conditioning_nodes(shared: Executor) -> None:
     wf["nodes"]["32"] = {"type": "ConditioningZeroOut", "inputs": {"conditioning": ["6", 0]}}
     wf["nodes"]["33"] = {"type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0],
                                                                    "conditioning_2": ["6", 0]}}
+    for node in ("31", "32", "33"):  # shown, so they run
+        wf["nodes"][f"show{node}"] = {"type": "Show", "inputs": {"value": [node, 0]}}
     result = run(shared, wf)
     embeds = {n: result.nodes[n].outputs["CONDITIONING"].entries for n in ("6", "31", "32", "33")}
     assert not torch.equal(embeds["6"][0].embeds, embeds["31"][0].embeds)
     assert not embeds["32"][0].embeds.any()
     assert len(embeds["33"]) == 2
     wf["nodes"]["3"]["inputs"]["positive"] = ["33", 0]  # the same entry twice averages to itself
-    torch.testing.assert_close(latent(run(shared, wf), "3"), latent(result, "3"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(latent(run(shared, wf), "3"), latent(result, "3"), atol=1e-3, rtol=1e-4)
     wf["nodes"]["30"]["inputs"]["stop_at_clip_layer"] = -24
     failed = shared.run(wf)
     assert failed.status == "error" and failed.errors[0].node_id == "31" and "layers" in failed.errors[0].message
