@@ -173,7 +173,8 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path: Path) -> None:
     os.close(read)
     try:
         proc = subprocess.run([sys.executable, "-m", "nodegraph.cli", "run", MATH, "--json"], stdout=write_end,
-                              stderr=subprocess.PIPE, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              stderr=subprocess.PIPE, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     finally:
         os.close(write_end)
     assert proc.returncode == 141 and proc.stderr == ""
