@@ -169,8 +169,9 @@ def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Regis
     for input_name, message in cls.check(literals, settings):
         if input_name is None or input_name not in reported:
             fail(input_name, "invalid_value", message)
-    if len(problems) == before and models is not None:
-        for input_name, message in cls.check_resources(literals, models):
+    reported = {p.input for p in problems[before:]}
+    for input_name, message in cls.check_resources(literals, models) if models is not None else ():
+        if input_name is None or input_name not in reported:
             fail(input_name, "too_large", message)
     return Step(node_id, cls, literals, links, canonical_json(literals)) if len(problems) == before else None
 

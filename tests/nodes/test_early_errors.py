@@ -75,6 +75,9 @@ def test_validate_reports_every_problem_of_a_node_at_once(capsys: pytest.Capture
     assert code == 1
     assert problems(result) == {("sample", "width", "invalid_value"), ("sample", "steps", "out_of_range"),
                                 ("sample", "height", "invalid_value")}
+    code, result = cli(capsys, tmp_path, graph(width=8192, height=8192, steps=0), "validate",
+                       "--models-dir", str(demo_dir), "--device", "cpu", "--ram-budget", "4G")
+    assert problems(result) == {("sample", "steps", "out_of_range"), ("sample", "width", "too_large")}
 
 
 def test_checkpoint_choices_are_loadable_models_listed_afresh(capsys: pytest.CaptureFixture[str], tmp_path: Path,
