@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("validate", parents=[common, model_options()],
-                           help="check a workflow without running it (sizes against --device's budgets too)")
+                           help="check a workflow without running it (sizes against --device's memory too)")
     check.add_argument("file")
     check.add_argument("--json", action="store_true", help="print {ok, errors} as JSON")
     check.set_defaults(func=cmd_validate)

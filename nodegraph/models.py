@@ -190,6 +190,10 @@ class ModelManager:
             return 0
         return parse_size(self._budgets[kind], lambda: device_memory(device))
 
+    def device_total(self) -> int:
+        """All the memory of the compute device in bytes (the machine's RAM for the CPU), budgets aside."""
+        return device_memory(self.device)
+
     def limit(self, kind: str) -> int:
         """What models may occupy: the budget less the reserve kept free for inference."""
         return int(self.budget(kind) * (1 - self.reserve))

@@ -112,7 +112,7 @@ class Node:
 
     @classmethod
     def check_resources(cls, literals: dict[str, Any], models: Any) -> list[tuple[str | None, str]]:
-        """Literal inputs too large for the model manager's budgets: (input name, message) per problem.
+        """Literal inputs too large for the model manager's device: (input name, message) per problem.
 
         Reported with code `too_large`, with the literals that passed their own checks. Nodes check
         again at run time, where linked values and the real model are known.

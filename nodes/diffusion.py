@@ -232,7 +232,7 @@ class Sample(Node):
 
     @classmethod
     def check_resources(cls, literals: dict[str, Any], models: Any) -> list[tuple[str | None, str]]:
-        """Refuse a size that cannot fit the device's budget whatever the model (its family and dtype
+        """Refuse a size that cannot fit the device's memory whatever the model (its family and dtype
         are known only at run time, so the smallest factor and 2-byte elements are assumed here)."""
         from nodes.sampling import activation_bytes, room_for_activations, too_large
 
@@ -324,7 +324,7 @@ class Sample(Node):
 
 def check_activations(ctx: Context, model: ModelRecipe, width: int, height: int, batch: int,
                       guidance: float) -> None:
-    """Refuse, before loading anything, a Sample whose activations cannot fit the device's budget."""
+    """Refuse, before loading anything, a Sample whose activations cannot fit the device's memory."""
     import torch
 
     from nodes.checkpoints import CheckpointError

@@ -14,7 +14,8 @@ memory-efficient kernels):
     need = max(unet[family] × pixels × batch × (2 with CFG else 1),  vae × min(pixels, TILE_ABOVE_PIXELS))
            × element size / 4  +  IMAGE_BYTES × pixels × batch
 
-where pixels = width × height. The VAE decodes one image at a time (slicing) and in tiles
+where pixels = width × height, compared with the memory of the compute device (the GPU's, or the
+machine's RAM) less the model's weights. The VAE decodes one image at a time (slicing) and in tiles
 above `TILE_ABOVE_PIXELS`, checking for cancellation before each slice or tile.
 """
 
@@ -66,24 +67,25 @@ def too_large(need: int, room: int, width: int, height: int, batch: int, models:
     """(input at fault, message) when `need` bytes of activations do not fit in `room`, else None."""
     if need <= room:
         return None
-    kind = device_kind(models.device)
-    flag = "--vram-budget" if kind == "gpu" else "--ram-budget"
-    after = f", less {format_bytes(weights)} of model weights" if weights else ""
-    scale = math.sqrt(max(room, 0) / need)
-    side = int(math.sqrt(width * height) * scale) // 8 * 8
+    where = "the GPU" if device_kind(models.device) == "gpu" else "the RAM"
+    memory = f"{where} ({format_bytes(models.device_total())})"
+    has = f"what is left of {memory} after {format_bytes(weights)} of model weights" if weights else memory
+    side = int(math.sqrt(width * height * max(room, 0) / need)) // 8 * 8
     blame = "batch_size" if batch > 1 and need / batch <= room else "width" if width >= height else "height"
     fits = f"about {side}×{side} fits at this batch size" if side >= 8 else "nothing fits at this batch size"
     return blame, (f"{batch}× {width}×{height} needs about {format_bytes(need)} of memory for sampling on "
-                   f"{models.device}, more than the {format_bytes(max(room, 0))} left of the {flag} "
-                   f"{format_bytes(models.budget(kind))}{after}: {fits}; use a smaller size or batch, or a "
-                   f"larger {flag}")
+                   f"{models.device}, more than {has}: {fits}; use a smaller size or batch")
 
 
 def room_for_activations(models: Any, weights: int) -> int:
-    """The compute device's budget less the model's weights when they sit on it (not when offloaded)."""
+    """The compute device's memory less the model's weights when they sit on it (not when offloaded).
+
+    The memory the device has, not the --vram-budget/--ram-budget: those bound the models kept resident
+    (which the out-of-memory retry releases); this refuses what could never fit.
+    """
     kind = device_kind(models.device)
-    budget: int = models.budget(kind)
-    return budget - (weights if weights <= models.limit(kind) else 0)
+    total: int = models.device_total()
+    return total - (weights if weights <= models.limit(kind) else 0)
 
 
 @contextmanager
