@@ -8,7 +8,8 @@
     nodegraph models status
     nodegraph serve --port 8188
 
-Exit codes: 0 success, 1 invalid workflow (or bad arguments), 2 execution error, 130 interrupted.
+Exit codes: 0 success, 1 invalid workflow (or bad arguments, or a --device that is not there), 2 execution
+error, 130 interrupted, 141 when the reader of the output went away (`nodegraph run … --json | head`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from nodegraph.settings import ConfigError, Settings
 from nodegraph.sweep import Axis, Job, SweepResult, run_sweep
 from nodegraph.validate import Problem, validate
 
-EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,11 +47,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_args(args.models_dir, getattr(args, "output_dir", None), args.nodes_dir)
         registry = load_registry(settings.nodes_dirs)
         if hasattr(args, "device"):
-            model_manager(args)  # a bad --device or budget is reported now, before anything starts
+            manager = model_manager(args)  # a bad --device or budget is reported now, before anything starts
+            if args.func in (cmd_run, cmd_serve):
+                manager.check_device()
     except (DeclarationError, ConfigError, OptionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    command: int = args.func(args, registry, settings)
+    try:
+        command: int = args.func(args, registry, settings)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly. Point stdout at /dev/null so the interpreter's
+        # final flush does not raise again on the way out.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     return command
 
 
@@ -75,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--debug", action="store_true", help="print the traceback of an unexpected node error")
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("validate", parents=[common], help="check a workflow without running it")
+    check = sub.add_parser("validate", parents=[common, model_options()],
+                           help="check a workflow without running it (sizes against --device's memory too)")
     check.add_argument("file")
     check.add_argument("--json", action="store_true", help="print {ok, errors} as JSON")
     check.set_defaults(func=cmd_validate)
@@ -165,7 +175,7 @@ def parse_value(text: str) -> Any:
 def cmd_validate(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
     workflow, problems = load_workflow(args.file)
     if not problems:
-        _, problems = validate(workflow, registry, settings)
+        _, problems = validate(workflow, registry, settings, model_manager(args))
     if args.json:
         print(json.dumps({"ok": not problems, "errors": [p.to_json() for p in problems]}, indent=2))
     else:

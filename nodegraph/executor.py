@@ -74,7 +74,7 @@ class Executor:
     def run(self, workflow: Any, emit: ev.EventSink = ev.ignore, cancel: CancelToken | None = None,
             job_id: str | None = None) -> RunResult:
         job_id = job_id or uuid.uuid4().hex
-        graph, problems = validate(workflow, self.registry, self.settings)
+        graph, problems = validate(workflow, self.registry, self.settings, self.models)
         if graph is None:
             emit(ev.JobFinished(job_id, "invalid"))
             return RunResult(job_id, "invalid", errors=problems)

@@ -150,6 +150,32 @@ class ModelManager:
         self._lock = threading.Lock()  # the entries' bookkeeping (status() reads it from other threads)
         self._work = threading.RLock()  # one load, move or eviction at a time
 
+    def check_device(self) -> None:
+        """Fail now, with what to do instead, when the requested device is not on this machine.
+
+        Called at start-up by the commands that compute; `auto` and `cpu` are always there.
+        """
+        requested = self.requested_device
+        if requested in ("auto", "cpu"):
+            return
+        import torch
+
+        if requested == "mps":
+            mps = getattr(torch.backends, "mps", None)
+            if mps is None or not mps.is_available():
+                raise OptionError("device 'mps': Apple's MPS is not available on this machine; "
+                                  "use --device cpu, or auto")
+            return
+        if not torch.cuda.is_available():
+            why = ("this PyTorch was built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)")
+            raise OptionError(f"device {requested!r}: {why}; use --device cpu, or auto to take a GPU when "
+                              "there is one")
+        count = torch.cuda.device_count()
+        if int(requested.partition(":")[2] or 0) >= count:
+            raise OptionError(f"device {requested!r}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                              f"cuda:{count - 1}")
+
     @property
     def device(self) -> str:
         """The compute device, resolved on first use (so `nodegraph validate` never imports torch)."""
@@ -163,6 +189,10 @@ class ModelManager:
         if kind == "gpu" and device == "cpu":
             return 0
         return parse_size(self._budgets[kind], lambda: device_memory(device))
+
+    def device_total(self) -> int:
+        """All the memory of the compute device in bytes (the machine's RAM for the CPU), budgets aside."""
+        return device_memory(self.device)
 
     def limit(self, kind: str) -> int:
         """What models may occupy: the budget less the reserve kept free for inference."""

@@ -111,6 +111,15 @@ class Node:
         return []
 
     @classmethod
+    def check_resources(cls, literals: dict[str, Any], models: Any) -> list[tuple[str | None, str]]:
+        """Literal inputs too large for the model manager's device: (input name, message) per problem.
+
+        Reported with code `too_large`, with the literals that passed their own checks. Nodes check
+        again at run time, where linked values and the real model are known.
+        """
+        return []
+
+    @classmethod
     def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
         """The files this node reads for these inputs; their fingerprints join the cache key."""
         return []

@@ -44,19 +44,36 @@ class Settings:
 
     def model_files(self, kind: str, suffixes: Sequence[str] = (".safetensors",),
                     folders: bool = False) -> list[str]:
-        """Names of the models of one kind ("checkpoints", "loras") across every root, sorted."""
+        """Names of the models of one kind ("checkpoints", "loras") across every root, sorted.
+
+        Listed from disk at every call, so files added or removed show at once. With `folders`, a
+        diffusers folder (one with `model_index.json`) is one model and the files inside it are its parts.
+        """
         names: set[str] = set()
         for root in self.models_dirs:
             base = root / kind
             if not base.is_dir():
                 continue
-            for path in base.rglob("*"):
-                if path.name.startswith("."):
+            seen: set[str] = set()  # real paths walked: linked folders are followed, link cycles are not
+            for folder, subfolders, files in os.walk(base, followlinks=True):
+                here = Path(folder)
+                real = os.path.realpath(folder)
+                if real in seen:
+                    subfolders.clear()
                     continue
-                if (path.is_file() and path.suffix.lower() in suffixes) or (
-                        folders and path.is_dir() and (path / "model_index.json").is_file()):
-                    names.add(path.relative_to(base).as_posix())
+                seen.add(real)
+                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+                if folders and here != base and (here / "model_index.json").is_file():
+                    names.add(here.relative_to(base).as_posix())
+                    subfolders.clear()  # its unet/, vae/ … are parts, not models
+                    continue
+                names.update((here / f).relative_to(base).as_posix() for f in files
+                             if not f.startswith(".") and Path(f).suffix.lower() in suffixes)
         return sorted(names)
+
+    def searched(self, kind: str) -> str:
+        """The folders models of `kind` are looked for in, for messages."""
+        return ", ".join(str(root / kind) for root in self.models_dirs)
 
     def resolve_model(self, kind: str, name: str) -> Path:
         """The path of a model by its name, confined to the model folders.
@@ -71,8 +88,25 @@ class Settings:
             candidate = Path(os.path.abspath(root / kind / name))
             if candidate.exists():
                 return candidate
-        raise FileNotFoundError(f"no {kind} model named {name!r} in " +
-                                ", ".join(str(r / kind) for r in self.models_dirs))
+        raise FileNotFoundError(f"no {kind} model named {name!r} in {self.searched(kind)}")
+
+
+@dataclass(frozen=True)
+class ModelChoices:
+    """A COMBO's choices that are model files: `Input("checkpoint", "COMBO", choices=ModelChoices("checkpoints"))`.
+
+    Called with the settings, it lists the models afresh; validation names the folders it searched
+    when a name is not among them.
+    """
+
+    kind: str
+    folders: bool = False  # diffusers folders count as models too
+
+    def __call__(self, settings: Settings | None) -> list[str]:
+        return (settings or Settings()).model_files(self.kind, folders=self.folders)
+
+    def searched(self, settings: Settings | None) -> str:
+        return (settings or Settings()).searched(self.kind)
 
 
 class ConfigError(ValueError):

@@ -59,7 +59,9 @@ class Graph:
     plan: list[str] | None = None  # what the outputs need, in order; the executor fills it once
     workflow: dict[str, Any] = field(default_factory=dict, repr=False)  # as written, for SaveImage
 
-def validate(workflow: Any, registry: Registry, settings: Any = None) -> tuple[Graph | None, list[Problem]]:
+def validate(workflow: Any, registry: Registry, settings: Any = None,
+             models: Any = None) -> tuple[Graph | None, list[Problem]]:
+    """The graph, or every problem; with a model manager, literal sizes too large for its budgets too."""
     problems: list[Problem] = []
     nodes = _check_shape(workflow, problems)
     if nodes is None:
@@ -67,7 +69,7 @@ def validate(workflow: Any, registry: Registry, settings: Any = None) -> tuple[G
     choices: dict[int, list[str]] = {}
     steps: dict[str, Step] = {}
     for node_id, entry in nodes.items():
-        step = _check_node(node_id, entry, nodes, registry, settings, choices, problems)
+        step = _check_node(node_id, entry, nodes, registry, settings, models, choices, problems)
         if step is not None:
             steps[node_id] = step
     dag = nx.DiGraph()
@@ -112,7 +114,7 @@ def _check_shape(workflow: Any, problems: list[Problem]) -> dict[str, Any] | Non
 
 
 def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Registry, settings: Any,
-                choices: dict[int, list[str]], problems: list[Problem]) -> Step | None:
+                models: Any, choices: dict[int, list[str]], problems: list[Problem]) -> Step | None:
     def fail(input_name: str | None, code: str, message: str) -> None:
         problems.append(Problem(node_id, input_name, code, message))
 
@@ -158,12 +160,19 @@ def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Regis
                 choices[id(spec)] = spec.resolve_choices(settings)
             wrong = check_literal(spec, value, choices.get(id(spec), ()))
             if wrong:
-                fail(name, *wrong)
+                fail(name, wrong[0], wrong[1] + _searched(spec, value, choices[id(spec)] if id(spec) in choices
+                                                           else (), settings))
             else:
                 literals[name] = value
-    if len(problems) == before:
-        for input_name, message in cls.check(literals, settings):
+    # The node's own checks see the literals that passed, so every problem of a node shows at once.
+    reported = {p.input for p in problems[before:]}
+    for input_name, message in cls.check(literals, settings):
+        if input_name is None or input_name not in reported:
             fail(input_name, "invalid_value", message)
+    reported = {p.input for p in problems[before:]}
+    for input_name, message in cls.check_resources(literals, models) if models is not None else ():
+        if input_name is None or input_name not in reported:
+            fail(input_name, "too_large", message)
     return Step(node_id, cls, literals, links, canonical_json(literals)) if len(problems) == before else None
 
 
@@ -210,6 +219,14 @@ def _check_link(spec: Input, value: list[Any], nodes: dict[str, Any], registry: 
              f"{found.name!r} is {found.type}")
         return None
     return source_id, found.name
+
+
+def _searched(spec: Input, value: Any, choices: Sequence[str], settings: Any) -> str:
+    """For a choice of files that is not there: where they were looked for."""
+    where = getattr(spec.choices, "searched", None)
+    if where is None or not isinstance(value, str) or value in choices:
+        return ""
+    return f" (looked in {where(settings)})"
 
 
 def _suggest(name: str, known: Sequence[str] | dict[str, Any]) -> str:

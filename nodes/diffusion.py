@@ -15,19 +15,15 @@ from typing import Any
 from nodegraph.cache import file_fingerprint
 from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
-from nodegraph.settings import Settings
+from nodegraph.settings import ModelChoices, Settings
 from nodes import lora_files
 from nodes.recipe import Adapter, Fuse, ModelRecipe
 
 _SLOT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
-def _checkpoints(settings: Settings) -> list[str]:
-    return settings.model_files("checkpoints", folders=True)
-
-
-def _loras(settings: Settings) -> list[str]:
-    return settings.model_files("loras")
+_checkpoints = ModelChoices("checkpoints", folders=True)
+_loras = ModelChoices("loras")
 
 
 def slot_problems(slot: str) -> list[tuple[str | None, str]]:
@@ -229,7 +225,10 @@ class Sample(Node):
     type = "Sample"
     version = "1.0.0"
     category = "sampling"
-    description = "Text to image with the model's pipeline. Same seed, same image on the same device."
+    description = (
+        "Text to image with the model's pipeline. The noise is drawn on the CPU from the seed: the same seed "
+        "gives the same image on every device (up to the device's arithmetic)."
+    )
     inputs = (
         Input("model", "MODEL"),
         Input("prompt", "STRING", default="", multiline=True),
@@ -252,6 +251,19 @@ class Sample(Node):
             if name in literals and literals[name] % 8
         ]
 
+    @classmethod
+    def check_resources(cls, literals: dict[str, Any], models: Any) -> list[tuple[str | None, str]]:
+        """Refuse a size that cannot fit the device's memory whatever the model (its family and dtype
+        are known only at run time, so the smallest factor and 2-byte elements are assumed here)."""
+        from nodes.sampling import activation_bytes, room_for_activations, too_large
+
+        if not all(name in literals for name in ("width", "height", "batch_size")):
+            return []
+        width, height, batch = literals["width"], literals["height"], literals["batch_size"]
+        need = activation_bytes(None, width, height, batch, literals.get("guidance", 0) > 1, 2)
+        problem = too_large(need, room_for_activations(models, 0), width, height, batch, models)
+        return [problem] if problem else []
+
     def run(
         self,
         ctx: Context,
@@ -272,9 +284,11 @@ class Sample(Node):
 
         from nodes.images import ImageBatch
         from nodes.pipelines import materialize, retry_out_of_memory, watch_compile
+        from nodes.sampling import bounded_decode, initial_noise, noise_generator
 
         for name, problem in self.check({"width": width, "height": height}, ctx.settings):
             raise NodeFailure(problem, name, "invalid_value")
+        check_activations(ctx, model, width, height, batch_size, guidance)
         with materialize(ctx, model, model.clip()) as resident:
             pipe = resident.pipe
             class_name, overrides = SCHEDULERS[scheduler]
@@ -291,9 +305,14 @@ class Sample(Node):
             def sample() -> Any:
                 if scheduled:
                     resident.set_step(0)
-                generator = torch.Generator(device=resident.device).manual_seed(seed)
+                # Every draw on the CPU from the seed, so a seed is the same noise on every device.
+                generator = noise_generator(seed)
+                shape = (batch_size, pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
+                         width // pipe.vae_scale_factor)
+                latents = initial_noise(generator, shape).to(resident.device, pipe.unet.dtype)
                 ctx.check_cancelled()
-                with torch.inference_mode(), watch_compile(ctx, resident):
+                with torch.inference_mode(), watch_compile(ctx, resident), bounded_decode(ctx, pipe.vae, width,
+                                                                                          height):
                     return pipe(
                         prompt=prompt,
                         negative_prompt=negative_prompt or None,
@@ -302,6 +321,7 @@ class Sample(Node):
                         width=width,
                         height=height,
                         num_images_per_prompt=batch_size,
+                        latents=latents,
                         generator=generator,
                         output_type="np",
                         callback_on_step_end=on_step,
@@ -321,6 +341,27 @@ class Sample(Node):
             "model": model.summary(),
         }
         return {"images": ImageBatch(pixels, params)}
+
+
+def check_activations(ctx: Context, model: ModelRecipe, width: int, height: int, batch: int,
+                      guidance: float) -> None:
+    """Refuse, before loading anything, a Sample whose activations cannot fit the device's memory."""
+    import torch
+
+    from nodes.checkpoints import CheckpointError
+    from nodes.pipelines import estimate_bytes, resolve_dtype
+    from nodes.sampling import activation_bytes, room_for_activations, too_large
+
+    dtype = resolve_dtype(model.dtype, ctx.models.device)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    need = activation_bytes(model.family, width, height, batch, guidance > 1, element_size)
+    try:
+        weights = estimate_bytes(model.checkpoint, dtype)
+    except CheckpointError:  # reported with its own message when it loads
+        weights = 0
+    problem = too_large(need, room_for_activations(ctx.models, weights), width, height, batch, ctx.models, weights)
+    if problem:
+        raise NodeFailure(problem[1], problem[0], "too_large")
 
 
 def block_scales_problem(text: str) -> str | None:

@@ -146,3 +146,35 @@ def test_models_folders_from_flag_environment_and_config_file(tmp_path: Path, mo
     (tmp_path / "conf" / "nodegraph.json").write_text('{"models_dirs": "not a list"}')
     code, _, err = run_cli(capsys, "nodes")
     assert code == 1 and "config file" in err
+
+
+@pytest.mark.parametrize("device, available, count, says", [
+    ("cuda", False, 0, "device 'cuda': "),
+    ("cuda:0", False, 0, "use --device cpu"),
+    ("cuda:2", True, 1, "this machine has 1 CUDA GPU(s), cuda:0 to cuda:0"),
+])
+def test_a_device_that_is_not_there_exits_1_at_start(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, device: str, available: bool,
+                                                     count: int, says: str) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    started: list[object] = []
+    monkeypatch.setattr("nodegraph.cli.Executor.run", lambda *args: started.append(args))
+    code, out, err = run_cli(capsys, "run", MATH, "--device", device, "--output-dir", str(tmp_path))
+    assert code == 1 and out == "" and not started
+    assert err.startswith("error: device") and says in err and "Traceback" not in err
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path: Path) -> None:
+    """`nodegraph run … --json | head -0`: the pipe's reader is gone before anything is written."""
+    read, write_end = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "nodegraph.cli", "run", MATH, "--json"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == ""
