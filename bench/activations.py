@@ -1,4 +1,4 @@
-"""Calibrates the activation-memory factors of `nodes/sampling.py`: peak memory of one UNet step and one VAE decode.
+"""Calibrates the activation-memory factors of `nodes/engine/memory.py`: peak memory of a UNet step and a VAE decode.
 
     python bench/activations.py              # tiny demo + full-size SD1.5 (random weights), ≈3 min on 2 cores
     python bench/activations.py --tiny-only  # the demo models only, seconds

@@ -4,7 +4,7 @@ Not a benchmark itself. `bench/sample.py` and `bench/lora.py` import it as `comm
 `python bench/<name>.py` puts `bench/` first on `sys.path`).
 
 Models:
-  tiny  the bundled demo models (`nodes.demo_models.make_demo_models`): tiny SD1.5 folder + LoRAs.
+  tiny  the bundled demo models (`nodes.engine.demo_models.make_demo_models`): tiny SD1.5 folder + LoRAs.
   sd15  a full-size SD1.5-architecture pipeline with random weights (UNet ≈860 M parameters,
         SD1.5 VAE, a 12-layer 768-wide CLIP text encoder whose vocabulary is the generated demo
         tokenizer's, so the two agree), saved as a diffusers folder, plus a rank-8 attention LoRA
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import nodes.pipelines  # noqa: E402, F401  (quiets the libraries' progress bars and notices, as our runtime does)
+import nodes.engine.pipelines  # noqa: E402, F401  (quiets the libraries' progress bars and notices, as our runtime does)
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +71,7 @@ def models(size: str, models_dir: str | None) -> Iterator[Models]:
     """The models for `size` in `models_dir` (made there once and kept) or in a temp dir removed after."""
     with _root(models_dir) as root:
         if size == "tiny":
-            from nodes.demo_models import make_demo_models
+            from nodes.engine.demo_models import make_demo_models
 
             make_demo_models(root)
             yield Models(root, TINY_FOLDER, TINY_LORA)
@@ -96,7 +96,7 @@ def build_sd15(root: Path, seed: int = 0) -> None:
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from nodes.checkpoints import demo_clip_tokenizer, scheduler_config
+    from nodes.engine.checkpoints import demo_clip_tokenizer, scheduler_config
 
     folder, lora = root / "checkpoints" / SD15_FOLDER, root / "loras" / SD15_LORA
     marker = folder / ".bench-version"
@@ -161,7 +161,7 @@ def attention_lora(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A diffusers/PEFT-format UNet LoRA on every attention projection, with the metadata that keeps its alpha.
 
-    As in `nodes.demo_models.make_lora`: lora_B is not zero (so the LoRA changes the output), and each
+    As in `nodes.engine.demo_models.make_lora`: lora_B is not zero (so the LoRA changes the output), and each
     pair moves its layer's weight by `relative_strength` times that weight's own spread at strength 1.
     """
     import torch

@@ -13,7 +13,7 @@ cold compile).
 Models: the size's checkpoint and attention LoRA from bench/common.py (tiny: tiny-sd15 + tiny-sd15-style,
 rank 4; sd15: the random full-size SD1.5 + a rank-8 LoRA on all 128 attention projections), and a second
 LoRA of the same layers, rank and alpha (other random tensors, `common.attention_lora` with another seed),
-written next to it. Pipelines come from `nodes.checkpoints.load_pipeline` (fp32, CPU) and are held as
+written next to it. Pipelines come from `nodes.engine.checkpoints.load_pipeline` (fp32, CPU) and are held as
 reconciler `Resident`s; recipes are built by our LoadCheckpoint and LoadLoRA nodes, then
 `recipe.prepared_for_hotswap(rank)` (what HotswapLoRA and CompileModel do).
 
@@ -39,7 +39,7 @@ reconciler `Resident`s; recipes are built by our LoadCheckpoint and LoadLoRA nod
 4. Scale schedule vs constant scale: Sample-like calls (`pipe(…, callback_on_step_end=…)`, Euler, CFG 7,
    latents out) of N steps. ours: the delete+load resident with the constant recipe, and with
    `schedules=((s, ramp_hold spec),)`, `set_step(0)` before the call and `set_step(i + 1)` in the callback,
-   as nodes/diffusion.py Sample does; diffusers: a plain pipeline with the same LoRA, constant, and with
+   as nodes/sampling.py Sample does; diffusers: a plain pipeline with the same LoRA, constant, and with
    `set_adapters` per step in the callback (diffusers' LoRA guide). ms per step from the callback timestamps
    (steps 1…N-1, so prompt encoding is left out), the callback's own cost timed inside it, and the scheduled
    latents checked against the set_adapters ones.
@@ -91,8 +91,8 @@ def swap_lora(models: Models) -> Path:
     """A second LoRA with the same layers, rank and alpha as `models.lora`, other random tensors (made once)."""
     from safetensors.torch import save_file
 
-    from nodes.checkpoints import load_pipeline
-    from nodes.lora_files import inspect
+    from nodes.engine.checkpoints import load_pipeline
+    from nodes.engine.lora_files import inspect
 
     path = models.lora_path.with_name(models.lora_path.stem + "-swap.safetensors")
     if path.is_file():
@@ -100,10 +100,10 @@ def swap_lora(models: Models) -> Path:
     info = inspect(models.lora_path)
     rank = info.max_rank
     pipe = load_pipeline(models.checkpoint_path, torch.float32)
-    # The demo LoRAs move each weight by 1.5× its spread (nodes.demo_models); the sd15 one by 1×.
+    # The demo LoRAs move each weight by 1.5× its spread (nodes.engine.demo_models); the sd15 one by 1×.
     strength = 1.5 if models.checkpoint == common.TINY_FOLDER else 1.0
     tensors, metadata = common.attention_lora(pipe, rank=rank, alpha=float(rank), seed=1, relative_strength=strength)
-    # nodes.checkpoints.read_header refuses a file whose first byte is 0x80 (pickle's opcode), which is also
+    # nodes.engine.checkpoints.read_header refuses a file whose first byte is 0x80 (pickle's opcode), which is also
     # any safetensors file whose header length is 128 mod 256: pad the metadata until it is not.
     for pad in range(8):
         save_file(tensors, path, metadata={**metadata, "pad": " " * pad})
@@ -128,8 +128,9 @@ class Setup:
     def build(cls, models: Models, swap: Path) -> Setup:
         from nodegraph.context import Context
         from nodegraph.settings import Settings
-        from nodes.diffusion import LoadCheckpoint, LoadLoRA
-        from nodes.lora_files import inspect
+        from nodes.engine.lora_files import inspect
+        from nodes.loaders import LoadCheckpoint
+        from nodes.lora import LoadLoRA
 
         ctx = Context("bench", "bench", Settings(models_dirs=(models.root,)))
         bare = LoadCheckpoint().run(ctx, models.checkpoint, "fp32")["model"]
@@ -145,8 +146,8 @@ class Setup:
         return str(self.models.root / "loras" / name)
 
     def resident(self) -> Any:
-        from nodes.checkpoints import load_pipeline
-        from nodes.reconcile import Resident
+        from nodes.engine.checkpoints import load_pipeline
+        from nodes.engine.reconcile import Resident
 
         pipe = load_pipeline(self.models.checkpoint_path, torch.float32)
         pipe.set_progress_bar_config(disable=True)
@@ -159,14 +160,14 @@ class Setup:
 
 
 def reconcile(resident: Any, target: Any, expected: list[str]) -> None:
-    from nodes.reconcile import reconcile as run
+    from nodes.engine.reconcile import reconcile as run
 
     actions = run(resident, target)
     require(actions == expected, f"reconcile took {actions}, expected {expected}")
 
 
 def with_strength(recipe: Any, strength: float) -> Any:
-    from nodes.recipe import Adapter
+    from nodes.engine.recipe import Adapter
 
     ops = tuple(replace(op, strength=strength) if isinstance(op, Adapter) and op.slot == SLOT else op
                 for op in recipe.ops)
@@ -278,7 +279,7 @@ def measure_compile(s: Setup, size: Size) -> Compiled:
     from torch._dynamo.utils import counters
 
     from nodes import schedules
-    from nodes.recipe import Compile
+    from nodes.engine.recipe import Compile
 
     a, b = s.files
     compiled = {f: replace(r, compile=Compile()) for f, r in s.prepared.items()}
@@ -293,7 +294,7 @@ def measure_compile(s: Setup, size: Size) -> Compiled:
 
     def eager(recipe: Any, step: int | None = None) -> tuple[torch.Tensor, float]:
         """The same recipe, uncompiled, on the prepared eager resident (from part 1)."""
-        from nodes.reconcile import reconcile as run
+        from nodes.engine.reconcile import reconcile as run
 
         run(s.hot, replace(recipe, compile=None))
         if step is not None:
@@ -375,7 +376,7 @@ def measure_schedule(s: Setup, size: Size) -> dict[str, list[Run]]:
     # diffusers' LoRA guide: linspace(1.5, 0.7) over the steps, then a hold (here: the ramp spans all steps).
     spec = schedules.spec("ramp_hold", 1.5, 0.7, size.steps, 0.2, "")
     constant, scheduled = s.plain[a], replace(s.plain[a], schedules=((SLOT, spec),))
-    from nodes.reconcile import reconcile as run
+    from nodes.engine.reconcile import reconcile as run
 
     run(s.cold, constant)
     s.cold.pipe.scheduler = euler.from_config(s.cold.scheduler_config)
@@ -456,7 +457,7 @@ def main() -> int:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.inductor_cache or (cache.name if cache else "")
 
     from nodes import schedules
-    from nodes.lora_files import inspect
+    from nodes.engine.lora_files import inspect
 
     started = time.perf_counter()
     compiled: Compiled | None = None
@@ -467,7 +468,7 @@ def main() -> int:
         setup = Setup.build(models, swap)
         switch = measure_switch(setup, size, repeats)
         spec = schedules.spec("ramp_hold", 1.5, 0.7, 20, 0.2, "")
-        from nodes.reconcile import reconcile as run
+        from nodes.engine.reconcile import reconcile as run
 
         run(setup.hot, replace(setup.hot.applied, schedules=((SLOT, spec),)))
         hot_set_step = set_step_alone(setup.hot)

@@ -21,7 +21,7 @@ Cases, each run in a fresh child process, the cases of a checkpoint taking turns
          every tensor: the bytes really read, the least any load must do.
   cast   (float16 files only) raw, plus `.to(torch.float32)` of every tensor: the least a float32 load of
          float16 files must do (it needs 4.3 GB of new memory, written once).
-  ours   `nodes.checkpoints.load_pipeline(path, torch.float32)`, then the same page reads over every parameter
+  ours   `nodes.engine.checkpoints.load_pipeline(path, torch.float32)`, then the same page reads over every parameter
          and buffer of the UNet, VAE and text encoder. diffusers memory-maps safetensors, so `load_pipeline`
          returns before most bytes are read ("returns" column); the page reads finish the load, as a first
          sampling step would.
@@ -111,7 +111,7 @@ def run_case(case: str, path: Path, cache_dir: Path) -> tuple[list[Any], Callabl
     import torch
     from safetensors.torch import load_file
 
-    from nodes.checkpoints import load_pipeline
+    from nodes.engine.checkpoints import load_pipeline
 
     if case == "ours":
         pipe = load_pipeline(path, torch.float32, cache_dir=cache_dir)
@@ -158,7 +158,7 @@ def warm_up(case: str, tiny: Path, cache_dir: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from nodes.checkpoints import load_pipeline
+    from nodes.engine.checkpoints import load_pipeline
 
     if case == "ours":
         for name in ("tiny-sd15", "tiny-sd15.safetensors"):
@@ -177,7 +177,7 @@ def child(case: str, name: str, root: Path, cold: bool, warm_up_first: bool) -> 
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    import nodes.checkpoints  # noqa: F401
+    import nodes.engine.checkpoints  # noqa: F401
 
     path = checkpoint_path(root, name)
     files = load_models.weight_files(path)
@@ -293,7 +293,7 @@ def gpu_round_trip(root: Path, repeats: int) -> None:
     if not torch.cuda.is_available():
         print("GPU round trip: skipped (no CUDA device; torch.cuda.is_available() is False)")
         return
-    from nodes.checkpoints import load_pipeline
+    from nodes.engine.checkpoints import load_pipeline
 
     pipe = load_pipeline(load_models.folder(root, "fp16"), torch.float16, cache_dir=config_cache(root))
     pipe.to("cuda")
@@ -373,8 +373,8 @@ def prepare(root: Path) -> None:
     """Make the checkpoints and the tiny demo models, and derive the single files' config folders once."""
     import torch
 
-    from nodes.checkpoints import load_pipeline
-    from nodes.demo_models import make_demo_models
+    from nodes.engine.checkpoints import load_pipeline
+    from nodes.engine.demo_models import make_demo_models
 
     load_models.make(root)
     make_demo_models(root / "demo")

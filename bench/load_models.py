@@ -66,7 +66,7 @@ def make(root: Path, seed: int = 0) -> None:
 
 def _write_fake_clip_bpe(path: Path) -> None:
     """OpenAI's BPE file format (a version line, then merges), with made-up merges filling CLIP's vocabulary."""
-    from nodes.checkpoints import CLIP_VOCAB_SIZE, _bytes_to_unicode
+    from nodes.engine.checkpoints import CLIP_VOCAB_SIZE, _bytes_to_unicode
 
     alphabet = _bytes_to_unicode()
     count = CLIP_VOCAB_SIZE - 2 * 256 - 2
@@ -82,7 +82,7 @@ def _random_pipeline(bpe: Path, seed: int) -> Any:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from nodes.checkpoints import clip_tokenizer_from_bpe, scheduler_config
+    from nodes.engine.checkpoints import clip_tokenizer_from_bpe, scheduler_config
 
     tokenizer = clip_tokenizer_from_bpe(bpe, "<|endoftext|>")
     with torch.device("meta"):
@@ -135,7 +135,7 @@ def _random_pipeline(bpe: Path, seed: int) -> Any:
 def _write_single_file(pipe: Any, path: Path) -> None:
     from safetensors.torch import save_file
 
-    from nodes.demo_models import to_ldm_state_dict
+    from nodes.engine.demo_models import to_ldm_state_dict
 
     save_file(to_ldm_state_dict(pipe), path, metadata={"format": "pt"})
 

@@ -7,7 +7,7 @@ Options: `--repeats N` rounds (default 30 tiny, 15 sd15); `--models-dir DIR` kee
 and reuses them (default: a temp dir, removed at the end; sd15 writes ≈4 GB and takes ≈1 min to build);
 `--threads N` torch threads (default 1, see bench/common.py).
 
-One pipeline (`nodes.checkpoints.load_pipeline`, fp32, CPU) held as a reconciler `Resident`; recipes are
+One pipeline (`nodes.engine.checkpoints.load_pipeline`, fp32, CPU) held as a reconciler `Resident`; recipes are
 built by our LoadCheckpoint and LoadLoRA nodes, exactly as a workflow builds them.
 
 (a) strength change, 1.0 ↔ 0.5, each call a real change:
@@ -50,7 +50,7 @@ class Bench:
     """The resident pipeline, the recipes, and a probe that fingerprints what the UNet computes."""
 
     models: Models
-    resident: Any  # nodes.reconcile.Resident
+    resident: Any  # nodes.engine.reconcile.Resident
     bare: Any  # ModelRecipe without the LoRA
     with_lora: dict[float, Any]  # strength -> ModelRecipe with the LoRA at that strength
 
@@ -58,9 +58,10 @@ class Bench:
     def build(cls, models: Models) -> Bench:
         from nodegraph.context import Context
         from nodegraph.settings import Settings
-        from nodes.checkpoints import load_pipeline
-        from nodes.diffusion import LoadCheckpoint, LoadLoRA
-        from nodes.reconcile import Resident
+        from nodes.engine.checkpoints import load_pipeline
+        from nodes.engine.reconcile import Resident
+        from nodes.loaders import LoadCheckpoint
+        from nodes.lora import LoadLoRA
 
         ctx = Context("bench", "bench", Settings(models_dirs=(models.root,)))
         bare = LoadCheckpoint().run(ctx, models.checkpoint, "fp32")["model"]
@@ -79,14 +80,14 @@ class Bench:
     def adapter_name(self) -> str:
         """The name the reconciler gives the slot's adapter in PEFT; the plain way uses it too, so that
         both act on the same adapter and the reconciler's books stay true."""
-        from nodes.reconcile import peft_name
+        from nodes.engine.reconcile import peft_name
 
         name: str = peft_name(SLOT)
         return name
 
     def reconcile(self, target: Any, expected: list[str]) -> None:
         """`reconcile`, requiring exactly the `expected` actions."""
-        from nodes.reconcile import reconcile
+        from nodes.engine.reconcile import reconcile
 
         actions = reconcile(self.resident, target)
         require(actions == expected, f"reconcile took {actions}, expected {expected}")
@@ -217,7 +218,7 @@ def main() -> int:
     common.set_threads(args.threads)
     repeats = args.repeats or REPEATS[args.size]
 
-    from nodes.lora_files import inspect
+    from nodes.engine.lora_files import inspect
 
     with common.models(args.size, args.models_dir) as models:
         info = inspect(models.lora_path)

@@ -230,7 +230,7 @@ def cold(side: str, models: Models, size: Size) -> dict[str, float]:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    import nodes.pipelines  # noqa: F401
+    import nodes.engine.pipelines  # noqa: F401
     from nodegraph import events as ev
 
     if side == "baseline":
@@ -341,7 +341,7 @@ def quartiles(values: list[float]) -> tuple[float, float]:
 
 
 def lora_rank(models: Models) -> str:
-    from nodes.lora_files import inspect
+    from nodes.engine.lora_files import inspect
 
     return str(inspect(models.lora_path).max_rank)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
-from nodes.recipe import ModelRecipe
-from nodes.values import CondEntry, Conditioning
+from nodes.engine.recipe import ModelRecipe
+from nodes.engine.values import CondEntry, Conditioning
 
 
 class CLIPTextEncode(Node):
@@ -26,7 +26,7 @@ class CLIPTextEncode(Node):
     def run(self, ctx: Context, text: str, clip: ModelRecipe) -> dict[str, Any]:
         import torch
 
-        from nodes.pipelines import materialize
+        from nodes.engine.pipelines import materialize
 
         with materialize(ctx, clip) as resident:
             pipe = resident.pipe

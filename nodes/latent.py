@@ -12,9 +12,9 @@ from typing import Any
 
 from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
-from nodes.images import ImageBatch
-from nodes.recipe import ModelRecipe
-from nodes.values import Latent
+from nodes.engine.images import ImageBatch
+from nodes.engine.recipe import ModelRecipe
+from nodes.engine.values import Latent
 
 MAX_SIZE = 16384
 
@@ -52,7 +52,7 @@ class VAEDecode(Node):
         import numpy as np
         import torch
 
-        from nodes.pipelines import materialize
+        from nodes.engine.pipelines import materialize
 
         with materialize(ctx, vae) as resident:
             model = resident.pipe.vae
@@ -83,7 +83,7 @@ def encode(ctx: Context, pixels: ImageBatch, vae: ModelRecipe) -> Any:
     """The VAE latents (scaled, as the UNet sees them) of images whose sides are cropped to multiples of 8."""
     import torch
 
-    from nodes.pipelines import materialize
+    from nodes.engine.pipelines import materialize
 
     _, height, width, _ = pixels.pixels.shape
     if height < 8 or width < 8:

@@ -1,10 +1,12 @@
-"""ComfyUI's loader nodes on recipes: CheckpointLoaderSimple, LoraLoader, LoraLoaderModelOnly.
+"""Loader nodes: checkpoints and LoRAs into recipes, and the model-file helpers every loader shares.
 
-Same names, input names, defaults and output order as ComfyUI, so its API-format workflows run
-unchanged. They only build recipes: MODEL (the denoiser), CLIP (the text encoders) and VAE, three
-views of one checkpoint that share one resident pipeline. A LoRA's UNet strength goes to the MODEL
-and its text-encoder strength to the CLIP; the reconciler keeps the two sides apart, so changing
-only one side never reloads the other.
+LoadCheckpoint (ours: one MODEL recipe) and ComfyUI's CheckpointLoaderSimple, LoraLoader and
+LoraLoaderModelOnly, with ComfyUI's names, input names, defaults and output order, so its API-format
+workflows run unchanged. They only build recipes: MODEL (the denoiser), CLIP (the text encoders) and
+VAE, three views of one checkpoint that share one resident pipeline. A LoRA's UNet strength goes to the
+MODEL and its text-encoder strength to the CLIP; the reconciler keeps the two sides apart, so changing
+only one side never reloads the other. Files are checked from their headers before anything runs: a
+LoRA for another architecture is an error here, naming the file and its first layer that differs.
 """
 
 from __future__ import annotations
@@ -15,10 +17,104 @@ from pathlib import Path
 from typing import Any
 
 from nodegraph.cache import file_fingerprint
-from nodegraph.context import Context
+from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
-from nodes.diffusion import _checkpoints, _free_slot, _loras, _model_file, check_fits, checkpoint_recipe, lora_file
-from nodes.recipe import Adapter, ModelRecipe
+from nodegraph.settings import ModelChoices, Settings
+from nodes.engine import lora_files
+from nodes.engine.recipe import Adapter, ModelRecipe
+
+_SLOT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+_checkpoints = ModelChoices("checkpoints", folders=True)
+_loras = ModelChoices("loras")
+
+
+def slot_problems(slot: str) -> list[tuple[str | None, str]]:
+    """A slot name is empty (automatic) or a PEFT-safe name: letters, digits and _."""
+    if slot and not _SLOT.match(slot):
+        return [("slot", f"{slot[:40]!r} is not a slot name (letters, digits and _, up to 64)")]
+    return []
+
+
+def lora_file(settings: Settings, name: str) -> tuple[Path, lora_files.LoraInfo]:
+    """A LoRA from the models folder and what its header says, or a node error on `lora`."""
+    path = _model_file(settings, "loras", name, "lora")
+    try:
+        return path, lora_files.inspect(path)
+    except lora_files.LoraFileError as exc:
+        raise NodeFailure(str(exc), "lora", "bad_lora") from None
+
+
+def check_fits(model: ModelRecipe, path: Path, fingerprint: str, block_scales: str = "") -> None:
+    """A node error on `lora` (or `block_scales`) unless the file's layers and the blocks exist in the model."""
+    from nodes import lora_match
+
+    try:
+        problem = lora_match.mismatch(str(path), fingerprint, model.checkpoint, model.fingerprint)
+    except lora_files.LoraFileError as exc:
+        raise NodeFailure(str(exc), "lora", "bad_lora") from None
+    if problem:
+        raise NodeFailure(f"{path.name} does not fit this model, a LoRA for another architecture? {problem}",
+                          "lora", "wrong_model")
+    problem = lora_match.block_scales_mismatch(block_scales, model.checkpoint, model.fingerprint)
+    if problem:
+        raise NodeFailure(problem, "block_scales", "invalid_value")
+
+
+def _model_file(settings: Settings, kind: str, name: str, input_name: str) -> Path:
+    try:
+        return settings.resolve_model(kind, name)
+    except FileNotFoundError as exc:
+        raise NodeFailure(str(exc), input_name, "file_not_found") from None
+
+
+
+def _free_slot(stem: str, live: dict[str, Adapter]) -> str:
+    slot, n = stem or "lora", 2
+    while slot in live:
+        slot, n = f"{stem}_{n}", n + 1
+    return slot
+
+
+
+
+class LoadCheckpoint(Node):
+    type = "LoadCheckpoint"
+    version = "1.0.0"
+    category = "model"
+    description = (
+        "A checkpoint from the models folder: a diffusers folder or a single .safetensors file "
+        "(SD1.x/2.x, SDXL). Outputs a MODEL recipe; the weights load when a Sample needs them."
+    )
+    inputs = (
+        Input("checkpoint", "COMBO", choices=_checkpoints),
+        Input("dtype", "COMBO", default="auto", choices=("auto", "fp32", "fp16", "bf16")),
+    )
+    outputs = (Output("model", "MODEL"),)
+
+    @classmethod
+    def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
+        return [_model_file(settings, "checkpoints", inputs["checkpoint"], "checkpoint")]
+
+    def run(self, ctx: Context, checkpoint: str, dtype: str) -> dict[str, Any]:
+        return {"model": checkpoint_recipe(ctx, checkpoint, dtype, "checkpoint")}
+
+
+def checkpoint_recipe(ctx: Context, name: str, dtype: str, input_name: str) -> ModelRecipe:
+    """The MODEL recipe of a checkpoint in the models folder; node errors on `input_name`."""
+    from nodes.engine.checkpoints import CheckpointError, detect_family
+
+    path = _model_file(ctx.settings, "checkpoints", name, input_name)
+    try:
+        family = detect_family(path)
+    except CheckpointError as exc:
+        raise NodeFailure(str(exc), input_name, "bad_checkpoint") from None
+    if family not in ("sd15", "sd2", "sdxl"):
+        raise NodeFailure(f"{name}: {family} checkpoints are not supported yet", input_name, "bad_checkpoint")
+    return ModelRecipe(str(path), file_fingerprint(path), family, dtype)
+
+
 
 STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
 
@@ -87,4 +183,4 @@ class LoraLoaderModelOnly(Node):
         return {"MODEL": _with_lora(ctx, model, lora_name, strength_model)[1]}
 
 
-NODES: list[type[Node]] = [CheckpointLoaderSimple, LoraLoader, LoraLoaderModelOnly]
+NODES: list[type[Node]] = [LoadCheckpoint, CheckpointLoaderSimple, LoraLoader, LoraLoaderModelOnly]

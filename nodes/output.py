@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 from nodegraph.context import Context, NodeFailure
 from nodegraph.naming import create_numbered, next_counter
 from nodegraph.schema import Input, Node, Output, describe
-from nodes.images import ImageBatch
+from nodes.engine.images import ImageBatch
 
 # Most filesystems cap a file name at 255 bytes; "_00001_.png" and counters past 99999 need room.
 MAX_NAME_BYTES = 200

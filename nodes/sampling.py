@@ -1,107 +1,326 @@
-"""What Sample needs around the diffusers call: seeded noise, an activation-memory estimate, bounded decoding.
+"""Sampling nodes: ComfyUI's KSampler and KSamplerAdvanced, and Sample, the one-node text to image.
 
-Seeds. The initial latent is drawn on the CPU in float32 from the seed, as ComfyUI does
-(`torch.manual_seed(seed)` then one `torch.randn` of the whole `[batch, channels, H/f, W/f]`
-latent), and only then moved to the compute device and cast to the model's dtype. The
-scheduler's own noise (ancestral samplers) comes from the same CPU generator, continued. So a
-seed is the same noise on every device; the image then differs only by the device's arithmetic.
+The sampling mathematics (noise levels, schedules, samplers, classifier-free guidance) is in
+`nodes.engine.sigmas` and `nodes.engine.samplers`; here the UNet is wrapped as the noise predictor they call, with
+the CONDITIONING's embeddings (and SDXL's pooled embedding and size conditioning). Initial noise is
+drawn on the CPU in float32 from the seed, one `randn` of the whole latent, as ComfyUI does: the same
+seed gives the same image on every device. A latent with a `noise_mask` is repainted only where the
+mask is 1: elsewhere the model is shown the input latent at each step's noise level and its prediction
+is replaced by the input, as ComfyUI's inpainting sampler does.
 
-Memory. Before anything runs, `activation_bytes` estimates what one sampling call needs beyond
-the weights, from a per-family factor measured with `bench/activations.py` (float32, CPU, one
-UNet step at batch 2 and one VAE decode; linear in pixels because attention uses PyTorch's
-memory-efficient kernels):
-
-    need = max(unet[family] × pixels × batch × (2 with CFG else 1),  vae × min(pixels, TILE_ABOVE_PIXELS))
-           × element size / 4  +  IMAGE_BYTES × pixels × batch
-
-where pixels = width × height, compared with the memory of the compute device (the GPU's, or the
-machine's RAM) less the model's weights. The VAE decodes one image at a time (slicing) and in tiles
-above `TILE_ABOVE_PIXELS`, checking for cancellation before each slice or tile.
+Sample runs the checkpoint's own diffusers pipeline from prompts to pixels (encoding, sampling and
+decoding in one node), with the same seeded CPU noise and bounded decoding.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import torch
+from nodegraph.context import Context, NodeFailure
+from nodegraph.schema import Input, Node, Output
+from nodes.engine.recipe import ModelRecipe
+from nodes.engine.samplers import SAMPLERS
+from nodes.engine.sigmas import SCHEDULERS
+from nodes.engine.values import Conditioning, Latent
 
-from nodegraph.context import Context
-from nodegraph.models import device_kind, format_bytes
-
-# Bytes per output pixel per image (per CFG branch) at float32, measured with bench/activations.py on the
-# full-size SD1.5 UNet with random weights: 933 at 512×512 (466 MiB at batch 2), 1624 at 256×256 (203 MiB,
-# mostly fixed overhead); 702 per added pixel. SD2 shares SD1.5's UNet layout. SDXL has no attention at
-# the full latent resolution, so SD1.5's factor bounds it (not measured: 10 GB of float32 weights).
-UNET_BYTES_PER_PIXEL = {"sd15": 950, "sd2": 950, "sdxl": 950}
-# The SD VAE decoder (128-512 channels), one image: 4252 per pixel at 512×512 (1063 MiB), 5999 at 256×256.
-VAE_BYTES_PER_PIXEL = 4300
-IMAGE_BYTES = 40  # the decoded RGB images themselves: float copies in the decoder, the pipeline, numpy, uint8
-TILE_ABOVE_PIXELS = 1024 * 1024  # per image: a larger one is decoded in tiles
+SEED = {"default": 0, "min": 0, "max": 2**64 - 1}
+STEPS = {"default": 20, "min": 1, "max": 10000}
+CFG = {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1}
 
 
-def noise_generator(seed: int) -> torch.Generator:
-    """The CPU generator all of a sample's noise comes from (a private one: the global seed is left alone)."""
-    return torch.Generator(device="cpu").manual_seed(seed)
+def _cond(entries: Conditioning, batch: int, dtype: Any, device: str) -> dict[str, Any]:
+    """The conditioning dict the UNet wrapper reads: embeddings (batch, entries, tokens, dim) and pooled ones."""
+    import torch
+
+    def stacked(tensors: list[Any]) -> Any:
+        together = torch.stack(tensors)  # (entries, …)
+        return together[None].expand(batch, *together.shape).to(device, dtype)
+
+    out = {"embeds": stacked([e.embeds[0] for e in entries.entries])}
+    pooled = [e.pooled for e in entries.entries]
+    if all(p is not None for p in pooled):
+        out["pooled"] = stacked([p[0] for p in pooled if p is not None])
+    return out
 
 
-def initial_noise(generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
-    """The initial latent noise: one float32 draw on the CPU, whatever device the model runs on."""
-    return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: float, sampler_name: str,
+                scheduler: str, positive: Conditioning, negative: Conditioning, latent: Latent, *,
+                denoise: float = 1.0, add_noise: bool = True, start: int = 0, end: int = 10000,
+                leftover: bool = False) -> Latent:
+    import torch
+
+    from nodes.engine.pipelines import materialize, retry_out_of_memory, watch_compile
+    from nodes.engine.samplers import CFGDenoiser, sample
+    from nodes.engine.sigmas import DiscreteModel, initial_noise, noised_latent, sigma_slice, sigmas
+
+    with materialize(ctx, model) as resident:
+        unet = resident.pipe.unet
+        device, dtype = resident.device, unet.dtype
+        discrete = DiscreteModel.from_config(resident.scheduler_config)
+        schedule = sigma_slice(sigmas(scheduler, discrete, steps, denoise=denoise, sampler=sampler_name),
+                               start, end, leftover)
+        if len(schedule) < 2:
+            return latent  # nothing to sample (denoise 0, or start past the end)
+        samples = latent.samples
+        if samples.shape[1] != unet.config.in_channels:
+            raise NodeFailure(f"the latent has {samples.shape[1]} channels; this model takes "
+                              f"{unet.config.in_channels}", "latent_image", "wrong_latent")
+        batch, _, height, width = samples.shape
+        noise = initial_noise(seed, samples.shape) if add_noise else torch.zeros_like(samples)
+        samples, noise = samples.to(device), noise.to(device)
+        sdxl = model.family == "sdxl"
+        size = torch.tensor([[height * 8, width * 8, 0, 0, height * 8, width * 8]], device=device, dtype=dtype)
+        cond, uncond = _cond(positive, batch, dtype, device), _cond(negative, batch, dtype, device)
+        if sdxl and ("pooled" not in cond or "pooled" not in uncond):
+            raise NodeFailure("SDXL needs conditioning from its own CLIP (with pooled embeddings)", "positive",
+                              "wrong_conditioning")
+
+        def eps(x: Any, timestep: Any, c: dict[str, Any]) -> Any:
+            embeds = c["embeds"]  # (batch, entries, tokens, dim): one prediction per entry, averaged
+            rows, entries = embeds.shape[:2]
+            extra = {}
+            if sdxl:
+                extra["added_cond_kwargs"] = {"text_embeds": c["pooled"].flatten(0, 1),
+                                              "time_ids": size.expand(rows * entries, -1)}
+            out = unet(x.to(dtype).repeat_interleave(entries, 0), timestep.repeat_interleave(entries, 0),
+                       encoder_hidden_states=embeds.flatten(0, 1), **extra).sample.float()
+            return out.unflatten(0, (rows, entries)).mean(1)
+
+        mask = latent.noise_mask
+        if mask is not None:
+            mask = torch.nn.functional.interpolate(mask.to(device), size=(height, width), mode="bilinear")
+        guided = CFGDenoiser(discrete, eps, cond, uncond, cfg)
+
+        def denoiser(x: Any, sigma: Any) -> Any:
+            if mask is None:
+                return guided(x, sigma)
+            # Inpainting: outside the mask the model sees the input latent at this noise level, and predicts it.
+            x = x * mask + (samples + noise * sigma.to(x)) * (1 - mask)
+            return guided(x, sigma) * mask + samples * (1 - mask)
+
+        def on_step(i: int, total: int, x: Any, denoised: Any) -> None:
+            if model.schedules:
+                resident.set_step(i + 1)
+            ctx.progress(i + 1, total)
+
+        def run() -> Any:
+            if model.schedules:
+                resident.set_step(0)
+            x = noised_latent(discrete, samples, noise, schedule)
+            with torch.inference_mode(), watch_compile(ctx, resident):
+                return sample(sampler_name, denoiser, x, schedule, seed=seed, callback=on_step,
+                              cancel_check=ctx.check_cancelled)
+
+        out = retry_out_of_memory(ctx, run, f"sampling {batch}× {width * 8}×{height * 8}")
+    return Latent(out, latent.noise_mask)
 
 
-def activation_bytes(family: str | None, width: int, height: int, batch: int, cfg: bool,
-                     element_size: int) -> int:
-    """Bytes one Sample call needs beyond the weights (see the module docstring); family None: the smallest."""
-    factor = UNET_BYTES_PER_PIXEL[family] if family in UNET_BYTES_PER_PIXEL else min(UNET_BYTES_PER_PIXEL.values())
-    pixels = width * height
-    unet = factor * pixels * batch * (2 if cfg else 1)
-    vae = VAE_BYTES_PER_PIXEL * min(pixels, TILE_ABOVE_PIXELS)
-    return max(unet, vae) * element_size // 4 + IMAGE_BYTES * pixels * batch
+class KSampler(Node):
+    type = "KSampler"
+    version = "1.0.0"
+    category = "sampling"
+    description = ("Denoises a latent with the MODEL, guided by positive and negative conditioning (ComfyUI's "
+                   "samplers and schedulers). denoise < 1 keeps part of the input latent: image to image.")
+    inputs = (Input("model", "MODEL"), Input("seed", "INT", **SEED), Input("steps", "INT", **STEPS),
+              Input("cfg", "FLOAT", **CFG), Input("sampler_name", "COMBO", default="euler", choices=SAMPLERS),
+              Input("scheduler", "COMBO", default="normal", choices=SCHEDULERS),
+              Input("positive", "CONDITIONING"), Input("negative", "CONDITIONING"),
+              Input("latent_image", "LATENT"), Input("denoise", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.01))
+    outputs = (Output("LATENT", "LATENT"),)
+
+    def run(self, ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: float, sampler_name: str,
+            scheduler: str, positive: Conditioning, negative: Conditioning, latent_image: Latent,
+            denoise: float) -> dict[str, Any]:
+        return {"LATENT": run_sampler(ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                      latent_image, denoise=denoise)}
 
 
-def too_large(need: int, room: int, width: int, height: int, batch: int, models: Any,
-              weights: int = 0) -> tuple[str, str] | None:
-    """(input at fault, message) when `need` bytes of activations do not fit in `room`, else None."""
-    if need <= room:
-        return None
-    where = "the GPU" if device_kind(models.device) == "gpu" else "the RAM"
-    memory = f"{where} ({format_bytes(models.device_total())})"
-    has = f"what is left of {memory} after {format_bytes(weights)} of model weights" if weights else memory
-    side = int(math.sqrt(width * height * max(room, 0) / need)) // 8 * 8
-    blame = "batch_size" if batch > 1 and need / batch <= room else "width" if width >= height else "height"
-    fits = f"about {side}×{side} fits at this batch size" if side >= 8 else "nothing fits at this batch size"
-    return blame, (f"{batch}× {width}×{height} needs about {format_bytes(need)} of memory for sampling on "
-                   f"{models.device}, more than {has}: {fits}; use a smaller size or batch")
+class KSamplerAdvanced(Node):
+    type = "KSamplerAdvanced"
+    version = "1.0.0"
+    category = "sampling"
+    description = ("KSampler over a range of the schedule's steps: two in a row (the first returning its leftover "
+                   "noise, the second adding none) equal one full run.")
+    inputs = (Input("model", "MODEL"), Input("add_noise", "COMBO", default="enable", choices=("enable", "disable")),
+              Input("noise_seed", "INT", **SEED), Input("steps", "INT", **STEPS), Input("cfg", "FLOAT", **CFG),
+              Input("sampler_name", "COMBO", default="euler", choices=SAMPLERS),
+              Input("scheduler", "COMBO", default="normal", choices=SCHEDULERS),
+              Input("positive", "CONDITIONING"), Input("negative", "CONDITIONING"),
+              Input("latent_image", "LATENT"),
+              Input("start_at_step", "INT", default=0, min=0, max=10000),
+              Input("end_at_step", "INT", default=10000, min=0, max=10000),
+              Input("return_with_leftover_noise", "COMBO", default="disable", choices=("disable", "enable")))
+    outputs = (Output("LATENT", "LATENT"),)
+
+    def run(self, ctx: Context, model: ModelRecipe, add_noise: str, noise_seed: int, steps: int, cfg: float,
+            sampler_name: str, scheduler: str, positive: Conditioning, negative: Conditioning,
+            latent_image: Latent, start_at_step: int, end_at_step: int,
+            return_with_leftover_noise: str) -> dict[str, Any]:
+        return {"LATENT": run_sampler(ctx, model, noise_seed, steps, cfg, sampler_name, scheduler, positive,
+                                      negative, latent_image, add_noise=add_noise == "enable", start=start_at_step,
+                                      end=end_at_step, leftover=return_with_leftover_noise == "enable")}
 
 
-def room_for_activations(models: Any, weights: int) -> int:
-    """The compute device's memory less the model's weights when they sit on it (not when offloaded).
+# Sample's schedulers: diffusers' own classes, as the checkpoint's pipeline runs them.
+PIPELINE_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    ),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
 
-    The memory the device has, not the --vram-budget/--ram-budget: those bound the models kept resident
-    (which the out-of-memory retry releases); this refuses what could never fit.
-    """
-    kind = device_kind(models.device)
-    total: int = models.device_total()
-    return total - (weights if weights <= models.limit(kind) else 0)
+
+class Sample(Node):
+    type = "Sample"
+    version = "1.0.0"
+    category = "sampling"
+    description = (
+        "Text to image with the model's pipeline. The noise is drawn on the CPU from the seed: the same seed "
+        "gives the same image on every device (up to the device's arithmetic)."
+    )
+    inputs = (
+        Input("model", "MODEL"),
+        Input("prompt", "STRING", default="", multiline=True),
+        Input("negative_prompt", "STRING", default="", multiline=True),
+        Input("seed", "INT", default=0, min=0, max=2**64 - 1),
+        Input("steps", "INT", default=20, min=1, max=1000),
+        Input("guidance", "FLOAT", default=7.0, min=0.0, max=100.0, step=0.1),
+        Input("width", "INT", default=512, min=8, max=8192, step=8),
+        Input("height", "INT", default=512, min=8, max=8192, step=8),
+        Input("scheduler", "COMBO", default="euler", choices=tuple(PIPELINE_SCHEDULERS)),
+        Input("batch_size", "INT", default=1, min=1, max=64),
+    )
+    outputs = (Output("images", "IMAGE"),)
+
+    @classmethod
+    def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
+        return [
+            (name, f"{literals[name]} is not a multiple of 8")
+            for name in ("width", "height")
+            if name in literals and literals[name] % 8
+        ]
+
+    @classmethod
+    def check_resources(cls, literals: dict[str, Any], models: Any) -> list[tuple[str | None, str]]:
+        """Refuse a size that cannot fit the device's memory whatever the model (its family and dtype
+        are known only at run time, so the smallest factor and 2-byte elements are assumed here)."""
+        from nodes.engine.memory import activation_bytes, room_for_activations, too_large
+
+        if not all(name in literals for name in ("width", "height", "batch_size")):
+            return []
+        width, height, batch = literals["width"], literals["height"], literals["batch_size"]
+        need = activation_bytes(None, width, height, batch, literals.get("guidance", 0) > 1, 2)
+        problem = too_large(need, room_for_activations(models, 0), width, height, batch, models)
+        return [problem] if problem else []
+
+    def run(
+        self,
+        ctx: Context,
+        model: ModelRecipe,
+        prompt: str,
+        negative_prompt: str,
+        seed: int,
+        steps: int,
+        guidance: float,
+        width: int,
+        height: int,
+        scheduler: str,
+        batch_size: int,
+    ) -> dict[str, Any]:
+        import diffusers
+        import numpy as np
+        import torch
+
+        from nodes.engine.images import ImageBatch
+        from nodes.engine.memory import bounded_decode, noise_generator
+        from nodes.engine.pipelines import materialize, retry_out_of_memory, watch_compile
+        from nodes.engine.sigmas import initial_noise
+
+        for name, problem in self.check({"width": width, "height": height}, ctx.settings):
+            raise NodeFailure(problem, name, "invalid_value")
+        check_activations(ctx, model, width, height, batch_size, guidance)
+        with materialize(ctx, model, model.clip()) as resident:
+            pipe = resident.pipe
+            class_name, overrides = PIPELINE_SCHEDULERS[scheduler]
+            pipe.scheduler = getattr(diffusers, class_name).from_config(resident.scheduler_config, **overrides)
+
+            scheduled = bool(resident.applied.schedules)
+
+            def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                if scheduled:
+                    resident.set_step(step + 1)  # scales for the next step, written in place
+                ctx.progress(step + 1, steps)
+                return {}
+
+            def sample() -> Any:
+                if scheduled:
+                    resident.set_step(0)
+                # Every draw on the CPU from the seed, so a seed is the same noise on every device.
+                generator = noise_generator(seed)
+                shape = (batch_size, pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
+                         width // pipe.vae_scale_factor)
+                latents = initial_noise(generator, shape).to(resident.device, pipe.unet.dtype)
+                ctx.check_cancelled()
+                with torch.inference_mode(), watch_compile(ctx, resident), bounded_decode(ctx, pipe.vae, width,
+                                                                                          height):
+                    return pipe(
+                        prompt=prompt,
+                        negative_prompt=negative_prompt or None,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance,
+                        width=width,
+                        height=height,
+                        num_images_per_prompt=batch_size,
+                        latents=latents,
+                        generator=generator,
+                        output_type="np",
+                        callback_on_step_end=on_step,
+                    )
+
+            result = retry_out_of_memory(ctx, sample, f"sampling {batch_size}× {width}×{height}")
+        pixels = (np.clip(result.images, 0.0, 1.0) * 255).round().astype(np.uint8)
+        params = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "seed": seed,
+            "steps": steps,
+            "guidance": guidance,
+            "width": width,
+            "height": height,
+            "scheduler": scheduler,
+            "model": model.summary(),
+        }
+        return {"images": ImageBatch(pixels, params)}
 
 
-@contextmanager
-def bounded_decode(ctx: Context, vae: Any, width: int, height: int) -> Iterator[None]:
-    """While inside, the VAE decodes one image at a time, in tiles above the threshold, checking cancellation.
+def check_activations(ctx: Context, model: ModelRecipe, width: int, height: int, batch: int,
+                      guidance: float) -> None:
+    """Refuse, before loading anything, a Sample whose activations cannot fit the device's memory."""
+    import torch
 
-    diffusers' slicing and tiling call `vae.decoder` once per image or tile; a pre-hook there is the one
-    place to check between them.
-    """
-    if width * height > TILE_ABOVE_PIXELS:
-        vae.enable_tiling()
-    else:
-        vae.disable_tiling()
-    vae.enable_slicing()
-    hook = vae.decoder.register_forward_pre_hook(lambda module, args: ctx.check_cancelled())
+    from nodes.engine.checkpoints import CheckpointError
+    from nodes.engine.memory import activation_bytes, room_for_activations, too_large
+    from nodes.engine.pipelines import estimate_bytes, resolve_dtype
+
+    dtype = resolve_dtype(model.dtype, ctx.models.device)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    need = activation_bytes(model.family, width, height, batch, guidance > 1, element_size)
     try:
-        yield
-    finally:
-        hook.remove()
+        weights = estimate_bytes(model.checkpoint, dtype)
+    except CheckpointError:  # reported with its own message when it loads
+        weights = 0
+    problem = too_large(need, room_for_activations(ctx.models, weights), width, height, batch, ctx.models, weights)
+    if problem:
+        raise NodeFailure(problem[1], problem[0], "too_large")
+
+
+
+NODES: list[type[Node]] = [Sample, KSampler, KSamplerAdvanced]

@@ -55,7 +55,7 @@ def workflow(nodes: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled demo models (tiny SD1.5 and SDXL, LoRAs in several formats), made once per session."""
-    from nodes.demo_models import make_demo_models
+    from nodes.engine.demo_models import make_demo_models
 
     root = tmp_path_factory.mktemp("models")
     make_demo_models(root)

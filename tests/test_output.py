@@ -34,7 +34,7 @@ import numpy as np
 
 from nodegraph.context import Context
 from nodegraph.schema import Input, Node, Output
-from nodes.images import ImageBatch
+from nodes.engine.images import ImageBatch
 
 
 class MakeImage(Node):

@@ -25,8 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nodes import checkpoints
-from nodes.checkpoints import (
+from nodes.engine import checkpoints
+from nodes.engine.checkpoints import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -40,7 +40,12 @@ from nodes.checkpoints import (
     read_header,
     single_file_config_dir,
 )
-from nodes.demo_models import build_sdxl_pipeline, components_to_ldm_state_dict, make_demo_models, write_single_file
+from nodes.engine.demo_models import (
+    build_sdxl_pipeline,
+    components_to_ldm_state_dict,
+    make_demo_models,
+    write_single_file,
+)
 
 
 @pytest.fixture(scope="module")

@@ -141,8 +141,8 @@ def test_image_to_image_keeps_the_input_at_low_denoise(shared: Executor) -> None
 
 
 def test_every_sampler_and_scheduler_runs(shared: Executor) -> None:
-    from nodes.samplers import SAMPLERS
-    from nodes.sigmas import SCHEDULERS
+    from nodes.engine.samplers import SAMPLERS
+    from nodes.engine.sigmas import SCHEDULERS
 
     for sampler, scheduler in zip(SAMPLERS, [*SCHEDULERS, *SCHEDULERS], strict=False):
         out = latent(run(shared, txt2img(**{"3.sampler_name": sampler, "3.scheduler": scheduler, "3.steps": 3})), "3")

@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nodes.checkpoints import demo_vocab_size, load_pipeline
-from nodes.demo_models import (
+from nodes.engine.checkpoints import demo_vocab_size, load_pipeline
+from nodes.engine.demo_models import (
     DEMO_LORAS,
     MANIFEST_NAME,
     build_sd15_pipeline,

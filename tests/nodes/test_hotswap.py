@@ -16,9 +16,9 @@ from nodegraph.executor import Executor
 from nodegraph.registry import Registry
 from nodegraph.settings import Settings
 from nodegraph.sweep import Axis, run_sweep
-from nodes import schedules
-from nodes.checkpoints import load_pipeline
-from nodes.hotswap import HotswapLoRA
+from nodes.engine import schedules
+from nodes.engine.checkpoints import load_pipeline
+from nodes.lora import HotswapLoRA
 from tests.conftest import Recorder, workflow
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nodes import lora_files, lora_match
+from nodes.engine import lora_files, lora_match
 from tests.nodes import lora_fixtures
 
 

@@ -18,8 +18,8 @@ from nodegraph.executor import Executor
 from nodegraph.models import ModelManager
 from nodegraph.registry import Registry
 from nodegraph.settings import Settings
-from nodes import pipelines
-from nodes.pipelines import estimate_bytes, resolve_dtype
+from nodes.engine import pipelines
+from nodes.engine.pipelines import estimate_bytes, resolve_dtype
 from tests.conftest import Recorder
 from tests.nodes.test_diffusion import graph
 

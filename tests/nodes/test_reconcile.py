@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from peft.tuners.lora import LoraLayer
 
 from nodegraph.cache import file_fingerprint
-from nodes import lora_files
-from nodes.checkpoints import load_pipeline
-from nodes.recipe import Adapter, Fuse, ModelRecipe
-from nodes.reconcile import ReconcileError, Resident, peft_name, reconcile
+from nodes.engine import lora_files
+from nodes.engine.checkpoints import load_pipeline
+from nodes.engine.recipe import Adapter, Fuse, ModelRecipe
+from nodes.engine.reconcile import ReconcileError, Resident, peft_name, reconcile
 from tests.nodes import lora_fixtures
 
 LORAS = ["tiny-sd15-style", "tiny-sd15-kohya", "tiny-sd15-subset", "tiny-sd15-te", "tiny-sd15-alpha"]

@@ -1,4 +1,4 @@
-"""Sampling maths (nodes.sigmas, nodes.samplers) on analytic problems: pure tensor code, no model, no hub.
+"""Sampling maths (nodes.engine.sigmas, nodes.engine.samplers) on analytic problems: pure tensor code, no model, no hub.
 
 The main problem is Gaussian data x0 ~ N(MU, C²) per element, whose exact denoiser is known in closed form:
 D(x, sigma) = MU + C² / (C² + sigma²) · (x - MU). Started from the exact marginal at sigma_0,
@@ -17,7 +17,7 @@ import torch
 from scipy import special
 
 from nodes import samplers as smp
-from nodes.sigmas import (
+from nodes.engine.sigmas import (
     SCHEDULERS,
     DiscreteModel,
     initial_noise,

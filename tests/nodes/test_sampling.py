@@ -1,4 +1,4 @@
-"""Sample's seeds, activation estimate and bounded decoding (nodes/sampling.py) on the demo models."""
+"""Sample's seeds, activation estimate and bounded decoding (nodes/engine/memory.py) on the demo models."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from nodegraph.models import ModelManager
 from nodegraph.registry import Registry
 from nodegraph.settings import Settings
 from nodes import sampling
-from nodes.sampling import activation_bytes, initial_noise, noise_generator
+from nodes.engine.memory import activation_bytes, noise_generator
+from nodes.engine.sigmas import initial_noise
 from tests.conftest import Recorder
 from tests.nodes.test_diffusion import differs, graph, images
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nodes.checkpoints import CheckpointError, read_header
+from nodes.engine.checkpoints import CheckpointError, read_header
 
 # The "down" (A) matrix of each LoRA layer, in every layout diffusers converts; group 1 is the module.
 _DOWN = re.compile(

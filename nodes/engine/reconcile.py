@@ -45,12 +45,12 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from nodes import lora_files, schedules
-from nodes.recipe import Adapter, Compile, ModelRecipe
+from nodes.engine import lora_files, schedules
+from nodes.engine.recipe import Adapter, Compile, ModelRecipe
 
 Layer = tuple[str, str]  # (component, module name)
 # What diffusers says of a file with no layers for one of the components: the file's layers are checked
-# against the model's before loading (nodes/lora_match.py), so this says nothing wrong.
+# against the model's before loading (nodes/engine/lora_match.py), so this says nothing wrong.
 _HARMLESS = ("No LoRA keys associated to",)
 
 

@@ -23,9 +23,9 @@ import torch
 
 from nodegraph.context import Context, NodeFailure
 from nodegraph.models import Placement, device_kind, format_bytes
-from nodes.checkpoints import CheckpointError, load_pipeline, read_header
-from nodes.recipe import ModelRecipe
-from nodes.reconcile import ReconcileError, Resident, reconcile
+from nodes.engine.checkpoints import CheckpointError, load_pipeline, read_header
+from nodes.engine.recipe import ModelRecipe
+from nodes.engine.reconcile import ReconcileError, Resident, reconcile
 
 # Progress reaches the user as events; diffusers' own bars would be noise (transformers' are off
 # through the environment, see nodes/__init__.py).

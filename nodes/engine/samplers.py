@@ -2,7 +2,7 @@
 
 A KSampler node runs:
 
-    model = DiscreteModel.from_config(pipe.scheduler.config)                 # nodes.sigmas
+    model = DiscreteModel.from_config(pipe.scheduler.config)                 # nodes.engine.sigmas
     s = sigmas(scheduler, model, steps, denoise=denoise, sampler=name)
     x = noised_latent(model, latent, initial_noise(seed, latent.shape).to(latent), s)
     denoiser = CFGDenoiser(model, unet_eps, cond={...}, uncond={...}, cfg=7.5)
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nodes.sigmas import DiscreteModel
+from nodes.engine.sigmas import DiscreteModel
 
 EpsModel = Callable[[Tensor, Tensor, dict[str, Any]], Tensor]
 Denoise = Callable[[Tensor, Tensor], Tensor]

@@ -1,14 +1,17 @@
-"""Hot-swap, compile and per-step scales: HotswapLoRA, CompileModel, ScaleSchedule.
+"""LoRA nodes on MODEL recipes: LoadLoRA, FuseLoRA, HotswapLoRA, CompileModel, ScaleSchedule.
 
-People serving many LoRAs compile their model once and then change LoRAs and scales without
-paying the compile again. These nodes only edit recipes; the reconciler realizes them with
-diffusers' in-place hot-swap (`enable_lora_hotswap` before the first load, `hotswap=True`
-after) and by writing LoRA scales in place, so a compiled denoiser is never recompiled.
+They never touch a pipeline: each checks its files (headers only) and returns a new frozen recipe,
+so they are cheap and cache well; the reconciler makes a resident pipeline match when a sampler
+needs it. People serving many LoRAs compile their model once and then change LoRAs and scales
+without paying the compile again: the reconciler realizes HotswapLoRA with diffusers' in-place
+hot-swap (`enable_lora_hotswap` before the first load, `hotswap=True` after) and writes LoRA scales
+in place, so a compiled denoiser is never recompiled.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,9 +19,146 @@ from typing import Any
 from nodegraph.cache import file_fingerprint
 from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
-from nodes import lora_files, lora_match, schedules
-from nodes.diffusion import _loras, _model_file, check_fits, lora_file, slot_problems
-from nodes.recipe import Compile, ModelRecipe
+from nodes.engine import lora_files, lora_match, schedules
+from nodes.engine.recipe import Adapter, Compile, Fuse, ModelRecipe
+from nodes.loaders import _free_slot, _loras, _model_file, check_fits, lora_file, slot_problems
+
+
+class LoadLoRA(Node):
+    type = "LoadLoRA"
+    version = "1.0.0"
+    category = "lora"
+    description = (
+        "Adds a LoRA (diffusers, PEFT, Kohya or another format diffusers converts) to the model in "
+        "an adapter slot, with UNet and text-encoder strengths. Chain several to stack them."
+    )
+    inputs = (
+        Input("model", "MODEL"),
+        Input("lora", "COMBO", choices=_loras),
+        Input("strength", "FLOAT", default=1.0, min=-10.0, max=10.0, step=0.05),
+        Input("text_encoder_strength", "FLOAT", default=1.0, min=-10.0, max=10.0, step=0.05),
+        Input("slot", "STRING", default="", description="adapter name; empty: from the file name"),
+        Input(
+            "block_scales",
+            "STRING",
+            default="",
+            multiline=True,
+            description='UNet scales per block, as JSON: {"down": 0.5, "up": {"block_0": [0, 1, 1]}}',
+        ),
+    )
+    outputs = (Output("model", "MODEL"),)
+
+    @classmethod
+    def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
+        problems = slot_problems(literals.get("slot", ""))
+        problem = block_scales_problem(literals.get("block_scales", ""))
+        if problem:
+            problems.append(("block_scales", problem))
+        return problems
+
+    @classmethod
+    def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
+        return [_model_file(settings, "loras", inputs["lora"], "lora")]
+
+    def run(
+        self,
+        ctx: Context,
+        model: ModelRecipe,
+        lora: str,
+        strength: float,
+        text_encoder_strength: float,
+        slot: str,
+        block_scales: str,
+    ) -> dict[str, Any]:
+        for name, problem in self.check({"slot": slot, "block_scales": block_scales}, ctx.settings):
+            raise NodeFailure(problem, name, "invalid_value")
+        path, info = lora_file(ctx.settings, lora)
+        live = model.live()
+        slot = slot or _free_slot(re.sub(r"\W", "_", path.stem), live)
+        if slot in live:
+            raise NodeFailure(
+                f"slot {slot!r} already holds {Path(live[slot].path).name}; pick another slot, "
+                "or replace it with HotswapLoRA",
+                "slot",
+                "slot_taken",
+            )
+        canonical = json.dumps(json.loads(block_scales), sort_keys=True) if block_scales.strip() else ""
+        fingerprint = file_fingerprint(path)
+        check_fits(model, path, fingerprint, canonical)
+        adapter = Adapter(
+            slot,
+            str(path),
+            fingerprint,
+            strength,
+            text_encoder_strength,
+            canonical,
+            tuple(sorted(info.components)),
+            info.max_rank,
+        )
+        return {"model": model.then(adapter)}
+
+
+class FuseLoRA(Node):
+    type = "FuseLoRA"
+    version = "1.0.0"
+    category = "lora"
+    description = (
+        "Fuses adapters into the model's weights (faster sampling, no per-step LoRA cost). A later "
+        "run without the fuse gets the original weights back exactly."
+    )
+    inputs = (
+        Input("model", "MODEL"),
+        Input("slots", "STRING", default="", description="comma-separated slots; empty: all active"),
+        Input("lora_scale", "FLOAT", default=1.0, min=-10.0, max=10.0, step=0.05),
+    )
+    outputs = (Output("model", "MODEL"),)
+
+    def run(self, ctx: Context, model: ModelRecipe, slots: str, lora_scale: float) -> dict[str, Any]:
+        live = model.live()
+        chosen = [s.strip() for s in slots.split(",") if s.strip()] or list(live)
+        if not chosen:
+            raise NodeFailure("the model has no active LoRA to fuse", "model", "nothing_to_fuse")
+        unknown = [s for s in chosen if s not in live]
+        if unknown:
+            raise NodeFailure(
+                f"no active adapter in slot(s) {', '.join(unknown)}; active: {', '.join(live) or 'none'}",
+                "slots",
+                "unknown_slot",
+            )
+        return {"model": model.then(Fuse(tuple(dict.fromkeys(chosen)), lora_scale))}
+
+
+
+
+
+def block_scales_problem(text: str) -> str | None:
+    """What is wrong with a block-scales JSON (diffusers silently ignores unknown keys), or None."""
+    if not text.strip():
+        return None
+    try:
+        scales = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"not JSON: {exc.msg}"
+    if not isinstance(scales, dict) or not scales:
+        return 'expected an object such as {"down": 0.5, "mid": 1, "up": {"block_0": [0, 1, 1]}}'
+    for part, value in scales.items():
+        if part not in ("down", "mid", "up"):
+            return f"unknown part {part!r}; use down, mid and up"
+        if _is_number(value):
+            continue
+        if part == "mid" or not isinstance(value, dict):
+            return f"{part}: expected a number{'' if part == 'mid' else ' or an object of blocks'}"
+        for block, scale in value.items():
+            if not re.fullmatch(r"block_\d+", block):
+                return f"{part}: unknown block {block!r}; use block_0, block_1, …"
+            if not (_is_number(scale) or (isinstance(scale, list) and scale and all(map(_is_number, scale)))):
+                return f"{part}.{block}: expected a number or a list of numbers (one per layer)"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 
 
 class HotswapLoRA(Node):
@@ -162,4 +302,4 @@ class ScaleSchedule(Node):
         return {"model": recipe, "scales": json.dumps(schedules.preview(spec))}
 
 
-NODES: list[type[Node]] = [HotswapLoRA, CompileModel, ScaleSchedule]
+NODES: list[type[Node]] = [LoadLoRA, FuseLoRA, HotswapLoRA, CompileModel, ScaleSchedule]

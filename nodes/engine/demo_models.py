@@ -11,7 +11,7 @@ a CPU. `make_demo_models(root)` writes them into a models folder:
 
 The same seed gives byte-identical files; a second call with the same seed only checks the manifest.
 
-    python -m nodes.demo_models models/     # writes ./models/checkpoints and ./models/loras
+    python -m nodes.engine.demo_models models/     # writes ./models/checkpoints and ./models/loras
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nodes.checkpoints import CONFIG_HINTS_KEY, demo_clip_tokenizer, scheduler_config
+from nodes.engine.checkpoints import CONFIG_HINTS_KEY, demo_clip_tokenizer, scheduler_config
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +76,7 @@ DEMO_LORAS: dict[str, LoraSpec] = {
 # large enough to change an image visibly, small enough not to saturate it.
 LORA_RELATIVE_STRENGTH = 1.5
 
-# Values no tensor shape records; written into the single files so `nodes.checkpoints` derives the
+# Values no tensor shape records; written into the single files so `nodes.engine.checkpoints` derives the
 # exact configs the folders use (the tiny models are too small for the families' conventions).
 _SD15_HINTS = {
     "unet": {"sample_size": 32},

@@ -2,7 +2,7 @@
 
 diffusers pipelines are mutable (loading a LoRA changes the UNet in place) while a caching graph
 needs values that never change. So loader nodes only build a `ModelRecipe`: the checkpoint's
-identity and dtype plus the ordered LoRA operations. The reconciler (`nodes/reconcile.py`) makes
+identity and dtype plus the ordered LoRA operations. The reconciler (`nodes/engine/reconcile.py`) makes
 a resident pipeline match a recipe when a node such as Sample needs the real thing.
 
 A recipe reduces to two parts (see `fused_groups` and `live`): the LoRAs baked into the weights

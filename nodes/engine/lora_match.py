@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodes import lora_files
-from nodes.checkpoints import detect_family, read_header, single_file_config_dir
+from nodes.engine import lora_files
+from nodes.engine.checkpoints import detect_family, read_header, single_file_config_dir
 
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 

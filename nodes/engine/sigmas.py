@@ -176,9 +176,11 @@ def sigma_slice(sigmas: Tensor, start: int, end: int, leftover: bool) -> Tensor:
     return sigmas[start:]
 
 
-def initial_noise(seed: int, shape: tuple[int, ...] | torch.Size) -> Tensor:
-    """The starting noise of a seed: float32 on the CPU, whatever the device (ComfyUI's rule)."""
-    return torch.randn(tuple(shape), dtype=torch.float32, generator=torch.Generator().manual_seed(seed))
+def initial_noise(seed: int | torch.Generator, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """The starting noise of a seed: one float32 `randn` of the whole latent on the CPU, whatever the device
+    (ComfyUI's rule). Given a CPU generator instead of a seed, the draw continues that generator."""
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(shape), dtype=torch.float32, generator=generator, device="cpu")
 
 
 def noised_latent(model: DiscreteModel, latent: Tensor, noise: Tensor, sigmas: Tensor) -> Tensor:
