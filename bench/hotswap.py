@@ -278,7 +278,7 @@ class Compiled:
 def measure_compile(s: Setup, size: Size) -> Compiled:
     from torch._dynamo.utils import counters
 
-    from nodes import schedules
+    from nodes.engine import schedules
     from nodes.engine.recipe import Compile
 
     a, b = s.files
@@ -369,7 +369,7 @@ def sample(pipe: Any, size: Size, before: Callable[[], None], each: Callable[[in
 def measure_schedule(s: Setup, size: Size) -> dict[str, list[Run]]:
     import diffusers
 
-    from nodes import schedules
+    from nodes.engine import schedules
 
     euler: Any = diffusers.EulerDiscreteScheduler  # as Sample's "euler"
     a = s.files[0]
@@ -456,7 +456,7 @@ def main() -> int:
     cache = tempfile.TemporaryDirectory(prefix="nodegraph-inductor-") if args.inductor_cache is None else None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.inductor_cache or (cache.name if cache else "")
 
-    from nodes import schedules
+    from nodes.engine import schedules
     from nodes.engine.lora_files import inspect
 
     started = time.perf_counter()

@@ -87,6 +87,15 @@ class Output:
     description: str = ""
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """What validation knows of the node feeding an input: its type, its literal inputs, and its own upstreams."""
+
+    type: str
+    literals: dict[str, Any]
+    input: Callable[[str], Upstream | None]
+
+
 class Node:
     """Base class of every node. Subclasses set the class attributes and implement `run`.
 
@@ -108,6 +117,16 @@ class Node:
     @classmethod
     def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
         """Node-specific validation of literal inputs: (input name, message) per problem."""
+        return []
+
+    @classmethod
+    def check_upstream(cls, literals: dict[str, Any], upstream: Callable[[str], Upstream | None],
+                       settings: Any) -> list[tuple[str | None, str, str]]:
+        """Problems that show only with what feeds this node: (input name, code, message) per problem.
+
+        `upstream(input_name)` is the node linked to that input (None for a literal or a bad link), so a
+        LoRA loader can find the checkpoint its MODEL comes from. Nodes check again at run time.
+        """
         return []
 
     @classmethod

@@ -8,7 +8,7 @@ stable code (documented in the README) and a human message.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ import networkx as nx
 
 from nodegraph.cache import canonical_json
 from nodegraph.registry import Registry
-from nodegraph.schema import REQUIRED, Input, Node, check_literal, describe, link_compatible
+from nodegraph.schema import REQUIRED, Input, Node, Upstream, check_literal, describe, link_compatible
 from nodegraph.workflow import FORMAT, is_link
 
 MAX_SHOWN = 100  # problems reported per workflow; a 10,000-node mess need not print 10,000 lines
@@ -170,10 +170,29 @@ def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Regis
         if input_name is None or input_name not in reported:
             fail(input_name, "invalid_value", message)
     reported = {p.input for p in problems[before:]}
+    for input_name, code, message in cls.check_upstream(literals, _upstream(given, nodes), settings):
+        if input_name is None or input_name not in reported:
+            fail(input_name, code, message)
+    reported = {p.input for p in problems[before:]}
     for input_name, message in cls.check_resources(literals, models) if models is not None else ():
         if input_name is None or input_name not in reported:
             fail(input_name, "too_large", message)
     return Step(node_id, cls, literals, links, canonical_json(literals)) if len(problems) == before else None
+
+
+def _upstream(given: dict[str, Any], nodes: dict[str, Any], depth: int = 0) -> Callable[[str], Upstream | None]:
+    """The nodes linked to `given`'s inputs, as Upstream views (their literals as written), followed lazily."""
+
+    def view(input_name: str) -> Upstream | None:
+        value: Any = given.get(input_name)
+        if depth > 256 or not is_link(value) or not isinstance(nodes.get(value[0]), dict):
+            return None
+        entry = nodes[value[0]]
+        inputs = entry.get("inputs") if isinstance(entry.get("inputs"), dict) else {}
+        literals = {k: v for k, v in inputs.items() if not is_link(v)}
+        return Upstream(str(entry.get("type")), literals, _upstream(inputs, nodes, depth + 1))
+
+    return view
 
 
 _SPECS: dict[type[Node], dict[str, Input]] = {}

@@ -12,13 +12,14 @@ LoRA for another architecture is an error here, naming the file and its first la
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from nodegraph.cache import file_fingerprint
 from nodegraph.context import Context, NodeFailure
-from nodegraph.schema import Input, Node, Output
+from nodegraph.schema import Input, Node, Output, Upstream
 from nodegraph.settings import ModelChoices, Settings
 from nodes.engine import lora_files
 from nodes.engine.recipe import Adapter, ModelRecipe
@@ -46,20 +47,49 @@ def lora_file(settings: Settings, name: str) -> tuple[Path, lora_files.LoraInfo]
         raise NodeFailure(str(exc), "lora", "bad_lora") from None
 
 
-def check_fits(model: ModelRecipe, path: Path, fingerprint: str, block_scales: str = "") -> None:
-    """A node error on `lora` (or `block_scales`) unless the file's layers and the blocks exist in the model."""
-    from nodes import lora_match
+def fit_problem(checkpoint: str, fingerprint: str, path: Path, lora_fingerprint: str, block_scales: str = "",
+                lora_input: str = "lora") -> tuple[str, str, str] | None:
+    """(input, code, message) if the LoRA file's layers or the block scales do not exist in the checkpoint."""
+    from nodes.engine import lora_match
 
     try:
-        problem = lora_match.mismatch(str(path), fingerprint, model.checkpoint, model.fingerprint)
+        problem = lora_match.mismatch(str(path), lora_fingerprint, checkpoint, fingerprint)
     except lora_files.LoraFileError as exc:
-        raise NodeFailure(str(exc), "lora", "bad_lora") from None
+        return lora_input, "bad_lora", str(exc)
     if problem:
-        raise NodeFailure(f"{path.name} does not fit this model, a LoRA for another architecture? {problem}",
-                          "lora", "wrong_model")
-    problem = lora_match.block_scales_mismatch(block_scales, model.checkpoint, model.fingerprint)
+        return lora_input, "wrong_model", f"{path.name} does not fit this model (a LoRA for another model?): {problem}"
+    problem = lora_match.block_scales_mismatch(block_scales, checkpoint, fingerprint)
+    return ("block_scales", "invalid_value", problem) if problem else None
+
+
+def check_fits(model: ModelRecipe, path: Path, fingerprint: str, block_scales: str = "",
+               lora_input: str = "lora") -> None:
+    """A node error unless the file's layers and the blocks exist in the model (see `fit_problem`)."""
+    problem = fit_problem(model.checkpoint, model.fingerprint, path, fingerprint, block_scales, lora_input)
     if problem:
-        raise NodeFailure(problem, "block_scales", "invalid_value")
+        raise NodeFailure(problem[2], problem[0], problem[1])
+
+
+def fit_upstream(literals: dict[str, Any], upstream: Callable[[str], Upstream | None], settings: Any,
+                 lora_input: str, block_scales: str = "") -> list[tuple[str | None, str, str]]:
+    """`fit_problem` at validation, when the checkpoint the MODEL or CLIP comes from is written in the workflow."""
+    name = literals.get(lora_input)
+    source = upstream("model") or upstream("clip")
+    for _ in range(256):  # back through the MODEL/CLIP chain to its checkpoint loader
+        if source is None or source.type in ("LoadCheckpoint", "CheckpointLoaderSimple"):
+            break
+        source = source.input("model") or source.input("clip")
+    if settings is None or not isinstance(name, str) or source is None:
+        return []
+    checkpoint = source.literals.get("checkpoint", source.literals.get("ckpt_name"))
+    try:
+        ckpt = settings.resolve_model("checkpoints", checkpoint)
+        path = settings.resolve_model("loras", name)
+        problem = fit_problem(str(ckpt), file_fingerprint(ckpt), path, file_fingerprint(path), block_scales,
+                              lora_input)
+    except Exception:  # a missing or unreadable file: the literal checks and the loader report it
+        return []
+    return [problem] if problem else []
 
 
 def _model_file(settings: Settings, kind: str, name: str, input_name: str) -> Path:
@@ -141,7 +171,7 @@ def _with_lora(ctx: Context, model: ModelRecipe, lora_name: str, strength: float
     """The recipe with the LoRA file added in a new slot named after the file (ComfyUI stacks by order)."""
     path, info = lora_file(ctx.settings, lora_name)
     fingerprint = file_fingerprint(path)
-    check_fits(model, path, fingerprint)
+    check_fits(model, path, fingerprint, lora_input="lora_name")
     slot = _free_slot(re.sub(r"\W", "_", path.stem), model.live())
     adapter = Adapter(slot, str(path), fingerprint, strength, strength, "", tuple(sorted(info.components)),
                       info.max_rank)
@@ -157,6 +187,11 @@ class LoraLoader(Node):
     inputs = (Input("model", "MODEL"), Input("clip", "CLIP"), Input("lora_name", "COMBO", choices=_loras),
               Input("strength_model", "FLOAT", **STRENGTH), Input("strength_clip", "FLOAT", **STRENGTH))
     outputs = (Output("MODEL", "MODEL"), Output("CLIP", "CLIP"))
+
+    @classmethod
+    def check_upstream(cls, literals: dict[str, Any], upstream: Callable[[str], Upstream | None],
+                       settings: Any) -> list[tuple[str | None, str, str]]:
+        return fit_upstream(literals, upstream, settings, "lora_name")
 
     def run(self, ctx: Context, model: ModelRecipe, clip: ModelRecipe, lora_name: str, strength_model: float,
             strength_clip: float) -> dict[str, Any]:
@@ -176,6 +211,11 @@ class LoraLoaderModelOnly(Node):
     inputs = (Input("model", "MODEL"), Input("lora_name", "COMBO", choices=_loras),
               Input("strength_model", "FLOAT", **STRENGTH))
     outputs = (Output("MODEL", "MODEL"),)
+
+    @classmethod
+    def check_upstream(cls, literals: dict[str, Any], upstream: Callable[[str], Upstream | None],
+                       settings: Any) -> list[tuple[str | None, str, str]]:
+        return fit_upstream(literals, upstream, settings, "lora_name")
 
     def run(self, ctx: Context, model: ModelRecipe, lora_name: str, strength_model: float) -> dict[str, Any]:
         if strength_model == 0:

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from nodegraph.cache import file_fingerprint
 from nodegraph.context import Context, NodeFailure
-from nodegraph.schema import Input, Node, Output
+from nodegraph.schema import Input, Node, Output, Upstream
 from nodes.engine import lora_files, lora_match, schedules
 from nodes.engine.recipe import Adapter, Compile, Fuse, ModelRecipe
-from nodes.loaders import _free_slot, _loras, _model_file, check_fits, lora_file, slot_problems
+from nodes.loaders import _free_slot, _loras, _model_file, check_fits, fit_upstream, lora_file, slot_problems
 
 
 class LoadLoRA(Node):
@@ -59,6 +60,12 @@ class LoadLoRA(Node):
     @classmethod
     def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
         return [_model_file(settings, "loras", inputs["lora"], "lora")]
+
+    @classmethod
+    def check_upstream(cls, literals: dict[str, Any], upstream: Callable[[str], Upstream | None],
+                       settings: Any) -> list[tuple[str | None, str, str]]:
+        scales = literals.get("block_scales", "")
+        return fit_upstream(literals, upstream, settings, "lora", "" if block_scales_problem(scales) else scales)
 
     def run(
         self,
@@ -198,6 +205,11 @@ class HotswapLoRA(Node):
         if input_name != "lora" or literals.get("hotswap_rank", 0):
             return {}
         return {"hotswap_rank": max(lora_file(settings, value)[1].max_rank for value in values)}
+
+    @classmethod
+    def check_upstream(cls, literals: dict[str, Any], upstream: Callable[[str], Upstream | None],
+                       settings: Any) -> list[tuple[str | None, str, str]]:
+        return fit_upstream(literals, upstream, settings, "lora", "")
 
     def run(self, ctx: Context, model: ModelRecipe, lora: str, slot: str, strength: float,
             hotswap_rank: int) -> dict[str, Any]:

@@ -219,27 +219,50 @@ def test_pickled_checkpoint_is_refused(registry: Registry, odd_models: Settings)
     assert "pickle" in result.errors[0].message
 
 
-def test_lora_for_another_model_fails_on_load_lora_naming_file_and_layer(registry: Registry,
-                                                                         odd_models: Settings) -> None:
+def test_lora_for_another_model_is_a_validation_error_naming_file_and_layer(registry: Registry,
+                                                                            odd_models: Settings) -> None:
+    executor = Executor(registry, odd_models)
+    result = executor.run(graph(loras=({"lora": "tiny-sd15-style.safetensors"}, {"lora": "sdxl-only.safetensors"})))
+    assert result.status == "invalid"
+    [problem] = result.errors
+    assert (problem.node_id, problem.input, problem.code) == ("lora1", "lora", "wrong_model")
+    assert "sdxl-only.safetensors" in problem.message and "unet.down_blocks.1.attentions.0" in problem.message
+    assert "96→64" in problem.message
+
+
+def test_validate_on_the_command_line_names_a_lora_for_another_model(demo_dir: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(graph("tiny-sdxl", loras=({"lora": "tiny-sd15-kohya.safetensors"},))))
+    code = main(["validate", str(path), "--models-dir", str(demo_dir), "--json"])
+    [problem] = json.loads(capsys.readouterr().out)["errors"]
+    assert code == 2 and (problem["node_id"], problem["code"]) == ("lora0", "wrong_model")
+    assert "tiny-sd15-kohya.safetensors" in problem["message"] and "(sdxl)" in problem["message"]
+
+
+def test_lora_for_another_model_fails_on_load_lora_when_validation_cannot_see_the_checkpoint(
+        registry: Registry, odd_models: Settings) -> None:
     executor = Executor(registry, odd_models)
     good = images(executor, graph(loras=({"lora": "tiny-sd15-style.safetensors"},)))
+    wf = graph(loras=({"lora": "tiny-sd15-style.safetensors"}, {"lora": "sdxl-only.safetensors"}))
+    wf["nodes"]["name"] = {"type": "String", "inputs": {"value": "tiny-sd15"}}
+    wf["nodes"]["ckpt"]["inputs"]["checkpoint"] = ["name", 0]  # known only when it runs
     events = Recorder()
-    result = executor.run(graph(loras=({"lora": "tiny-sd15-style.safetensors"}, {"lora": "sdxl-only.safetensors"})),
-                          events)
+    result = executor.run(wf, events)
     assert failure(result) == ("lora1", "lora", "wrong_model")
-    message = result.errors[0].message
-    assert "sdxl-only.safetensors" in message and "unet.down_blocks.1.attentions.0" in message and "96→64" in message
     assert "sample" not in events.ran()  # found before any pipeline was touched
     executor.cache.clear()
     assert np.array_equal(images(executor, graph(loras=({"lora": "tiny-sd15-style.safetensors"},))), good)
 
 
-def test_block_scales_for_blocks_the_model_lacks_fail_on_load_lora(shared: Executor) -> None:
+def test_block_scales_for_blocks_the_model_lacks_are_validation_errors(shared: Executor) -> None:
     for scales, words in (('{"down": {"block_0": 1}}', "no attention layers"),
                           ('{"up": {"block_0": [1, 0]}}', "3 attention layers")):
         result = shared.run(graph(loras=({"lora": "tiny-sd15-style.safetensors", "block_scales": scales},)))
-        assert failure(result) == ("lora0", "block_scales", "invalid_value")
-        assert words in result.errors[0].message
+        assert result.status == "invalid"
+        [problem] = result.errors
+        assert (problem.node_id, problem.input, problem.code) == ("lora0", "block_scales", "invalid_value")
+        assert words in problem.message
 
 
 @pytest.mark.parametrize("name", ["lora.json", "stacked.json", "fused.json", "sdxl.json", "hotswap.json"])

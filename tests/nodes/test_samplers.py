@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy import special
 
-from nodes import samplers as smp
+from nodes.engine import samplers as smp
 from nodes.engine.sigmas import (
     SCHEDULERS,
     DiscreteModel,
