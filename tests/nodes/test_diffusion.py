@@ -236,7 +236,7 @@ def test_validate_on_the_command_line_names_a_lora_for_another_model(demo_dir: P
     path.write_text(json.dumps(graph("tiny-sdxl", loras=({"lora": "tiny-sd15-kohya.safetensors"},))))
     code = main(["validate", str(path), "--models-dir", str(demo_dir), "--json"])
     [problem] = json.loads(capsys.readouterr().out)["errors"]
-    assert code == 2 and (problem["node_id"], problem["code"]) == ("lora0", "wrong_model")
+    assert code == 1 and (problem["node_id"], problem["code"]) == ("lora0", "wrong_model")
     assert "tiny-sd15-kohya.safetensors" in problem["message"] and "(sdxl)" in problem["message"]
 
 
