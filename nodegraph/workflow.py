@@ -185,6 +185,8 @@ def is_comfy_api(value: Any) -> bool:
 
 
 def lower_comfy_api(value: dict[str, Any]) -> dict[str, Any]:
+    """Our format from ComfyUI's API format: the same nodes and links, laid out left to right for the editor
+    (the API format has no positions): a node's column is its depth in the graph, its row its order there."""
     nodes: dict[str, Any] = {}
     for node_id, node in value.items():
         entry: dict[str, Any] = {"type": node["class_type"], "inputs": node.get("inputs", {})}
@@ -192,4 +194,24 @@ def lower_comfy_api(value: dict[str, Any]) -> dict[str, Any]:
         if isinstance(title, str):
             entry["title"] = title
         nodes[str(node_id)] = entry
+    rows: dict[int, int] = {}
+    for node_id, depth in _depths(nodes).items():
+        nodes[node_id]["ui"] = {"pos": [40 + 340 * depth, 40 + 260 * rows.get(depth, 0)]}
+        rows[depth] = rows.get(depth, 0) + 1
     return {"format": FORMAT, "nodes": nodes, "ui": {}}
+
+
+def _depths(nodes: dict[str, Any]) -> dict[str, int]:
+    """Each node's longest distance from a node without links in; nodes on a cycle stay in column 0."""
+    depth: dict[str, int] = {}
+    for _ in range(len(nodes) + 1):  # relax until stable; a DAG settles within len(nodes) rounds
+        changed = False
+        for node_id, entry in nodes.items():
+            inputs = entry["inputs"] if isinstance(entry["inputs"], dict) else {}
+            sources = [v[0] for v in inputs.values() if isinstance(v, list) and len(v) == 2 and v[0] in nodes]
+            new = min(len(nodes), max((depth.get(str(src), 0) + 1 for src in sources), default=0))
+            if depth.get(node_id) != new:
+                depth[node_id], changed = new, True
+        if not changed:
+            break
+    return depth

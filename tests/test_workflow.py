@@ -37,8 +37,20 @@ def test_comfy_api_format_is_lowered(tmp_path: Path) -> None:
     (tmp_path / "api.json").write_text(json.dumps(api))
     assert wf.load(tmp_path / "api.json") == {
         "format": "nodegraph/1", "ui": {},
-        "nodes": {"4": {"type": "Int", "inputs": {"value": 2}, "title": "two"},
-                  "5": {"type": "Show", "inputs": {"value": ["4", 0]}}}}
+        "nodes": {"4": {"type": "Int", "inputs": {"value": 2}, "title": "two", "ui": {"pos": [40, 40]}},
+                  "5": {"type": "Show", "inputs": {"value": ["4", 0]}, "ui": {"pos": [380, 40]}}}}
+
+
+def test_lowered_comfy_workflows_are_laid_out_left_to_right() -> None:
+    """The API format has no positions: every link must run rightwards and no two nodes may share a spot."""
+    for path in (Path(__file__).parents[1] / "workflows" / "comfyui").glob("*.json"):
+        nodes = wf.load(path)["nodes"]
+        spots = [tuple(node["ui"]["pos"]) for node in nodes.values()]
+        assert len(set(spots)) == len(spots), path.name
+        for node in nodes.values():
+            for value in node["inputs"].values():
+                if isinstance(value, list) and len(value) == 2:
+                    assert nodes[value[0]]["ui"]["pos"][0] < node["ui"]["pos"][0], path.name
 
 
 @pytest.mark.parametrize("content, message", [
