@@ -189,6 +189,8 @@ def noised_latent(model: DiscreteModel, latent: Tensor, noise: Tensor, sigmas: T
     From the top of the schedule ComfyUI scales the noise by sqrt(1 + sigma²) rather than sigma, so the
     model input x / sqrt(sigma² + 1) has unit variance; a partial run (denoise < 1, a later start) uses sigma.
     """
+    if len(sigmas) == 0:  # nothing to sample (denoise 0, or a start at or past the last step)
+        return latent
     sigma = sigmas[0].to(noise)
     top = float(model.sigma_max)
     if math.isclose(top, float(sigma), rel_tol=1e-5) or float(sigma) > top:

@@ -197,7 +197,11 @@ def test_sigma_slice_follows_ksampler_advanced(model: DiscreteModel) -> None:
     assert torch.equal(sigma_slice(s, 0, 4, leftover=True), s[:5])
     cut = sigma_slice(s, 0, 4, leftover=False)
     assert torch.equal(cut[:-1], s[:4]) and float(cut[-1]) == 0.0 and float(s[4]) > 0  # the input is untouched
-    assert len(sigma_slice(s, 10, 10000, leftover=False)) == 0
+    empty = sigma_slice(s, 10, 10000, leftover=False)
+    assert len(empty) == 0
+    latent = torch.ones(1, 4, 2, 2)
+    assert torch.equal(noised_latent(model, latent, initial_noise(0, (1, 4, 2, 2)), empty), latent)
+    assert torch.equal(smp.sample("euler", gaussian_denoiser, latent, empty, seed=0), latent)
 
 
 @pytest.mark.parametrize("name", ["euler", "heun"])
