@@ -18,9 +18,8 @@ from typing import Any
 
 from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
+from nodes.engine.choices import SAMPLERS, SCHEDULERS
 from nodes.engine.recipe import ModelRecipe
-from nodes.engine.samplers import SAMPLERS
-from nodes.engine.sigmas import SCHEDULERS
 from nodes.engine.values import Conditioning, Latent
 
 SEED = {"default": 0, "min": 0, "max": 2**64 - 1}

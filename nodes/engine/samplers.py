@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nodes.engine.choices import SAMPLERS
 from nodes.engine.sigmas import DiscreteModel
 
 EpsModel = Callable[[Tensor, Tensor, dict[str, Any]], Tensor]
@@ -36,8 +37,6 @@ Denoise = Callable[[Tensor, Tensor], Tensor]
 Noise = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, int, Tensor, Tensor], None]
 
-SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2m", "dpmpp_2m_sde",
-            "dpmpp_sde", "ddim", "uni_pc", "lcm")
 
 
 def concat_conds(conds: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta")
+from nodes.engine.choices import SCHEDULERS
+
 # Samplers whose schedule ComfyUI computes one step longer and then drops the penultimate sigma of.
 DISCARD_PENULTIMATE = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc"})
 PREDICTIONS = ("epsilon", "v_prediction")

@@ -14,12 +14,15 @@ ComfyUI's, so its node semantics carry over:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def _frozen(tensor: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return tensor.detach().to("cpu", torch.float32).contiguous()
 
 

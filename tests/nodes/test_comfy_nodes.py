@@ -175,6 +175,6 @@ def test_sdxl_graph(shared: Executor) -> None:
     wf = txt2img(**{"4.ckpt_name": "tiny-sdxl", "10.lora_name": "tiny-sdxl-style.safetensors"})
     image = run(shared, wf).nodes["8"].outputs["IMAGE"].pixels
     assert image.shape == (1, 64, 64, 3)
-    wrong = txt2img(**{"4.ckpt_name": "tiny-sdxl"})  # an SD1.5 LoRA on SDXL: refused on the loader
+    wrong = txt2img(**{"4.ckpt_name": "tiny-sdxl"})  # an SD1.5 LoRA on SDXL: refused on the loader, at validation
     failed = shared.run(wrong)
-    assert failed.status == "error" and (failed.errors[0].node_id, failed.errors[0].code) == ("10", "wrong_model")
+    assert failed.status == "invalid" and (failed.errors[0].node_id, failed.errors[0].code) == ("10", "wrong_model")

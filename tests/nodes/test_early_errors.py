@@ -73,7 +73,7 @@ def test_a_linked_size_is_refused_at_run_time_before_loading(registry: Registry,
     result = executor.run(wf)
     assert result.status == "error"
     assert [(e.node_id, e.input, e.code) for e in result.errors] == [("sample", "width", "too_large")]
-    assert "more than what is left of the RAM (16.0 GiB) after 8.2 MiB of model weights" in result.errors[0].message
+    assert "more than what is left of the RAM (16.0 GiB) after 7.1 MiB of model weights" in result.errors[0].message
     assert executor.models.resident() == []  # refused before the model loaded
 
 

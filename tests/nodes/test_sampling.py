@@ -16,7 +16,7 @@ from nodegraph.executor import Executor
 from nodegraph.models import ModelManager
 from nodegraph.registry import Registry
 from nodegraph.settings import Settings
-from nodes import sampling
+from nodes.engine import memory as sampling
 from nodes.engine.memory import activation_bytes, noise_generator
 from nodes.engine.sigmas import initial_noise
 from tests.conftest import Recorder
@@ -51,13 +51,13 @@ def test_sample_starts_from_the_seeds_cpu_noise(cpu: Executor, monkeypatch: pyte
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
     images(cpu, graph(seed=1234, batch_size=2, width=64, height=48, scheduler="euler_ancestral"))
     [call] = calls
-    # The demo VAE halves the size (vae_scale_factor 2); the UNet takes 4 channels.
-    expected = initial_noise(noise_generator(1234), (2, 4, 24, 32))
+    # The demo VAE, like SD's, makes latents 1/8 of the image (vae_scale_factor 8); the UNet takes 4 channels.
+    expected = initial_noise(noise_generator(1234), (2, 4, 6, 8))
     assert torch.equal(call["latents"].cpu(), expected)
     generator = call["generator"]  # the ancestral sampler's noise: the same CPU generator, continued
     assert generator.device.type == "cpu"
     continued = noise_generator(1234)
-    initial_noise(continued, (2, 4, 24, 32))
+    initial_noise(continued, (2, 4, 6, 8))
     assert torch.equal(call["state"], continued.get_state())
 
 
@@ -87,6 +87,7 @@ def test_the_estimate_scales_with_size_batch_guidance_and_dtype() -> None:
 
 def test_a_large_image_decodes_in_tiles_close_to_the_whole(cpu: Executor, monkeypatch: pytest.MonkeyPatch) -> None:
     whole = images(cpu, graph(seed=21, width=128, height=128, steps=1))
+    other = images(cpu, graph(seed=22, width=128, height=128, steps=1))
     decoder = cpu.models.resident()[0].value.pipe.vae.decoder
     calls: list[tuple[int, ...]] = []
     hook = decoder.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
@@ -96,8 +97,9 @@ def test_a_large_image_decodes_in_tiles_close_to_the_whole(cpu: Executor, monkey
         tiled = images(cpu, graph(seed=21, width=128, height=128, steps=1))
     finally:
         hook.remove()
-    assert len(calls) > 1 and all(shape[-1] <= 32 and shape[-2] <= 32 for shape in calls)  # latent tiles
-    assert 0 < differs(tiled, whole) < 4  # blended seams: not identical, but close (another seed differs by ≈30)
+    assert len(calls) > 1 and all(shape[-1] <= 8 and shape[-2] <= 8 for shape in calls)  # latent tiles
+    # Blended seams: not identical, but far closer to the whole decode than another seed's image is.
+    assert 0 < differs(tiled, whole) < differs(other, whole) / 2, (differs(tiled, whole), differs(other, whole))
 
 
 @pytest.mark.parametrize("tiled", [False, True])
