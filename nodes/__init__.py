@@ -7,7 +7,19 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from nodes import conditioning, diffusion, hotswap, ksampler, latent, loaders, output, utility  # noqa: E402
+from nodes import (  # noqa: E402
+    conditioning,
+    diffusion,
+    hotswap,
+    inpaint,
+    ksampler,
+    latent,
+    load_image,
+    loaders,
+    output,
+    upscale,
+    utility,
+)
 
 NODES = [*utility.NODES, *diffusion.NODES, *hotswap.NODES, *loaders.NODES, *conditioning.NODES, *latent.NODES,
-         *ksampler.NODES, *output.NODES]
+         *ksampler.NODES, *output.NODES, *load_image.NODES, *upscale.NODES, *inpaint.NODES]
