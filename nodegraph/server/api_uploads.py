@@ -95,7 +95,7 @@ async def upload_image(request: web.Request) -> web.Response:
     image = form.get("image")
     if not isinstance(image, web.FileField):
         raise ApiError(400, "missing_image", "send a multipart form with the file in the field 'image'")
-    subfolder, kind = _field(form, "subfolder").strip("/"), _field(form, "type") or "input"
+    subfolder, kind = _field(form, "subfolder").rstrip("/"), _field(form, "type") or "input"
     overwrite = _field(form, "overwrite").lower() in ("true", "1")
     if kind != "input":
         raise ApiError(400, "bad_type", f"type {kind[:50]!r}: uploads go to the input folder only ('input')")

@@ -81,6 +81,7 @@ async def test_a_taken_name_gets_a_number_unless_overwrite_and_the_same_bytes_ar
     ("photo.png", {"subfolder": "../outside"}, 400, "bad_name"),
     ("photo.png", {"subfolder": "a/../../outside"}, 400, "bad_name"),
     ("photo.png", {"subfolder": "a\x00b"}, 400, "bad_name"),
+    ("photo.png", {"subfolder": "/tmp"}, 400, "bad_name"),
     ("photo.png", {"subfolder": ".git"}, 400, "bad_name"),
     ("photo.png", {"subfolder": "link"}, 403, "outside_folder"),
     ("photo.png", {"type": "output"}, 400, "bad_type"),
