@@ -4,7 +4,7 @@
     nodegraph run workflows/lora.json --sweep 2.strength=0,0.5,1 --sweep 3.seed=1,2
     nodegraph validate workflows/math.json --json
     nodegraph nodes --json
-    nodegraph models demo
+    nodegraph models demo                 # also writes input/demo.png
     nodegraph models status
     nodegraph serve --port 8188
 
@@ -44,7 +44,8 @@ EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        settings = Settings.from_args(args.models_dir, getattr(args, "output_dir", None), args.nodes_dir)
+        settings = Settings.from_args(args.models_dir, getattr(args, "output_dir", None), args.nodes_dir,
+                                      args.input_dir)
         registry = load_registry(settings.nodes_dirs)
         if hasattr(args, "device"):
             manager = model_manager(args)  # a bad --device or budget is reported now, before anything starts
@@ -71,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--models-dir", action="append", default=[], metavar="DIR",
                         help="a models folder with checkpoints/ and loras/ (repeatable; "
                              "default $NODEGRAPH_MODELS or ./models)")
+    common.add_argument("--input-dir", metavar="DIR",
+                        help="the folder LoadImage reads and uploads go to (default ./input)")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common, model_options()], help="run a workflow headless")
@@ -336,7 +339,8 @@ def cmd_models_demo(args: argparse.Namespace, registry: Registry, settings: Sett
         print("error: no installed node pack provides the demo models", file=sys.stderr)
         return EXIT_INVALID
     root = Path(args.dir) if args.dir else settings.models_dirs[0]
-    for path in makers["demo"].load()(root, args.seed):
+    # The maker takes the input folder too, for its demo input image (LoadImage's `demo.png`).
+    for path in makers["demo"].load()(root, args.seed, input_dir=settings.input_dir):
         print(path)
     return EXIT_OK
 

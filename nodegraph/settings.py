@@ -1,10 +1,12 @@
-"""Where things live: model folders, the output folder, node-pack folders.
+"""Where things live: model folders, the input and output folders, node-pack folders.
 
 Model folders come from `--models-dir` (repeatable, several roots as ComfyUI's extra model
 paths), else the `NODEGRAPH_MODELS` environment variable (paths joined by the OS path separator),
 else a config file, else `./models`. The config file is `$NODEGRAPH_CONFIG`, else `./nodegraph.json`:
-`{"models_dirs": ["/data/models", "models"], "output_dir": "outputs"}` (relative paths are taken
-from the file's folder). Model files are named by their path relative to `<root>/<kind>/`.
+`{"models_dirs": ["/data/models", "models"], "output_dir": "outputs", "input_dir": "input"}` (relative
+paths are taken from the file's folder). Model files are named by their path relative to `<root>/<kind>/`,
+input images (LoadImage, uploads) by their path relative to the input folder (`--input-dir`, default
+`./input`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import Any
 
 DEFAULT_MODELS_DIR = Path("models")
 DEFAULT_OUTPUT_DIR = Path("outputs")
+DEFAULT_INPUT_DIR = Path("input")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+MAX_IMAGE_SIDE, MAX_IMAGE_PIXELS = 16384, 1 << 26  # input images: ComfyUI's largest side; 64 megapixels a frame
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,7 @@ class Settings:
     models_dirs: tuple[Path, ...] = (DEFAULT_MODELS_DIR,)
     output_dir: Path = DEFAULT_OUTPUT_DIR
     nodes_dirs: tuple[Path, ...] = field(default_factory=tuple)
+    input_dir: Path = DEFAULT_INPUT_DIR
 
     @property
     def temp_dir(self) -> Path:
@@ -32,15 +38,16 @@ class Settings:
 
     @classmethod
     def from_args(cls, models_dirs: Sequence[str] = (), output_dir: str | None = None,
-                  nodes_dirs: Sequence[str] = ()) -> Settings:
+                  nodes_dirs: Sequence[str] = (), input_dir: str | None = None) -> Settings:
         config = read_config()
         roots = [Path(p) for p in models_dirs]
         if not roots and os.environ.get("NODEGRAPH_MODELS"):
             roots = [Path(p) for p in os.environ["NODEGRAPH_MODELS"].split(os.pathsep) if p]
         roots = roots or config.get("models_dirs", [])
         output = Path(output_dir) if output_dir else config.get("output_dir", DEFAULT_OUTPUT_DIR)
+        inputs = Path(input_dir) if input_dir else config.get("input_dir", DEFAULT_INPUT_DIR)
         return cls(models_dirs=tuple(roots) or (DEFAULT_MODELS_DIR,), output_dir=output,
-                   nodes_dirs=tuple(Path(p) for p in nodes_dirs))
+                   nodes_dirs=tuple(Path(p) for p in nodes_dirs), input_dir=inputs)
 
     def model_files(self, kind: str, suffixes: Sequence[str] = (".safetensors",),
                     folders: bool = False) -> list[str]:
@@ -90,6 +97,25 @@ class Settings:
                 return candidate
         raise FileNotFoundError(f"no {kind} model named {name!r} in {self.searched(kind)}")
 
+    def input_files(self, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
+        """Names of the files in the input folder (subfolders included, hidden ones not), sorted."""
+        base = self.input_dir
+        if not base.is_dir():
+            return []
+        return sorted(path.relative_to(base).as_posix() for path in base.rglob("*")
+                      if path.is_file() and path.suffix.lower() in suffixes
+                      and not any(part.startswith(".") for part in path.relative_to(base).parts))
+
+    def resolve_input(self, name: str) -> Path:
+        """The path of an input file by its name, confined to the input folder as model names are."""
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts:
+            raise FileNotFoundError(f"{name!r} is not an input file name (a path relative to the input folder)")
+        candidate = Path(os.path.abspath(self.input_dir / name))
+        if not candidate.is_file():
+            raise FileNotFoundError(f"no file named {name!r} in the input folder {self.input_dir}")
+        return candidate
+
 
 @dataclass(frozen=True)
 class ModelChoices:
@@ -124,12 +150,17 @@ def read_config() -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
-    roots, output = data.get("models_dirs", []), data.get("output_dir")
-    if not isinstance(data, dict) or not isinstance(roots, list) or not all(isinstance(r, str) for r in roots) \
-            or not isinstance(output, (str, type(None))):
-        raise ConfigError(f'config file {path}: expected {{"models_dirs": [paths], "output_dir": path}}')
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a JSON object")
+    roots, output, inputs = data.get("models_dirs", []), data.get("output_dir"), data.get("input_dir")
+    if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots) \
+            or not all(isinstance(folder, (str, type(None))) for folder in (output, inputs)):
+        raise ConfigError(f'config file {path}: expected {{"models_dirs": [paths], "output_dir": path, '
+                          '"input_dir": path}')
     base = path.parent
     config: dict[str, Any] = {"models_dirs": [base / r for r in roots]}
     if output:
         config["output_dir"] = base / output
+    if inputs:
+        config["input_dir"] = base / inputs
     return config

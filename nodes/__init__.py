@@ -7,7 +7,18 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from nodes import conditioning, latent, loaders, lora, output, sampling, utility  # noqa: E402
+from nodes import (  # noqa: E402
+    conditioning,
+    inpaint,
+    latent,
+    load_image,
+    loaders,
+    lora,
+    output,
+    sampling,
+    upscale,
+    utility,
+)
 
 NODES = [*utility.NODES, *loaders.NODES, *lora.NODES, *conditioning.NODES, *latent.NODES, *sampling.NODES,
-         *output.NODES]
+         *load_image.NODES, *upscale.NODES, *inpaint.NODES, *output.NODES]

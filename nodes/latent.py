@@ -83,18 +83,25 @@ def encode(ctx: Context, pixels: ImageBatch, vae: ModelRecipe) -> Any:
     """The VAE latents (scaled, as the UNet sees them) of images whose sides are cropped to multiples of 8."""
     import torch
 
-    from nodes.engine.pipelines import materialize
 
     _, height, width, _ = pixels.pixels.shape
     if height < 8 or width < 8:
         raise NodeFailure(f"a {width}×{height} image is too small to encode (8×8 at least)", "pixels", "too_small")
     array = pixels.pixels[:, : height // 8 * 8, : width // 8 * 8]  # ComfyUI crops to the latent grid too
+    return encode_pixels(ctx, torch.from_numpy(array.copy()).permute(0, 3, 1, 2).float() / 255, vae)
+
+
+def encode_pixels(ctx: Context, x: Any, vae: ModelRecipe) -> Any:
+    """The scaled VAE latents of float pixels (batch, 3, height, width) in 0..1, sides multiples of 8."""
+    import torch
+
+    from nodes.engine.pipelines import materialize
+
     with materialize(ctx, vae) as resident:
         model = resident.pipe.vae
-        x = torch.from_numpy(array.copy()).permute(0, 3, 1, 2).float() / 255 * 2 - 1
         out = []
         with torch.inference_mode():
-            for one in x.to(resident.device, model.dtype):
+            for one in (x * 2 - 1).to(resident.device, model.dtype):
                 out.append(model.encode(one[None]).latent_dist.mode().float().cpu())
                 ctx.check_cancelled()
         return torch.cat(out) * model.config.scaling_factor

@@ -27,7 +27,7 @@ def registry() -> Registry:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(models_dirs=(tmp_path / "models",), output_dir=tmp_path / "outputs")
+    return Settings(models_dirs=(tmp_path / "models",), output_dir=tmp_path / "outputs", input_dir=tmp_path / "input")
 
 
 @pytest.fixture
@@ -62,6 +62,16 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def demo_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An input folder with the bundled demo image, `demo.png` (64×64 RGBA, a transparent rectangle)."""
+    from nodes.engine.demo_input import make_demo_input
+
+    folder = tmp_path_factory.mktemp("input")
+    make_demo_input(folder)
+    return folder
+
+
 @pytest.fixture
-def demo_settings(demo_dir: Path, tmp_path: Path) -> Settings:
-    return Settings(models_dirs=(demo_dir,), output_dir=tmp_path / "outputs")
+def demo_settings(demo_dir: Path, demo_input: Path, tmp_path: Path) -> Settings:
+    return Settings(models_dirs=(demo_dir,), output_dir=tmp_path / "outputs", input_dir=demo_input)

@@ -20,7 +20,7 @@ from contextlib import suppress
 from aiohttp import web
 
 from nodegraph.executor import Executor
-from nodegraph.server import api_files, api_info, api_jobs, static, ws
+from nodegraph.server import api_files, api_info, api_jobs, api_uploads, static, ws
 from nodegraph.server.errors import json_errors, json_protocol
 from nodegraph.server.hub import Hub
 from nodegraph.server.security import check_host, refuse_cross_site, require_token, security_headers
@@ -39,7 +39,8 @@ def create_app(executor: Executor, config: ServerConfig) -> web.Application:
     hub = Hub()
     app[CONFIG], app[EXECUTOR], app[STORE], app[HUB] = config, executor, store, hub
     app[WORKER] = Worker(store, executor, hub.publish_threadsafe)
-    for group in (api_jobs.routes, api_info.routes, api_files.routes, ws.routes, static.routes):
+    for group in (api_jobs.routes, api_info.routes, api_files.routes, api_uploads.routes, ws.routes,
+                  static.routes):
         app.router.add_routes(group)
     app.on_response_prepare.append(security_headers)
     app.cleanup_ctx.append(_lifecycle)

@@ -126,6 +126,17 @@ _PATHS: dict[str, Any] = {
     "/api/import": {"post": _op("a workflow from a file: nodegraph or ComfyUI API JSON, or a SaveImage PNG", {
         "200": _json({"type": "object", "properties": {"workflow": _ref("Workflow")}}), **_errors(400, 403, 413)},
         body={"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}})},
+    "/api/upload/image": {"post": _op(
+        "store an image in the input folder (for LoadImage); an existing name gets ' (1)' unless overwrite", {
+            "200": _json({"type": "object", "required": ["name", "subfolder", "type"], "properties": {
+                "name": {"type": "string"}, "subfolder": {"type": "string"}, "type": {"const": "input"}}}),
+            **_errors(400, 403, 409, 413)},
+        body={"multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary", "description": "the file (PNG, JPEG, WebP, GIF, BMP, "
+                                                                              "TIFF)"},
+            "subfolder": {"type": "string", "description": "a folder inside the input folder"},
+            "overwrite": {"type": "string", "description": "'true' or '1' replaces a file of that name"},
+            "type": {"const": "input"}}}}})},
     "/api/free": {"post": _op("unload models and clear the output cache (after the running job, if any)", {
         "200": _json({"type": "object", "properties": {"freed": {"type": "boolean"},
                                                        "deferred": {"type": "boolean"}}}), **_errors(403)})},

@@ -12,6 +12,8 @@ a CPU. `make_demo_models(root)` writes them into a models folder:
 The same seed gives byte-identical files; a second call with the same seed only checks the manifest.
 
     python -m nodes.engine.demo_models models/     # writes ./models/checkpoints and ./models/loras
+
+`nodegraph models demo` also writes the demo input image, `demo.png`, into the input folder.
 """
 
 from __future__ import annotations
@@ -91,9 +93,16 @@ _SDXL_HINTS = {
 }
 
 
-def make_demo_models(root: Path, seed: int = 0) -> list[Path]:
-    """Write the demo checkpoints and LoRAs into `root` (once per seed and version); return their paths."""
-    root = Path(root)
+def make_demo_models(root: Path, seed: int = 0, input_dir: Path | None = None) -> list[Path]:
+    """Write the demo checkpoints and LoRAs into `root` (once per seed and version), and the demo input
+    image (`nodes.engine.demo_input`) into `input_dir` when one is given; return their paths."""
+    from nodes.engine.demo_input import make_demo_input
+
+    outputs = _write_demo_models(Path(root), seed)
+    return outputs if input_dir is None else [*outputs, make_demo_input(Path(input_dir))]
+
+
+def _write_demo_models(root: Path, seed: int) -> list[Path]:
     outputs = demo_model_paths(root)
     if _manifest_matches(root, seed, outputs):
         return outputs

@@ -54,14 +54,14 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(demo_dir: Path, demo_input: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     if not (ROOT / "web/node_modules/litegraph.js/build/litegraph.core.js").is_file():
         pytest.fail("litegraph.js is not installed: run `npm ci --prefix web` first", pytrace=False)
     root = tmp_path_factory.mktemp("serve")
     workflows = root / "workflows"
     shutil.copytree(ROOT / "workflows", workflows)
     command = [str(Path(sys.executable).with_name("nodegraph")), "serve", "--port", "0",
-               "--models-dir", str(demo_dir), "--output-dir", str(root / "outputs"),
+               "--models-dir", str(demo_dir), "--input-dir", str(demo_input), "--output-dir", str(root / "outputs"),
                "--data-dir", str(root / "data"), "--workflows-dir", str(workflows)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

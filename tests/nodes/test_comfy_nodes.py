@@ -59,9 +59,11 @@ def reconciled(events: Recorder) -> list[str]:
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in COMFY.glob("*.json")))
-def test_comfyui_api_workflows_run_unchanged_from_the_command_line(name: str, demo_dir: Path, tmp_path: Path,
+def test_comfyui_api_workflows_run_unchanged_from_the_command_line(name: str, demo_dir: Path, demo_input: Path,
+                                                                   tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["run", str(COMFY / name), "--models-dir", str(demo_dir), "--output-dir", str(tmp_path), "--json"])
+    code = main(["run", str(COMFY / name), "--models-dir", str(demo_dir), "--input-dir", str(demo_input),
+                 "--output-dir", str(tmp_path), "--json"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["status"] == "ok", result["errors"]
     [path] = result["files"]
