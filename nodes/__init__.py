@@ -7,7 +7,7 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from nodes import conditioning, diffusion, hotswap, ksampler, latent, loaders, output, utility  # noqa: E402
+from nodes import conditioning, controlnet, diffusion, hotswap, ksampler, latent, loaders, output, utility  # noqa: E402
 
 NODES = [*utility.NODES, *diffusion.NODES, *hotswap.NODES, *loaders.NODES, *conditioning.NODES, *latent.NODES,
-         *ksampler.NODES, *output.NODES]
+         *controlnet.NODES, *ksampler.NODES, *output.NODES]
