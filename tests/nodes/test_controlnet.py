@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from nodegraph import events as ev
 from nodegraph.cli import main
@@ -136,6 +137,19 @@ def test_two_stacked_controlnets_add_their_residuals(shared: Executor) -> None:
     assert torch.equal(sampled(shared, stacked({"start_percent": 1.0})), first)
 
 
+def test_combined_conditioning_with_and_without_a_controlnet(shared: Executor) -> None:
+    # Two positive entries, one steered: the steered one gets residuals, the other none (zeros).
+    wf = graph()
+    wf["nodes"]["14"] = {"type": "ConditioningCombine", "inputs": {"conditioning_1": ["8", 0],
+                                                                   "conditioning_2": ["2", 0]}}
+    wf["nodes"]["9"]["inputs"]["positive"] = ["14", 0]
+    unsteered = plain()
+    unsteered["nodes"]["14"] = {**wf["nodes"]["14"], "inputs": {"conditioning_1": ["2", 0], "conditioning_2": ["2", 0]}}
+    unsteered["nodes"]["9"]["inputs"]["positive"] = ["14", 0]
+    half, none = sampled(shared, wf), sampled(shared, unsteered)
+    assert torch.isfinite(half).all() and (half - none).abs().mean() > 0.01
+
+
 def test_the_single_file_loads_to_the_folders_model(shared: Executor) -> None:
     wf = graph(**{"7.control_net_name": SD15_CN + ".safetensors"})
     assert torch.equal(sampled(shared, wf), sampled(shared, graph()))
@@ -188,8 +202,11 @@ def test_a_file_that_is_not_a_controlnet_fails_validation(demo_dir: Path, tmp_pa
     (models / "controlnet").mkdir(parents=True)
     shutil.copy(demo_dir / "loras" / "tiny-sd15-style.safetensors", models / "controlnet" / "lora.safetensors")
     (models / "controlnet" / "pickle.safetensors").write_bytes(b"\x80\x04K\x01." + b"\0" * 20)
+    save_file({"control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)},
+              models / "controlnet" / "ldm.safetensors")
     settings = Settings(models_dirs=(models,), output_dir=tmp_path / "out")
-    for name, expected in (("lora.safetensors", "not a ControlNet"), ("pickle.safetensors", "pickle")):
+    for name, expected in (("lora.safetensors", "not a ControlNet"), ("pickle.safetensors", "pickle"),
+                           ("ldm.safetensors", "original (ldm) layout")):
         wf = {"format": "nodegraph/1", "nodes": {
             "1": {"type": "ControlNetLoader", "inputs": {"control_net_name": name}},
             "2": {"type": "Show", "inputs": {"value": ["1", 0]}}}}
@@ -210,13 +227,18 @@ def test_the_listing_has_folders_and_files_but_not_the_files_inside_folders(demo
 
 
 def test_changing_strength_re_runs_only_the_apply_node_and_the_sampler_onwards(shared: Executor) -> None:
+    from nodes.controlnet_model import weights_bytes
+
     run(shared, graph())
     events = Recorder()
     run(shared, graph(**{"8.strength": 0.6}), events)
     assert sorted(events.ran()) == ["10", "11", "8", "9"]
     loads = [e.message for e in events.of(ev.NodeInfo) if e.kind == "load"]
     assert loads == []  # the ControlNet and the pipeline stayed resident
-    assert any(r.name == SD15_CN and "controlnet" in r.key for r in shared.models.resident())
+    # Resident in the model manager, counted by its weights' bytes in the model's dtype.
+    [entry] = [r for r in shared.models.resident() if r.name == SD15_CN]
+    ref = run(shared, graph()).nodes["7"].outputs["CONTROL_NET"]
+    assert entry.on("cpu") == weights_bytes(ref, entry.value.model.dtype) > 0
 
 
 @pytest.mark.parametrize("path", [API, OURS], ids=["comfyui-api", "nodegraph"])
