@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from nodes import (  # noqa: E402
     conditioning,
+    controlnet,
     inpaint,
     latent,
     load_image,
@@ -20,5 +21,5 @@ from nodes import (  # noqa: E402
     utility,
 )
 
-NODES = [*utility.NODES, *loaders.NODES, *lora.NODES, *conditioning.NODES, *latent.NODES, *sampling.NODES,
-         *load_image.NODES, *upscale.NODES, *inpaint.NODES, *output.NODES]
+NODES = [*utility.NODES, *loaders.NODES, *lora.NODES, *conditioning.NODES, *latent.NODES, *controlnet.NODES,
+         *sampling.NODES, *load_image.NODES, *upscale.NODES, *inpaint.NODES, *output.NODES]

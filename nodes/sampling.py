@@ -14,10 +14,12 @@ decoding in one node), with the same seeded CPU noise and bounded decoding.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
 from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
+from nodes.controlnet import chains_of, controls_for
 from nodes.engine.choices import SAMPLERS, SCHEDULERS
 from nodes.engine.recipe import ModelRecipe
 from nodes.engine.values import Conditioning, Latent
@@ -35,7 +37,10 @@ def _cond(entries: Conditioning, batch: int, dtype: Any, device: str) -> dict[st
         together = torch.stack(tensors)  # (entries, …)
         return together[None].expand(batch, *together.shape).to(device, dtype)
 
-    out = {"embeds": stacked([e.embeds[0] for e in entries.entries])}
+    out: dict[str, Any] = {"embeds": stacked([e.embeds[0] for e in entries.entries])}
+    chains = chains_of(entries)
+    if chains is not None:
+        out["control"] = chains  # ControlNet hints per entry (nodes.controlnet)
     pooled = [e.pooled for e in entries.entries]
     if all(p is not None for p in pooled):
         out["pooled"] = stacked([p[0] for p in pooled if p is not None])
@@ -52,7 +57,7 @@ def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: fl
     from nodes.engine.samplers import CFGDenoiser, sample
     from nodes.engine.sigmas import DiscreteModel, initial_noise, noised_latent, sigma_slice, sigmas
 
-    with materialize(ctx, model) as resident:
+    with materialize(ctx, model) as resident, ExitStack() as stack:
         unet = resident.pipe.unet
         device, dtype = resident.device, unet.dtype
         discrete = DiscreteModel.from_config(resident.scheduler_config)
@@ -74,15 +79,20 @@ def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: fl
             raise NodeFailure("SDXL needs conditioning from its own CLIP (with pooled embeddings)", "positive",
                               "wrong_conditioning")
 
+        controls = stack.enter_context(controls_for(ctx, (positive, negative), unet, discrete, samples.shape, device))
+
         def eps(x: Any, timestep: Any, c: dict[str, Any]) -> Any:
             embeds = c["embeds"]  # (batch, entries, tokens, dim): one prediction per entry, averaged
             rows, entries = embeds.shape[:2]
-            extra = {}
+            extra: dict[str, Any] = {}
             if sdxl:
                 extra["added_cond_kwargs"] = {"text_embeds": c["pooled"].flatten(0, 1),
                                               "time_ids": size.expand(rows * entries, -1)}
-            out = unet(x.to(dtype).repeat_interleave(entries, 0), timestep.repeat_interleave(entries, 0),
-                       encoder_hidden_states=embeds.flatten(0, 1), **extra).sample.float()
+            x, timestep = x.to(dtype).repeat_interleave(entries, 0), timestep.repeat_interleave(entries, 0)
+            embeds = embeds.flatten(0, 1)
+            if controls is not None and "control" in c:
+                extra.update(controls.residuals(x, timestep, embeds, extra.get("added_cond_kwargs"), c["control"]))
+            out = unet(x, timestep, encoder_hidden_states=embeds, **extra).sample.float()
             return out.unflatten(0, (rows, entries)).mean(1)
 
         mask = latent.noise_mask
@@ -91,6 +101,8 @@ def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: fl
         guided = CFGDenoiser(discrete, eps, cond, uncond, cfg)
 
         def denoiser(x: Any, sigma: Any) -> Any:
+            if controls is not None:
+                controls.sigma = float(sigma)  # which ControlNets are active (their start/end percent)
             if mask is None:
                 return guided(x, sigma)
             # Inpainting: outside the mask the model sees the input latent at this noise level, and predicts it.

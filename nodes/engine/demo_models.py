@@ -8,6 +8,8 @@ a CPU. `make_demo_models(root)` writes them into a models folder:
     checkpoints/tiny-sd15.safetensors    the same weights as one file in the ldm / A1111 key layout
     checkpoints/tiny-sdxl/               diffusers folder, StableDiffusionXLPipeline (Euler scheduler)
     loras/<name>.safetensors             the LoRAs described by DEMO_LORAS
+    controlnet/tiny-sd15-controlnet/     a ControlNet for tiny-sd15 (diffusers folder), and the same weights
+    controlnet/tiny-sd15-controlnet.safetensors, controlnet/tiny-sdxl-controlnet.safetensors  as one file each
 
 The same seed gives byte-identical files; a second call with the same seed only checks the manifest.
 
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 DemoPipeline = Any
 
 #: Bump whenever anything generated changes; older folders are then regenerated.
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 MANIFEST_NAME = ".nodegraph-demo.json"
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -136,6 +138,7 @@ def demo_model_paths(root: Path) -> list[Path]:
         checkpoints / "tiny-sd15.safetensors",
         checkpoints / "tiny-sdxl",
         *loras,
+        *demo_controlnet_paths(root),
     ]
 
 
@@ -184,6 +187,7 @@ def _generate(folder: Path, seed: int) -> None:
     for name, spec in DEMO_LORAS.items():
         tensors, metadata = make_lora(pipelines[spec.model], name, seed)
         save_file(tensors, loras / f"{name}.safetensors", metadata=metadata)
+    write_demo_controlnets(folder, seed, pipelines)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -317,6 +321,62 @@ def build_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         scheduler=_scheduler("sdxl"),
         add_watermarker=False,
     )
+
+
+# ---------------------------------------------------------------------------------------------- ControlNets
+
+# The spread of each ControlNet output convolution's weights, relative to 1/sqrt(fan_in). A trained
+# ControlNet starts from zero convolutions (no effect); these are random, so that a hint visibly steers.
+CONTROLNET_OUTPUT_GAIN = 0.5
+
+
+def demo_controlnet_paths(root: Path) -> list[Path]:
+    folder = Path(root) / "controlnet"
+    return [folder / "tiny-sd15-controlnet", folder / "tiny-sd15-controlnet.safetensors",
+            folder / "tiny-sdxl-controlnet.safetensors"]
+
+
+def build_controlnet(unet: UNet2DConditionModel, seed: int, name: str) -> Any:
+    """A ControlNet for `unet` (its encoder copied, as training starts), with random, non-zero output convolutions."""
+    import torch
+    from diffusers import ControlNetModel
+
+    with _seeded(seed, f"controlnet/{name}"):
+        # Four embedding levels: the hint is downsampled 8x, to the latent's size.
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 16, 32, 32))
+        for conv in (net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block):
+            fan_in = conv.weight[0].numel()
+            torch.nn.init.normal_(conv.weight, std=CONTROLNET_OUTPUT_GAIN / fan_in**0.5)
+            torch.nn.init.zeros_(conv.bias)
+        # The hint's embedding is added to conv_in(latent): give what depends on the hint the same spread, so a
+        # hint steers as much as the latent does (random embedding layers alone shrink it a hundredfold).
+        with torch.no_grad():
+            probe = torch.Generator().manual_seed(_derived_seed(seed, f"controlnet/{name}/probe"))
+            embed = net.controlnet_cond_embedding
+            for conv in (embed.conv_in, *embed.blocks, embed.conv_out):
+                conv.bias.zero_()  # a black hint embeds to zero; the biases alone would dwarf the hint
+            hint = embed(torch.rand(1, 3, 64, 64, generator=probe))
+            latent = net.conv_in(torch.randn(1, unet.config.in_channels, 8, 8, generator=probe))
+            embed.conv_out.weight.mul_(latent.std() / hint.std())
+    return net.eval()
+
+
+def write_demo_controlnets(folder: Path, seed: int, pipelines: dict[str, DemoPipeline]) -> None:
+    """The demo ControlNets: SD1.5 as a diffusers folder and as one file, SDXL as one file."""
+    from safetensors.torch import save_file
+
+    from nodes.engine.controlnet_model import HINTABLE
+
+    target = folder / "controlnet"
+    for family, pipe in pipelines.items():
+        net = build_controlnet(pipe.unet, seed, family)
+        if family == "sd15":
+            net.save_pretrained(target / f"tiny-{family}-controlnet", safe_serialization=True)
+        # The values no shape records, so the file loads to exactly the folder's model (see nodes/controlnet_model.py).
+        hints = {"controlnet": {k: net.config[k] for k in HINTABLE if k in net.config}}
+        state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+        save_file(state, target / f"tiny-{family}-controlnet.safetensors",
+                  metadata={CONFIG_HINTS_KEY: json.dumps(hints, sort_keys=True)})
 
 
 # ---------------------------------------------------------------------------------------------- ldm layout

@@ -87,7 +87,9 @@ class Conditioning:
 
     @property
     def nbytes(self) -> int:
-        return sum(e.embeds.numel() * 4 + (0 if e.pooled is None else e.pooled.numel() * 4) for e in self.entries)
+        hints = {id(h): h.nbytes for e in self.entries for h in e.extras.get("control", ())}  # shared: once
+        return sum(e.embeds.numel() * 4 + (0 if e.pooled is None else e.pooled.numel() * 4)
+                   for e in self.entries) + sum(hints.values())
 
     def summary(self) -> str:
         return f"{len(self.entries)} conditioning entr{'y' if len(self.entries) == 1 else 'ies'}"
