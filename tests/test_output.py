@@ -238,7 +238,8 @@ def test_a_comfyui_png_opens_as_its_api_prompt(tmp_path: Path) -> None:
     info.add_text("prompt", json.dumps({"4": {"class_type": "Int", "inputs": {"value": 2}}}))
     Image.new("RGB", (4, 4)).save(tmp_path / "comfy.png", pnginfo=info)
     assert wf.load(tmp_path / "comfy.png") == {"format": "nodegraph/1", "ui": {},
-                                               "nodes": {"4": {"type": "Int", "inputs": {"value": 2}}}}
+                                               "nodes": {"4": {"type": "Int", "inputs": {"value": 2},
+                                                               "ui": {"pos": [40, 40]}}}}
 
 
 def png_bytes(text: dict[str, str]) -> bytes:

@@ -97,8 +97,8 @@ async def test_import_accepts_workflows_comfyui_api_json_and_pngs(client: Client
         assert response.status == 200 and await response.json() == {"workflow": workflow}
     comfy = {"3": {"class_type": "Show", "inputs": {"value": "x"}}}
     lowered = await (await client.post("/api/import", data=json.dumps(comfy))).json()
-    assert lowered == {"workflow": {"format": "nodegraph/1", "nodes": {"3": {"type": "Show", "inputs": {"value": "x"}}},
-                                    "ui": {}}}
+    shown = {"type": "Show", "inputs": {"value": "x"}, "ui": {"pos": [40, 40]}}  # laid out: the format has no positions
+    assert lowered == {"workflow": {"format": "nodegraph/1", "nodes": {"3": shown}, "ui": {}}}
 
 
 @pytest.mark.parametrize("body, code", [
