@@ -64,6 +64,8 @@ class ControlNetLoader(Node):
 
     @classmethod
     def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
+        if settings is None:
+            return []
         try:
             read_config(settings.resolve_model(KIND, literals["control_net_name"]))
         except (FileNotFoundError, ControlNetFileError) as exc:
