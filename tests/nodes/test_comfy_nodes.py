@@ -180,3 +180,21 @@ def test_sdxl_graph(shared: Executor) -> None:
     wrong = txt2img(**{"4.ckpt_name": "tiny-sdxl"})  # an SD1.5 LoRA on SDXL: refused on the loader, at validation
     failed = shared.run(wrong)
     assert failed.status == "invalid" and (failed.errors[0].node_id, failed.errors[0].code) == ("10", "wrong_model")
+
+
+def test_our_lora_nodes_slot_into_a_comfyui_graph(shared: Executor) -> None:
+    """HotswapLoRA and ScaleSchedule take and return the MODEL of ComfyUI's loaders, and KSampler honours them."""
+    swapped = txt2img(**{"10.lora_name": "tiny-sd15-style.safetensors", "10.strength_clip": 0.0})
+    swapped["nodes"]["11"] = {"type": "HotswapLoRA", "inputs": {"model": ["10", 0],
+                                                                "lora": "tiny-sd15-kohya.safetensors"}}
+    swapped["nodes"]["3"]["inputs"]["model"] = ["11", 0]
+    direct = txt2img(**{"10.lora_name": "tiny-sd15-kohya.safetensors", "10.strength_clip": 0.0})
+    torch.testing.assert_close(latent(run(shared, swapped), "3"), latent(run(shared, direct), "3"),
+                               atol=1e-2, rtol=1e-3)  # padded ranks reorder sums; otherwise the same
+    scheduled = txt2img(**{"10.strength_clip": 0.0})
+    scheduled["nodes"]["12"] = {"type": "ScaleSchedule", "inputs": {"model": ["10", 0], "kind": "constant",
+                                                                    "start": 0.0}}
+    scheduled["nodes"]["3"]["inputs"]["model"] = ["12", 0]
+    none = txt2img(**{"10.strength_model": 0.0, "10.strength_clip": 0.0})
+    torch.testing.assert_close(latent(run(shared, scheduled), "3"), latent(run(shared, none), "3"),
+                               atol=1e-3, rtol=1e-4)  # a schedule at 0 on every step is no LoRA
