@@ -45,7 +45,7 @@ async def validate_workflow(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_body", 'expected {"workflow": {...}}')
     executor = request.app[EXECUTOR]
     _, found = await asyncio.to_thread(validate, wf.from_json(body["workflow"]), executor.registry,
-                                       executor.settings)
+                                       executor.settings, executor.models)
     return web.json_response({"ok": not found, "errors": [p.to_json() for p in found]})
 
 

@@ -65,13 +65,13 @@ async def queue_job(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_body", "expected {\"workflow\": {...}} or {\"from_history\": job_id}")
     executor = request.app[EXECUTOR]
     # Validation can take a moment on a large graph (and lists model folders): off the loop.
-    _, found = await asyncio.to_thread(validate, workflow, executor.registry, executor.settings)
+    _, found = await asyncio.to_thread(validate, workflow, executor.registry, executor.settings, executor.models)
     if found:
         raise problems(400, found)
     job = await asyncio.to_thread(request.app[STORE].add, workflow, client_id)
-    request.app[WORKER].wake()
     log.info("job %s queued (position %d, client %s)", job.id, job.position or 0,
              "-" if client_id is None else printable(client_id))
+    request.app[WORKER].wake()
     request.app[HUB].publish(client_id, {"type": "job_queued", "job_id": job.id, "position": job.position,
                                          "client_id": client_id})
     return web.json_response({"job_id": job.id, "position": job.position}, status=201)

@@ -47,6 +47,18 @@ async def test_validate_returns_every_problem(client: Client) -> None:
     assert response.status == 400
 
 
+async def test_sizes_too_large_for_the_device_are_refused_when_validated_and_queued(client: Client) -> None:
+    huge = wf({"1": {"type": "LoadCheckpoint", "inputs": {"checkpoint": "any"}},
+               "2": {"type": "Sample", "inputs": {"model": ["1", 0], "width": 8192, "height": 8192,
+                                                  "batch_size": 64}},
+               "3": {"type": "Show", "inputs": {"value": ["2", 0]}}})
+    found = (await (await client.post("/api/validate", json={"workflow": huge})).json())["errors"]
+    assert ("2", "too_large") in {(e["node_id"], e["code"]) for e in found}
+    response = await client.post("/api/jobs", json={"workflow": huge})
+    assert response.status == 400
+    assert ("2", "too_large") in {(e["node_id"], e["code"]) for e in (await response.json())["errors"]}
+
+
 async def test_system_reports_versions_models_and_queue(client: Client) -> None:
     await finished(client, await queue(client, show(1)))
     system = await (await client.get("/api/system")).json()
