@@ -147,7 +147,7 @@ class Setup:
 
     def resident(self) -> Any:
         from nodes.engine.checkpoints import load_pipeline
-        from nodes.engine.reconcile import Resident
+        from nodes.engine.resident import Resident
 
         pipe = load_pipeline(self.models.checkpoint_path, torch.float32)
         pipe.set_progress_bar_config(disable=True)

@@ -59,7 +59,7 @@ class Bench:
         from nodegraph.context import Context
         from nodegraph.settings import Settings
         from nodes.engine.checkpoints import load_pipeline
-        from nodes.engine.reconcile import Resident
+        from nodes.engine.resident import Resident
         from nodes.loaders import LoadCheckpoint
         from nodes.lora import LoadLoRA
 

@@ -25,7 +25,8 @@ from nodegraph.context import Context, NodeFailure
 from nodegraph.models import Placement, device_kind, format_bytes
 from nodes.engine.checkpoints import CheckpointError, load_pipeline, read_header
 from nodes.engine.recipe import ModelRecipe
-from nodes.engine.reconcile import ReconcileError, Resident, reconcile
+from nodes.engine.reconcile import ReconcileError, reconcile
+from nodes.engine.resident import Resident
 
 # Progress reaches the user as events; diffusers' own bars would be noise (transformers' are off
 # through the environment, see nodes/__init__.py).

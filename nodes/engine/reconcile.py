@@ -31,24 +31,21 @@ resets the part to its base weights and rebuilds its last good recipe, then re-r
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 from peft.tuners.lora import LoraLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from nodes.engine import lora_files, schedules
+from nodes.engine import lora_files
 from nodes.engine.recipe import Adapter, Compile, ModelRecipe
+from nodes.engine.resident import Resident, write_scale
 
-Layer = tuple[str, str]  # (component, module name)
 # What diffusers says of a file with no layers for one of the components: the file's layers are checked
 # against the model's before loading (nodes/engine/lora_match.py), so this says nothing wrong.
 _HARMLESS = ("No LoRA keys associated to",)
@@ -66,98 +63,6 @@ def peft_name(slot: str) -> str:
 
 class ReconcileError(Exception):
     """A transition failed; the pipeline is back in its last good state. Names the LoRA at fault."""
-
-
-@dataclass
-class Part:
-    """The LoRA state of one target of a resident: the recipe it realizes and what that needs remembered."""
-
-    applied: ModelRecipe
-    base_scaling: dict[str, dict[Layer, float]] = field(default_factory=dict)  # slot -> layer -> alpha/r
-    slot_targets: dict[str, frozenset[str]] = field(default_factory=dict)  # UNet layers of a slot's first file
-    # scheduled slot -> (layer module, PEFT name, its scale at weight 1), written at every step
-    unit_scaling: dict[str, list[tuple[Any, str, float]]] = field(default_factory=dict)
-
-
-@dataclass
-class Resident:
-    """A live pipeline and, per part (denoiser, text encoders), the recipe it currently realizes."""
-
-    pipe: Any
-    parts: dict[str, Part]
-    device: str = "cpu"  # where it lives (diffusers' `pipe.device` walks every module to find out)
-    # component -> module name -> original (weight, bias) of the layers a fuse has modified
-    snapshot: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = field(default_factory=dict)
-    broken: bool = False  # a failed transition could not be rolled back
-    scheduler_config: dict[str, Any] = field(default_factory=dict)  # the checkpoint's own, for Sample
-    hotswap_rank: int = 0  # the target rank `enable_lora_hotswap` was called with; 0 if never
-    compiled: Compile | None = None
-    compile_seen: bool = False  # a compiled forward has run (so new graphs are recompiles)
-
-    offload: str = ""  # "", or how a model larger than its budget runs: "model" / "group" (GPU), "disk" (CPU)
-    offload_dir: str | None = None  # where "disk" offloading keeps the weights, once applied
-
-    @classmethod
-    def fresh(cls, pipe: Any, checkpoint: ModelRecipe, **kwargs: Any) -> Resident:
-        """A resident for a pipeline just loaded from `checkpoint` (its LoRA ops are ignored)."""
-        bare = checkpoint.bare()
-        return cls(pipe, {"unet": Part(replace(bare, part="unet")), "clip": Part(replace(bare, part="clip"))},
-                   **kwargs)
-
-    @property
-    def applied(self) -> ModelRecipe:
-        """The MODEL recipe the denoiser realizes."""
-        return self.parts["unet"].applied
-
-    def memory(self) -> dict[str, int]:
-        """Bytes of tensors per device: the pipeline's modules (shared storage counted once) and snapshots."""
-        seen: set[tuple[str, int]] = set()
-        totals: dict[str, int] = {}
-        tensors = [t for layers in self.snapshot.values() for pair in layers.values() for t in pair if t is not None]
-        if self.offload_dir is None:  # disk-offloaded modules hold placeholders; the weights are in files
-            for module in self.pipe.components.values():
-                if isinstance(module, torch.nn.Module):
-                    tensors.extend(module.parameters())
-                    tensors.extend(module.buffers())
-        for tensor in tensors:
-            storage = tensor.untyped_storage()
-            where = str(tensor.device)
-            if where == "meta" or (where, storage.data_ptr()) in seen:
-                continue
-            seen.add((where, storage.data_ptr()))
-            totals[where] = totals.get(where, 0) + storage.nbytes()
-        return totals
-
-    def move(self, device: str) -> None:
-        self.pipe.to(device)
-        self.device = device
-
-    def release(self) -> None:
-        if self.offload_dir is not None:
-            shutil.rmtree(self.offload_dir, ignore_errors=True)
-            self.offload_dir = None
-        self.pipe = None
-        self.snapshot.clear()
-        for part in self.parts.values():
-            part.unit_scaling.clear()
-
-    def components(self, part: str) -> list[str]:
-        """The modules a part's LoRAs live in: the denoiser, or the text encoders this pipeline has."""
-        loadable = [c for c in self.pipe._lora_loadable_modules if getattr(self.pipe, c, None) is not None]
-        return [c for c in loadable if c.startswith("text_encoder") == (part == "clip")]
-
-    @functools.cached_property
-    def unet_config(self) -> str:
-        """The UNet's config as JSON: how diffusers maps SGM block names in Kohya files for this model."""
-        return json.dumps(dict(self.pipe.unet.config), sort_keys=True, default=str)
-
-    def set_step(self, step: int) -> None:
-        """Write the scheduled scales for sampling step `step` (0-based), in place."""
-        unet = self.parts["unet"]
-        for slot, spec in unet.applied.schedules:
-            scale = schedules.scale_at(spec, step)
-            for layer, name, unit in unet.unit_scaling.get(slot, ()):
-                _write(layer, name, unit * scale)
 
 
 def reconcile(resident: Resident, target: ModelRecipe) -> list[str]:
@@ -369,17 +274,9 @@ def _activate(resident: Resident, which: str, adapters: tuple[Adapter, ...],
             weight = adapter.weight(component, module, 1.0 if scheduled_here else None)
             value = part.base_scaling[adapter.slot][(component, module)] * weight
             layer.scaling[name] = tensors.get((component, module, name), layer.scaling[name])
-            _write(layer, name, value)
+            write_scale(layer, name, value)
             if scheduled_here:
                 part.unit_scaling[adapter.slot].append((layer, name, value))
-
-
-def _write(layer: Any, name: str, value: float) -> None:
-    current = layer.scaling[name]
-    if isinstance(current, torch.Tensor):
-        current.fill_(value)  # in place: a compiled graph keeps reading the same tensor
-    else:
-        layer.scaling[name] = value
 
 
 def _compile(resident: Resident, settings: Compile | None) -> None:

@@ -27,7 +27,8 @@ from nodegraph.cache import file_fingerprint
 from nodes.engine import lora_files
 from nodes.engine.checkpoints import load_pipeline
 from nodes.engine.recipe import Adapter, Fuse, ModelRecipe
-from nodes.engine.reconcile import ReconcileError, Resident, peft_name, reconcile
+from nodes.engine.reconcile import ReconcileError, peft_name, reconcile
+from nodes.engine.resident import Resident
 from tests.nodes import lora_fixtures
 
 LORAS = ["tiny-sd15-style", "tiny-sd15-kohya", "tiny-sd15-subset", "tiny-sd15-te", "tiny-sd15-alpha"]

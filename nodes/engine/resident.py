@@ -1,0 +1,123 @@
+"""A resident pipeline and what realizing recipes on it must remember, per part.
+
+The model manager keeps `Resident`s (`memory`, `move`, `release` are what it needs); the reconciler
+(`nodes/engine/reconcile.py`) changes them. A resident has two parts that reconcile independently:
+the denoiser (MODEL recipes) and the text encoders (CLIP recipes).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from nodes.engine import schedules
+from nodes.engine.recipe import Compile, ModelRecipe
+
+Layer = tuple[str, str]  # (component, module name)
+
+
+@dataclass
+class Part:
+    """The LoRA state of one target of a resident: the recipe it realizes and what that needs remembered."""
+
+    applied: ModelRecipe
+    base_scaling: dict[str, dict[Layer, float]] = field(default_factory=dict)  # slot -> layer -> alpha/r
+    slot_targets: dict[str, frozenset[str]] = field(default_factory=dict)  # UNet layers of a slot's first file
+    # scheduled slot -> (layer module, PEFT name, its scale at weight 1), written at every step
+    unit_scaling: dict[str, list[tuple[Any, str, float]]] = field(default_factory=dict)
+
+
+@dataclass
+class Resident:
+    """A live pipeline and, per part (denoiser, text encoders), the recipe it currently realizes."""
+
+    pipe: Any
+    parts: dict[str, Part]
+    device: str = "cpu"  # where it lives (diffusers' `pipe.device` walks every module to find out)
+    # component -> module name -> original (weight, bias) of the layers a fuse has modified
+    snapshot: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = field(default_factory=dict)
+    broken: bool = False  # a failed transition could not be rolled back
+    scheduler_config: dict[str, Any] = field(default_factory=dict)  # the checkpoint's own, for Sample
+    hotswap_rank: int = 0  # the target rank `enable_lora_hotswap` was called with; 0 if never
+    compiled: Compile | None = None
+    compile_seen: bool = False  # a compiled forward has run (so new graphs are recompiles)
+
+    offload: str = ""  # "", or how a model larger than its budget runs: "model" / "group" (GPU), "disk" (CPU)
+    offload_dir: str | None = None  # where "disk" offloading keeps the weights, once applied
+
+    @classmethod
+    def fresh(cls, pipe: Any, checkpoint: ModelRecipe, **kwargs: Any) -> Resident:
+        """A resident for a pipeline just loaded from `checkpoint` (its LoRA ops are ignored)."""
+        bare = checkpoint.bare()
+        return cls(pipe, {"unet": Part(replace(bare, part="unet")), "clip": Part(replace(bare, part="clip"))},
+                   **kwargs)
+
+    @property
+    def applied(self) -> ModelRecipe:
+        """The MODEL recipe the denoiser realizes."""
+        return self.parts["unet"].applied
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of tensors per device: the pipeline's modules (shared storage counted once) and snapshots."""
+        seen: set[tuple[str, int]] = set()
+        totals: dict[str, int] = {}
+        tensors = [t for layers in self.snapshot.values() for pair in layers.values() for t in pair if t is not None]
+        if self.offload_dir is None:  # disk-offloaded modules hold placeholders; the weights are in files
+            for module in self.pipe.components.values():
+                if isinstance(module, torch.nn.Module):
+                    tensors.extend(module.parameters())
+                    tensors.extend(module.buffers())
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            where = str(tensor.device)
+            if where == "meta" or (where, storage.data_ptr()) in seen:
+                continue
+            seen.add((where, storage.data_ptr()))
+            totals[where] = totals.get(where, 0) + storage.nbytes()
+        return totals
+
+    def move(self, device: str) -> None:
+        self.pipe.to(device)
+        self.device = device
+
+    def release(self) -> None:
+        if self.offload_dir is not None:
+            shutil.rmtree(self.offload_dir, ignore_errors=True)
+            self.offload_dir = None
+        self.pipe = None
+        self.snapshot.clear()
+        for part in self.parts.values():
+            part.unit_scaling.clear()
+
+    def components(self, part: str) -> list[str]:
+        """The modules a part's LoRAs live in: the denoiser, or the text encoders this pipeline has."""
+        loadable = [c for c in self.pipe._lora_loadable_modules if getattr(self.pipe, c, None) is not None]
+        return [c for c in loadable if c.startswith("text_encoder") == (part == "clip")]
+
+    @functools.cached_property
+    def unet_config(self) -> str:
+        """The UNet's config as JSON: how diffusers maps SGM block names in Kohya files for this model."""
+        return json.dumps(dict(self.pipe.unet.config), sort_keys=True, default=str)
+
+    def set_step(self, step: int) -> None:
+        """Write the scheduled scales for sampling step `step` (0-based), in place."""
+        unet = self.parts["unet"]
+        for slot, spec in unet.applied.schedules:
+            scale = schedules.scale_at(spec, step)
+            for layer, name, unit in unet.unit_scaling.get(slot, ()):
+                write_scale(layer, name, unit * scale)
+
+
+def write_scale(layer: Any, name: str, value: float) -> None:
+    """Set a LoRA layer's scale for one adapter; in place where it is a tensor (hot-swap preparation makes it
+    one), so a compiled graph keeps reading the same tensor."""
+    current = layer.scaling[name]
+    if isinstance(current, torch.Tensor):
+        current.fill_(value)
+    else:
+        layer.scaling[name] = value
