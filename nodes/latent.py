@@ -52,6 +52,7 @@ class VAEDecode(Node):
         import numpy as np
         import torch
 
+        from nodes.engine.memory import bounded_decode
         from nodes.engine.pipelines import materialize
 
         with materialize(ctx, vae) as resident:
@@ -60,10 +61,11 @@ class VAEDecode(Node):
                 raise NodeFailure(f"the latent has {samples.samples.shape[1]} channels; this VAE takes "
                                   f"{model.config.latent_channels}", "samples", "wrong_latent")
             latents = samples.samples.to(resident.device, model.dtype) / model.config.scaling_factor
-            with torch.inference_mode():
-                images = [model.decode(one[None]).sample.float().cpu() for one in latents]  # one at a time
-                ctx.check_cancelled()
-        pixels = ((torch.cat(images) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+            height, width = (8 * side for side in latents.shape[-2:])
+            # One image at a time, in tiles above a megapixel, checking cancellation between them (as Sample does).
+            with torch.inference_mode(), bounded_decode(ctx, model, width, height):
+                images = model.decode(latents).sample.float().cpu()
+        pixels = ((images + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         return {"IMAGE": ImageBatch((pixels * 255).astype(np.uint8))}
 
 
@@ -82,7 +84,6 @@ class VAEEncode(Node):
 def encode(ctx: Context, pixels: ImageBatch, vae: ModelRecipe) -> Any:
     """The VAE latents (scaled, as the UNet sees them) of images whose sides are cropped to multiples of 8."""
     import torch
-
 
     _, height, width, _ = pixels.pixels.shape
     if height < 8 or width < 8:

@@ -198,3 +198,21 @@ def test_our_lora_nodes_slot_into_a_comfyui_graph(shared: Executor) -> None:
     none = txt2img(**{"10.strength_model": 0.0, "10.strength_clip": 0.0})
     torch.testing.assert_close(latent(run(shared, scheduled), "3"), latent(run(shared, none), "3"),
                                atol=1e-3, rtol=1e-4)  # a schedule at 0 on every step is no LoRA
+
+
+def test_vae_decode_decodes_large_images_in_tiles(shared: Executor, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodes.engine import memory
+
+    wf = txt2img(**{"5.width": 128, "5.height": 128, "3.steps": 1})
+    run(shared, wf)
+    decoder = shared.models.resident()[0].value.pipe.vae.decoder
+    calls: list[tuple[int, ...]] = []
+    hook = decoder.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    try:
+        monkeypatch.setattr(memory, "TILE_ABOVE_PIXELS", 64 * 64)  # the demo VAE's tiles are 64 pixels
+        shared.cache.clear()
+        image = run(shared, wf).nodes["8"].outputs["IMAGE"].pixels
+    finally:
+        hook.remove()
+    assert image.shape == (1, 128, 128, 3)
+    assert len(calls) > 1 and all(shape[-1] <= 8 and shape[-2] <= 8 for shape in calls)  # latent tiles
