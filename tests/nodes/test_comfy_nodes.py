@@ -205,14 +205,15 @@ def test_vae_decode_decodes_large_images_in_tiles(shared: Executor, monkeypatch:
 
     wf = txt2img(**{"5.width": 128, "5.height": 128, "3.steps": 1})
     run(shared, wf)
-    decoder = shared.models.resident()[0].value.pipe.vae.decoder
     calls: list[tuple[int, ...]] = []
-    hook = decoder.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    hooks = [entry.value.pipe.vae.decoder.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+             for entry in shared.models.resident() if hasattr(getattr(entry.value, "pipe", None), "vae")]
     try:
         monkeypatch.setattr(memory, "TILE_ABOVE_PIXELS", 64 * 64)  # the demo VAE's tiles are 64 pixels
         shared.cache.clear()
         image = run(shared, wf).nodes["8"].outputs["IMAGE"].pixels
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert image.shape == (1, 128, 128, 3)
     assert len(calls) > 1 and all(shape[-1] <= 8 and shape[-2] <= 8 for shape in calls)  # latent tiles
