@@ -72,17 +72,13 @@ class VAEEncodeForInpaint(Node):
             grow_mask_by: int) -> dict[str, Any]:
         import torch
 
-        from nodes.latent import encode_pixels
+        from nodes.latent import encode_pixels, grid_crop
 
         batch, height, width, _ = pixels.pixels.shape
-        if height < 8 or width < 8:
-            raise NodeFailure(f"a {width}×{height} image is too small to encode (8×8 at least)", "pixels",
-                              "too_small")
+        rows, cols = grid_crop(height, width)
         masks = _batched(mask.mask[:, None], batch, "mask")
         masks = torch.nn.functional.interpolate(masks, size=(height, width), mode="bilinear")
         x = torch.from_numpy(pixels.pixels.copy()).permute(0, 3, 1, 2).float() / 255
-        top, left = (height % 8) // 2, (width % 8) // 2  # crop to the latent grid, centred as ComfyUI
-        rows, cols = slice(top, top + height // 8 * 8), slice(left, left + width // 8 * 8)
         x, masks = x[..., rows, cols], masks[..., rows, cols]
         keep = 1.0 - masks.round()
         x = (x - 0.5) * keep + 0.5

@@ -82,14 +82,21 @@ class VAEEncode(Node):
 
 
 def encode(ctx: Context, pixels: ImageBatch, vae: ModelRecipe) -> Any:
-    """The VAE latents (scaled, as the UNet sees them) of images whose sides are cropped to multiples of 8."""
+    """The VAE latents (scaled, as the UNet sees them) of images cropped to the latent grid (see `grid_crop`)."""
     import torch
 
-    _, height, width, _ = pixels.pixels.shape
+    rows, cols = grid_crop(pixels.pixels.shape[1], pixels.pixels.shape[2])
+    array = pixels.pixels[:, rows, cols]
+    return encode_pixels(ctx, torch.from_numpy(array.copy()).permute(0, 3, 1, 2).float() / 255, vae)
+
+
+def grid_crop(height: int, width: int) -> tuple[slice, slice]:
+    """The rows and columns of an image kept for encoding: sides cut to multiples of 8 with equal margins
+    (the odd pixel on the bottom/right), as ComfyUI crops before its VAE encodes."""
     if height < 8 or width < 8:
         raise NodeFailure(f"a {width}×{height} image is too small to encode (8×8 at least)", "pixels", "too_small")
-    array = pixels.pixels[:, : height // 8 * 8, : width // 8 * 8]  # ComfyUI crops to the latent grid too
-    return encode_pixels(ctx, torch.from_numpy(array.copy()).permute(0, 3, 1, 2).float() / 255, vae)
+    top, left = (height % 8) // 2, (width % 8) // 2
+    return slice(top, top + height // 8 * 8), slice(left, left + width // 8 * 8)
 
 
 def encode_pixels(ctx: Context, x: Any, vae: ModelRecipe) -> Any:

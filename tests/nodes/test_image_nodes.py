@@ -277,8 +277,9 @@ def test_vae_encode_for_inpaint_greys_the_masked_pixels_and_grows_the_mask(
     assert (run(executor, graph).nodes["5"].outputs["LATENT"].samples - plain).abs().max() > 1e-3
 
 
-def test_vae_encode_for_inpaint_crops_to_the_latent_grid_centred(shared: Executor, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("node", ["VAEEncode", "VAEEncodeForInpaint"])
+def test_encoders_crop_to_the_latent_grid_centred(shared: Executor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   node: str) -> None:
     import nodes.latent
 
     odd = pixels(61, 70)[0]
@@ -289,11 +290,13 @@ def test_vae_encode_for_inpaint_crops_to_the_latent_grid_centred(shared: Executo
     monkeypatch.setattr(nodes.latent, "encode_pixels", lambda ctx, x, vae: seen.append(x) or torch.zeros(1, 4, 7, 8))
     graph = inpaint_graph(FOR_INPAINT)
     graph["2"]["inputs"]["image"] = "odd.png"
-    graph["8"]["inputs"]["value"] = ["6", "LATENT"]
+    encoder = "6" if node == "VAEEncodeForInpaint" else "5"
+    graph["8"]["inputs"]["value"] = [encoder, "LATENT"]
     result = run(executor, graph)
     expected = torch.from_numpy(odd[2:58, 3:67].copy()).permute(2, 0, 1).float() / 255  # margins 2|3 and 3|4
     torch.testing.assert_close(seen[0][0], expected)
-    assert result.nodes["6"].outputs["LATENT"].noise_mask.shape == (1, 1, 56, 64)
+    if node == "VAEEncodeForInpaint":
+        assert result.nodes["6"].outputs["LATENT"].noise_mask.shape == (1, 1, 56, 64)
 
 
 # The example workflows and the demo image
