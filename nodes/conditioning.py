@@ -24,24 +24,29 @@ class CLIPTextEncode(Node):
     outputs = (Output("CONDITIONING", "CONDITIONING"),)
 
     def run(self, ctx: Context, text: str, clip: ModelRecipe) -> dict[str, Any]:
-        import torch
+        return {"CONDITIONING": encode_text(ctx, text, clip)}
 
-        from nodes.engine.pipelines import materialize
 
-        with materialize(ctx, clip) as resident:
-            pipe = resident.pipe
-            layers = pipe.text_encoder.config.num_hidden_layers
-            if clip.clip_skip >= layers:
-                raise NodeFailure(f"stop_at_clip_layer {-1 - clip.clip_skip} is past the text encoder's {layers} "
-                                  "layers", "clip", "invalid_value")
-            skip = clip.clip_skip or None
-            with torch.inference_mode():
-                if clip.family == "sdxl":
-                    embeds, _, pooled, _ = pipe.encode_prompt(text, device=resident.device, num_images_per_prompt=1,
-                                                              do_classifier_free_guidance=False, clip_skip=skip)
-                else:
-                    embeds, pooled = _encode(pipe, text, resident.device, clip.clip_skip), None
-        return {"CONDITIONING": Conditioning((CondEntry(embeds, pooled),))}
+def encode_text(ctx: Context, text: str, clip: ModelRecipe) -> Conditioning:
+    """A prompt's conditioning from the text encoders of the CLIP recipe (SDXL: both, plus the pooled one)."""
+    import torch
+
+    from nodes.engine.pipelines import materialize
+
+    with materialize(ctx, clip) as resident:
+        pipe = resident.pipe
+        layers = pipe.text_encoder.config.num_hidden_layers
+        if clip.clip_skip >= layers:
+            raise NodeFailure(f"stop_at_clip_layer {-1 - clip.clip_skip} is past the text encoder's {layers} "
+                              "layers", "clip", "invalid_value")
+        skip = clip.clip_skip or None
+        with torch.inference_mode():
+            if clip.family == "sdxl":
+                embeds, _, pooled, _ = pipe.encode_prompt(text, device=resident.device, num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=False, clip_skip=skip)
+            else:
+                embeds, pooled = _encode(pipe, text, resident.device, clip.clip_skip), None
+    return Conditioning((CondEntry(embeds, pooled),))
 
 
 def _encode(pipe: Any, text: str, device: str, skip: int) -> Any:

@@ -49,24 +49,28 @@ class VAEDecode(Node):
     outputs = (Output("IMAGE", "IMAGE"),)
 
     def run(self, ctx: Context, samples: Latent, vae: ModelRecipe) -> dict[str, Any]:
-        import numpy as np
-        import torch
+        return {"IMAGE": decode(ctx, samples, vae)}
 
-        from nodes.engine.memory import bounded_decode
-        from nodes.engine.pipelines import materialize
 
-        with materialize(ctx, vae) as resident:
-            model = resident.pipe.vae
-            if samples.samples.shape[1] != model.config.latent_channels:
-                raise NodeFailure(f"the latent has {samples.samples.shape[1]} channels; this VAE takes "
-                                  f"{model.config.latent_channels}", "samples", "wrong_latent")
-            latents = samples.samples.to(resident.device, model.dtype) / model.config.scaling_factor
-            height, width = (8 * side for side in latents.shape[-2:])
-            # One image at a time, in tiles above a megapixel, checking cancellation between them (as Sample does).
-            with torch.inference_mode(), bounded_decode(ctx, model, width, height):
-                images = model.decode(latents).sample.float().cpu()
-        pixels = ((images + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-        return {"IMAGE": ImageBatch((pixels * 255).astype(np.uint8))}
+def decode(ctx: Context, samples: Latent, vae: ModelRecipe, params: dict[str, Any] | None = None) -> ImageBatch:
+    """Pixels of latents: one image at a time, in tiles above a megapixel, checking cancellation between them."""
+    import numpy as np
+    import torch
+
+    from nodes.engine.memory import bounded_decode
+    from nodes.engine.pipelines import materialize
+
+    with materialize(ctx, vae) as resident:
+        model = resident.pipe.vae
+        if samples.samples.shape[1] != model.config.latent_channels:
+            raise NodeFailure(f"the latent has {samples.samples.shape[1]} channels; this VAE takes "
+                              f"{model.config.latent_channels}", "samples", "wrong_latent")
+        latents = samples.samples.to(resident.device, model.dtype) / model.config.scaling_factor
+        height, width = (8 * side for side in latents.shape[-2:])
+        with torch.inference_mode(), bounded_decode(ctx, model, width, height):
+            images = model.decode(latents).sample.float().cpu()
+    pixels = ((images + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return ImageBatch((pixels * 255).astype(np.uint8), params or {})
 
 
 class VAEEncode(Node):

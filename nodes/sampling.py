@@ -8,13 +8,14 @@ seed gives the same image on every device. A latent with a `noise_mask` is repai
 mask is 1: elsewhere the model is shown the input latent at each step's noise level and its prediction
 is replaced by the input, as ComfyUI's inpainting sampler does.
 
-Sample runs the checkpoint's own diffusers pipeline from prompts to pixels (encoding, sampling and
-decoding in one node), with the same seeded CPU noise and bounded decoding.
+Sample is the one-node text to image: the same pieces (prompt encoding, an empty latent, `run_sampler` and
+the bounded VAE decode) in one node, so it gives the pixels of the equivalent ComfyUI graph.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 
 from nodegraph.context import Context, NodeFailure
@@ -172,41 +173,25 @@ class KSamplerAdvanced(Node):
                                       end=end_at_step, leftover=return_with_leftover_noise == "enable")}
 
 
-# Sample's schedulers: diffusers' own classes, as the checkpoint's pipeline runs them.
-PIPELINE_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
-    ),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "ddim": ("DDIMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-
-
 class Sample(Node):
     type = "Sample"
-    version = "1.0.0"
+    version = "2.0.0"
     category = "sampling"
     description = (
-        "Text to image with the model's pipeline. The noise is drawn on the CPU from the seed: the same seed "
-        "gives the same image on every device (up to the device's arithmetic)."
+        "Text to image in one node: CLIPTextEncode ×2, EmptyLatentImage, KSampler and VAEDecode on the MODEL's "
+        "checkpoint (its LoRAs on the text encoders too), with the same pixels as that graph."
     )
     inputs = (
         Input("model", "MODEL"),
         Input("prompt", "STRING", default="", multiline=True),
         Input("negative_prompt", "STRING", default="", multiline=True),
-        Input("seed", "INT", default=0, min=0, max=2**64 - 1),
+        Input("seed", "INT", **SEED),
         Input("steps", "INT", default=20, min=1, max=1000),
         Input("guidance", "FLOAT", default=7.0, min=0.0, max=100.0, step=0.1),
         Input("width", "INT", default=512, min=8, max=8192, step=8),
         Input("height", "INT", default=512, min=8, max=8192, step=8),
-        Input("scheduler", "COMBO", default="euler", choices=tuple(PIPELINE_SCHEDULERS)),
+        Input("sampler_name", "COMBO", default="euler", choices=SAMPLERS),
+        Input("scheduler", "COMBO", default="normal", choices=SCHEDULERS),
         Input("batch_size", "INT", default=1, min=1, max=64),
     )
     outputs = (Output("images", "IMAGE"),)
@@ -232,84 +217,25 @@ class Sample(Node):
         problem = too_large(need, room_for_activations(models, 0), width, height, batch, models)
         return [problem] if problem else []
 
-    def run(
-        self,
-        ctx: Context,
-        model: ModelRecipe,
-        prompt: str,
-        negative_prompt: str,
-        seed: int,
-        steps: int,
-        guidance: float,
-        width: int,
-        height: int,
-        scheduler: str,
-        batch_size: int,
-    ) -> dict[str, Any]:
-        import diffusers
-        import numpy as np
+    def run(self, ctx: Context, model: ModelRecipe, prompt: str, negative_prompt: str, seed: int, steps: int,
+            guidance: float, width: int, height: int, sampler_name: str, scheduler: str,
+            batch_size: int) -> dict[str, Any]:
         import torch
 
-        from nodes.engine.images import ImageBatch
-        from nodes.engine.memory import bounded_decode, noise_generator
-        from nodes.engine.pipelines import materialize, retry_out_of_memory, watch_compile
-        from nodes.engine.sigmas import initial_noise
+        from nodes.conditioning import encode_text
+        from nodes.latent import decode
 
         for name, problem in self.check({"width": width, "height": height}, ctx.settings):
             raise NodeFailure(problem, name, "invalid_value")
         check_activations(ctx, model, width, height, batch_size, guidance)
-        with materialize(ctx, model, model.clip()) as resident:
-            pipe = resident.pipe
-            class_name, overrides = PIPELINE_SCHEDULERS[scheduler]
-            pipe.scheduler = getattr(diffusers, class_name).from_config(resident.scheduler_config, **overrides)
-
-            scheduled = bool(resident.applied.schedules)
-
-            def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-                if scheduled:
-                    resident.set_step(step + 1)  # scales for the next step, written in place
-                ctx.progress(step + 1, steps)
-                return {}
-
-            def sample() -> Any:
-                if scheduled:
-                    resident.set_step(0)
-                # Every draw on the CPU from the seed, so a seed is the same noise on every device.
-                generator = noise_generator(seed)
-                shape = (batch_size, pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
-                         width // pipe.vae_scale_factor)
-                latents = initial_noise(generator, shape).to(resident.device, pipe.unet.dtype)
-                ctx.check_cancelled()
-                with torch.inference_mode(), watch_compile(ctx, resident), bounded_decode(ctx, pipe.vae, width,
-                                                                                          height):
-                    return pipe(
-                        prompt=prompt,
-                        negative_prompt=negative_prompt or None,
-                        num_inference_steps=steps,
-                        guidance_scale=guidance,
-                        width=width,
-                        height=height,
-                        num_images_per_prompt=batch_size,
-                        latents=latents,
-                        generator=generator,
-                        output_type="np",
-                        callback_on_step_end=on_step,
-                    )
-
-            result = retry_out_of_memory(ctx, sample, f"sampling {batch_size}× {width}×{height}")
-        pixels = (np.clip(result.images, 0.0, 1.0) * 255).round().astype(np.uint8)
-        params = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "seed": seed,
-            "steps": steps,
-            "guidance": guidance,
-            "width": width,
-            "height": height,
-            "scheduler": scheduler,
-            "model": model.summary(),
-        }
-        return {"images": ImageBatch(pixels, params)}
+        clip, vae = model.clip(), replace(model.bare(), part="vae")
+        positive, negative = encode_text(ctx, prompt, clip), encode_text(ctx, negative_prompt, clip)
+        empty = Latent(torch.zeros(batch_size, 4, height // 8, width // 8))
+        latent = run_sampler(ctx, model, seed, steps, guidance, sampler_name, scheduler, positive, negative, empty)
+        params = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
+                  "guidance": guidance, "width": width, "height": height, "sampler_name": sampler_name,
+                  "scheduler": scheduler, "model": model.summary()}
+        return {"images": decode(ctx, latent, vae, params)}
 
 
 def check_activations(ctx: Context, model: ModelRecipe, width: int, height: int, batch: int,

@@ -114,12 +114,17 @@ def test_bad_node_pack_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_
 
 
 def test_ctrl_c_interrupts_cleanly_with_exit_130(tmp_path: Path) -> None:
-    path = write(tmp_path, workflow({"1": {"type": "Slow", "inputs": {"steps": 10_000, "delay": 0.001}},
+    marker = tmp_path / "started"
+    path = write(tmp_path, workflow({"1": {"type": "Slow", "inputs": {"steps": 10_000, "delay": 0.001,
+                                                                      "marker": str(marker)}},
                                      "2": {"type": "Show", "inputs": {"value": ["1", 0]}}}))
     proc = subprocess.Popen([sys.executable, "-m", "nodegraph.cli", "run", path, "--json", "--nodes-dir", str(PACKS)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    time.sleep(1.5)  # long enough for the interpreter to start and the node to begin
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the node has begun (however loaded the machine)
+    assert marker.exists(), proc.communicate()[1]
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err

@@ -183,24 +183,51 @@ def load_controlnet(path: Path, config: dict[str, Any], dtype: Any) -> Any:
 
 
 class ResidentControlNet:
-    """A loaded ControlNet as the model manager sees it (the `Residency` protocol)."""
+    """A loaded ControlNet as the model manager sees it (the `Residency` protocol).
 
-    def __init__(self, model: Any, device: str) -> None:
-        self.model, self.device = model, device
+    Placed like pipelines: on the compute device when the budget has room, else offloaded with diffusers'
+    group offloading: from the CPU onto a GPU layer by layer, or, on a CPU short of RAM, from files on
+    disk a block at a time (`offload_dir`, removed on release).
+    """
+
+    def __init__(self, model: Any, device: str, offload: bool = False) -> None:
+        import tempfile
+
+        import torch
+
+        self.model, self.device, self.offload_dir = model, device, None
+        self.offloaded = offload
+        if not offload:
+            model.to(device)
+        elif device != "cpu":
+            model.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                       offload_type="leaf_level", use_stream=device.startswith("cuda"))
+        else:
+            self.offload_dir = tempfile.mkdtemp(prefix="nodegraph-offload-")
+            model.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                       offload_type="block_level", num_blocks_per_group=1,
+                                       offload_to_disk_path=self.offload_dir)
 
     def memory(self) -> dict[str, int]:
         totals: dict[str, int] = {}
+        if self.offload_dir is not None:
+            return totals  # the weights are in files, a block at a time in memory while it runs
         for tensor in [*self.model.parameters(), *self.model.buffers()]:
             where = str(tensor.device)
             totals[where] = totals.get(where, 0) + tensor.numel() * tensor.element_size()
         return totals
 
     def move(self, device: str) -> None:
-        self.model.to(device)
+        if not self.offloaded:  # offloaded weights stay where the offloading keeps them
+            self.model.to(device)
         self.device = device
 
     def release(self) -> None:
+        import shutil
+
         self.model = None
+        if self.offload_dir is not None:
+            shutil.rmtree(self.offload_dir, ignore_errors=True)
 
 
 def weights_bytes(ref: ControlNetRef, dtype: Any) -> int:
@@ -227,7 +254,7 @@ def resident_controlnets(ctx: Context, refs: list[ControlNetRef], dtype: Any) ->
                 except Exception as exc:  # diffusers raises many types; tie them to the file
                     raise NodeFailure(f"{ref.name}: diffusers could not load it: {exc}", "positive",
                                       "bad_controlnet") from None
-                return ResidentControlNet(model.to(placement.device), placement.device)
+                return ResidentControlNet(model, placement.device, placement.offload)
 
             key = ("controlnet", ref.path, ref.fingerprint, str(dtype), device)
             resident = stack.enter_context(manager.use(key, load, weights_bytes(ref, dtype), ref.name, ctx.info))

@@ -42,11 +42,6 @@ IMAGE_BYTES = 40  # the decoded RGB images themselves: float copies in the decod
 TILE_ABOVE_PIXELS = 1024 * 1024  # per image: a larger one is decoded in tiles
 
 
-def noise_generator(seed: int) -> torch.Generator:
-    """The CPU generator all of a sample's noise comes from (a private one: the global seed is left alone)."""
-    return torch.Generator(device="cpu").manual_seed(seed)
-
-
 def activation_bytes(family: str | None, width: int, height: int, batch: int, cfg: bool,
                      element_size: int) -> int:
     """Bytes one Sample call needs beyond the weights (see the module docstring); family None: the smallest."""

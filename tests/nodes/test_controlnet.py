@@ -226,6 +226,21 @@ def test_the_listing_has_folders_and_files_but_not_the_files_inside_folders(demo
 # ---------------------------------------------------------------------------------------------- cache, workflows
 
 
+def test_a_controlnet_over_the_budget_runs_offloaded_and_gives_the_same_latent(
+        shared: Executor, registry: Registry, demo_dir: Path, tmp_path: Path) -> None:
+    from nodegraph.models import ModelManager
+
+    tight = Executor(registry, Settings(models_dirs=(demo_dir,), output_dir=tmp_path),
+                     models=ModelManager(device="cpu", ram_budget="1M"))
+    torch.testing.assert_close(sampled(tight, graph()), sampled(shared, graph()), atol=1e-4, rtol=0)
+    [net] = [e for e in tight.models.resident() if e.key[0] == "controlnet"]
+    assert net.offloaded and net.memory == {}  # in files, a block at a time while it runs
+    offload_dir = Path(net.value.offload_dir)
+    assert any(offload_dir.glob("*.safetensors"))
+    tight.models.clear()
+    assert not offload_dir.exists()
+
+
 def test_changing_strength_re_runs_only_the_apply_node_and_the_sampler_onwards(shared: Executor) -> None:
     from nodes.engine.controlnet_model import weights_bytes
 

@@ -84,11 +84,13 @@ def test_sdxl_samples_with_its_lora(shared: Executor) -> None:
     assert plain.shape == (1, 64, 64, 3) and differs(plain, styled) > 1
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"])
-def test_every_scheduler_runs_and_is_deterministic(shared: Executor, scheduler: str) -> None:
-    out = images(shared, graph(scheduler=scheduler))
+@pytest.mark.parametrize("sampler, scheduler", [("euler_ancestral", "normal"), ("dpmpp_2m", "karras"),
+                                                ("ddim", "ddim_uniform"), ("uni_pc", "sgm_uniform")])
+def test_sampler_and_scheduler_are_honoured_and_deterministic(shared: Executor, sampler: str, scheduler: str) -> None:
+    out = images(shared, graph(sampler_name=sampler, scheduler=scheduler))
     shared.cache.clear()
-    assert np.array_equal(images(shared, graph(scheduler=scheduler)), out)
+    assert np.array_equal(images(shared, graph(sampler_name=sampler, scheduler=scheduler)), out)
+    assert differs(out, images(shared, graph())) > 0.5  # euler, normal
 
 
 def test_progress_per_step_and_events(shared: Executor) -> None:

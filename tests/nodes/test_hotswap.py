@@ -41,7 +41,7 @@ def graph(first: str = "tiny-sd15-style", swap: str | None = None, strength: flo
         nodes["schedule"] = {"type": "ScaleSchedule", "inputs": {"model": model, "slot": "s", **schedule}}
         model = ["schedule", 0]
     nodes["sample"] = {"type": "Sample", "inputs": {"model": model, "prompt": "a castle", "seed": 4, "steps": steps,
-                                                    "width": 64, "height": 64, "scheduler": "euler"}}
+                                                    "width": 64, "height": 64, "sampler_name": "euler", "scheduler": "normal"}}
     nodes["show"] = {"type": "Show", "inputs": {"value": ["sample", 0]}}
     return workflow(nodes)
 
@@ -151,22 +151,26 @@ def test_schedule_values_and_preview() -> None:
 
 
 def reference_with_schedule(demo_dir: Path, spec: str, steps: int) -> np.ndarray:
-    """diffusers' LoRA guide, by hand: set_adapters with the scheduled weight at every step."""
+    """diffusers' LoRA guide by hand: `set_adapters` with the scheduled weight before every step of a plain
+    Euler loop over the KSampler's `normal` schedule (the sigmas, guidance and noise of nodes.engine, each
+    tested on their own against the published formulas), on a freshly loaded pipeline."""
+    from nodes.engine.samplers import CFGDenoiser
+    from nodes.engine.sigmas import DiscreteModel, initial_noise, noised_latent, sigmas
+
     pipe = load_pipeline(demo_dir / "checkpoints" / "tiny-sd15")
-    pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(demo_dir / "loras" / "tiny-sd15-style.safetensors"), adapter_name="s")
-    pipe.set_adapters(["s"], [schedules.scale_at(spec, 0)])
-
-    def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        pipe.set_adapters(["s"], [schedules.scale_at(spec, step + 1)])
-        return {}
-
-    from diffusers import EulerDiscreteScheduler
-
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    image = pipe(prompt="a castle", num_inference_steps=steps, width=64, height=64, output_type="np",
-                 guidance_scale=7.0, generator=torch.Generator().manual_seed(4), callback_on_step_end=on_step).images
-    return (np.clip(image, 0, 1) * 255).round().astype(np.int16)
+    discrete = DiscreteModel.from_config(pipe.scheduler.config)
+    schedule = sigmas("normal", discrete, steps, sampler="euler")
+    with torch.inference_mode():
+        cond, uncond = ({"embeds": pipe.encode_prompt(text, "cpu", 1, False)[0]} for text in ("a castle", ""))
+        guided = CFGDenoiser(discrete, lambda x, t, c: pipe.unet(x, t, encoder_hidden_states=c["embeds"]).sample,
+                             cond, uncond, 7.0)
+        x = noised_latent(discrete, torch.zeros(1, 4, 8, 8), initial_noise(4, (1, 4, 8, 8)), schedule)
+        for step, (sigma, down_to) in enumerate(zip(schedule[:-1], schedule[1:], strict=True)):
+            pipe.set_adapters(["s"], [schedules.scale_at(spec, step)])
+            x = x + (x - guided(x, sigma)) / sigma * (down_to - sigma)
+        image = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
+    return (((image + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).astype(np.int16)
 
 
 def test_schedule_equals_per_step_set_adapters(eager: Executor, demo_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Sample's seeds, activation estimate and bounded decoding (nodes/engine/memory.py) on the demo models."""
+"""Sample (the ComfyUI graph in one node), seeds, activation estimate and bounded decoding (nodes/engine/memory.py) on the demo models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 from nodegraph import events as ev
 from nodegraph.context import CancelToken
@@ -17,7 +16,8 @@ from nodegraph.models import ModelManager
 from nodegraph.registry import Registry
 from nodegraph.settings import Settings
 from nodes.engine import memory as sampling
-from nodes.engine.memory import activation_bytes, noise_generator
+from nodes.engine import sigmas
+from nodes.engine.memory import activation_bytes
 from nodes.engine.sigmas import initial_noise
 from tests.conftest import Recorder
 from tests.nodes.test_diffusion import differs, graph, images
@@ -35,30 +35,47 @@ def test_initial_noise_is_one_float32_cpu_draw_from_the_seed(seed: int, shape: t
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # ComfyUI's recipe: seed the global generator, one randn of the whole latent
         expected = torch.randn(shape, dtype=torch.float32, device="cpu")
-    noise = initial_noise(noise_generator(seed), shape)
+    noise = initial_noise(seed, shape)
     assert noise.dtype == torch.float32 and noise.device.type == "cpu"
     assert torch.equal(noise, expected)
 
 
-def test_sample_starts_from_the_seeds_cpu_noise(cpu: Executor, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[dict[str, Any]] = []
-    original = StableDiffusionPipeline.__call__
+def comfy_graph(sampler: str, scheduler: str, **sample: Any) -> dict[str, Any]:
+    """What Sample stands for, as ComfyUI's nodes: both prompts encoded by the LoRA'd CLIP, an empty latent,
+    KSampler and VAEDecode."""
+    wf = graph(sampler_name=sampler, scheduler=scheduler, **sample)
+    inputs = wf["nodes"].pop("sample")["inputs"]
+    clip = ["lora", "CLIP"]
+    wf["nodes"].update({
+        "pos": {"type": "CLIPTextEncode", "inputs": {"text": inputs["prompt"], "clip": clip}},
+        "neg": {"type": "CLIPTextEncode", "inputs": {"text": inputs.get("negative_prompt", ""), "clip": clip}},
+        "empty": {"type": "EmptyLatentImage", "inputs": {"width": inputs["width"], "height": inputs["height"],
+                                                         "batch_size": inputs.get("batch_size", 1)}},
+        "ksampler": {"type": "KSampler", "inputs": {
+            "model": ["lora", "MODEL"], "seed": inputs["seed"], "steps": inputs["steps"], "cfg": inputs["guidance"],
+            "sampler_name": sampler, "scheduler": scheduler, "positive": ["pos", 0], "negative": ["neg", 0],
+            "latent_image": ["empty", 0], "denoise": 1.0}},
+        "sample": {"type": "VAEDecode", "inputs": {"samples": ["ksampler", 0], "vae": ["ckpt", "VAE"]}}})
+    wf["nodes"]["show"]["inputs"]["value"] = ["sample", 0]
+    return wf
 
-    def spy(pipe: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append({**kwargs, "state": kwargs["generator"].get_state().clone()})
-        return original(pipe, *args, **kwargs)
 
-    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
-    images(cpu, graph(seed=1234, batch_size=2, width=64, height=48, scheduler="euler_ancestral"))
-    [call] = calls
-    # The demo VAE, like SD's, makes latents 1/8 of the image (vae_scale_factor 8); the UNet takes 4 channels.
-    expected = initial_noise(noise_generator(1234), (2, 4, 6, 8))
-    assert torch.equal(call["latents"].cpu(), expected)
-    generator = call["generator"]  # the ancestral sampler's noise: the same CPU generator, continued
-    assert generator.device.type == "cpu"
-    continued = noise_generator(1234)
-    initial_noise(continued, (2, 4, 6, 8))
-    assert torch.equal(call["state"], continued.get_state())
+@pytest.mark.parametrize("sampler, scheduler", [("euler", "normal"), ("euler_ancestral", "karras"),
+                                                ("dpmpp_2m", "simple")])
+def test_sample_gives_the_pixels_of_the_comfyui_graph(cpu: Executor, sampler: str, scheduler: str) -> None:
+    def with_lora(wf: dict[str, Any]) -> dict[str, Any]:
+        wf["nodes"]["ckpt"] = {"type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15"}}
+        wf["nodes"]["lora"] = {"type": "LoraLoader", "inputs": {
+            "model": ["ckpt", "MODEL"], "clip": ["ckpt", "CLIP"], "lora_name": "tiny-sd15-te.safetensors",
+            "strength_model": 0.7, "strength_clip": 0.7}}
+        if "model" in wf["nodes"]["sample"]["inputs"]:
+            wf["nodes"]["sample"]["inputs"]["model"] = ["lora", "MODEL"]
+        return wf
+
+    sample = dict(seed=1234, steps=3, guidance=6.0, width=64, height=48, batch_size=2, negative_prompt="blurry")
+    one_node = images(cpu, with_lora(graph(sampler_name=sampler, scheduler=scheduler, **sample)))
+    assert one_node.shape == (2, 48, 64, 3)
+    assert np.array_equal(images(cpu, with_lora(comfy_graph(sampler, scheduler, **sample))), one_node)
 
 
 def test_the_same_seed_is_the_same_image_and_the_noise_sets_it(cpu: Executor,
@@ -68,7 +85,8 @@ def test_the_same_seed_is_the_same_image_and_the_noise_sets_it(cpu: Executor,
     assert np.array_equal(images(cpu, graph(seed=8)), first)
     cpu.cache.clear()
     # Swapping in seed 9's initial noise under seed 8 changes the image: the image follows the CPU draw.
-    monkeypatch.setattr(sampling, "noise_generator", lambda seed: torch.Generator().manual_seed(9))
+    original = sigmas.initial_noise
+    monkeypatch.setattr(sigmas, "initial_noise", lambda seed, shape: original(9, shape))
     assert differs(images(cpu, graph(seed=8)), first) > 1
 
 

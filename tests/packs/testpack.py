@@ -26,15 +26,18 @@ class ReadText(Node):
 
 
 class Slow(Node):
-    """Counts to `steps`, reporting progress; cancellable between steps."""
+    """Counts to `steps`, reporting progress; cancellable between steps. Touches `marker` (a path) first."""
 
     type = "Slow"
     version = "1.0.0"
     category = "test"
-    inputs = (Input("steps", "INT", default=5, min=1, max=10_000), Input("delay", "FLOAT", default=0.0))
+    inputs = (Input("steps", "INT", default=5, min=1, max=10_000), Input("delay", "FLOAT", default=0.0),
+              Input("marker", "STRING", default=""))
     outputs = (Output("value", "INT"),)
 
-    def run(self, ctx: Context, steps: int, delay: float) -> dict[str, Any]:
+    def run(self, ctx: Context, steps: int, delay: float, marker: str) -> dict[str, Any]:
+        if marker:
+            Path(marker).touch()
         for i in range(steps):
             time.sleep(delay)
             ctx.progress(i + 1, steps)
