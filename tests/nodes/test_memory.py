@@ -11,14 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 from nodegraph import events as ev
 from nodegraph.executor import Executor
 from nodegraph.models import ModelManager
 from nodegraph.registry import Registry
 from nodegraph.settings import Settings
-from nodes.engine import pipelines
+from nodes.engine import pipelines, samplers
 from nodes.engine.pipelines import estimate_bytes, resolve_dtype
 from tests.conftest import Recorder
 from tests.nodes.test_diffusion import graph
@@ -124,15 +123,15 @@ def test_out_of_memory_frees_other_models_and_retries_once(
     ex = executor(registry, demo_dir, tmp_path)
     run(ex, SDXL)
     failures = iter([torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")])
-    real_call = StableDiffusionPipeline.__call__
+    real_sample = samplers.sample
 
-    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def flaky(*args: Any, **kwargs: Any) -> Any:
         failure = next(failures, None)
         if failure is not None:
             raise failure
-        return real_call(self, *args, **kwargs)
+        return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(StableDiffusionPipeline, "__call__", flaky)
+    monkeypatch.setattr(samplers, "sample", flaky)
     events = Recorder()
     np.testing.assert_array_equal(run(ex, SD15, events), reference[SD15])
     assert [e.name.split(" ")[0] for e in ex.models.resident()] == [SD15]  # SDXL was released for room
@@ -144,21 +143,20 @@ def test_out_of_memory_twice_is_a_clear_error_and_the_next_job_runs(
         registry: Registry, demo_dir: Path, tmp_path: Path, reference: dict[str, np.ndarray],
         monkeypatch: pytest.MonkeyPatch) -> None:
     ex = executor(registry, demo_dir, tmp_path, ram_budget="64M")
-    cls = StableDiffusionPipeline
-    real_call = cls.__call__
+    real_sample = samplers.sample
 
-    def always(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def always(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
 
-    monkeypatch.setattr(cls, "__call__", always)
+    monkeypatch.setattr(samplers, "sample", always)
     result = ex.run(graph(SD15, steps=1), Recorder())
     [problem] = result.errors
     assert (result.status, problem.node_id, problem.code) == ("error", "sample", "out_of_memory")
     assert "out of memory on cpu sampling 1× 64×64" in problem.message
     assert "--ram-budget" in problem.message and "57.6 MiB of the 64.0 MiB" in problem.message
     assert "Traceback" not in problem.message
-    monkeypatch.setattr(cls, "__call__", real_call)
+    monkeypatch.setattr(samplers, "sample", real_sample)
     np.testing.assert_array_equal(run(ex, SD15), reference[SD15])
 
 
