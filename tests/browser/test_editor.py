@@ -120,7 +120,7 @@ def test_open_workflow_from_the_toolbar(page: Any, server: Server) -> None:
     by_id = {str(n["id"]): n for n in shown}
     assert {k: v["type"] for k, v in by_id.items()} == {"1": "LoadCheckpoint", "2": "LoadLoRA", "3": "Sample",
                                                           "4": "SaveImage"}
-    assert by_id["3"]["widgets"]["seed"] == 42 and by_id["3"]["widgets"]["scheduler"] == "dpmpp_2m_karras"
+    assert by_id["3"]["widgets"]["seed"] == 42 and by_id["3"]["widgets"]["scheduler"] == "karras"
     assert by_id["3"]["links"] == ["model"] and by_id["4"]["links"] == ["images"]
     assert page.text_content("#workflow-name") == "lora.json"
 
