@@ -54,6 +54,7 @@ def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: fl
                 leftover: bool = False) -> Latent:
     import torch
 
+    from nodes.engine.inpainting import MaskedDenoiser, blend_noise
     from nodes.engine.pipelines import materialize, retry_out_of_memory, watch_compile
     from nodes.engine.samplers import CFGDenoiser, sample
     from nodes.engine.sigmas import DiscreteModel, initial_noise, noised_latent, sigma_slice, sigmas
@@ -99,16 +100,14 @@ def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: fl
         mask = latent.noise_mask
         if mask is not None:
             mask = torch.nn.functional.interpolate(mask.to(device), size=(height, width), mode="bilinear")
-        guided = CFGDenoiser(discrete, eps, cond, uncond, cfg)
+        cfg_denoiser = CFGDenoiser(discrete, eps, cond, uncond, cfg)
+        guided: Any = cfg_denoiser if mask is None else \
+            MaskedDenoiser(cfg_denoiser, mask, samples, blend_noise(sampler_name, noise, seed))
 
         def denoiser(x: Any, sigma: Any) -> Any:
             if controls is not None:
                 controls.sigma = float(sigma)  # which ControlNets are active (their start/end percent)
-            if mask is None:
-                return guided(x, sigma)
-            # Inpainting: outside the mask the model sees the input latent at this noise level, and predicts it.
-            x = x * mask + (samples + noise * sigma.to(x)) * (1 - mask)
-            return guided(x, sigma) * mask + samples * (1 - mask)
+            return guided(x, sigma)
 
         def on_step(i: int, total: int, x: Any, denoised: Any) -> None:
             if model.schedules:
