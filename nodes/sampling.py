@@ -6,7 +6,7 @@ the CONDITIONING's embeddings (and SDXL's pooled embedding and size conditioning
 drawn on the CPU in float32 from the seed, one `randn` of the whole latent, as ComfyUI does: the same
 seed gives the same image on every device. A latent with a `noise_mask` is repainted only where the
 mask is 1: elsewhere the model is shown the input latent at each step's noise level and its prediction
-is replaced by the input, as ComfyUI's inpainting sampler does.
+is replaced by the input, as ComfyUI's inpainting sampler does (`nodes.engine.inpainting`).
 
 Sample is the one-node text to image: the same pieces (prompt encoding, an empty latent, `run_sampler` and
 the bounded VAE decode) in one node, so it gives the pixels of the equivalent ComfyUI graph.
