@@ -6,7 +6,7 @@ the CONDITIONING's embeddings (and SDXL's pooled embedding and size conditioning
 drawn on the CPU in float32 from the seed, one `randn` of the whole latent, as ComfyUI does: the same
 seed gives the same image on every device. A latent with a `noise_mask` is repainted only where the
 mask is 1: elsewhere the model is shown the input latent at each step's noise level and its prediction
-is replaced by the input, as ComfyUI's inpainting sampler does.
+is replaced by the input, as ComfyUI's inpainting sampler does (`nodes.engine.inpainting`).
 
 Sample is the one-node text to image: the same pieces (prompt encoding, an empty latent, `run_sampler` and
 the bounded VAE decode) in one node, so it gives the pixels of the equivalent ComfyUI graph.
@@ -54,6 +54,7 @@ def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: fl
                 leftover: bool = False) -> Latent:
     import torch
 
+    from nodes.engine.inpainting import MaskedDenoiser, blend_noise
     from nodes.engine.pipelines import materialize, retry_out_of_memory, watch_compile
     from nodes.engine.samplers import CFGDenoiser, sample
     from nodes.engine.sigmas import DiscreteModel, initial_noise, noised_latent, sigma_slice, sigmas
@@ -99,16 +100,14 @@ def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: fl
         mask = latent.noise_mask
         if mask is not None:
             mask = torch.nn.functional.interpolate(mask.to(device), size=(height, width), mode="bilinear")
-        guided = CFGDenoiser(discrete, eps, cond, uncond, cfg)
+        cfg_denoiser = CFGDenoiser(discrete, eps, cond, uncond, cfg)
+        guided: Any = cfg_denoiser if mask is None else \
+            MaskedDenoiser(cfg_denoiser, mask, samples, blend_noise(sampler_name, noise, seed))
 
         def denoiser(x: Any, sigma: Any) -> Any:
             if controls is not None:
                 controls.sigma = float(sigma)  # which ControlNets are active (their start/end percent)
-            if mask is None:
-                return guided(x, sigma)
-            # Inpainting: outside the mask the model sees the input latent at this noise level, and predicts it.
-            x = x * mask + (samples + noise * sigma.to(x)) * (1 - mask)
-            return guided(x, sigma) * mask + samples * (1 - mask)
+            return guided(x, sigma)
 
         def on_step(i: int, total: int, x: Any, denoised: Any) -> None:
             if model.schedules:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from nodes.engine.choices import SAMPLERS
-from nodes.engine.sigmas import DiscreteModel
+from nodes.engine.sigmas import DiscreteModel, next_seed
 
 EpsModel = Callable[[Tensor, Tensor, dict[str, Any]], Tensor]
 Denoise = Callable[[Tensor, Tensor], Tensor]
@@ -125,7 +125,7 @@ def sample(name: str, denoiser: Denoise, x: Tensor, sigmas: Tensor, *, seed: int
 def gaussian_noise(x: Tensor, seed: int) -> Noise:
     """Fresh N(0, I) per call from one CPU generator. ComfyUI on the CPU seeds it with seed + 1 (so it differs
     from the initial noise); on CUDA it uses a CUDA generator, which we do not, to stay device-independent."""
-    generator = torch.Generator().manual_seed(seed + 1)
+    generator = torch.Generator().manual_seed(next_seed(seed))
     return lambda sigma, sigma_next: torch.randn(x.shape, dtype=torch.float32, generator=generator).to(x)
 
 

@@ -184,6 +184,12 @@ def initial_noise(seed: int | torch.Generator, shape: tuple[int, ...] | torch.Si
     return torch.randn(tuple(shape), dtype=torch.float32, generator=generator, device="cpu")
 
 
+def next_seed(seed: int) -> int:
+    """seed + 1, ComfyUI's seed for noise drawn during sampling, as the 64-bit generator takes it (the largest
+    seed wraps to 0 instead of overflowing)."""
+    return (seed + 1) % 2**64
+
+
 def noised_latent(model: DiscreteModel, latent: Tensor, noise: Tensor, sigmas: Tensor) -> Tensor:
     """Where sampling starts: the latent plus noise at sigmas[0].
 

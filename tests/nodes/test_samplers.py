@@ -17,6 +17,7 @@ import torch
 from scipy import special
 
 from nodes.engine import samplers as smp
+from nodes.engine.inpainting import MaskedDenoiser, blend_noise
 from nodes.engine.sigmas import (
     SCHEDULERS,
     DiscreteModel,
@@ -279,6 +280,41 @@ def test_lcm_lands_on_a_consistency_models_answer_and_renoises_with_the_seed(mod
     # Between steps the estimate is re-noised to the next sigma with the sampler noise of seed 9.
     first_draw = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(10))
     assert torch.allclose(seen[1], MU + first_draw * s[1])
+
+
+# --- inpainting (noise mask) ------------------------------------------------------------------------------
+
+def test_masked_denoiser_repaints_only_inside_the_mask() -> None:
+    """x_in = m·x + (1 - m)·(latent + sigma·noise), D_out = m·D(x_in) + (1 - m)·latent, with a soft edge too."""
+    mask = torch.tensor([[[[1.0, 0.0], [0.25, 1.0]]]])
+    latent, noise = torch.full((1, 4, 2, 2), 0.3), initial_noise(0, (1, 4, 2, 2))
+    x, sigma = initial_noise(1, (1, 4, 2, 2)) * 5, torch.tensor(2.0)
+    seen: list[torch.Tensor] = []
+
+    def record(x_in: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        seen.append(x_in)
+        return x_in * 0.5
+
+    out = MaskedDenoiser(record, mask, latent, noise)(x, sigma)
+    x_in = mask * x + (1 - mask) * (latent + 2.0 * noise)
+    assert torch.allclose(seen[0], x_in)
+    assert torch.allclose(out, mask * x_in * 0.5 + (1 - mask) * latent)
+    assert torch.equal(out[..., 0, 1], latent[..., 0, 1]) and torch.equal(seen[0][..., 0, 0], x[..., 0, 0])
+
+
+def test_ddim_renoises_the_kept_region_with_its_own_draw_from_seed_plus_one() -> None:
+    noise = initial_noise(7, (1, 4, 3, 3))
+    for name in ("euler", "euler_ancestral", "dpmpp_2m"):
+        assert blend_noise(name, noise, 7) is noise
+    own = blend_noise("ddim", torch.zeros_like(noise), 7)  # drawn even when KSamplerAdvanced adds no noise
+    assert torch.equal(own, torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(8)))
+
+
+def test_the_largest_seed_wraps_to_zero_for_noise_drawn_during_sampling() -> None:
+    x = torch.zeros(1, 4, 2, 2)
+    zero_draw = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(smp.gaussian_noise(x, 2**64 - 1)(torch.tensor(1.0), torch.tensor(0.5)), zero_draw)
+    assert torch.equal(blend_noise("ddim", x, 2**64 - 1), zero_draw)
 
 
 # --- noise ---------------------------------------------------------------------------------------------------
