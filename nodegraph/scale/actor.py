@@ -39,7 +39,8 @@ class WorkerActor:
         self.jobs = 0
         self.loads = 0  # models loaded from disk (`load` infos), over this process's life
         self.load_seconds = 0.0
-        self.reconcile_seconds = 0.0  # LoRA switches and strength changes on a resident model
+        self.switches = 0  # LoRA switches and strength changes on a resident model (`reconcile` infos)
+        self.reconcile_seconds = 0.0
         self.executor.models.status()  # resolves the device (imports torch) now, not in the first status call
 
     def ready(self) -> int:
@@ -111,7 +112,8 @@ class WorkerActor:
     def status(self) -> dict[str, Any]:
         cache = self.executor.cache
         return {"pid": os.getpid(), "host": socket.gethostname(), "jobs": self.jobs, "loads": self.loads,
-                "load_seconds": round(self.load_seconds, 3), "reconcile_seconds": round(self.reconcile_seconds, 3),
+                "load_seconds": round(self.load_seconds, 3), "switches": self.switches,
+                "reconcile_seconds": round(self.reconcile_seconds, 3),
                 "models": self.executor.models.status(),
                 "cache": {"entries": len(cache), "bytes": cache.bytes, "max_bytes": cache.max_bytes}}
 
@@ -124,4 +126,5 @@ class WorkerActor:
             self.loads += 1
             self.load_seconds += info.seconds or 0.0
         elif info.kind == "reconcile":
+            self.switches += 1
             self.reconcile_seconds += info.seconds or 0.0
