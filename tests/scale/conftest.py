@@ -14,19 +14,16 @@ from typing import Any
 
 import pytest
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'): scale-out tests skipped")
+from nodegraph.executor import Executor
+from nodegraph.registry import Registry
+from nodegraph.server.app import create_app
+from nodegraph.server.state import WORKER, ServerConfig
+from nodegraph.settings import Settings
+from tests.conftest import PACKS
+from tests.server.conftest import Client
 
-from aiohttp import web  # noqa: E402
-
-from nodegraph.executor import Executor  # noqa: E402
-from nodegraph.registry import Registry  # noqa: E402
-from nodegraph.scale import cluster  # noqa: E402
-from nodegraph.scale.pool import RayPool  # noqa: E402
-from nodegraph.server.app import create_app  # noqa: E402
-from nodegraph.server.state import WORKER, ServerConfig  # noqa: E402
-from nodegraph.settings import Settings  # noqa: E402
-from tests.conftest import PACKS  # noqa: E402
-from tests.server.conftest import Client  # noqa: E402
+# Ray is imported by the fixtures that need it: the router's tests run without it, and
+# test_pool.py skips (saying why) when it is missing.
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +33,10 @@ def scale_settings(demo_dir: Path, demo_input: Path, tmp_path_factory: pytest.Te
 
 @pytest.fixture(scope="session")
 def actors(scale_settings: Settings) -> Iterator[list[Any]]:
+    import ray
+
+    from nodegraph.scale import cluster
+
     cluster.connect(None, num_cpus=2)
     yield cluster.spawn(2, scale_settings, [PACKS], {"device": "cpu"})
     ray.shutdown()
@@ -43,6 +44,8 @@ def actors(scale_settings: Settings) -> Iterator[list[Any]]:
 
 def wait_ready(actors: list[Any], limit: float = 120.0) -> list[int]:
     """The actors' process ids, once every one is up (a killed one is restarted by Ray)."""
+    import ray
+
     deadline = time.monotonic() + limit
     while True:
         try:
@@ -59,6 +62,8 @@ MakePool = Callable[..., Any]
 def make_pool(aiohttp_client: Any, registry: Registry, scale_settings: Settings, tmp_path: Path,
               actors: list[Any]) -> Iterator[MakePool]:
     """A test client on an app whose jobs run on the two actors; keywords go to `RayPool`."""
+    from nodegraph.scale.pool import RayPool
+
     wait_ready(actors)
 
     async def make(**options: Any) -> Client:
@@ -78,8 +83,3 @@ async def system_workers(client: Client) -> list[dict[str, Any]]:
     workers: list[dict[str, Any]] = body["workers"]
     return workers
 
-
-def app_pool(client: Client) -> RayPool:
-    pool = client.app[WORKER] if isinstance(client.app, web.Application) else None
-    assert isinstance(pool, RayPool)
-    return pool

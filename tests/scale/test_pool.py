@@ -9,9 +9,14 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from nodegraph.scale.router import AffinityRouter
-from tests.scale.conftest import MakePool, system_workers
-from tests.server.conftest import WAIT, Client, connect, finished, queue, slow
+import pytest
+
+pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'): the scale-out tests need it")
+
+from nodegraph.cli import main  # noqa: E402
+from nodegraph.scale.router import AffinityRouter  # noqa: E402
+from tests.scale.conftest import MakePool, system_workers  # noqa: E402
+from tests.server.conftest import WAIT, Client, connect, finished, queue, slow  # noqa: E402
 
 LORA = json.loads((Path(__file__).parents[2] / "workflows" / "lora.json").read_text())
 
@@ -48,8 +53,7 @@ async def routed(make_pool: MakePool, router: Any) -> list[int]:
     assert (await (await client.post("/api/free")).json())["freed"] is True  # nothing resident: loads count
     before = await loads(client)
     # Round-robin would start both workers on tiny-sd15, then load the other checkpoint on each.
-    order = ["tiny-sd15", "tiny-sd15", "tiny-sd15.safetensors", "tiny-sd15.safetensors", "tiny-sd15",
-             "tiny-sd15.safetensors"]
+    order = ["tiny-sd15", "tiny-sd15", "tiny-sd15.safetensors", "tiny-sd15.safetensors"]
     jobs = [await queue(client, sample(checkpoint, seed)) for seed, checkpoint in enumerate(order)]
     for job_id in jobs:
         assert (await finished(client, job_id))["status"] == "ok"
@@ -81,6 +85,15 @@ async def test_events_files_and_system_are_those_of_one_process(make_pool: MakeP
     assert ["checkpoints", "tiny-sd15"] in holder["warm"] and holder["pid"] != os.getpid()
 
 
+async def test_models_status_lists_the_workers(make_pool: MakePool, capsys: pytest.CaptureFixture[str]) -> None:
+    client = await make_pool()
+    url = str(client.make_url("/"))
+    assert await asyncio.to_thread(main, ["models", "status", "--url", url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"server {url}"
+    assert [line.split(":")[0] for line in lines if line.startswith("worker ")] == ["worker 0", "worker 1"]
+
+
 async def test_cancel_a_pending_and_a_running_job(make_pool: MakePool) -> None:
     client = await make_pool()
     events = await connect(client, "all=1")
@@ -88,6 +101,7 @@ async def test_cancel_a_pending_and_a_running_job(make_pool: MakePool) -> None:
     pending = await queue(client, slow())
     for job_id in running:
         await events.until(type="progress", job_id=job_id)
+    assert await (await client.post("/api/free")).json() == {"freed": False, "deferred": True}
     response = await client.delete(f"/api/jobs/{pending}")
     assert response.status == 200 and (await response.json())["status"] == "cancelled"
     for job_id in running:
