@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from nodegraph.registry import Registry
 from nodegraph.scale.router import AffinityRouter, Candidate, ModelFile, Router, WorkerView, affinity
@@ -34,6 +34,7 @@ log = logging.getLogger("nodegraph.server")
 TICK = 0.25  # seconds between checks for jobs past their time limit
 RESTART_WAIT = 600.0  # how long a restarting worker may take to come back before it counts as dead
 STATUS_WAIT = 5.0
+STOP_GRACE = 10.0  # seconds a running job has to stop at shutdown before its worker is killed
 
 
 @dataclass
@@ -87,7 +88,10 @@ class RayPool:
         for slot in self.slots:
             slot.inbox.put(None)
         for thread in self._threads:
-            if thread.is_alive():
+            thread.join(STOP_GRACE)
+        for slot, thread in zip(self.slots, self._threads[1:], strict=True):
+            if thread.is_alive():  # a job that does not stop (a hung node): its worker goes, it is recorded
+                ray.kill(slot.actor, no_restart=self.owns_actors)
                 thread.join()
         if self.owns_actors:
             for slot in self.slots:
@@ -111,7 +115,13 @@ class RayPool:
     def free(self) -> bool:
         """Every worker frees its models and cache now if idle (True when all did), else after its job."""
         live = [slot for slot in self.slots if slot.state != "dead"]
-        freed = ray.get([slot.actor.free.remote() for slot in live], timeout=60)
+        refs = [slot.actor.free.remote() for slot in live]
+        freed = []
+        for ref in refs:
+            try:
+                freed.append(ray.get(ref, timeout=60))
+            except RayActorError:
+                freed.append(True)  # restarting: it comes back with nothing loaded
         with self._lock:
             for slot in live:
                 slot.view.warm.clear()
@@ -128,7 +138,7 @@ class RayPool:
                     "waiting": slot.waiting, "restarts": slot.restarts, "warm": [list(m) for m in slot.view.warm]}
             try:
                 entry.update(ray.get(ref, timeout=STATUS_WAIT) if ref is not None else {})
-            except (RayActorError, GetTimeoutError) as exc:
+            except RayError as exc:  # restarting, busy past the wait, or a failure in the actor
                 entry["unavailable"] = type(exc).__name__
             listed.append(entry)
         return listed
@@ -139,12 +149,15 @@ class RayPool:
         while not self._stopping:
             self._wake.wait(TICK)
             self._wake.clear()  # before reading the queue: a job queued after that sets it again
-            self._check_time_limits()
-            with self._lock:
-                if self._stopping:
-                    return
-                if any(slot.state == "idle" for slot in self.slots):
-                    self._assign()
+            try:
+                self._check_time_limits()
+                with self._lock:
+                    if self._stopping:
+                        return
+                    if any(slot.state == "idle" for slot in self.slots):
+                        self._assign()
+            except Exception:  # the dispatcher must outlive a failed round (a store or Ray error)
+                log.exception("dispatching jobs failed; trying again")
 
     def _assign(self) -> None:
         now = time.time()
@@ -193,15 +206,18 @@ class RayPool:
     def _serve(self, slot: Slot) -> None:
         while (job := slot.inbox.get()) is not None:
             started = time.monotonic()
-            outcome = self._run(slot, job)
-            if outcome is not None:
-                status, record = outcome
-                self.store.finish(job.id, status, record)
-                self._deaths.pop(job.id, None)
-                log.info("job %s finished on worker %d: %s in %.2f s", job.id, slot.index, status,
-                         time.monotonic() - started)
-                self.publish(job.client_id, {"type": "job_finished", "job_id": job.id, "status": status,
-                                             "files": record["files"], "errors": record["errors"]})
+            try:
+                outcome = self._run(slot, job)
+                if outcome is not None:
+                    status, record = outcome
+                    self.store.finish(job.id, status, record)
+                    self._deaths.pop(job.id, None)
+                    log.info("job %s finished on worker %d: %s in %.2f s", job.id, slot.index, status,
+                             time.monotonic() - started)
+                    self.publish(job.client_id, {"type": "job_finished", "job_id": job.id, "status": status,
+                                                 "files": record["files"], "errors": record["errors"]})
+            except Exception:  # a bug here must not stop this worker from taking jobs
+                log.exception("worker %d: recording job %s failed", slot.index, job.id)
             with self._lock:
                 slot.job = None
                 if slot.state == "running":
@@ -221,6 +237,9 @@ class RayPool:
             self._trim(slot)
         except RayActorError as exc:
             return self._died(slot, job, exc)
+        except RayError as exc:  # a failure in the actor outside the executor: the job fails, the worker stays
+            log.exception("job %s failed on worker %d", job.id, slot.index)
+            return _failed("internal_error", f"{type(exc).__name__}: {str(exc)[:500]}")
         status, record = result["status"], result["record"]
         if status == "interrupted" and self._stopping:
             status = "error"
@@ -271,7 +290,7 @@ class RayPool:
         """After a job: the router keeps as many warm models as the worker has residents."""
         try:
             status = ray.get(slot.actor.status.remote(), timeout=STATUS_WAIT)
-        except (RayActorError, GetTimeoutError):
+        except RayError:
             return
         with self._lock:
             slot.view.trim(len(status["models"]["residents"]))

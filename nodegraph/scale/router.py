@@ -2,7 +2,9 @@
 
 A job's *affinity* is the set of model files its workflow names (every COMBO input whose choices
 are model files: checkpoints, LoRAs, ControlNets ...), read from the registry's schemas, so the
-runtime needs to know nothing about diffusion. Each worker is *warm* for the files of the jobs it
+runtime needs to know nothing about diffusion. A model other than a LoRA is qualified by the fixed
+choices beside it on its node (LoadCheckpoint's dtype: `tiny-sd15 [fp16]`), since the same file
+in another dtype is another resident. Each worker is *warm* for the files of the jobs it
 ran lately. A job costs, on a worker, the load weight of the files it names that the worker is not
 warm for (a checkpoint weighs far more than a LoRA switch); it prefers the workers where it costs
 least. For each idle worker, the router scans the first `lookahead` pending jobs in queue order:
@@ -43,10 +45,13 @@ def affinity(workflow: Any, registry: Registry) -> frozenset[ModelFile]:
         if cls is None:
             continue
         inputs = node.get("inputs", {})
+        qualifiers = [str(inputs[s.name]) for s in cls.inputs
+                      if s.type == "COMBO" and isinstance(s.choices, (list, tuple)) and s.name in inputs]
         for spec in cls.inputs:
             value = inputs.get(spec.name)
             if isinstance(spec.choices, ModelChoices) and isinstance(value, str):
-                found.add((spec.choices.kind, value))
+                kind = spec.choices.kind
+                found.add((kind, value if kind == "loras" or not qualifiers else f"{value} [{', '.join(qualifiers)}]"))
     return frozenset(found)
 
 

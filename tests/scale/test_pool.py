@@ -82,7 +82,7 @@ async def test_events_files_and_system_are_those_of_one_process(make_pool: MakeP
     workers = await system_workers(client)
     assert [w["index"] for w in workers] == [0, 1] and all(w["state"] == "idle" for w in workers)
     holder = next(w for w in workers if w["models"]["residents"])
-    assert ["checkpoints", "tiny-sd15"] in holder["warm"] and holder["pid"] != os.getpid()
+    assert ["checkpoints", "tiny-sd15 [fp32]"] in holder["warm"] and holder["pid"] != os.getpid()
 
 
 async def test_models_status_lists_the_workers(make_pool: MakePool, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,7 +24,9 @@ def test_affinity_is_the_model_files_a_workflow_names(registry: Registry) -> Non
         "1": {"type": "LoadCheckpoint", "inputs": {"checkpoint": "tiny-sd15", "dtype": "fp32"}},
         "2": {"type": "LoadLoRA", "inputs": {"model": ["1", "model"], "lora": "style.safetensors"}},
         "3": {"type": "Int", "inputs": {"value": 3}}}}
-    assert affinity(workflow, registry) == {("checkpoints", "tiny-sd15"), ("loras", "style.safetensors")}
+    assert affinity(workflow, registry) == {("checkpoints", "tiny-sd15 [fp32]"), ("loras", "style.safetensors")}
+    workflow["nodes"]["1"]["inputs"]["dtype"] = "fp16"  # another resident: another affinity
+    assert ("checkpoints", "tiny-sd15 [fp16]") in affinity(workflow, registry)
     assert affinity({"format": "nodegraph/1", "nodes": {"1": {"type": "Int", "inputs": {"value": 3}}}},
                     registry) == frozenset()
 
