@@ -119,9 +119,11 @@ class RayPool:
         freed = []
         for ref in refs:
             try:
-                freed.append(ray.get(ref, timeout=60))
+                freed.append(ray.get(ref, timeout=STATUS_WAIT))
             except RayActorError:
                 freed.append(True)  # restarting: it comes back with nothing loaded
+            except RayError:
+                freed.append(False)  # it did not answer in time: its flag may still be set
         with self._lock:
             for slot in live:
                 slot.view.warm.clear()

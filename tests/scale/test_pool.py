@@ -6,15 +6,21 @@ import asyncio
 import json
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'): the scale-out tests need it")
 
 from nodegraph.cli import main  # noqa: E402
+from nodegraph.executor import Executor  # noqa: E402
+from nodegraph.registry import Registry  # noqa: E402
 from nodegraph.scale.router import AffinityRouter  # noqa: E402
+from nodegraph.settings import Settings  # noqa: E402
 from tests.scale.conftest import MakePool, system_workers  # noqa: E402
 from tests.server.conftest import WAIT, Client, connect, finished, queue, slow  # noqa: E402
 
@@ -83,6 +89,17 @@ async def test_events_files_and_system_are_those_of_one_process(make_pool: MakeP
     assert [w["index"] for w in workers] == [0, 1] and all(w["state"] == "idle" for w in workers)
     holder = next(w for w in workers if w["models"]["residents"])
     assert ["checkpoints", "tiny-sd15 [fp32]"] in holder["warm"] and holder["pid"] != os.getpid()
+
+
+async def test_images_equal_those_of_one_process(make_pool: MakePool, registry: Registry, scale_settings: Settings,
+                                                 tmp_path: Path) -> None:
+    client = await make_pool()
+    done = await finished(client, await queue(client, LORA))
+    alone = Executor(registry, replace(scale_settings, output_dir=tmp_path / "alone")).run(LORA)
+    assert done["status"] == alone.status == "ok" and len(done["files"]) == len(alone.files) == 2
+    for ours, theirs in zip(done["files"], alone.files, strict=True):
+        ray_pixels = np.asarray(Image.open(scale_settings.output_dir / ours))
+        assert np.array_equal(ray_pixels, np.asarray(Image.open(theirs)))
 
 
 async def test_models_status_lists_the_workers(make_pool: MakePool, capsys: pytest.CaptureFixture[str]) -> None:
