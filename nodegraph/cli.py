@@ -7,6 +7,7 @@
     nodegraph models demo                 # also writes input/demo.png
     nodegraph models status
     nodegraph serve --port 8188
+    nodegraph serve --ray --workers 2     # jobs on Ray worker actors (pip install -e '.[ray]')
 
 Exit codes: 0 success, 1 invalid workflow (or bad arguments, or a --device that is not there), 2 execution
 error, 130 interrupted, 141 when the reader of the output went away (`nodegraph run … --json | head`).
@@ -34,6 +35,7 @@ from nodegraph.context import CancelToken
 from nodegraph.executor import Executor, RunResult, json_summary
 from nodegraph.models import ModelManager, OptionError, format_bytes
 from nodegraph.registry import DeclarationError, Registry, load_registry
+from nodegraph.scale.options import RayOptionError, add_ray_options
 from nodegraph.settings import ConfigError, Settings
 from nodegraph.sweep import Axis, Job, SweepResult, run_sweep
 from nodegraph.validate import Problem, validate
@@ -124,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="the folder the editor saves and opens workflows in (default ./workflows)")
     serve.add_argument("--token", default=os.environ.get("NODEGRAPH_TOKEN") or None, metavar="TOKEN",
                        help="require this token on every request (default $NODEGRAPH_TOKEN)")
+    add_ray_options(serve)
     serve.set_defaults(func=cmd_serve)
     return parser
 
@@ -326,8 +329,13 @@ def cmd_serve(args: argparse.Namespace, registry: Registry, settings: Settings) 
     config = ServerConfig(data_dir=Path(args.data_dir), workflows_dir=Path(args.workflows_dir), token=args.token)
     executor = Executor(registry, settings, models=model_manager(args))
     try:
-        return serve(executor, config, args.host, args.port)
-    except (StoreBusy, OSError) as exc:  # the data folder in use, the port taken, an unknown host
+        runner = None
+        if args.ray is not None:
+            from nodegraph.scale.options import ray_runner
+
+            runner = ray_runner(args, registry, settings)
+        return serve(executor, config, args.host, args.port, runner)
+    except (StoreBusy, OSError, RayOptionError) as exc:  # the data folder in use, the port taken, an unknown host
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
 
@@ -350,13 +358,15 @@ def cmd_models_status(args: argparse.Namespace, registry: Registry, settings: Se
     request = urllib.request.Request(args.url.rstrip("/") + "/api/system")
     if args.token:
         request.add_header("Authorization", f"Bearer {args.token}")
+    workers: list[dict[str, Any]] = []
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
-            status, source = json.load(response)["models"], f"server {args.url}"
+            system = json.load(response)
+            status, source, workers = system["models"], f"server {args.url}", system.get("workers", [])
     except (OSError, ValueError, KeyError) as exc:
         status, source = model_manager(args).status(), f"this machine (no server at {args.url}: {exc})"
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps({**status, "workers": workers} if workers else status, indent=2))
         return EXIT_OK
     print(source)
     for name, budget in status["budgets"].items():
@@ -368,6 +378,10 @@ def cmd_models_status(args: argparse.Namespace, registry: Registry, settings: Se
     _print_table(("model", "device", "memory", "state"), rows)
     if not rows:
         print("no models resident")
+    for worker in workers:  # serve --ray: each worker's own models
+        residents = ", ".join(r["name"] for r in worker.get("models", {}).get("residents", [])) or "none"
+        print(f"worker {worker['index']}: {worker['state']}, {worker.get('jobs', '?')} jobs, "
+              f"{worker.get('loads', '?')} model loads, {worker['restarts']} restarts; resident: {residents}")
     return EXIT_OK
 
 

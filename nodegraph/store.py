@@ -162,10 +162,16 @@ class Store:
             self._queued[job.id] = workflow  # the worker runs it without parsing it again
         return job
 
-    def claim(self) -> Job | None:
-        """The oldest pending job, switched to running in the same transaction; None when none waits."""
+    def claim(self, job_id: str | None = None) -> Job | None:
+        """The oldest pending job (or `job_id` if pending), switched to running in the same transaction.
+
+        None when none waits (or `job_id` is not pending).
+        """
         with self._write() as db:
-            row = db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (PENDING,)).fetchone()
+            if job_id is None:
+                row = db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (PENDING,)).fetchone()
+            else:
+                row = db.execute("SELECT id FROM jobs WHERE status = ? AND id = ?", (PENDING, job_id)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET status = ?, started = ? WHERE id = ?", (RUNNING, time.time(), row["id"]))
@@ -174,6 +180,24 @@ class Store:
         if job is not None and workflow is not None:
             job._workflow = workflow
         return job
+
+    def requeue(self, job_id: str) -> bool:
+        """Put a running job back in the queue, in its old place (its worker died); False if not running."""
+        with self._write() as db:
+            cursor = db.execute("UPDATE jobs SET status = ?, started = NULL WHERE id = ? AND status = ?",
+                                (PENDING, job_id, RUNNING))
+        return cursor.rowcount > 0
+
+    def pending(self, limit: int) -> list[Job]:
+        """The first `limit` pending jobs in run order (what a router looks ahead at)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq LIMIT ?",
+                                    (PENDING, limit)).fetchall()
+        jobs = [_job(r) for r in rows]
+        for position, job in enumerate(jobs):
+            job.position = position
+            job._workflow = self._queued.get(job.id)  # parsed already when this process added it
+        return jobs
 
     def finish(self, job_id: str, status: str, result: dict[str, Any]) -> None:
         """Record a running job's end: status ok, error or interrupted, and its result."""

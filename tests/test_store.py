@@ -115,3 +115,15 @@ def test_a_jobs_answer_splices_the_stored_workflow_text_unchanged(store: Store) 
     done = store.get(pending.id)
     assert done is not None and json.loads(done.to_json_text())["workflow"] == workflow
     assert done.to_json_text().isascii()  # stored escaped: the answer's bytes are its characters
+
+
+def test_a_router_claims_a_given_pending_job_and_a_dead_workers_job_goes_back_in_its_place(store: Store) -> None:
+    first, second, third = (store.add(WORKFLOW, client_id=str(i)) for i in range(3))
+    assert [job.id for job in store.pending(2)] == [first.id, second.id]
+    assert store.pending(2)[1].workflow == WORKFLOW and store.pending(2)[1].position == 1
+    assert store.claim(second.id).id == second.id  # type: ignore[union-attr]
+    assert store.claim(second.id) is None and store.claim("nope") is None
+    assert store.requeue(second.id) and not store.requeue(second.id) and not store.requeue(third.id)
+    requeued = store.get(second.id)
+    assert requeued is not None and requeued.status == "pending" and requeued.started is None
+    assert [job.id for job in store.pending(5)] == [first.id, second.id, third.id]

@@ -65,9 +65,13 @@ async def system(request: web.Request) -> web.Response:
     torch = sys.modules.get("torch")  # reported when the models or a node pack loaded it; never imported here
     if torch is not None:
         versions["torch"] = str(getattr(torch, "__version__", "unknown"))
-    return web.json_response({"versions": versions, "models": models, "queue": store.counts(),
-                              "cache": {"entries": len(executor.cache), "bytes": executor.cache.bytes,
-                                        "max_bytes": executor.cache.max_bytes}})
+    answer = {"versions": versions, "models": models, "queue": store.counts(),
+              "cache": {"entries": len(executor.cache), "bytes": executor.cache.bytes,
+                        "max_bytes": executor.cache.max_bytes}}
+    workers = await asyncio.to_thread(request.app[WORKER].workers)  # with --ray: each worker's own status
+    if workers is not None:
+        answer["workers"] = workers
+    return web.json_response(answer)
 
 
 @routes.get("/api/openapi.json")

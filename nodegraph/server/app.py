@@ -14,7 +14,7 @@ import asyncio
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 
 from aiohttp import web
@@ -24,21 +24,25 @@ from nodegraph.server import api_files, api_info, api_jobs, api_uploads, static,
 from nodegraph.server.errors import json_errors, json_protocol
 from nodegraph.server.hub import Hub
 from nodegraph.server.security import check_host, refuse_cross_site, require_token, security_headers
-from nodegraph.server.state import CONFIG, EXECUTOR, HUB, STORE, WORKER, ServerConfig
-from nodegraph.server.worker import Worker
+from nodegraph.server.state import CONFIG, EXECUTOR, HUB, STORE, WORKER, Runner, ServerConfig
+from nodegraph.server.worker import Publish, Worker
 from nodegraph.store import Store
 
 READY = "nodegraph: serving on {url}"
 
 
-def create_app(executor: Executor, config: ServerConfig) -> web.Application:
+RunnerFactory = Callable[[Store, Publish], Runner]  # what runs jobs instead of the one-process Worker
+
+
+def create_app(executor: Executor, config: ServerConfig, runner: RunnerFactory | None = None) -> web.Application:
     # json_errors is outermost so the host, token and cross-site refusals are JSON errors as well.
     app = web.Application(middlewares=[json_errors, check_host, require_token, refuse_cross_site],
                           client_max_size=config.max_body)
     store = Store(config.data_dir)
     hub = Hub()
     app[CONFIG], app[EXECUTOR], app[STORE], app[HUB] = config, executor, store, hub
-    app[WORKER] = Worker(store, executor, hub.publish_threadsafe)
+    publish = hub.publish_threadsafe
+    app[WORKER] = runner(store, publish) if runner else Worker(store, executor, publish)
     for group in (api_jobs.routes, api_info.routes, api_files.routes, api_uploads.routes, ws.routes,
                   static.routes):
         app.router.add_routes(group)
@@ -61,14 +65,14 @@ async def _close_websockets(app: web.Application) -> None:
     await app[HUB].close_all()
 
 
-def serve(executor: Executor, config: ServerConfig, host: str, port: int) -> int:
+def serve(executor: Executor, config: ServerConfig, host: str, port: int, runner: RunnerFactory | None = None) -> int:
     """Serve until SIGINT or SIGTERM; prints the ready line (with the real port) to stdout.
 
     stderr gets a line per error answer and per job (queued, started, finished), with the time.
     """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("nodegraph.server").setLevel(logging.INFO)
-    asyncio.run(_serve(create_app(executor, config), host, port))
+    asyncio.run(_serve(create_app(executor, config, runner), host, port))
     return 0
 
 

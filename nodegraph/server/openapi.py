@@ -141,7 +141,8 @@ _PATHS: dict[str, Any] = {
         "200": _json({"type": "object", "properties": {"freed": {"type": "boolean"},
                                                        "deferred": {"type": "boolean"}}}), **_errors(403)})},
     "/api/system": {"get": _op("versions, models, queue and cache", {"200": _json({"type": "object", "properties": {
-        "versions": _OBJECT, "models": _OBJECT, "queue": _OBJECT, "cache": _OBJECT}})})},
+        "versions": _OBJECT, "models": _OBJECT, "queue": _OBJECT, "cache": _OBJECT,
+        "workers": {"type": "array", "items": _OBJECT}}})})},
     "/api/ws": {"get": _op("websocket of job events (JSON messages, each with a `type`)", {
         "101": {"description": "switching protocols"}, **_errors(400, 401, 403)}, params=[
         _query("client_id", "this connection's client id (made up when absent)", {"type": "string"}),

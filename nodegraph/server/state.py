@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from nodegraph.executor import Executor
 from nodegraph.server.hub import Hub
-from nodegraph.server.worker import Worker
 from nodegraph.store import Store
 
 MAX_BODY = 32 * 1024 * 1024  # workflows and PNGs to import; larger bodies get 413
@@ -25,8 +25,19 @@ class ServerConfig:
     max_body: int = MAX_BODY
 
 
+class Runner(Protocol):
+    """What runs the queued jobs: the one-process `worker.Worker`, or a Ray pool (`nodegraph.scale.pool`)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def wake(self) -> None: ...
+    def cancel(self, job_id: str) -> str | None: ...
+    def free(self) -> bool: ...
+    def workers(self) -> list[dict[str, Any]] | None: ...
+
+
 CONFIG = web.AppKey("config", ServerConfig)
 EXECUTOR = web.AppKey("executor", Executor)
 STORE = web.AppKey("store", Store)
-WORKER = web.AppKey("worker", Worker)
+WORKER = web.AppKey("worker", Runner)
 HUB = web.AppKey("hub", Hub)

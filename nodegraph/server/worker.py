@@ -85,6 +85,10 @@ class Worker:
         self._wake.set()
         return False
 
+    def workers(self) -> None:
+        """One process: no separate workers (its models are the app's)."""
+        return None
+
     def _free(self) -> None:
         self._free_requested = False
         self.executor.free_memory()
