@@ -26,8 +26,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
-
 from nodegraph.context import Context
 from nodegraph.models import device_kind, format_bytes
 

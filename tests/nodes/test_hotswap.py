@@ -41,7 +41,8 @@ def graph(first: str = "tiny-sd15-style", swap: str | None = None, strength: flo
         nodes["schedule"] = {"type": "ScaleSchedule", "inputs": {"model": model, "slot": "s", **schedule}}
         model = ["schedule", 0]
     nodes["sample"] = {"type": "Sample", "inputs": {"model": model, "prompt": "a castle", "seed": 4, "steps": steps,
-                                                    "width": 64, "height": 64, "sampler_name": "euler", "scheduler": "normal"}}
+                                                    "width": 64, "height": 64, "sampler_name": "euler",
+                                                    "scheduler": "normal"}}
     nodes["show"] = {"type": "Show", "inputs": {"value": ["sample", 0]}}
     return workflow(nodes)
 

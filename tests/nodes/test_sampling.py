@@ -1,4 +1,5 @@
-"""Sample (the ComfyUI graph in one node), seeds, activation estimate and bounded decoding (nodes/engine/memory.py) on the demo models."""
+"""Sample (the ComfyUI graph in one node), seeds, the activation estimate and bounded decoding on the demo
+models."""
 
 from __future__ import annotations
 
