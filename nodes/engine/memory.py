@@ -1,10 +1,6 @@
-"""What Sample needs around the diffusers call: seeded noise, an activation-memory estimate, bounded decoding.
+"""What sampling needs around the model: an activation-memory estimate and bounded decoding.
 
-Seeds. The initial latent is drawn on the CPU in float32 from the seed, as ComfyUI does
-(`torch.manual_seed(seed)` then one `torch.randn` of the whole `[batch, channels, H/f, W/f]`
-latent), and only then moved to the compute device and cast to the model's dtype. The
-scheduler's own noise (ancestral samplers) comes from the same CPU generator, continued. So a
-seed is the same noise on every device; the image then differs only by the device's arithmetic.
+(The seeded CPU noise is `nodes.engine.sigmas.initial_noise`.)
 
 Memory. Before anything runs, `activation_bytes` estimates what one sampling call needs beyond
 the weights, from a per-family factor measured with `bench/activations.py` (float32, CPU, one
