@@ -91,14 +91,15 @@ def test_editor_loads_with_every_node_type_and_adds_nodes_from_the_search_box(pa
     assert page.text_content("#workflow-name") == "untitled"
 
     page.click("#btn-add")
-    page.fill(".litesearchbox input", "LoadLo")
-    page.wait_for_selector(".litesearchbox .litegraph.lite-search-item")
+    page.fill("#node-search-input", "LoadLo")
+    page.wait_for_selector("#node-search-results li[data-type=LoadLoRA]")
     page.keyboard.press("Enter")
     page.wait_for_function("() => window.nodegraph.graph._nodes.length === 1")
     node = page.evaluate("""() => {
         const n = window.nodegraph.graph._nodes[0];
         return {type: n.ngSpec.type, inputs: n.inputs.map(i => [i.name, i.type]),
-                widgets: n.widgets.map(w => [w.name, w.type, w.value, w.options])};
+                widgets: n.widgets.map(w => [w.name, w.type, w.value, {...w.options,
+                    values: typeof w.options.values === "function" ? w.options.values(w, n) : w.options.values}])};
     }""")
     assert node["type"] == "LoadLoRA"
     assert node["inputs"] == [["model", "MODEL"]]

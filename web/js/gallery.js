@@ -9,7 +9,6 @@ const IMAGE_FILE = /\.(png|jpe?g|webp|gif)$/i;
 export class Gallery {
   constructor({ onOpenWorkflow }) {
     this.items = document.getElementById("gallery-items");
-    this.panel = document.getElementById("gallery");
     this.lightbox = document.getElementById("lightbox");
     this.names = [];
     this.onOpenWorkflow = onOpenWorkflow;
@@ -59,11 +58,6 @@ export class Gallery {
       empty.textContent = "Images from your runs appear here.";
       this.items.append(empty);
     }
-  }
-
-  toggle() {
-    this.panel.hidden = !this.panel.hidden;
-    return !this.panel.hidden;
   }
 
   show(name) {

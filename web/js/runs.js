@@ -34,6 +34,14 @@ export class RunTracker {
     this.redraw();
   }
 
+  // Before queueing again: the last errors go, the node states of jobs still running stay.
+  clearErrors() {
+    for (const node of this.graph._nodes) delete node.ngRun?.errors;
+    this.errors = [];
+    this.hooks.onErrors?.([]);
+    this.redraw();
+  }
+
   // Validation or execution errors: on their nodes, and all of them in the errors panel.
   showErrors(errors) {
     for (const error of errors) {
@@ -121,6 +129,18 @@ export class RunTracker {
       return;
     }
     if (jobId !== this.jobId) return;
+    this.apply(job);
+    this.hooks.onJobDone?.(job);
+  }
+
+  // A finished job from the history, shown on its (just opened) workflow: its own node states.
+  showJob(job) {
+    this.reset({ keepImages: false });
+    this.jobId = job.job_id;
+    this.apply(job);
+  }
+
+  apply(job) {
     for (const node of this.graph._nodes) {
       if (["queued", "running"].includes(node.ngRun?.status) && !job.nodes?.[node.id]) delete node.ngRun.status;
     }
@@ -139,6 +159,5 @@ export class RunTracker {
     const shown = new Set(this.errors.map((e) => `${e.node_id}/${e.input}/${e.code}`));
     this.showErrors((job.errors || []).filter((e) => !shown.has(`${e.node_id}/${e.input}/${e.code}`)));
     this.lastJob = job;
-    this.hooks.onJobDone?.(job);
   }
 }
