@@ -171,6 +171,9 @@ def test_queue_shows_progress_and_the_image_then_a_changed_seed_reruns_only_what
     assert [i["name"] for i in images] == job["nodes"]["4"]["files"]
     page.wait_for_function("n => document.querySelectorAll('#gallery-items img').length >= n", arg=2)
     assert page.get_attribute("#status-job", "data-state") == "ok"
+    page.click("#sidebar [data-tab=history]")
+    page.wait_for_selector(f"#history-items li[data-job-id='{job['job_id']}'] .thumb img")
+    page.wait_for_selector("#workflow-name[data-dirty=false]")  # nodes grown to show images are no edit
     page.screenshot(path=str(ARTIFACTS / "lora-finished.png"))  # docs/editor.png is a copy of one of these
 
     # Click the right arrow of Sample's seed widget: 42 → 43; queue again.

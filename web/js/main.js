@@ -119,6 +119,13 @@ async function boot() {
   const tracker = new RunTracker(graph, {
     onErrors: (errors) => errorsPanel.show(errors),
     onFiles: (names) => gallery.add(names),
+    asRunChange: (change) => {
+      const before = files.text();
+      change();
+      const after = files.text();
+      files.absorb(before, after);
+      history.absorb(before, after);
+    },
     onJobDone: (job) => {
       const seconds = job.finished - job.started; // epoch seconds in the job's record
       const took = Number.isFinite(seconds) ? ` in ${seconds.toFixed(1)} s` : "";

@@ -6,7 +6,7 @@ import { api, outputURL } from "./api.js";
 const IMAGE_FILE = /\.(png|jpe?g|webp|gif)$/i;
 
 export class RunTracker {
-  // hooks: onJobDone(job), onFiles(names), onErrors(errors), onChange()
+  // hooks: onJobDone(job), onFiles(names), onErrors(errors), onChange(), asRunChange(change)
   constructor(graph, hooks) {
     this.graph = graph;
     this.hooks = hooks;
@@ -116,7 +116,9 @@ export class RunTracker {
       image.ngName = name;
       return image;
     });
-    node.refreshWidgets?.();
+    // A node growing to show its images is not an edit of the workflow.
+    const resize = this.hooks.asRunChange || ((change) => change());
+    resize(() => node.refreshWidgets?.());
     this.hooks.onFiles?.(images.filter((n) => !n.startsWith(".temp/")));
   }
 

@@ -31,6 +31,11 @@ export class UndoHistory {
     return true;
   }
 
+  // A change the editor made itself (a node grown to show images): part of the current step.
+  absorb(before, after) {
+    if (this.current === before) this.current = after;
+  }
+
   undo() {
     this.record(); // an edit not yet recorded is the step that is undone
     if (!this.undoStack.length) return false;
