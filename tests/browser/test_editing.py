@@ -69,6 +69,15 @@ def test_delete_does_not_rewire_and_undo_redo_restore_the_node_and_its_links(pag
     page.keyboard.press("Control+y")
     assert graph_workflow(page)["nodes"]["2"]["inputs"]["b"] == 7.5
 
+    # A paste (Ctrl+C, Ctrl+V at the mouse) is one step too.
+    click_title(page, 1)
+    page.keyboard.press("Control+c")
+    page.mouse.move(*to_screen(page, 60, 400))
+    page.keyboard.press("Control+v")
+    page.wait_for_function("() => window.nodegraph.graph._nodes.length === 4")
+    page.keyboard.press("Control+z")
+    page.wait_for_function("() => window.nodegraph.graph._nodes.length === 3")
+
     # Ctrl+Delete asks for the rewiring: one visible step, undone like any other.
     click_title(page, 2)
     page.keyboard.press("Control+Delete")
@@ -174,8 +183,17 @@ def test_multiline_text_is_a_textarea_on_the_node_and_numbers_snap_and_clamp(pag
     area.wait_for(state="visible")
     box, canvas = area.bounding_box(), page.locator("#graph-canvas").bounding_box()
     assert box["height"] > 30 and canvas["x"] <= box["x"] and box["x"] + box["width"] <= canvas["x"] + canvas["width"]
-    area.fill("a red fox\nin the snow")
+    area.click()
+    page.keyboard.press("Control+a")
+    page.keyboard.type("a red fox\nin the snow")
     assert graph_workflow(page)["nodes"]["3"]["inputs"]["prompt"] == "a red fox\nin the snow"
+    # What was typed is one undo step, taken when the textarea is left.
+    steps = page.evaluate("() => window.nodegraph.history.undoStack.length")
+    page.mouse.click(*to_screen(page, 0, 500))
+    page.wait_for_function("n => window.nodegraph.history.undoStack.length === n + 1", arg=steps)
+    page.keyboard.press("Control+z")
+    assert graph_workflow(page)["nodes"]["3"]["inputs"]["prompt"] == "a watercolour fox in the snow"
+    assert area.input_value() == "a watercolour fox in the snow"
     values = page.evaluate("""() => {
         const node = window.nodegraph.graph.getNodeById(3), w = (name) => node.widgets.find(x => x.name === name);
         const out = [];

@@ -35,6 +35,8 @@ def test_pending_and_running_jobs_are_cancelled_from_the_queue_panel(page: Any, 
     page.wait_for_selector("#queue-items li[data-status=pending]")
     pending = page.get_attribute("#queue-items li[data-status=pending]", "data-job-id")
     assert page.text_content("#status-queue").startswith("queue 2")
+    # Queueing the second job left the running one's node states on the graph.
+    assert page.evaluate("() => window.nodegraph.graph.getNodeById(3).ngRun.status") == "running"
 
     page.click(f"#queue-items li[data-job-id='{pending}'] button.cancel")
     page.wait_for_selector(f"#queue-items li[data-job-id='{pending}']", state="detached")

@@ -168,7 +168,7 @@ async function boot() {
     pending = true;
     setTimeout(() => {
       pending = false;
-      history.record();
+      if (!document.activeElement?.classList.contains("node-text")) history.record();
       files.update();
     }, 0);
   };

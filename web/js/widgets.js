@@ -164,6 +164,9 @@ function textareaWidget(node, spec, value, onChange) {
     },
   };
   element.addEventListener("input", () => onChange(element.value));
+  // While typing, the editor records no undo steps (the textarea has its own undo); leaving it
+  // makes what was typed one step.
+  element.addEventListener("blur", () => setTimeout(() => node.graph?.onNgChange?.(node, spec.name), 0));
   // Dragging the textarea's corner makes it (and its node) taller.
   new ResizeObserver(() => {
     if (element.hidden || !element.ngScale) return;
