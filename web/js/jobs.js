@@ -23,6 +23,12 @@ function took(job) {
   return Number.isFinite(seconds) ? `${seconds.toFixed(1)} s` : "";
 }
 
+// A job's images: those it wrote, and those its cached SaveImage nodes stand for.
+function jobImages(job) {
+  const names = [...(job.files || []), ...Object.values(job.nodes || {}).flatMap((n) => n.files || [])];
+  return [...new Set(names)].filter((n) => IMAGE_FILE.test(n) && !n.startsWith(".temp/"));
+}
+
 export class JobPanels {
   // hooks: onOpen(job) loads a finished job's workflow; onImage(name) shows an image
   constructor(hooks) {
@@ -85,7 +91,7 @@ export class JobPanels {
       open.addEventListener("click", () => this.hooks.onOpen(job));
       head.append(open);
       const thumbs = el("div", "thumbs");
-      for (const name of (job.files || []).filter((n) => IMAGE_FILE.test(n) && !n.startsWith(".temp/")).slice(0, 4)) {
+      for (const name of jobImages(job).slice(0, 4)) {
         const button = el("button", "thumb");
         button.title = name;
         const image = el("img");
