@@ -171,7 +171,10 @@ def test_a_bypassed_node_passes_its_input_to_its_consumer(page: Any, server: Ser
     assert job["status"] == "ok"
     assert job["nodes"]["3"]["outputs"]["value"] == 3  # Int's value, not 3 + 4.5
     assert job["workflow"]["nodes"]["2"]["mode"] == "bypass"
-    page.keyboard.press("Control+m")
+    x, y = page.evaluate("() => { const n = window.nodegraph.graph.getNodeById(2); "
+                         "return [n.pos[0] + 30, n.pos[1] + 10]; }")
+    page.mouse.click(*to_screen(page, x, y), button="right")  # the node's menu
+    page.click(".litecontextmenu .litemenu-entry:has-text('Mute (Ctrl+M)')")
     assert graph_workflow(page)["nodes"]["2"]["mode"] == "mute"
     page.keyboard.press("Control+m")
     assert "mode" not in graph_workflow(page)["nodes"]["2"]

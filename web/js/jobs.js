@@ -38,12 +38,20 @@ export class JobPanels {
     this.pending = null;
   }
 
-  // Refreshes coalesce: a burst of websocket events costs one request per list.
+  // Refreshes coalesce: a burst of websocket events costs one request per list, and an event that
+  // arrives while a refresh is under way gets one more after it (which sees what the event did).
   refresh() {
-    if (this.pending) return this.pending;
+    if (this.pending) {
+      this.again = true;
+      return this.pending;
+    }
+    this.again = false;
     this.pending = Promise.all([this.refreshQueue(), this.refreshHistory()])
       .catch(() => {}) // api.js has shown the failure
-      .finally(() => (this.pending = null));
+      .finally(() => {
+        this.pending = null;
+        if (this.again) this.refresh();
+      });
     return this.pending;
   }
 

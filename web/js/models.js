@@ -36,7 +36,14 @@ export class ChoiceRefresher {
   }
 
   refresh() {
-    if (this.inFlight) return this.inFlight;
+    if (this.inFlight) {
+      // The refresh under way may have listed the folders before this call: one more after it.
+      this.queued = this.queued || this.inFlight.then(() => {
+        this.queued = null;
+        return this.refresh();
+      });
+      return this.queued;
+    }
     this.inFlight = api.nodes().then((catalog) => {
       let changed = 0;
       for (const spec of this.specs()) {

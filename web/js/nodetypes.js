@@ -206,11 +206,13 @@ function nodeClass(spec) {
         { content: this.mode === BYPASS ? "Remove bypass" : "Bypass (Ctrl+B)", callback: () => setMode(BYPASS) },
         { content: this.mode === MUTE ? "Unmute" : "Mute (Ctrl+M)", callback: () => setMode(MUTE) },
         null,
-        { content: "Title", callback: LGraphCanvas.onShowPropertyEditor },
+        // Renames in the same prompt as a double-click (kept inside the window).
+        { content: "Title", callback: () => LGraphCanvas.active_canvas?.showShowNodePanel(this) },
         { content: "Collapse", callback: LGraphCanvas.onMenuNodeCollapse },
         { content: "Pin", callback: LGraphCanvas.onMenuNodePin },
         { content: "Resize", callback: LGraphCanvas.onMenuResizeNode },
         null,
+        { content: "Remove", callback: () => this.graph?.remove(this) },
       );
       return options;
     }
