@@ -132,21 +132,15 @@ let frame = 0;
 const shown = new Set();
 
 function textareaWidget(node, spec, value, onChange) {
-  const element = document.createElement("textarea");
-  element.className = "node-text";
-  element.dataset.input = spec.name;
-  element.placeholder = spec.name;
-  element.spellcheck = false;
-  element.hidden = true;
-  element.value = String(value ?? "");
-  layer().append(element);
+  let element = null; // made when the node is first drawn: copies and clones never get one
   const widget = {
     type: "ng_textarea", name: spec.name, value, options: { multiline: true }, ngSpec: spec, ngLast: value,
-    ngElement: element, ngHeight: TEXTAREA_HEIGHT, callback: onChange,
+    ngHeight: TEXTAREA_HEIGHT, callback: onChange,
     computeSize: (width) => [width, widget.ngHeight],
     draw(ctx, drawn, width, y) {
       const canvas = drawn.graph?.list_of_graphcanvas?.[0];
       if (!canvas) return;
+      if (!element?.isConnected) element = textareaElement(node, widget);
       const { scale, offset } = canvas.ds;
       const left = (drawn.pos[0] + 10 + offset[0]) * scale;
       const top = (drawn.pos[1] + y + offset[1]) * scale;
@@ -163,10 +157,21 @@ function textareaWidget(node, spec, value, onChange) {
       shown.add(element);
     },
   };
-  element.addEventListener("input", () => onChange(element.value));
+  return widget;
+}
+
+function textareaElement(node, widget) {
+  const element = document.createElement("textarea");
+  element.className = "node-text";
+  element.dataset.input = widget.name;
+  element.placeholder = widget.name;
+  element.spellcheck = false;
+  element.value = String(widget.value ?? "");
+  layer().append(element);
+  element.addEventListener("input", () => widget.callback(element.value));
   // While typing, the editor records no undo steps (the textarea has its own undo); leaving it
   // makes what was typed one step.
-  element.addEventListener("blur", () => setTimeout(() => node.graph?.onNgChange?.(node, spec.name), 0));
+  element.addEventListener("blur", () => setTimeout(() => node.graph?.onNgChange?.(node, widget.name), 0));
   // Dragging the textarea's corner makes it (and its node) taller.
   new ResizeObserver(() => {
     if (element.hidden || !element.ngScale) return;
@@ -176,7 +181,7 @@ function textareaWidget(node, spec, value, onChange) {
     node.refreshWidgets?.();
   }).observe(element);
   node.ngElements = [...(node.ngElements || []), element];
-  return widget;
+  return element;
 }
 
 // Called once per canvas frame, after the nodes: hide the textareas whose nodes were not drawn.
