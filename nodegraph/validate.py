@@ -15,6 +15,7 @@ from typing import Any
 import networkx as nx
 
 from nodegraph.cache import canonical_json
+from nodegraph.modes import lower_modes
 from nodegraph.registry import Registry
 from nodegraph.schema import REQUIRED, Input, Node, Upstream, check_literal, describe, link_compatible
 from nodegraph.workflow import FORMAT, is_link
@@ -66,6 +67,9 @@ def validate(workflow: Any, registry: Registry, settings: Any = None,
     nodes = _check_shape(workflow, problems)
     if nodes is None:
         return None, problems
+    lowered = lower_modes(nodes, registry)  # muted and bypassed nodes leave the graph here
+    problems.extend(Problem(node_id, None, "invalid_mode", message) for node_id, message in lowered.bad)
+    nodes = lowered.nodes
     choices: dict[int, list[str]] = {}
     steps: dict[str, Step] = {}
     for node_id, entry in nodes.items():
@@ -85,8 +89,16 @@ def validate(workflow: Any, registry: Registry, settings: Any = None,
         problems.append(Problem(None, None, "no_output_node",
                                 "the workflow has no output node (Show, SaveImage, …), so nothing would run"))
     if problems:
-        return None, problems[:MAX_SHOWN]
+        return None, [_why_missing(p, lowered.dropped) for p in problems[:MAX_SHOWN]]
     return Graph(steps, dag, outputs, order=list(nx.topological_sort(dag)), workflow=workflow), []
+
+
+def _why_missing(problem: Problem, dropped: dict[tuple[str, str], str]) -> Problem:
+    """A required input whose link went with a muted or bypassed node says so."""
+    why = dropped.get((problem.node_id or "", problem.input or ""))
+    if why is None or problem.code != "missing_input":
+        return problem
+    return Problem(problem.node_id, problem.input, "missing_input", f"{problem.message}: its link came from {why}")
 
 
 def _declares_output(nodes: dict[str, Any], registry: Registry) -> bool:

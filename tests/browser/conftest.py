@@ -3,7 +3,7 @@
     pytest tests/browser -q          # needs /usr/bin/chromium (apt-get install chromium) and
                                      # `npm ci --prefix web` (litegraph.js)
 
-The server runs once per session with the demo models; each test gets a fresh browser context
+The server runs once per session (for every module) with the demo models; each test gets a fresh browser context
 (empty localStorage) whose console errors, failed requests and requests to any other host fail
 the test. A screenshot of every test's last state goes to tests/browser/artifacts/.
 """
@@ -41,6 +41,8 @@ class Server:
     url: str
     output_dir: Path
     workflows_dir: Path
+    models_dir: Path
+    input_dir: Path
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
@@ -53,7 +55,7 @@ class Server:
             return json.loads(response.read())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(demo_dir: Path, demo_input: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     if not (ROOT / "web/node_modules/litegraph.js/build/litegraph.core.js").is_file():
         pytest.fail("litegraph.js is not installed: run `npm ci --prefix web` first", pytrace=False)
@@ -86,7 +88,7 @@ def server(demo_dir: Path, demo_input: Path, tmp_path_factory: pytest.TempPathFa
                 break
             if process.poll() is not None:
                 pytest.fail(f"nodegraph serve exited:\n{''.join(log)}", pytrace=False)
-        yield Server(line.split(" on ", 1)[1].strip(), root / "outputs", workflows)
+        yield Server(line.split(" on ", 1)[1].strip(), root / "outputs", workflows, demo_dir, demo_input)
     finally:
         process.terminate()
         try:

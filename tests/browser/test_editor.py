@@ -91,14 +91,15 @@ def test_editor_loads_with_every_node_type_and_adds_nodes_from_the_search_box(pa
     assert page.text_content("#workflow-name") == "untitled"
 
     page.click("#btn-add")
-    page.fill(".litesearchbox input", "LoadLo")
-    page.wait_for_selector(".litesearchbox .litegraph.lite-search-item")
+    page.fill("#node-search-input", "LoadLo")
+    page.wait_for_selector("#node-search-results li[data-type=LoadLoRA]")
     page.keyboard.press("Enter")
     page.wait_for_function("() => window.nodegraph.graph._nodes.length === 1")
     node = page.evaluate("""() => {
         const n = window.nodegraph.graph._nodes[0];
         return {type: n.ngSpec.type, inputs: n.inputs.map(i => [i.name, i.type]),
-                widgets: n.widgets.map(w => [w.name, w.type, w.value, w.options])};
+                widgets: n.widgets.map(w => [w.name, w.type, w.value, {...w.options,
+                    values: typeof w.options.values === "function" ? w.options.values(w, n) : w.options.values}])};
     }""")
     assert node["type"] == "LoadLoRA"
     assert node["inputs"] == [["model", "MODEL"]]
@@ -170,6 +171,9 @@ def test_queue_shows_progress_and_the_image_then_a_changed_seed_reruns_only_what
     assert [i["name"] for i in images] == job["nodes"]["4"]["files"]
     page.wait_for_function("n => document.querySelectorAll('#gallery-items img').length >= n", arg=2)
     assert page.get_attribute("#status-job", "data-state") == "ok"
+    page.click("#sidebar [data-tab=history]")
+    page.wait_for_selector(f"#history-items li[data-job-id='{job['job_id']}'] .thumb img")
+    page.wait_for_selector("#workflow-name[data-dirty=false]")  # nodes grown to show images are no edit
     page.screenshot(path=str(ARTIFACTS / "lora-finished.png"))  # docs/editor.png is a copy of one of these
 
     # Click the right arrow of Sample's seed widget: 42 → 43; queue again.

@@ -1,32 +1,48 @@
 // The server's HTTP API, as small async functions. Every request stays on this page's origin.
+// Every failure (server down, a 4xx with its errors, a 5xx) reaches `failures.report`, which the
+// editor shows in its status line; callers that show a 4xx's errors themselves say so.
 
-// `body` is sent as JSON, or as it is when it is a Blob (a dropped file).
-async function request(method, path, body) {
+export const failures = { report: (_message) => {} };
+
+// `body` is sent as JSON, as it is when it is a Blob (a dropped file), or as a multipart form.
+async function request(method, path, body, { quiet4xx = false } = {}) {
   const init = { method, headers: {} };
-  if (body instanceof Blob) {
+  if (body instanceof FormData) {
+    init.body = body;
+  } else if (body instanceof Blob) {
     init.body = body;
     init.headers["Content-Type"] = body.type || "application/octet-stream";
   } else if (body !== undefined) {
     init.body = JSON.stringify(body);
     init.headers["Content-Type"] = "application/json";
   }
-  const response = await fetch(path, init);
-  const text = await response.text();
+  let response, text;
+  try {
+    response = await fetch(path, init);
+    text = await response.text();
+  } catch {
+    const message = `${method} ${path.split("?")[0]}: the server is not reachable`;
+    failures.report(message);
+    throw new ApiError(message, 0, []);
+  }
   let data = null;
   try {
     data = text ? JSON.parse(text) : null;
   } catch {
     data = { errors: [{ node_id: null, input: null, code: "http", message: text.slice(0, 200) }] };
   }
-  return { ok: response.ok, status: response.status, data };
+  const { ok, status } = response;
+  if (!ok && (status >= 500 || !quiet4xx)) failures.report(`${method} ${path.split("?")[0]}: ${describe(status, data)}`);
+  return { ok, status, data };
+}
+
+function describe(status, data) {
+  return data?.errors?.map((e) => e.message).join("; ") || data?.error || `HTTP ${status}`;
 }
 
 async function json(method, path, body) {
   const { ok, status, data } = await request(method, path, body);
-  if (!ok) {
-    const message = data?.errors?.map((e) => e.message).join("; ") || data?.error || `HTTP ${status}`;
-    throw new ApiError(message, status, data?.errors || []);
-  }
+  if (!ok) throw new ApiError(describe(status, data), status, data?.errors || []);
   return data;
 }
 
@@ -44,7 +60,7 @@ export const api = {
   nodes: () => json("GET", "/api/nodes"),
   validate: (workflow) => json("POST", "/api/validate", { workflow }),
   // Resolves to {ok, status, data}: a 400 carries validation errors the editor shows on nodes.
-  queue: (workflow, clientId) => request("POST", "/api/jobs", { workflow, client_id: clientId }),
+  queue: (workflow, clientId) => request("POST", "/api/jobs", { workflow, client_id: clientId }, { quiet4xx: true }),
   job: (jobId) => json("GET", `/api/jobs/${enc(jobId)}`),
   jobs: () => json("GET", "/api/jobs"),
   cancel: (jobId) => json("DELETE", `/api/jobs/${enc(jobId)}`),
@@ -54,7 +70,9 @@ export const api = {
   saveWorkflow: (name, workflow) => json("PUT", `/api/workflows/${enc(name)}`, workflow),
   deleteWorkflow: (name) => json("DELETE", `/api/workflows/${enc(name)}`),
   // Raw bytes of a dropped file (workflow JSON, ComfyUI API JSON or a PNG written by SaveImage).
-  importFile: (file) => request("POST", "/api/import", file),
+  importFile: (file) => request("POST", "/api/import", file, { quiet4xx: true }),
+  // LoadImage's upload button: a multipart form with the image → {name, subfolder, type}.
+  upload: (form) => json("POST", "/api/upload/image", form),
 };
 
 // Output names may contain folders (".temp/preview.png", "portraits/cat_00001_.png").

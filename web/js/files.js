@@ -40,6 +40,11 @@ export class WorkflowFiles {
     return JSON.stringify(saveWorkflow(this.graph));
   }
 
+  // A change the editor made itself (not the user): a saved workflow stays saved through it.
+  absorb(before, after) {
+    if (this.savedText === before) this.savedText = after;
+  }
+
   dirty() {
     return this.text() !== this.savedText;
   }

@@ -1,7 +1,7 @@
 // The gallery of recent outputs: filled from /api/history, then live as nodes write images.
 // Clicking an image opens it large, with a button to open the workflow embedded in it.
 
-import { api, outputURL } from "./api.js";
+import { api, failures, outputURL } from "./api.js";
 
 const LIMIT = 60;
 const IMAGE_FILE = /\.(png|jpe?g|webp|gif)$/i;
@@ -9,7 +9,6 @@ const IMAGE_FILE = /\.(png|jpe?g|webp|gif)$/i;
 export class Gallery {
   constructor({ onOpenWorkflow }) {
     this.items = document.getElementById("gallery-items");
-    this.panel = document.getElementById("gallery");
     this.lightbox = document.getElementById("lightbox");
     this.names = [];
     this.onOpenWorkflow = onOpenWorkflow;
@@ -61,11 +60,6 @@ export class Gallery {
     }
   }
 
-  toggle() {
-    this.panel.hidden = !this.panel.hidden;
-    return !this.panel.hidden;
-  }
-
   show(name) {
     this.current = name;
     document.getElementById("lightbox-image").src = outputURL(name);
@@ -78,8 +72,15 @@ export class Gallery {
   }
 
   async openWorkflow() {
-    const response = await fetch(outputURL(this.current));
-    const blob = await response.blob();
+    let blob;
+    try {
+      const response = await fetch(outputURL(this.current));
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      blob = await response.blob();
+    } catch (error) {
+      failures.report(`could not read ${this.current}: ${error.message}`);
+      return;
+    }
     this.close();
     await this.onOpenWorkflow(new File([blob], this.current.split("/").pop(), { type: blob.type }));
   }

@@ -4,9 +4,13 @@
 /* global LiteGraph, LGraphNode, LGraphCanvas */
 
 import { drawImages, imageAreaHeight } from "./runview.js";
+import { companions, makeWidget, normalizeValue, removeElements } from "./widgets.js";
+
+export { normalizeValue };
 
 const ANY = "*";
-const MAX_SAFE = Number.MAX_SAFE_INTEGER;
+// litegraph's node.mode values for the editor's Mute and Bypass (4, as in ComfyUI).
+export const MUTE = 2, BYPASS = 4;
 
 // Mirrors nodegraph/schema.py link_compatible: same type, `*`, INT→FLOAT, STRING↔COMBO.
 export function linkCompatible(source, target) {
@@ -32,20 +36,6 @@ export function canConvert(spec) {
   return spec.accepts === "either";
 }
 
-function decimals(step) {
-  const text = String(step);
-  return text.includes(".") ? text.split(".")[1].length : 0;
-}
-
-// A widget value as the workflow file wants it: integers for INT, no float noise from dragging.
-// Out-of-range values are kept: validation names them, the editor does not hide them.
-export function normalizeValue(spec, value) {
-  if ((spec.type !== "INT" && spec.type !== "FLOAT") || typeof value !== "number" || !Number.isFinite(value)) {
-    return value;
-  }
-  return spec.type === "INT" ? Math.round(value) : Number(value.toPrecision(12));
-}
-
 export function defaultValue(spec) {
   if (spec.default !== undefined) return spec.default;
   switch (spec.type) {
@@ -57,41 +47,12 @@ export function defaultValue(spec) {
   }
 }
 
-function makeWidget(node, spec, value) {
-  const onChange = (v, _canvas, _node, _pos, _event) => {
-    const widget = node.ngWidgets[spec.name];
-    // litegraph's number prompt yields NaN for text that is not a number: keep the old value.
-    if (typeof v === "number" && !Number.isFinite(v)) v = widget.ngLast;
-    widget.value = normalizeValue(spec, v);
-    widget.ngLast = widget.value;
-    node.ngTouch(spec.name);
-    node.graph?.onNgChange?.(node, spec.name);
-  };
-  let type = "text";
-  const options = {};
-  if (spec.type === "INT" || spec.type === "FLOAT") {
-    type = "number";
-    const step = spec.step ?? (spec.type === "INT" ? 1 : 0.1);
-    options.step = step * 10; // litegraph moves a number widget by step / 10 per click
-    options.precision = spec.type === "INT" ? 0 : Math.max(2, decimals(step));
-    options.min = Math.max(spec.min ?? -MAX_SAFE, -MAX_SAFE);
-    options.max = Math.min(spec.max ?? MAX_SAFE, MAX_SAFE);
-  } else if (spec.type === "BOOLEAN") {
-    type = "toggle";
-  } else if (spec.type === "COMBO") {
-    type = "combo";
-    options.values = spec.choices || [];
-  } else {
-    options.multiline = Boolean(spec.multiline);
-  }
-  const widget = {
-    type, name: spec.name, value, callback: onChange, options, ngSpec: spec, ngLast: value,
-  };
-  return widget;
-}
+// What the editor does for widgets: refresh a combo's choices as it opens, upload an image.
+export const widgetHooks = { onChoices: null, onUpload: null };
 
 // Room for a widget's label and value side by side (litegraph does not measure them).
 function widgetWidth(widget) {
+  if (widget.type === "ng_textarea") return 260;
   const value = widget.type === "number" ? Number(widget.value).toFixed(widget.options.precision ?? 0) : String(widget.value);
   return Math.min(420, 80 + 6.5 * (widget.name.length + Math.min(value.length, 30)));
 }
@@ -153,7 +114,7 @@ function nodeClass(spec) {
       this.ngRun = {}; // what the last run showed: status, progress, images, errors (run_state.js)
       for (const input of spec.inputs) {
         const value = defaultValue(input);
-        if (input.accepts !== "link") this.ngWidgets[input.name] = makeWidget(this, input, value);
+        if (input.accepts !== "link") this.ngWidgets[input.name] = makeWidget(this, input, value, widgetHooks);
         if (startsAs(input) === "slot") this.addSocket(input);
       }
       for (const output of spec.outputs) {
@@ -166,6 +127,10 @@ function nodeClass(spec) {
 
     onDrawBackground(ctx) {
       drawImages(this, ctx);
+    }
+
+    onRemoved() {
+      removeElements(this);
     }
 
     // Once an input is linked or edited, what the opened file said about it no longer applies.
@@ -192,8 +157,12 @@ function nodeClass(spec) {
 
     // Widgets in the catalog's order, leaving out the inputs shown as sockets.
     refreshWidgets() {
+      this.ngCompanions = this.ngCompanions || {};
       this.widgets = spec.inputs.filter((i) => this.ngWidgets[i.name] && !this.ngSockets.has(i.name))
-        .map((i) => this.ngWidgets[i.name]);
+        .flatMap((i) => {
+          this.ngCompanions[i.name] = this.ngCompanions[i.name] || companions(this, i, widgetHooks);
+          return [this.ngWidgets[i.name], ...this.ngCompanions[i.name]];
+        });
       const size = this.computeSize();
       const wanted = Math.max(size[0], imageAreaHeight(this) ? 280 : 0);
       this.size = [Math.max(this.size?.[0] ?? 0, wanted), size[1] + imageAreaHeight(this)];
@@ -213,7 +182,7 @@ function nodeClass(spec) {
       this.ngSockets.delete(name);
       this.removeInput(slot); // drops its link too
       this.ngTouch(name);
-      if (!this.ngWidgets[name]) this.ngWidgets[name] = makeWidget(this, inputSpecs.get(name), "");
+      if (!this.ngWidgets[name]) this.ngWidgets[name] = makeWidget(this, inputSpecs.get(name), "", widgetHooks);
       this.refreshWidgets();
     }
 
@@ -228,12 +197,22 @@ function nodeClass(spec) {
         });
       }
       if (options.length) options.push(null);
+      const setMode = (mode) => {
+        this.mode = this.mode === mode ? LiteGraph.ALWAYS : mode;
+        this.setDirtyCanvas(true, true);
+        this.graph?.onNgChange?.(this, null);
+      };
       options.push(
-        { content: "Title", callback: LGraphCanvas.onShowPropertyEditor },
+        { content: this.mode === BYPASS ? "Remove bypass" : "Bypass (Ctrl+B)", callback: () => setMode(BYPASS) },
+        { content: this.mode === MUTE ? "Unmute" : "Mute (Ctrl+M)", callback: () => setMode(MUTE) },
+        null,
+        // Renames in the same prompt as a double-click (kept inside the window).
+        { content: "Title", callback: () => LGraphCanvas.active_canvas?.showShowNodePanel(this) },
         { content: "Collapse", callback: LGraphCanvas.onMenuNodeCollapse },
         { content: "Pin", callback: LGraphCanvas.onMenuNodePin },
         { content: "Resize", callback: LGraphCanvas.onMenuResizeNode },
         null,
+        { content: "Remove", callback: () => this.graph?.remove(this) },
       );
       return options;
     }

@@ -63,3 +63,25 @@ export class ErrorsPanel {
     this.panel.hidden = items.length === 0;
   }
 }
+
+// The right-hand sidebar: Queue, History and Outputs tabs; the toolbar's button shows or hides it.
+export class Sidebar {
+  constructor() {
+    this.panel = document.getElementById("sidebar");
+    this.tabs = [...this.panel.querySelectorAll("[data-tab]")];
+    for (const tab of this.tabs) tab.addEventListener("click", () => this.show(tab.dataset.tab));
+    this.show("queue");
+  }
+
+  show(name) {
+    for (const tab of this.tabs) {
+      tab.setAttribute("aria-selected", String(tab.dataset.tab === name));
+      document.getElementById(tab.getAttribute("aria-controls")).hidden = tab.dataset.tab !== name;
+    }
+  }
+
+  toggle() {
+    this.panel.hidden = !this.panel.hidden;
+    return !this.panel.hidden;
+  }
+}

@@ -6,7 +6,7 @@ import { api, outputURL } from "./api.js";
 const IMAGE_FILE = /\.(png|jpe?g|webp|gif)$/i;
 
 export class RunTracker {
-  // hooks: onJobDone(job), onFiles(names), onErrors(errors), onChange()
+  // hooks: onJobDone(job), onFiles(names), onErrors(errors), onChange(), asRunChange(change)
   constructor(graph, hooks) {
     this.graph = graph;
     this.hooks = hooks;
@@ -29,6 +29,14 @@ export class RunTracker {
       const images = keepImages ? node.ngRun?.images : undefined;
       node.ngRun = images ? { images } : {};
     }
+    this.errors = [];
+    this.hooks.onErrors?.([]);
+    this.redraw();
+  }
+
+  // Before queueing again: the last errors go, the node states of jobs still running stay.
+  clearErrors() {
+    for (const node of this.graph._nodes) delete node.ngRun?.errors;
     this.errors = [];
     this.hooks.onErrors?.([]);
     this.redraw();
@@ -108,7 +116,9 @@ export class RunTracker {
       image.ngName = name;
       return image;
     });
-    node.refreshWidgets?.();
+    // A node growing to show its images is not an edit of the workflow.
+    const resize = this.hooks.asRunChange || ((change) => change());
+    resize(() => node.refreshWidgets?.());
     this.hooks.onFiles?.(images.filter((n) => !n.startsWith(".temp/")));
   }
 
@@ -121,6 +131,18 @@ export class RunTracker {
       return;
     }
     if (jobId !== this.jobId) return;
+    this.apply(job);
+    this.hooks.onJobDone?.(job);
+  }
+
+  // A finished job from the history, shown on its (just opened) workflow: its own node states.
+  showJob(job) {
+    this.reset({ keepImages: false });
+    this.jobId = job.job_id;
+    this.apply(job);
+  }
+
+  apply(job) {
     for (const node of this.graph._nodes) {
       if (["queued", "running"].includes(node.ngRun?.status) && !job.nodes?.[node.id]) delete node.ngRun.status;
     }
@@ -139,6 +161,5 @@ export class RunTracker {
     const shown = new Set(this.errors.map((e) => `${e.node_id}/${e.input}/${e.code}`));
     this.showErrors((job.errors || []).filter((e) => !shown.has(`${e.node_id}/${e.input}/${e.code}`)));
     this.lastJob = job;
-    this.hooks.onJobDone?.(job);
   }
 }

@@ -39,6 +39,7 @@ export function drawImages(node, ctx) {
 export function drawRunOverlay(graph, ctx) {
   const titleHeight = LiteGraph.NODE_TITLE_HEIGHT;
   for (const node of graph._nodes) {
+    if (MODE_SHADES[node.mode]) drawMode(ctx, node, MODE_SHADES[node.mode]);
     const run = node.ngRun;
     if (!run || (!run.status && !run.errors?.length)) continue;
     const [x, y] = node.pos;
@@ -63,6 +64,25 @@ export function drawRunOverlay(graph, ctx) {
     }
     ctx.restore();
   }
+}
+
+// Bypassed (purple) and muted (grey) nodes are shaded over, with their mode as a badge.
+const MODE_SHADES = { 2: ["rgba(40, 40, 40, 0.6)", "muted"], 4: ["rgba(120, 60, 160, 0.45)", "bypassed"] };
+
+function drawMode(ctx, node, [shade, label]) {
+  const titleHeight = LiteGraph.NODE_TITLE_HEIGHT;
+  const [x, y] = node.pos;
+  const w = node.flags.collapsed ? (node._collapsed_width || LiteGraph.NODE_COLLAPSED_WIDTH) : node.size[0];
+  const h = node.flags.collapsed ? 0 : node.size[1];
+  ctx.save();
+  ctx.fillStyle = shade;
+  ctx.beginPath();
+  ctx.roundRect(x, y - titleHeight, w, h + titleHeight, 8);
+  ctx.fill();
+  ctx.font = "12px sans-serif";
+  ctx.fillStyle = "#e1bee7";
+  ctx.fillText(label, x + 4, y - titleHeight - 8);
+  ctx.restore();
 }
 
 function badge(run) {

@@ -3,11 +3,13 @@
 // the form of its output reference (name or index), and anything the editor cannot show (an
 // unknown node type, a link of the wrong type, an unknown input) is kept as written, so
 // validation can report it on the right node.
-/* global LGraphNode */
+/* global LGraphNode, LGraphGroup */
 
-import { createNode, normalizeValue } from "./nodetypes.js";
+import { BYPASS, createNode, MUTE, normalizeValue } from "./nodetypes.js";
 
-const NODE_KEYS = new Set(["type", "inputs", "title", "ui"]);
+const NODE_KEYS = new Set(["type", "inputs", "title", "ui", "mode"]);
+// Node modes as the workflow file writes them ↔ litegraph's node.mode.
+const MODE_NAMES = { bypass: BYPASS, mute: MUTE };
 
 export function isLink(value) {
   return Array.isArray(value) && value.length === 2;
@@ -56,6 +58,7 @@ export function loadWorkflow(graph, workflow) {
     node.ngTitle = data.title;
     if (data.title !== undefined) node.title = String(data.title);
     node.ngUi = { ...(data.ui || {}) };
+    if (data.mode in MODE_NAMES) node.mode = MODE_NAMES[data.mode];
     node.ngExtra = Object.fromEntries(Object.entries(data).filter(([k]) => !NODE_KEYS.has(k)));
     graph.add(node, true);
     made.push([node, data]);
@@ -74,6 +77,13 @@ export function loadWorkflow(graph, workflow) {
     else fitBesideNeighbours(graph, node);
   }
   graph.ngTop = Object.fromEntries(Object.entries(workflow).filter(([k]) => k !== "nodes" && k !== "format"));
+  for (const data of Array.isArray(workflow.ui?.groups) ? workflow.ui.groups : []) {
+    const group = new LGraphGroup(String(data.title ?? "Group"));
+    const bounds = (data.bounding || []).map(Number);
+    if (bounds.length === 4 && bounds.every(Number.isFinite)) group._bounding.set(bounds);
+    if (typeof data.color === "string") group.color = data.color;
+    graph.add(group);
+  }
   graph.setDirtyCanvas(true, true);
   return [...missing];
 }
@@ -136,7 +146,14 @@ export function saveWorkflow(graph) {
   const nodes = {};
   const ordered = [...graph._nodes].sort((a, b) => compareIds(String(a.id), String(b.id)));
   for (const node of ordered) nodes[String(node.id)] = nodeData(graph, node);
-  return { format: "nodegraph/1", nodes, ui: {}, ...(graph.ngTop || {}) };
+  const top = graph.ngTop || {};
+  const ui = { ...(top.ui || {}) };
+  delete ui.groups;
+  const groups = (graph._groups || []).map((g) => ({
+    title: g.title, color: g.color, bounding: [...g._bounding].map(Math.round),
+  }));
+  if (groups.length) ui.groups = groups;
+  return { format: "nodegraph/1", nodes, ...top, ui };
 }
 
 function compareIds(a, b) {
@@ -154,6 +171,8 @@ function nodeData(graph, node) {
   const data = { type: node.ngSpec.type, inputs: nodeInputs(graph, node) };
   if (node.ngTitle !== undefined || node.title !== node.ngSpec.type) data.title = node.title;
   data.ui = ui;
+  const mode = Object.keys(MODE_NAMES).find((name) => MODE_NAMES[name] === node.mode);
+  if (mode) data.mode = mode;
   return { ...data, ...(node.ngExtra || {}) };
 }
 
