@@ -29,6 +29,7 @@ _SLOT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 _checkpoints = ModelChoices("checkpoints", folders=True)
 _loras = ModelChoices("loras")
+_diffusion_models = ModelChoices("diffusion_models", folders=True)
 
 
 def slot_problems(slot: str) -> list[tuple[str | None, str]]:
@@ -115,7 +116,7 @@ class LoadCheckpoint(Node):
     category = "model"
     description = (
         "A checkpoint from the models folder: a diffusers folder or a single .safetensors file "
-        "(SD1.x/2.x, SDXL). Outputs a MODEL recipe; the weights load when a Sample needs them."
+        "(SD1.x/2.x, SDXL; SD3 and Flux as folders). Outputs a MODEL recipe; the weights load when a Sample needs them."
     )
     inputs = (
         Input("checkpoint", "COMBO", choices=_checkpoints),
@@ -140,9 +141,17 @@ def checkpoint_recipe(ctx: Context, name: str, dtype: str, input_name: str) -> M
         family = detect_family(path)
     except CheckpointError as exc:
         raise NodeFailure(str(exc), input_name, "bad_checkpoint") from None
-    if family not in ("sd15", "sd2", "sdxl"):
+    if family not in ("sd15", "sd2", "sdxl", "sd3", "flux"):
         raise NodeFailure(f"{name}: {family} checkpoints are not supported yet", input_name, "bad_checkpoint")
     return ModelRecipe(str(path), file_fingerprint(path), family, dtype)
+
+
+def transformer_only(recipe: ModelRecipe) -> bool:
+    """A Flux transformer-only file: a MODEL, with no text encoders or VAE to offer."""
+    from nodes.engine.transformer_checkpoints import is_transformer_file
+
+    path = Path(recipe.checkpoint)
+    return path.is_file() and recipe.family == "flux" and is_transformer_file(path)
 
 
 
@@ -164,6 +173,10 @@ class CheckpointLoaderSimple(Node):
 
     def run(self, ctx: Context, ckpt_name: str) -> dict[str, Any]:
         model = checkpoint_recipe(ctx, ckpt_name, "auto", "ckpt_name")
+        if transformer_only(model):
+            raise NodeFailure(f"{ckpt_name} holds only a Flux transformer (no text encoders or VAE): load it with "
+                              "UNETLoader, and the CLIP and VAE from a Flux diffusers folder", "ckpt_name",
+                              "bad_checkpoint")
         return {"MODEL": model, "CLIP": model.clip(), "VAE": replace(model, part="vae")}
 
 
@@ -223,4 +236,33 @@ class LoraLoaderModelOnly(Node):
         return {"MODEL": _with_lora(ctx, model, lora_name, strength_model)[1]}
 
 
-NODES: list[type[Node]] = [LoadCheckpoint, CheckpointLoaderSimple, LoraLoader, LoraLoaderModelOnly]
+class UNETLoader(Node):
+    type = "UNETLoader"
+    version = "1.0.0"
+    category = "loaders"
+    description = ("A denoiser alone, as ComfyUI's Load Diffusion Model: a Flux transformer file (original or ComfyUI "
+                   "layout) from the diffusion_models folder, or a diffusers folder. Take the CLIP and VAE from a "
+                   "folder of the same family (CheckpointLoaderSimple).")
+    inputs = (Input("unet_name", "COMBO", choices=_diffusion_models),
+              Input("weight_dtype", "COMBO", default="default", choices=("default", "fp32", "fp16", "bf16")))
+    outputs = (Output("MODEL", "MODEL"),)
+
+    @classmethod
+    def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
+        return [_model_file(settings, "diffusion_models", inputs["unet_name"], "unet_name")]
+
+    def run(self, ctx: Context, unet_name: str, weight_dtype: str) -> dict[str, Any]:
+        from nodes.engine.checkpoints import CheckpointError, detect_family
+
+        path = _model_file(ctx.settings, "diffusion_models", unet_name, "unet_name")
+        try:
+            family = detect_family(path)
+        except CheckpointError as exc:
+            raise NodeFailure(str(exc), "unet_name", "bad_checkpoint") from None
+        if family not in ("sd15", "sd2", "sdxl", "sd3", "flux"):
+            raise NodeFailure(f"{unet_name}: {family} models are not supported yet", "unet_name", "bad_checkpoint")
+        dtype = "auto" if weight_dtype == "default" else weight_dtype
+        return {"MODEL": ModelRecipe(str(path), file_fingerprint(path), family, dtype)}
+
+
+NODES: list[type[Node]] = [LoadCheckpoint, CheckpointLoaderSimple, LoraLoader, LoraLoaderModelOnly, UNETLoader]

@@ -247,7 +247,6 @@ class Sample(Node):
         batch_size: int,
     ) -> dict[str, Any]:
         import diffusers
-        import numpy as np
         import torch
 
         from nodes.engine.images import ImageBatch
@@ -258,6 +257,12 @@ class Sample(Node):
         for name, problem in self.check({"width": width, "height": height}, ctx.settings):
             raise NodeFailure(problem, name, "invalid_value")
         check_activations(ctx, model, width, height, batch_size, guidance)
+        if model.family in ("sd3", "flux"):
+            from nodes.engine.transformer_sampling import sample_transformer
+
+            images = sample_transformer(ctx, model, prompt, negative_prompt, seed, steps, guidance, width, height,
+                                        scheduler, batch_size)
+            return {"images": ImageBatch(_to_uint8(images), self._params(locals()))}
         with materialize(ctx, model, model.clip()) as resident:
             pipe = resident.pipe
             class_name, overrides = PIPELINE_SCHEDULERS[scheduler]
@@ -297,19 +302,19 @@ class Sample(Node):
                     )
 
             result = retry_out_of_memory(ctx, sample, f"sampling {batch_size}× {width}×{height}")
-        pixels = (np.clip(result.images, 0.0, 1.0) * 255).round().astype(np.uint8)
-        params = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "seed": seed,
-            "steps": steps,
-            "guidance": guidance,
-            "width": width,
-            "height": height,
-            "scheduler": scheduler,
-            "model": model.summary(),
-        }
-        return {"images": ImageBatch(pixels, params)}
+        return {"images": ImageBatch(_to_uint8(result.images), self._params(locals()))}
+
+    @staticmethod
+    def _params(values: dict[str, Any]) -> dict[str, Any]:
+        """What an image records of how it was made."""
+        names = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "scheduler")
+        return {**{name: values[name] for name in names}, "model": values["model"].summary()}
+
+
+def _to_uint8(images: Any) -> Any:
+    import numpy as np
+
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def check_activations(ctx: Context, model: ModelRecipe, width: int, height: int, batch: int,

@@ -1,7 +1,8 @@
 """Offline inspection and loading of diffusion checkpoints: diffusers folders and single safetensors files.
 
     detect_family(path)                          -> "sd15" | "sd2" | "sdxl" | "sdxl-refiner" | "sd3" | "flux"
-    load_pipeline(path, torch_dtype, cache_dir)  -> a diffusers pipeline (sd15, sd2 and sdxl)
+    load_pipeline(path, torch_dtype, cache_dir)  -> a diffusers pipeline (every family as a folder; sd15, sd2 and
+                                                    sdxl single files; Flux transformer-only files)
 
 Rules this module keeps:
 - Only safetensors are read. `.ckpt`/`.pt`/`.bin` and any other pickle are refused before a byte of them is
@@ -288,6 +289,10 @@ def load_pipeline(
         return cast("DiffusionPipeline", pipe)
     header = read_header(path)
     family = _single_file_family(path, header.shapes)
+    if family in ("sd3", "flux"):
+        from nodes.engine.transformer_checkpoints import load_transformer_file
+
+        return cast("DiffusionPipeline", load_transformer_file(path, family, dtype))
     config_dir = single_file_config_dir(path, header, family, cache_dir)
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     try:

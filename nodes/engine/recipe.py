@@ -40,7 +40,7 @@ class Adapter:
         leaves out and layers outside the attention blocks (resnets, samplers, conv_in) get the strength alone.
         `strength` overrides the adapter's own (a scheduled slot is written at strength 1, then per step).
         """
-        if component != "unet":
+        if component.startswith("text_encoder"):
             return self.te_strength
         unet = self.strength if strength is None else strength
         return unet * block_scale(self.block_scales, module) if self.block_scales else unet
