@@ -145,12 +145,13 @@ def flux_config(path: Path, header: SafetensorsHeader) -> dict[str, Any]:
             axes = list(json.loads(raw).get("transformer", {}).get("axes_dims_rope", axes))
         except (json.JSONDecodeError, AttributeError):
             raise CorruptCheckpointError(path, f"metadata '{CONFIG_HINTS_KEY}' is not a JSON object") from None
+    out_channels = shape("final_layer.linear.weight")[0]
     if sum(axes) != head_dim:
         raise UnknownFamilyError(path, f"rotary axes {axes} do not add up to the head width {head_dim}")
     return {
         "patch_size": 1,
         "in_channels": in_channels,
-        "out_channels": shape("final_layer.linear.weight")[0],
+        "out_channels": None if out_channels == in_channels else out_channels,  # None: as many as in
         "num_layers": _counts(shapes, "double_blocks."),
         "num_single_layers": _counts(shapes, "single_blocks."),
         "attention_head_dim": head_dim,
