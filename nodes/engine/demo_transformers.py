@@ -88,8 +88,10 @@ def _vae(seed: int, name: str, shift: float, scale: float) -> Any:
     with _seeded(seed, name):
         # Four levels like the real VAEs (latents are 1/8 of the image), 4 latent channels instead of 16.
         return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16,) * 4,
-                             norm_num_groups=16, latent_channels=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+                             up_block_types=("UpDecoderBlock2D",) * 4,
+                             block_out_channels=(16,) * 4,
+                             norm_num_groups=16, latent_channels=4, sample_size=64, use_quant_conv=False,
+                             use_post_quant_conv=False,
                              shift_factor=shift, scaling_factor=scale)
 
 

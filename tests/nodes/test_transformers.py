@@ -127,11 +127,12 @@ def test_original_layout_matches_diffusers_own_conversion_at_flux1_width() -> No
 def test_checkpoint_loader_refuses_a_transformer_only_file_and_unet_loader_takes_it(
         executor: Executor, demo_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "flux-t.safetensors").symlink_to(demo_dir / "diffusion_models" / "tiny-flux.safetensors")
+    transformer_file = demo_dir / "diffusion_models" / "tiny-flux.safetensors"
+    (tmp_path / "checkpoints" / "flux-t.safetensors").symlink_to(transformer_file)
     settings = Settings(models_dirs=(demo_dir, tmp_path), output_dir=tmp_path / "out")
     runner = Executor(executor.registry, settings)
-    result = runner.run(workflow({"c": {"type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux-t.safetensors"}},
-                                  "s": {"type": "Show", "inputs": {"value": ["c", 0]}}}))
+    loader = {"type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux-t.safetensors"}}
+    result = runner.run(workflow({"c": loader, "s": {"type": "Show", "inputs": {"value": ["c", 0]}}}))
     assert result.status == "error" and "UNETLoader" in result.errors[0].message
     result = runner.run(workflow({"u": {"type": "UNETLoader", "inputs": {"unet_name": "tiny-flux.safetensors"}},
                                   "s": {"type": "Show", "inputs": {"value": ["u", 0]}}}))
