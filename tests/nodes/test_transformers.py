@@ -59,7 +59,7 @@ def graph(checkpoint: str = "tiny-flux", loras: tuple[tuple[str, float], ...] = 
 
 def pixels(executor: Executor, wf: dict[str, Any], events: Recorder | None = None) -> np.ndarray:
     result = executor.run(wf, events if events is not None else Recorder())
-    assert result.status == "ok", result.errors
+    assert result.status == "ok", [p.message for p in result.errors]
     out: np.ndarray = result.nodes["show"].outputs["value"].pixels.astype(np.int16)
     return out
 
@@ -285,3 +285,38 @@ def test_unfused_flux_weights_come_back_bitwise(flux_base: Any, demo_dir: Path) 
     assert reconcile(resident, root) == ["restore_base"]
     after = resident.pipe.transformer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------------------------- hot-swap, compile
+
+
+def swap_graph(lora: str, strength: float, compile: bool, schedule: dict[str, Any] | None = None) -> dict[str, Any]:
+    wf = graph(loras=(("tiny-flux-style", strength),), schedule=schedule)
+    nodes = wf["nodes"]
+    nodes["swap"] = {"type": "HotswapLoRA", "inputs": {"model": ["lora0", 0], "lora": f"{lora}.safetensors",
+                                                        "slot": "s0", "strength": strength, "hotswap_rank": 8}}
+    model = ["swap", 0]
+    if compile:
+        nodes["compile"] = {"type": "CompileModel", "inputs": {"model": model}}
+        model = ["compile", 0]
+    (nodes["schedule"] if schedule else nodes["sample"])["inputs"]["model"] = model
+    return wf
+
+
+def test_compiled_flux_transformer_never_recompiles_across_swaps_strengths_and_schedules(
+        registry: Registry, demo_dir: Path, executor: Executor, tmp_path: Path) -> None:
+    compiled = Executor(registry, Settings(models_dirs=(demo_dir,), output_dir=tmp_path))
+    events = Recorder()
+    pixels(compiled, swap_graph("tiny-flux-style", 1.0, compile=True), events)  # compiles once
+    assert [e.kind for e in events.of(ev.NodeInfo)].count("compile") == 1
+    cases = [("tiny-flux-rank8", 0.7, None), ("tiny-flux-subset", 1.2, None), ("tiny-flux-style", 0.5, None),
+             ("tiny-flux-rank8", 1.0, {"kind": "linear", "start": 1.5, "end": 0.2, "ramp_steps": 2})]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lora, strength, schedule in cases:
+            events = Recorder()
+            got = pixels(compiled, swap_graph(lora, strength, True, schedule), events)
+            assert "compile" not in [e.kind for e in events.of(ev.NodeInfo)]
+            messages = [e.message for e in events.of(ev.NodeInfo) if e.kind == "reconcile"]
+            assert any("hotswap:s0" in m for m in messages) or lora == cases[0][0], messages
+            assert all("load:" not in m and "delete:" not in m for m in messages), messages
+            assert_close(got, pixels(executor, swap_graph(lora, strength, False, schedule)))
