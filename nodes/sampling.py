@@ -57,6 +57,11 @@ def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: fl
     from nodes.engine.samplers import CFGDenoiser, sample
     from nodes.engine.sigmas import DiscreteModel, initial_noise, noised_latent, sigma_slice, sigmas
 
+    if model.family in ("sd3", "flux"):
+        from nodes.engine.transformer_sampling import run_flow_sampler
+
+        return run_flow_sampler(ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                denoise=denoise, add_noise=add_noise, start=start, end=end, leftover=leftover)
     with materialize(ctx, model) as resident, ExitStack() as stack:
         unet = resident.pipe.unet
         device, dtype = resident.device, unet.dtype

@@ -86,11 +86,11 @@ def _vae(seed: int, name: str, shift: float, scale: float) -> Any:
     from nodes.engine.demo_models import _seeded
 
     with _seeded(seed, name):
-        # Four levels like the real VAEs (latents are 1/8 of the image), 4 latent channels instead of 16.
+        # Four levels and 16 latent channels, like the real VAEs: latents are 16 × 1/8 of the image.
         return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                              up_block_types=("UpDecoderBlock2D",) * 4,
                              block_out_channels=(16,) * 4,
-                             norm_num_groups=16, latent_channels=4, sample_size=64, use_quant_conv=False,
+                             norm_num_groups=16, latent_channels=16, sample_size=64, use_quant_conv=False,
                              use_post_quant_conv=False,
                              shift_factor=shift, scaling_factor=scale)
 
@@ -102,7 +102,7 @@ def build_flux_pipeline(seed: int = 0) -> Any:
     from nodes.engine.demo_models import _seeded, _tiny_clip
 
     with _seeded(seed, "flux/transformer"):
-        transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                              pooled_projection_dim=32, guidance_embeds=True,
                                              axes_dims_rope=list(FLUX_AXES))
@@ -120,9 +120,9 @@ def build_sd3_pipeline(seed: int = 0) -> Any:
     from nodes.engine.demo_models import _seeded, _tiny_clip
 
     with _seeded(seed, "sd3/transformer"):
-        transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, num_layers=2,
+        transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
                                             attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                            joint_attention_dim=96, pooled_projection_dim=96, out_channels=4)
+                                            joint_attention_dim=96, pooled_projection_dim=96, out_channels=16)
     text_encoder, tokenizer = _tiny_clip(seed, "sd3/text_encoder", "<|endoftext|>", projection=True)
     text_encoder_2, tokenizer_2 = _tiny_clip(seed, "sd3/text_encoder_2", "!", hidden=64, projection=True,
                                              activation="gelu")

@@ -78,6 +78,7 @@ class ModelRecipe:
     # Which target of the pipeline this recipe is for: "unet" (a MODEL: the denoiser) or "clip" (a CLIP: the
     # text encoders, where an adapter's weight is its te_strength). CLIP recipes have no hot-swap or compile.
     part: str = "unet"
+    sampling_shift: float = 0.0  # SD3/Flux: ModelSamplingSD3's shift or ModelSamplingFlux's mu; 0 = the family's
     clip_skip: int = 0  # CLIP only: text-encoder layers skipped from the end (ComfyUI's stop_at_clip_layer -1 - n)
 
     def then(self, op: Adapter | Fuse) -> ModelRecipe:

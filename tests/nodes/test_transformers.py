@@ -74,10 +74,10 @@ def reference(demo_dir: Path, checkpoint: str, loras: tuple[tuple[str, float], .
     if loras:
         pipe.set_adapters([f"s{i}" for i in range(len(loras))], [s for _, s in loras])
     generator = torch.Generator().manual_seed(4)
-    latents = initial_noise(generator, (1, 4, 8, 8))
+    latents = initial_noise(generator, (1, 16, 8, 8))
     kwargs: dict[str, Any] = {}
     if checkpoint == "tiny-flux":
-        latents = pipe._pack_latents(latents, 1, 4, 8, 8)
+        latents = pipe._pack_latents(latents, 1, 16, 8, 8)
     else:
         kwargs["negative_prompt"] = negative or None
     image = pipe(prompt="a red fox", num_inference_steps=steps, guidance_scale=guidance, width=64, height=64,
@@ -215,7 +215,7 @@ def flux_signature(pipe: Any) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
     out: torch.Tensor = pipe.transformer(
-        hidden_states=torch.randn(1, 16, 16, generator=gen), encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
+        hidden_states=torch.randn(1, 16, 64, generator=gen), encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
         pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.6]),
         img_ids=ids.reshape(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5])).sample
     return out
@@ -320,3 +320,95 @@ def test_compiled_flux_transformer_never_recompiles_across_swaps_strengths_and_s
             assert any("hotswap:s0" in m for m in messages) or lora == cases[0][0], messages
             assert all("load:" not in m and "delete:" not in m for m in messages), messages
             assert_close(got, pixels(executor, swap_graph(lora, strength, False, schedule)))
+
+
+# ---------------------------------------------------------------------------------------------- KSampler
+
+
+def comfy_graph(checkpoint: str, cfg: float, steps: int = 3, sampler: str = "euler", scheduler: str = "simple",
+                shift_node: dict[str, Any] | None = None) -> dict[str, Any]:
+    lora = "tiny-flux-style" if checkpoint == "tiny-flux" else "tiny-sd3-style"
+    nodes: dict[str, Any] = {
+        "ckpt": {"type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "lora": {"type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
+                                                  "lora_name": f"{lora}.safetensors", "strength_model": 0.8,
+                                                  "strength_clip": 1.0}},
+        "pos": {"type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["lora", 1]}},
+        "neg": {"type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["lora", 1]}},
+        "lat": {"type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "ks": {"type": "KSampler", "inputs": {"model": ["lora", 0], "seed": 4, "steps": steps, "cfg": cfg,
+                                              "sampler_name": sampler, "scheduler": scheduler,
+                                              "positive": ["pos", 0], "negative": ["neg", 0],
+                                              "latent_image": ["lat", 0], "denoise": 1.0}},
+        "show": {"type": "Show", "inputs": {"value": ["ks", 0]}}}
+    if checkpoint == "tiny-flux":
+        nodes["guide"] = {"type": "FluxGuidance", "inputs": {"conditioning": ["pos", 0], "guidance": 5.0}}
+        nodes["ks"]["inputs"]["positive"] = ["guide", 0]
+    if shift_node:
+        nodes["shift"] = {"type": shift_node["type"], "inputs": {"model": ["lora", 0], **shift_node["inputs"]}}
+        nodes["ks"]["inputs"]["model"] = ["shift", 0]
+    return workflow(nodes)
+
+
+@pytest.mark.parametrize("checkpoint, cfg, shift_node", [
+    ("tiny-flux", 1.0, None),
+    ("tiny-flux", 1.0, {"type": "ModelSamplingFlux", "inputs": {"max_shift": 1.15, "base_shift": 0.5,
+                                                                 "width": 1024, "height": 1024}}),
+    ("tiny-sd3", 4.0, None),
+    ("tiny-sd3", 4.0, {"type": "ModelSamplingSD3", "inputs": {"shift": 6.0}}),
+])
+def test_ksampler_equals_the_diffusers_pipeline_on_the_same_sigmas(
+        executor: Executor, demo_dir: Path, checkpoint: str, cfg: float, shift_node: dict[str, Any] | None) -> None:
+    """ComfyUI's graph (CLIPTextEncode, FluxGuidance, KSampler) against the family's pipeline run with the same
+    sigmas, conditioning, guidance and LoRA: the same latent."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from nodes.engine.flow import FlowModel
+    from nodes.engine.sigmas import sigmas as schedule
+
+    result = executor.run(comfy_graph(checkpoint, cfg, shift_node=shift_node))
+    assert result.status == "ok", [p.message for p in result.errors]
+    ours = result.nodes["show"].outputs["value"].samples
+    family = checkpoint.removeprefix("tiny-")
+    recipe = (result.nodes.get("shift") or result.nodes["lora"]).outputs["MODEL"]
+    assert recipe.sampling_shift == (0.0 if shift_node is None else pytest.approx(
+        {"flux": 1.15, "sd3": 6.0}[family]))
+    sigmas = schedule("simple", FlowModel.for_family(family, recipe.sampling_shift), 3)  # type: ignore[arg-type]
+
+    pipe = load_pipeline(demo_dir / "checkpoints" / checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe.load_lora_weights(str(demo_dir / "loras" / f"tiny-{family}-style.safetensors"), adapter_name="s")
+    pipe.set_adapters(["s"], [0.8])
+    noise = initial_noise(4, (1, 16, 8, 8))
+    kwargs: dict[str, Any] = {"guidance_scale": cfg}
+    if family == "flux":
+        noise = pipe._pack_latents(noise, 1, 16, 8, 8)
+        kwargs["guidance_scale"] = 5.0
+    latents = pipe(prompt="a red fox", num_inference_steps=3, width=64, height=64, latents=noise,
+                   sigmas=sigmas[:-1].tolist(), output_type="latent", **kwargs).images
+    if family == "flux":
+        latents = pipe._unpack_latents(latents, 64, 64, pipe.vae_scale_factor)
+    torch.testing.assert_close(ours, latents.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_flux_shift_is_diffusers_resolution_dependent_shift() -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from nodes.engine.flow import FlowModel, flux_shift
+
+    mu = flux_shift(512, 768)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    scheduler.set_timesteps(sigmas=[0.9, 0.5, 0.1], mu=mu)
+    ours = FlowModel.for_family("flux", mu).sigma(torch.tensor([0.9, 0.5, 0.1]))
+    torch.testing.assert_close(ours, scheduler.sigmas[:-1].float())
+
+
+@pytest.mark.parametrize("change, where", [({"sampler": "euler_ancestral"}, "sampler_name"),
+                                           ({"shift_node": {"type": "ModelSamplingSD3", "inputs": {"shift": 3.0}}},
+                                            "model")])
+def test_flux_ksampler_inputs_it_cannot_honour_are_node_errors(executor: Executor, change: dict[str, Any],
+                                                              where: str) -> None:
+    result = executor.run(comfy_graph("tiny-flux", 1.0, **change))
+    assert result.status == "error"
+    assert result.errors[0].input == where
