@@ -412,3 +412,28 @@ def test_flux_ksampler_inputs_it_cannot_honour_are_node_errors(executor: Executo
     result = executor.run(comfy_graph("tiny-flux", 1.0, **change))
     assert result.status == "error"
     assert result.errors[0].input == where
+
+
+def test_unet_loader_transformer_file_with_a_folders_clip_equals_the_folder(executor: Executor) -> None:
+    """The split (UNETLoader + the CLIP from a folder) samples exactly as the folder's own MODEL does."""
+    whole = comfy_graph("tiny-flux", 1.0)
+    split = comfy_graph("tiny-flux", 1.0)
+    split["nodes"]["unet"] = {"type": "UNETLoader", "inputs": {"unet_name": "tiny-flux.safetensors"}}
+    split["nodes"]["lora2"] = {"type": "LoraLoaderModelOnly", "inputs": {"model": ["unet", 0], "strength_model": 0.8,
+                                                                         "lora_name": "tiny-flux-style.safetensors"}}
+    split["nodes"]["ks"]["inputs"]["model"] = ["lora2", 0]
+    results = [executor.run(wf) for wf in (whole, split)]
+    assert all(r.status == "ok" for r in results), [r.errors for r in results]
+    a, b = (r.nodes["show"].outputs["value"].samples for r in results)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_sample_on_a_transformer_only_model_says_what_is_missing(executor: Executor) -> None:
+    result = executor.run(workflow({
+        "unet": {"type": "UNETLoader", "inputs": {"unet_name": "tiny-flux.safetensors"}},
+        "sample": {"type": "Sample", "inputs": {"model": ["unet", 0], "prompt": "a fox", "steps": 2, "width": 64,
+                                                "height": 64, "guidance": 3.5}},
+        "show": {"type": "Show", "inputs": {"value": ["sample", 0]}}}))
+    assert result.status == "error"
+    assert (result.errors[0].input, result.errors[0].code) == ("model", "wrong_model")
+    assert "text encoders" in result.errors[0].message
