@@ -30,6 +30,8 @@ _SLOT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _checkpoints = ModelChoices("checkpoints", folders=True)
 _loras = ModelChoices("loras")
 _diffusion_models = ModelChoices("diffusion_models", folders=True)
+_text_encoders = ModelChoices("text_encoders")
+_vaes = ModelChoices("vae")
 
 
 def slot_problems(slot: str) -> list[tuple[str | None, str]]:
@@ -265,4 +267,66 @@ class UNETLoader(Node):
         return {"MODEL": ModelRecipe(str(path), file_fingerprint(path), family, dtype)}
 
 
-NODES: list[type[Node]] = [LoadCheckpoint, CheckpointLoaderSimple, LoraLoader, LoraLoaderModelOnly, UNETLoader]
+class DualCLIPLoader(Node):
+    type = "DualCLIPLoader"
+    version = "1.0.0"
+    category = "loaders"
+    description = ("Flux's two text encoders from the text_encoders folder, CLIP-L and T5 (either order), each one "
+                   ".safetensors file in transformers' key layout, as ComfyUI loads them.")
+    inputs = (Input("clip_name1", "COMBO", choices=_text_encoders),
+              Input("clip_name2", "COMBO", choices=_text_encoders),
+              Input("type", "COMBO", default="flux", choices=("flux",)))
+    outputs = (Output("CLIP", "CLIP"),)
+
+    @classmethod
+    def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
+        return [_model_file(settings, "text_encoders", inputs[n], n) for n in ("clip_name1", "clip_name2")]
+
+    def run(self, ctx: Context, clip_name1: str, clip_name2: str, type: str) -> dict[str, Any]:
+        from nodes.engine.checkpoints import CheckpointError
+        from nodes.engine.component_files import flux_text_encoders_folder, text_encoder_kind
+
+        files: dict[str, tuple[Path, str]] = {}
+        for name, value in (("clip_name1", clip_name1), ("clip_name2", clip_name2)):
+            path = _model_file(ctx.settings, "text_encoders", value, name)
+            try:
+                files.setdefault(text_encoder_kind(path), (path, name))
+            except CheckpointError as exc:
+                raise NodeFailure(str(exc), name, "bad_checkpoint") from None
+        if set(files) != {"clip", "t5"}:
+            raise NodeFailure(f"Flux takes one CLIP-L and one T5; both files are {next(iter(files)).upper()}",
+                              "clip_name2", "wrong_model")
+        try:
+            folder = flux_text_encoders_folder(files["clip"][0], files["t5"][0])
+        except CheckpointError as exc:
+            raise NodeFailure(str(exc), files["clip"][1], "bad_checkpoint") from None
+        fingerprint = "+".join(file_fingerprint(path) for path, _ in files.values())
+        return {"CLIP": ModelRecipe(str(folder), fingerprint, "flux", "auto", part="clip")}
+
+
+class VAELoader(Node):
+    type = "VAELoader"
+    version = "1.0.0"
+    category = "loaders"
+    description = "A VAE from the vae folder: one .safetensors file in the original (ldm) key layout, e.g. Flux's ae."
+    inputs = (Input("vae_name", "COMBO", choices=_vaes),)
+    outputs = (Output("VAE", "VAE"),)
+
+    @classmethod
+    def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
+        return [_model_file(settings, "vae", inputs["vae_name"], "vae_name")]
+
+    def run(self, ctx: Context, vae_name: str) -> dict[str, Any]:
+        from nodes.engine.checkpoints import CheckpointError
+        from nodes.engine.component_files import vae_folder
+
+        path = _model_file(ctx.settings, "vae", vae_name, "vae_name")
+        try:
+            folder, family = vae_folder(path)
+        except CheckpointError as exc:
+            raise NodeFailure(str(exc), "vae_name", "bad_checkpoint") from None
+        return {"VAE": ModelRecipe(str(folder), file_fingerprint(path), family, "auto", part="vae")}
+
+
+NODES: list[type[Node]] = [LoadCheckpoint, CheckpointLoaderSimple, LoraLoader, LoraLoaderModelOnly, UNETLoader,
+                           DualCLIPLoader, VAELoader]

@@ -282,7 +282,7 @@ def load_pipeline(
         try:
             # use_safetensors=True makes diffusers fail rather than fall back to pickled .bin weights.
             pipe = DiffusionPipeline.from_pretrained(
-                path, dtype=dtype, local_files_only=True, use_safetensors=True, **fast
+                path, dtype=dtype, local_files_only=True, use_safetensors=True, **fast, **_absent(path)
             )
         except Exception as e:  # diffusers raises many types here; tie them to the folder
             raise CheckpointError(path, f"diffusers could not load it as {family}: {e}") from e
@@ -303,6 +303,13 @@ def load_pipeline(
     except Exception as e:  # diffusers raises many types here; tie them to the file
         raise CheckpointError(path, f"diffusers could not load it as {family}: {e}") from e
     return cast("DiffusionPipeline", pipe)
+
+
+def _absent(folder: Path) -> dict[str, None]:
+    """The components a folder's model_index.json lists as null (a folder of only some components, as ComfyUI's
+    split loaders make), passed as None: diffusers insists on every component of the pipeline class."""
+    index = _read_json(folder / "model_index.json")
+    return {name: None for name, entry in index.items() if not name.startswith("_") and entry == [None, None]}
 
 
 def _require_accelerate(path: Path) -> None:

@@ -6,6 +6,8 @@ flow-matching scheduler) at the tiny widths diffusers' own pipeline tests use, r
 
     checkpoints/tiny-flux/                        diffusers folder, FluxPipeline (dev layout: guidance embedding)
     diffusion_models/tiny-flux.safetensors        its transformer alone, in the original (BFL) key layout
+    text_encoders/tiny-flux-clip_l.safetensors, text_encoders/tiny-flux-t5.safetensors, vae/tiny-flux-ae.safetensors
+                                                  its text encoders and VAE alone, as ComfyUI's loaders take them
     checkpoints/tiny-sd3/                         diffusers folder, StableDiffusion3Pipeline
     loras/tiny-flux-*.safetensors, tiny-sd3-*     LoRAs in diffusers' and Kohya's Flux layouts (DEMO_TRANSFORMER_LORAS)
 
@@ -161,6 +163,32 @@ def write_flux_transformer_file(pipe: Any, path: Path) -> Path:
     return path
 
 
+def write_flux_component_files(pipe: Any, folder: Path) -> list[Path]:
+    """CLIP-L and T5 (transformers' key layout) and the VAE (ldm layout) as one file each, as Flux is shared."""
+    from safetensors.torch import save_file
+
+    from nodes.engine.demo_models import _with_text_model_level, vae_key_to_ldm
+
+    clip, t5, vae = (folder / "text_encoders" / "tiny-flux-clip_l.safetensors",
+                     folder / "text_encoders" / "tiny-flux-t5.safetensors", folder / "vae" / "tiny-flux-ae.safetensors")
+    clip_hints = {"text_encoder": {"num_attention_heads": 4, "hidden_act": "gelu"}}
+    config = pipe.vae.config
+    vae_hints = {"vae": {"norm_num_groups": config.norm_num_groups, "scaling_factor": config.scaling_factor,
+                         "shift_factor": config.shift_factor}}
+    levels = len(config.block_out_channels)
+    vae_state = {}
+    for key, value in pipe.vae.state_dict().items():
+        name = vae_key_to_ldm(key, levels)
+        vae_state[name] = value[:, :, None, None] if ".mid.attn_1." in name and value.ndim == 2 else value
+    t5_state = {k: v for k, v in pipe.text_encoder_2.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    for path, state, hints in ((clip, _with_text_model_level(pipe.text_encoder.state_dict()), clip_hints),
+                               (t5, t5_state, None), (vae, vae_state, vae_hints)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if not k.endswith("position_ids")}
+        save_file(tensors, path, metadata={CONFIG_HINTS_KEY: json.dumps(hints, sort_keys=True)} if hints else None)
+    return [clip, t5, vae]
+
+
 # ---------------------------------------------------------------------------------------------- LoRAs
 
 
@@ -217,6 +245,7 @@ def write_demo_transformers(folder: Path, seed: int) -> None:
     for family, pipe in pipelines.items():
         pipe.save_pretrained(folder / "checkpoints" / f"tiny-{family}", safe_serialization=True)
     write_flux_transformer_file(pipelines["flux"], folder / "diffusion_models" / "tiny-flux.safetensors")
+    write_flux_component_files(pipelines["flux"], folder)
     for name, spec in DEMO_TRANSFORMER_LORAS.items():
         tensors, metadata = make_transformer_lora(pipelines[spec.model], name, seed)
         save_file(tensors, folder / "loras" / f"{name}.safetensors", metadata=metadata)
@@ -225,4 +254,7 @@ def write_demo_transformers(folder: Path, seed: int) -> None:
 def demo_transformer_paths(root: Path) -> list[Path]:
     return [root / "checkpoints" / "tiny-flux", root / "checkpoints" / "tiny-sd3",
             root / "diffusion_models" / "tiny-flux.safetensors",
+            root / "text_encoders" / "tiny-flux-clip_l.safetensors",
+            root / "text_encoders" / "tiny-flux-t5.safetensors",
+            root / "vae" / "tiny-flux-ae.safetensors",
             *(root / "loras" / f"{name}.safetensors" for name in DEMO_TRANSFORMER_LORAS)]

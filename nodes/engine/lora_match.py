@@ -31,6 +31,7 @@ class ModelLayers:
     unet_config: str  # JSON, for diffusers' mapping of SGM block names
     modules: dict[str, dict[str, tuple[int, int]]]
     denoiser: str = "unet"  # "transformer" for SD3 and Flux
+    partial: bool = False  # a folder holding some components only (text encoders or a VAE from ComfyUI's loaders)
 
 
 @functools.lru_cache(maxsize=16)
@@ -58,7 +59,7 @@ def model_layers(checkpoint: str, fingerprint: str) -> ModelLayers:
             elif isinstance(module, torch.nn.Conv2d):
                 found[name] = (module.in_channels, module.out_channels)
     return ModelLayers(path.name, family, json.dumps(dict(unet_config), sort_keys=True, default=str), modules,
-                       denoiser)
+                       denoiser, partial=denoiser not in models)
 
 
 def _text_encoders(folder: Path, index: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +83,9 @@ def _transformer_models(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]
 
     if path.is_dir():
         index = json.loads((path / "model_index.json").read_text())
+        if not index["transformer"][1]:  # text encoders only
+            with torch.device("meta"):
+                return "transformer", {}, _text_encoders(path, index)
         model_class = getattr(diffusers, index["transformer"][1])
         config = model_class.load_config(path / "transformer")
     else:
@@ -101,6 +105,8 @@ def mismatch(lora: str, lora_fingerprint: str, checkpoint: str, fingerprint: str
     model = model_layers(checkpoint, fingerprint)
     for component, layers in lora_files.layers(lora, lora_fingerprint, model.family, model.unet_config).items():
         have = model.modules.get(component)
+        if have is None and model.partial:
+            continue  # a folder of some components (DualCLIPLoader's): the rest is another recipe's
         if have is None:
             return f"it has {component} layers, and {model.name} ({model.family}) has no {component}"
         for module, layer in sorted(layers.items()):

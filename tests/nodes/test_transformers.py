@@ -437,3 +437,38 @@ def test_sample_on_a_transformer_only_model_says_what_is_missing(executor: Execu
     assert result.status == "error"
     assert (result.errors[0].input, result.errors[0].code) == ("model", "wrong_model")
     assert "text encoders" in result.errors[0].message
+
+
+def test_flux_from_four_files_equals_the_folder(executor: Executor) -> None:
+    """ComfyUI's usual Flux graph (UNETLoader + DualCLIPLoader + VAELoader) makes the folder's image exactly."""
+    import nodegraph.workflow as workflow_file
+
+    split = workflow_file.load(Path(__file__).parents[2] / "workflows" / "comfyui" / "flux_split.json")
+    folder = copy.deepcopy(split)
+    folder["nodes"]["11"] = {"type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-flux"}}
+    for node in ("6", "7"):
+        folder["nodes"][node]["inputs"]["clip"] = ["11", 1]
+    folder["nodes"]["8"]["inputs"]["vae"] = ["11", 2]
+    images = []
+    for wf in (split, folder):
+        wf["nodes"]["show"] = {"type": "Show", "inputs": {"value": ["8", 0]}}
+        result = executor.run(wf)
+        assert result.status == "ok", [p.message for p in result.errors]
+        images.append(result.nodes["show"].outputs["value"].pixels)
+    assert np.array_equal(*images)
+    assert images[0].std() > 1
+
+
+def test_split_loaders_name_the_file_that_does_not_fit(executor: Executor, demo_dir: Path, tmp_path: Path) -> None:
+    both_clip = executor.run(workflow({
+        "c": {"type": "DualCLIPLoader", "inputs": {"clip_name1": "tiny-flux-clip_l.safetensors",
+                                                   "clip_name2": "tiny-flux-clip_l.safetensors"}},
+        "s": {"type": "Show", "inputs": {"value": ["c", 0]}}}))
+    assert (both_clip.errors[0].input, both_clip.errors[0].code) == ("clip_name2", "wrong_model")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "t5.safetensors").symlink_to(demo_dir / "text_encoders" / "tiny-flux-t5.safetensors")
+    runner = Executor(executor.registry, Settings(models_dirs=(tmp_path,), output_dir=tmp_path / "out"))
+    not_a_vae = runner.run(workflow({"v": {"type": "VAELoader", "inputs": {"vae_name": "t5.safetensors"}},
+                                     "s": {"type": "Show", "inputs": {"value": ["v", 0]}}}))
+    assert (not_a_vae.errors[0].input, not_a_vae.errors[0].code) == ("vae_name", "bad_checkpoint")
+    assert "not a VAE" in not_a_vae.errors[0].message
