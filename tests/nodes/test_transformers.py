@@ -282,6 +282,7 @@ def test_unfused_flux_weights_come_back_bitwise(flux_base: Any, demo_dir: Path) 
     before = {k: v.clone() for k, v in resident.pipe.transformer.state_dict().items()}
     lora = root.then(adapter_at(demo_dir / "loras" / "tiny-flux-kohya.safetensors", "a", 0.7))
     assert "fuse" in reconcile(resident, lora.then(Fuse(("a",), 1.0)))
+    assert any(not torch.equal(before[k], v) for k, v in resident.pipe.transformer.state_dict().items())
     assert reconcile(resident, root) == ["restore_base"]
     after = resident.pipe.transformer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -472,3 +473,31 @@ def test_split_loaders_name_the_file_that_does_not_fit(executor: Executor, demo_
                                      "s": {"type": "Show", "inputs": {"value": ["v", 0]}}}))
     assert (not_a_vae.errors[0].input, not_a_vae.errors[0].code) == ("vae_name", "bad_checkpoint")
     assert "not a VAE" in not_a_vae.errors[0].message
+
+
+def test_sweep_over_flux_lora_files_in_a_hot_swapped_slot_equals_each_run_alone(
+        registry: Registry, demo_dir: Path, executor: Executor, tmp_path: Path) -> None:
+    from nodegraph.sweep import Axis, run_sweep
+
+    wf = swap_graph("tiny-flux-rank8", 0.9, compile=False)
+    files = ("tiny-flux-rank8.safetensors", "tiny-flux-subset.safetensors", "tiny-flux-style.safetensors")
+    swept = run_sweep(Executor(registry, Settings(models_dirs=(demo_dir,), output_dir=tmp_path)), wf,
+                      [Axis("swap", "lora", files)])
+    assert swept.status == "ok", swept.to_json()
+    for job, lora in zip(swept.jobs, files, strict=True):
+        assert job.result is not None
+        got = job.result.nodes["show"].outputs["value"].pixels.astype(np.int16)
+        assert_close(got, pixels(executor, swap_graph(lora.removesuffix(".safetensors"), 0.9, compile=False)))
+
+
+def test_unfused_sd3_weights_come_back_bitwise(demo_dir: Path) -> None:
+    pipe = load_pipeline(demo_dir / "checkpoints" / "tiny-sd3")
+    root = ModelRecipe(str(demo_dir / "checkpoints" / "tiny-sd3"), "f", "sd3", "fp32")
+    resident = Resident.fresh(pipe, root)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    lora = root.then(adapter_at(demo_dir / "loras" / "tiny-sd3-style.safetensors", "a", 0.7))
+    assert "fuse" in reconcile(resident, lora.then(Fuse(("a",), 1.0)))
+    assert any(not torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())
+    assert reconcile(resident, root) == ["restore_base"]
+    after = pipe.transformer.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
