@@ -79,14 +79,14 @@ def fit_upstream(literals: dict[str, Any], upstream: Callable[[str], Upstream | 
     name = literals.get(lora_input)
     source = upstream("model") or upstream("clip")
     for _ in range(256):  # back through the MODEL/CLIP chain to its checkpoint loader
-        if source is None or source.type in ("LoadCheckpoint", "CheckpointLoaderSimple"):
+        if source is None or source.type in ("LoadCheckpoint", "CheckpointLoaderSimple", "UNETLoader"):
             break
         source = source.input("model") or source.input("clip")
     if settings is None or not isinstance(name, str) or source is None:
         return []
-    checkpoint = source.literals.get("checkpoint", source.literals.get("ckpt_name"))
+    checkpoint = source.literals.get("checkpoint", source.literals.get("ckpt_name", source.literals.get("unet_name")))
     try:
-        ckpt = settings.resolve_model("checkpoints", checkpoint)
+        ckpt = settings.resolve_model("diffusion_models" if source.type == "UNETLoader" else "checkpoints", checkpoint)
         path = settings.resolve_model("loras", name)
         problem = fit_problem(str(ckpt), file_fingerprint(ckpt), path, file_fingerprint(path), block_scales,
                               lora_input)

@@ -501,3 +501,19 @@ def test_unfused_sd3_weights_come_back_bitwise(demo_dir: Path) -> None:
     assert reconcile(resident, root) == ["restore_base"]
     after = pipe.transformer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("loader", [
+    {"type": "LoadCheckpoint", "inputs": {"checkpoint": "tiny-flux"}},
+    {"type": "UNETLoader", "inputs": {"unet_name": "tiny-flux.safetensors"}},
+])
+def test_a_lora_for_another_architecture_is_a_validation_error_on_flux(executor: Executor,
+                                                                       loader: dict[str, Any]) -> None:
+    result = executor.run(workflow({
+        "m": loader,
+        "l": {"type": "LoraLoaderModelOnly", "inputs": {"model": ["m", 0], "lora_name": "tiny-sd15-style.safetensors",
+                                                        "strength_model": 1.0}},
+        "s": {"type": "Show", "inputs": {"value": ["l", 0]}}}))
+    assert result.status == "invalid"
+    assert (result.errors[0].node_id, result.errors[0].input, result.errors[0].code) == ("l", "lora_name",
+                                                                                        "wrong_model")
