@@ -124,7 +124,8 @@ def build_sd3_pipeline(seed: int = 0) -> Any:
     with _seeded(seed, "sd3/transformer"):
         transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
                                             attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                            joint_attention_dim=96, pooled_projection_dim=96, out_channels=16)
+                                            joint_attention_dim=96, pooled_projection_dim=96, out_channels=16,
+                                            pos_embed_max_size=32)  # positions for up to 512×512 images
     text_encoder, tokenizer = _tiny_clip(seed, "sd3/text_encoder", "<|endoftext|>", projection=True)
     text_encoder_2, tokenizer_2 = _tiny_clip(seed, "sd3/text_encoder_2", "!", hidden=64, projection=True,
                                              activation="gelu")
