@@ -163,5 +163,6 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
 
 
 def unet_targets(path: str, fingerprint: str, family: str, unet_config: str = "") -> frozenset[str]:
-    """The UNet modules a LoRA file has layers for, by their names in the model."""
-    return frozenset(layers(path, fingerprint, family, unet_config).get("unet", {}))
+    """The denoiser modules (UNet, or SD3's and Flux's transformer) a LoRA file has layers for, by their names."""
+    found = layers(path, fingerprint, family, unet_config)
+    return frozenset(found.get("unet") or found.get("transformer") or {})

@@ -517,3 +517,11 @@ def test_a_lora_for_another_architecture_is_a_validation_error_on_flux(executor:
     assert result.status == "invalid"
     assert (result.errors[0].node_id, result.errors[0].input, result.errors[0].code) == ("l", "lora_name",
                                                                                         "wrong_model")
+
+
+def test_hotswap_of_a_flux_file_with_layers_outside_the_slot_is_refused_on_the_node(executor: Executor) -> None:
+    result = executor.run(swap_graph("tiny-flux-kohya", 1.0, compile=False))
+    assert result.status == "error"
+    problem = result.errors[0]
+    assert (problem.node_id, problem.input, problem.code) == ("swap", "lora", "not_swappable")
+    assert "to_add_out" in problem.message or "proj_out" in problem.message
