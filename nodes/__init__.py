@@ -15,6 +15,7 @@ from nodes import (  # noqa: E402
     load_image,
     loaders,
     lora,
+    model_sampling,
     output,
     sampling,
     upscale,
@@ -22,4 +23,4 @@ from nodes import (  # noqa: E402
 )
 
 NODES = [*utility.NODES, *loaders.NODES, *lora.NODES, *conditioning.NODES, *latent.NODES, *controlnet.NODES,
-         *sampling.NODES, *load_image.NODES, *upscale.NODES, *inpaint.NODES, *output.NODES]
+         *sampling.NODES, *model_sampling.NODES, *load_image.NODES, *upscale.NODES, *inpaint.NODES, *output.NODES]

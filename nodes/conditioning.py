@@ -1,4 +1,5 @@
-"""ComfyUI's conditioning nodes: CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine, ConditioningZeroOut.
+"""ComfyUI's conditioning nodes: CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine, ConditioningZeroOut,
+FluxGuidance.
 
 A prompt is encoded once by the text encoders of the CLIP recipe (its LoRAs reconciled on the text
 encoders only) and cached like any value: changing the negative prompt re-runs only its encoder.
@@ -19,7 +20,8 @@ class CLIPTextEncode(Node):
     type = "CLIPTextEncode"
     version = "1.0.0"
     category = "conditioning"
-    description = "Encodes a prompt with the CLIP's text encoders (SDXL: both, plus the pooled embedding)."
+    description = ("Encodes a prompt with the CLIP's text encoders (SDXL: both, plus the pooled embedding; SD3 and "
+                   "Flux: CLIP and T5, as their pipelines do).")
     inputs = (Input("text", "STRING", default="", multiline=True), Input("clip", "CLIP"))
     outputs = (Output("CONDITIONING", "CONDITIONING"),)
 
@@ -28,11 +30,14 @@ class CLIPTextEncode(Node):
 
 
 def encode_text(ctx: Context, text: str, clip: ModelRecipe) -> Conditioning:
-    """A prompt's conditioning from the text encoders of the CLIP recipe (SDXL: both, plus the pooled one)."""
+    """A prompt's conditioning from the text encoders of the CLIP recipe (SDXL: both, plus the pooled one;
+    SD3 and Flux: see `_encode_transformer_family`)."""
     import torch
 
     from nodes.engine.pipelines import materialize
 
+    if clip.family in ("sd3", "flux"):
+        return Conditioning((_encode_transformer_family(ctx, clip, text),))
     with materialize(ctx, clip) as resident:
         pipe = resident.pipe
         layers = pipe.text_encoder.config.num_hidden_layers
@@ -47,6 +52,29 @@ def encode_text(ctx: Context, text: str, clip: ModelRecipe) -> Conditioning:
             else:
                 embeds, pooled = _encode(pipe, text, resident.device, clip.clip_skip), None
     return Conditioning((CondEntry(embeds, pooled),))
+
+
+def _encode_transformer_family(ctx: Context, clip: ModelRecipe, text: str) -> CondEntry:
+    """SD3: CLIP-L and CLIP-G hidden states beside T5's, and both pooled; Flux: T5's states and CLIP-L pooled.
+    The pipeline's own `encode_prompt`, so the embeddings are exactly what its Sample uses."""
+    import torch
+
+    from nodes.engine.pipelines import materialize
+
+    if clip.clip_skip:
+        raise NodeFailure("stop_at_clip_layer is for SD1.x/2.x and SDXL; leave it at -1 here", "clip", "invalid_value")
+    with materialize(ctx, clip) as resident, torch.inference_mode():
+        pipe = resident.pipe
+        if pipe.text_encoder is None:
+            raise NodeFailure(f"{clip.checkpoint.rsplit('/', 1)[-1]} has no text encoders (a transformer-only file)",
+                              "clip", "wrong_model")
+        if clip.family == "flux":
+            embeds, pooled, _ = pipe.encode_prompt(text, prompt_2=None, device=resident.device,
+                                                   num_images_per_prompt=1)
+        else:
+            embeds, _, pooled, _ = pipe.encode_prompt(text, prompt_2=None, prompt_3=None, device=resident.device,
+                                                      num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return CondEntry(embeds, pooled)
 
 
 def _encode(pipe: Any, text: str, device: str, skip: int) -> Any:
@@ -102,4 +130,18 @@ class ConditioningZeroOut(Node):
             for e in conditioning.entries))}
 
 
-NODES: list[type[Node]] = [CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine, ConditioningZeroOut]
+class FluxGuidance(Node):
+    type = "FluxGuidance"
+    version = "1.0.0"
+    category = "conditioning"
+    description = ("Flux dev's guidance, embedded in the model rather than CFG (run KSampler at cfg 1): set on every "
+                   "entry of the conditioning. Without it, 3.5.")
+    inputs = (Input("conditioning", "CONDITIONING"),
+              Input("guidance", "FLOAT", default=3.5, min=0.0, max=100.0, step=0.1))
+    outputs = (Output("CONDITIONING", "CONDITIONING"),)
+
+    def run(self, ctx: Context, conditioning: Conditioning, guidance: float) -> dict[str, Any]:
+        return {"CONDITIONING": Conditioning(tuple(e.with_extras(guidance=guidance) for e in conditioning.entries))}
+
+
+NODES: list[type[Node]] = [CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine, ConditioningZeroOut, FluxGuidance]

@@ -1,4 +1,4 @@
-"""ComfyUI's latent nodes: EmptyLatentImage, VAEDecode, VAEEncode.
+"""ComfyUI's latent nodes: EmptyLatentImage, EmptySD3LatentImage, VAEDecode, VAEEncode.
 
 A LATENT holds the VAE's latents unscaled (as the UNet sees them: encoded × the VAE's scaling
 factor), one eighth of the image's size, like ComfyUI's. Pixels follow ComfyUI too: VAEDecode maps
@@ -65,7 +65,9 @@ def decode(ctx: Context, samples: Latent, vae: ModelRecipe, params: dict[str, An
         if samples.samples.shape[1] != model.config.latent_channels:
             raise NodeFailure(f"the latent has {samples.samples.shape[1]} channels; this VAE takes "
                               f"{model.config.latent_channels}", "samples", "wrong_latent")
-        latents = samples.samples.to(resident.device, model.dtype) / model.config.scaling_factor
+        # SD3's and Flux's VAEs also shift their latents (`shift_factor`); SD's have none.
+        shift = model.config.get("shift_factor") or 0.0
+        latents = samples.samples.to(resident.device, model.dtype) / model.config.scaling_factor + shift
         height, width = (8 * side for side in latents.shape[-2:])
         with torch.inference_mode(), bounded_decode(ctx, model, width, height):
             images = model.decode(latents).sample.float().cpu()
@@ -116,7 +118,22 @@ def encode_pixels(ctx: Context, x: Any, vae: ModelRecipe) -> Any:
             for one in (x * 2 - 1).to(resident.device, model.dtype):
                 out.append(model.encode(one[None]).latent_dist.mode().float().cpu())
                 ctx.check_cancelled()
-        return torch.cat(out) * model.config.scaling_factor
+        return (torch.cat(out) - (model.config.get("shift_factor") or 0.0)) * model.config.scaling_factor
 
 
-NODES: list[type[Node]] = [EmptyLatentImage, VAEDecode, VAEEncode]
+class EmptySD3LatentImage(Node):
+    type = "EmptySD3LatentImage"
+    version = "1.0.0"
+    category = "latent"
+    description = "An empty (zero) latent of 16 channels, for SD3 and Flux, as ComfyUI's."
+    inputs = EmptyLatentImage.inputs
+    outputs = (Output("LATENT", "LATENT"),)
+    check = EmptyLatentImage.check
+
+    def run(self, ctx: Context, width: int, height: int, batch_size: int) -> dict[str, Any]:
+        import torch
+
+        return {"LATENT": Latent(torch.zeros(batch_size, 16, height // 8, width // 8))}
+
+
+NODES: list[type[Node]] = [EmptyLatentImage, VAEDecode, VAEEncode, EmptySD3LatentImage]

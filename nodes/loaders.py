@@ -29,6 +29,9 @@ _SLOT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 _checkpoints = ModelChoices("checkpoints", folders=True)
 _loras = ModelChoices("loras")
+_diffusion_models = ModelChoices("diffusion_models", folders=True)
+_text_encoders = ModelChoices("text_encoders")
+_vaes = ModelChoices("vae")
 
 
 def slot_problems(slot: str) -> list[tuple[str | None, str]]:
@@ -76,14 +79,14 @@ def fit_upstream(literals: dict[str, Any], upstream: Callable[[str], Upstream | 
     name = literals.get(lora_input)
     source = upstream("model") or upstream("clip")
     for _ in range(256):  # back through the MODEL/CLIP chain to its checkpoint loader
-        if source is None or source.type in ("LoadCheckpoint", "CheckpointLoaderSimple"):
+        if source is None or source.type in ("LoadCheckpoint", "CheckpointLoaderSimple", "UNETLoader"):
             break
         source = source.input("model") or source.input("clip")
     if settings is None or not isinstance(name, str) or source is None:
         return []
-    checkpoint = source.literals.get("checkpoint", source.literals.get("ckpt_name"))
+    checkpoint = source.literals.get("checkpoint", source.literals.get("ckpt_name", source.literals.get("unet_name")))
     try:
-        ckpt = settings.resolve_model("checkpoints", checkpoint)
+        ckpt = settings.resolve_model("diffusion_models" if source.type == "UNETLoader" else "checkpoints", checkpoint)
         path = settings.resolve_model("loras", name)
         problem = fit_problem(str(ckpt), file_fingerprint(ckpt), path, file_fingerprint(path), block_scales,
                               lora_input)
@@ -115,7 +118,7 @@ class LoadCheckpoint(Node):
     category = "model"
     description = (
         "A checkpoint from the models folder: a diffusers folder or a single .safetensors file "
-        "(SD1.x/2.x, SDXL). Outputs a MODEL recipe; the weights load when a Sample needs them."
+        "(SD1.x/2.x, SDXL; SD3 and Flux as folders). Outputs a MODEL recipe; the weights load when a Sample needs them."
     )
     inputs = (
         Input("checkpoint", "COMBO", choices=_checkpoints),
@@ -140,9 +143,17 @@ def checkpoint_recipe(ctx: Context, name: str, dtype: str, input_name: str) -> M
         family = detect_family(path)
     except CheckpointError as exc:
         raise NodeFailure(str(exc), input_name, "bad_checkpoint") from None
-    if family not in ("sd15", "sd2", "sdxl"):
+    if family not in ("sd15", "sd2", "sdxl", "sd3", "flux"):
         raise NodeFailure(f"{name}: {family} checkpoints are not supported yet", input_name, "bad_checkpoint")
     return ModelRecipe(str(path), file_fingerprint(path), family, dtype)
+
+
+def transformer_only(recipe: ModelRecipe) -> bool:
+    """A Flux transformer-only file: a MODEL, with no text encoders or VAE to offer."""
+    from nodes.engine.transformer_checkpoints import is_transformer_file
+
+    path = Path(recipe.checkpoint)
+    return path.is_file() and recipe.family == "flux" and is_transformer_file(path)
 
 
 
@@ -164,6 +175,10 @@ class CheckpointLoaderSimple(Node):
 
     def run(self, ctx: Context, ckpt_name: str) -> dict[str, Any]:
         model = checkpoint_recipe(ctx, ckpt_name, "auto", "ckpt_name")
+        if transformer_only(model):
+            raise NodeFailure(f"{ckpt_name} holds only a Flux transformer (no text encoders or VAE): load it with "
+                              "UNETLoader, and the CLIP and VAE from a Flux diffusers folder", "ckpt_name",
+                              "bad_checkpoint")
         return {"MODEL": model, "CLIP": model.clip(), "VAE": replace(model, part="vae")}
 
 
@@ -223,4 +238,95 @@ class LoraLoaderModelOnly(Node):
         return {"MODEL": _with_lora(ctx, model, lora_name, strength_model)[1]}
 
 
-NODES: list[type[Node]] = [LoadCheckpoint, CheckpointLoaderSimple, LoraLoader, LoraLoaderModelOnly]
+class UNETLoader(Node):
+    type = "UNETLoader"
+    version = "1.0.0"
+    category = "loaders"
+    description = ("A denoiser alone, as ComfyUI's Load Diffusion Model: a Flux transformer file (original or ComfyUI "
+                   "layout) from the diffusion_models folder, or a diffusers folder. Take the CLIP and VAE from a "
+                   "folder of the same family (CheckpointLoaderSimple).")
+    inputs = (Input("unet_name", "COMBO", choices=_diffusion_models),
+              Input("weight_dtype", "COMBO", default="default", choices=("default", "fp32", "fp16", "bf16")))
+    outputs = (Output("MODEL", "MODEL"),)
+
+    @classmethod
+    def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
+        return [_model_file(settings, "diffusion_models", inputs["unet_name"], "unet_name")]
+
+    def run(self, ctx: Context, unet_name: str, weight_dtype: str) -> dict[str, Any]:
+        from nodes.engine.checkpoints import CheckpointError, detect_family
+
+        path = _model_file(ctx.settings, "diffusion_models", unet_name, "unet_name")
+        try:
+            family = detect_family(path)
+        except CheckpointError as exc:
+            raise NodeFailure(str(exc), "unet_name", "bad_checkpoint") from None
+        if family not in ("sd15", "sd2", "sdxl", "sd3", "flux"):
+            raise NodeFailure(f"{unet_name}: {family} models are not supported yet", "unet_name", "bad_checkpoint")
+        dtype = "auto" if weight_dtype == "default" else weight_dtype
+        return {"MODEL": ModelRecipe(str(path), file_fingerprint(path), family, dtype)}
+
+
+class DualCLIPLoader(Node):
+    type = "DualCLIPLoader"
+    version = "1.0.0"
+    category = "loaders"
+    description = ("Flux's two text encoders from the text_encoders folder, CLIP-L and T5 (either order), each one "
+                   ".safetensors file in transformers' key layout, as ComfyUI loads them.")
+    inputs = (Input("clip_name1", "COMBO", choices=_text_encoders),
+              Input("clip_name2", "COMBO", choices=_text_encoders),
+              Input("type", "COMBO", default="flux", choices=("flux",)))
+    outputs = (Output("CLIP", "CLIP"),)
+
+    @classmethod
+    def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
+        return [_model_file(settings, "text_encoders", inputs[n], n) for n in ("clip_name1", "clip_name2")]
+
+    def run(self, ctx: Context, clip_name1: str, clip_name2: str, type: str) -> dict[str, Any]:
+        from nodes.engine.checkpoints import CheckpointError
+        from nodes.engine.component_files import flux_text_encoders_folder, text_encoder_kind
+
+        files: dict[str, tuple[Path, str]] = {}
+        for name, value in (("clip_name1", clip_name1), ("clip_name2", clip_name2)):
+            path = _model_file(ctx.settings, "text_encoders", value, name)
+            try:
+                files.setdefault(text_encoder_kind(path), (path, name))
+            except CheckpointError as exc:
+                raise NodeFailure(str(exc), name, "bad_checkpoint") from None
+        if set(files) != {"clip", "t5"}:
+            raise NodeFailure(f"Flux takes one CLIP-L and one T5; both files are {next(iter(files)).upper()}",
+                              "clip_name2", "wrong_model")
+        try:
+            folder = flux_text_encoders_folder(files["clip"][0], files["t5"][0])
+        except CheckpointError as exc:
+            raise NodeFailure(str(exc), files["clip"][1], "bad_checkpoint") from None
+        fingerprint = "+".join(file_fingerprint(path) for path, _ in files.values())
+        return {"CLIP": ModelRecipe(str(folder), fingerprint, "flux", "auto", part="clip")}
+
+
+class VAELoader(Node):
+    type = "VAELoader"
+    version = "1.0.0"
+    category = "loaders"
+    description = "A VAE from the vae folder: one .safetensors file in the original (ldm) key layout, e.g. Flux's ae."
+    inputs = (Input("vae_name", "COMBO", choices=_vaes),)
+    outputs = (Output("VAE", "VAE"),)
+
+    @classmethod
+    def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
+        return [_model_file(settings, "vae", inputs["vae_name"], "vae_name")]
+
+    def run(self, ctx: Context, vae_name: str) -> dict[str, Any]:
+        from nodes.engine.checkpoints import CheckpointError
+        from nodes.engine.component_files import vae_folder
+
+        path = _model_file(ctx.settings, "vae", vae_name, "vae_name")
+        try:
+            folder, family = vae_folder(path)
+        except CheckpointError as exc:
+            raise NodeFailure(str(exc), "vae_name", "bad_checkpoint") from None
+        return {"VAE": ModelRecipe(str(folder), file_fingerprint(path), family, "auto", part="vae")}
+
+
+NODES: list[type[Node]] = [LoadCheckpoint, CheckpointLoaderSimple, LoraLoader, LoraLoaderModelOnly, UNETLoader,
+                           DualCLIPLoader, VAELoader]

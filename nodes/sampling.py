@@ -59,6 +59,11 @@ def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: fl
     from nodes.engine.samplers import CFGDenoiser, sample
     from nodes.engine.sigmas import DiscreteModel, initial_noise, noised_latent, sigma_slice, sigmas
 
+    if model.family in ("sd3", "flux"):
+        from nodes.engine.transformer_sampling import run_flow_sampler
+
+        return run_flow_sampler(ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                denoise=denoise, add_noise=add_noise, start=start, end=end, leftover=leftover)
     with materialize(ctx, model) as resident, ExitStack() as stack:
         unet = resident.pipe.unet
         device, dtype = resident.device, unet.dtype
@@ -178,7 +183,8 @@ class Sample(Node):
     category = "sampling"
     description = (
         "Text to image in one node: CLIPTextEncode ×2, EmptyLatentImage, KSampler and VAEDecode on the MODEL's "
-        "checkpoint (its LoRAs on the text encoders too), with the same pixels as that graph."
+        "checkpoint (its LoRAs on the text encoders too), with the same pixels as that graph. Flux: `guidance` is "
+        "FluxGuidance's (KSampler at cfg 1, no negative prompt); SD3 and Flux start from 16-channel latents."
     )
     inputs = (
         Input("model", "MODEL"),
@@ -228,9 +234,21 @@ class Sample(Node):
             raise NodeFailure(problem, name, "invalid_value")
         check_activations(ctx, model, width, height, batch_size, guidance)
         clip, vae = model.clip(), replace(model.bare(), part="vae")
-        positive, negative = encode_text(ctx, prompt, clip), encode_text(ctx, negative_prompt, clip)
-        empty = Latent(torch.zeros(batch_size, 4, height // 8, width // 8))
-        latent = run_sampler(ctx, model, seed, steps, guidance, sampler_name, scheduler, positive, negative, empty)
+        flux = model.family == "flux"
+        if flux and negative_prompt:
+            raise NodeFailure("Flux takes no negative prompt (its guidance is embedded in the model); leave it empty",
+                              "negative_prompt", "invalid_value")
+        try:
+            positive = encode_text(ctx, prompt, clip)
+            negative = positive if flux else encode_text(ctx, negative_prompt, clip)  # Flux: never used at cfg 1
+        except NodeFailure as exc:  # Sample's text encoders are its model's
+            raise NodeFailure(str(exc), "model" if exc.input == "clip" else exc.input, exc.code) from None
+        cfg = guidance
+        if flux:  # FluxGuidance, then KSampler at cfg 1: Flux dev's guidance is an input of the model
+            positive, cfg = Conditioning(tuple(e.with_extras(guidance=guidance) for e in positive.entries)), 1.0
+        channels = 16 if model.family in ("sd3", "flux") else 4  # EmptySD3LatentImage or EmptyLatentImage
+        empty = Latent(torch.zeros(batch_size, channels, height // 8, width // 8))
+        latent = run_sampler(ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, empty)
         params = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
                   "guidance": guidance, "width": width, "height": height, "sampler_name": sampler_name,
                   "scheduler": scheduler, "model": model.summary()}

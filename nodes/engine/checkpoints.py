@@ -1,7 +1,8 @@
 """Offline inspection and loading of diffusion checkpoints: diffusers folders and single safetensors files.
 
     detect_family(path)                          -> "sd15" | "sd2" | "sdxl" | "sdxl-refiner" | "sd3" | "flux"
-    load_pipeline(path, torch_dtype, cache_dir)  -> a diffusers pipeline (sd15, sd2 and sdxl)
+    load_pipeline(path, torch_dtype, cache_dir)  -> a diffusers pipeline (every family as a folder; sd15, sd2 and
+                                                    sdxl single files; Flux transformer-only files)
 
 Rules this module keeps:
 - Only safetensors are read. `.ckpt`/`.pt`/`.bin` and any other pickle are refused before a byte of them is
@@ -281,13 +282,17 @@ def load_pipeline(
         try:
             # use_safetensors=True makes diffusers fail rather than fall back to pickled .bin weights.
             pipe = DiffusionPipeline.from_pretrained(
-                path, dtype=dtype, local_files_only=True, use_safetensors=True, **fast
+                path, dtype=dtype, local_files_only=True, use_safetensors=True, **fast, **_absent(path)
             )
         except Exception as e:  # diffusers raises many types here; tie them to the folder
             raise CheckpointError(path, f"diffusers could not load it as {family}: {e}") from e
         return cast("DiffusionPipeline", pipe)
     header = read_header(path)
     family = _single_file_family(path, header.shapes)
+    if family in ("sd3", "flux"):
+        from nodes.engine.transformer_checkpoints import load_transformer_file
+
+        return cast("DiffusionPipeline", load_transformer_file(path, family, dtype))
     config_dir = single_file_config_dir(path, header, family, cache_dir)
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     try:
@@ -298,6 +303,13 @@ def load_pipeline(
     except Exception as e:  # diffusers raises many types here; tie them to the file
         raise CheckpointError(path, f"diffusers could not load it as {family}: {e}") from e
     return cast("DiffusionPipeline", pipe)
+
+
+def _absent(folder: Path) -> dict[str, None]:
+    """The components a folder's model_index.json lists as null (a folder of only some components, as ComfyUI's
+    split loaders make), passed as None: diffusers insists on every component of the pipeline class."""
+    index = _read_json(folder / "model_index.json")
+    return {name: None for name, entry in index.items() if not name.startswith("_") and entry == [None, None]}
 
 
 def _require_accelerate(path: Path) -> None:

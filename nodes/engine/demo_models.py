@@ -7,6 +7,8 @@ a CPU. `make_demo_models(root)` writes them into a models folder:
     checkpoints/tiny-sd15/               diffusers folder, StableDiffusionPipeline (PNDM scheduler)
     checkpoints/tiny-sd15.safetensors    the same weights as one file in the ldm / A1111 key layout
     checkpoints/tiny-sdxl/               diffusers folder, StableDiffusionXLPipeline (Euler scheduler)
+    checkpoints/tiny-flux/, tiny-sd3/    Flux and SD3 (nodes/engine/demo_transformers.py), with
+    diffusion_models/tiny-flux.safetensors   Flux's transformer alone, and their LoRAs
     loras/<name>.safetensors             the LoRAs described by DEMO_LORAS
     controlnet/tiny-sd15-controlnet/     a ControlNet for tiny-sd15 (diffusers folder), and the same weights
     controlnet/tiny-sd15-controlnet.safetensors, controlnet/tiny-sdxl-controlnet.safetensors  as one file each
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nodes.engine.checkpoints import CONFIG_HINTS_KEY, demo_clip_tokenizer, scheduler_config
+from nodes.engine.demo_transformers import demo_transformer_paths, write_demo_transformers
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
 DemoPipeline = Any
 
 #: Bump whenever anything generated changes; older folders are then regenerated.
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 MANIFEST_NAME = ".nodegraph-demo.json"
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -139,6 +142,7 @@ def demo_model_paths(root: Path) -> list[Path]:
         checkpoints / "tiny-sdxl",
         *loras,
         *demo_controlnet_paths(root),
+        *demo_transformer_paths(Path(root)),
     ]
 
 
@@ -188,6 +192,7 @@ def _generate(folder: Path, seed: int) -> None:
         tensors, metadata = make_lora(pipelines[spec.model], name, seed)
         save_file(tensors, loras / f"{name}.safetensors", metadata=metadata)
     write_demo_controlnets(folder, seed, pipelines)
+    write_demo_transformers(folder, seed)
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -34,7 +34,7 @@ _UNSUPPORTED = (
     (".lora_mid.", "LyCORIS LoCon with Tucker decomposition (lora_mid)"),
     (".dora_scale", "DoRA in Kohya/LyCORIS form (dora_scale), which diffusers would load without its magnitudes"),
 )
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 class LoraFileError(ValueError):
@@ -45,7 +45,7 @@ class LoraFileError(ValueError):
 class LoraInfo:
     format: str  # "kohya" or "peft" (diffusers/PEFT in any of its layouts)
     ranks: dict[str, int]  # module key (as written in the file) -> rank
-    components: frozenset[str]  # unet, text_encoder, text_encoder_2
+    components: frozenset[str]  # unet (the denoiser, a transformer for SD3 and Flux), text_encoder, text_encoder_2
 
     @property
     def max_rank(self) -> int:
@@ -103,7 +103,7 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
     `unet_config` (JSON) lets SDXL Kohya files with SGM block names map like diffusers maps them.
     """
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.configuration_utils import FrozenDict
     from diffusers.utils import (
         convert_state_dict_to_diffusers,
@@ -125,9 +125,11 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
         if unet_config:
             kwargs["unet_config"] = FrozenDict(json.loads(unet_config))
     else:
-        pipeline = StableDiffusionPipeline
+        pipeline = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}.get(family, StableDiffusionPipeline)
     try:
-        converted, _ = pipeline.lora_state_dict(state, **kwargs)
+        converted = pipeline.lora_state_dict(state, **kwargs)
+        if isinstance(converted, tuple):  # (state, alphas) for SD/SDXL; the state alone for SD3 and Flux
+            converted = converted[0]
     except Exception as exc:  # diffusers raises many types for layouts it does not know
         raise LoraFileError(f"{name}: diffusers cannot convert its keys ({type(exc).__name__}: {exc})") from None
     parts: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
@@ -145,7 +147,7 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
     for component, part in parts.items():
         if not part:
             continue
-        peft = convert_unet_state_dict_to_peft(part) if component == "unet" else \
+        peft = convert_unet_state_dict_to_peft(part) if component in ("unet", "transformer") else \
             convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
         found = {}
         for key, down in peft.items():
@@ -161,5 +163,6 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
 
 
 def unet_targets(path: str, fingerprint: str, family: str, unet_config: str = "") -> frozenset[str]:
-    """The UNet modules a LoRA file has layers for, by their names in the model."""
-    return frozenset(layers(path, fingerprint, family, unet_config).get("unet", {}))
+    """The denoiser modules (UNet, or SD3's and Flux's transformer) a LoRA file has layers for, by their names."""
+    found = layers(path, fingerprint, family, unet_config)
+    return frozenset(found.get("unet") or found.get("transformer") or {})

@@ -13,9 +13,11 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nodes.engine import lora_files
 from nodes.engine.checkpoints import detect_family, read_header, single_file_config_dir
+from nodes.engine.transformer_checkpoints import TRANSFORMER_FAMILIES
 
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -28,27 +30,27 @@ class ModelLayers:
     family: str
     unet_config: str  # JSON, for diffusers' mapping of SGM block names
     modules: dict[str, dict[str, tuple[int, int]]]
+    denoiser: str = "unet"  # "transformer" for SD3 and Flux
+    partial: bool = False  # a folder holding some components only (text encoders or a VAE from ComfyUI's loaders)
 
 
 @functools.lru_cache(maxsize=16)
 def model_layers(checkpoint: str, fingerprint: str) -> ModelLayers:
     import torch
-    import transformers
     from diffusers import UNet2DConditionModel
 
     path = Path(checkpoint)
     family = detect_family(path)
-    folder = path if path.is_dir() else single_file_config_dir(path, read_header(path), family)
-    index = json.loads((folder / "model_index.json").read_text())
-    unet_config = UNet2DConditionModel.load_config(folder / "unet")
     modules: dict[str, dict[str, tuple[int, int]]] = {}
-    with torch.device("meta"):
-        models = {"unet": UNet2DConditionModel.from_config(unet_config)}
-        for component in _TEXT_ENCODERS:
-            entry = index.get(component) or [None, None]
-            if entry[1]:
-                model_class = getattr(transformers, entry[1])
-                models[component] = model_class(model_class.config_class.from_pretrained(folder / component))
+    if family in TRANSFORMER_FAMILIES:
+        denoiser, unet_config, models = _transformer_models(path)
+    else:
+        folder = path if path.is_dir() else single_file_config_dir(path, read_header(path), family)
+        index = json.loads((folder / "model_index.json").read_text())
+        denoiser, unet_config = "unet", UNet2DConditionModel.load_config(folder / "unet")
+        with torch.device("meta"):
+            models = {"unet": UNet2DConditionModel.from_config(unet_config)}
+            models.update(_text_encoders(folder, index))
     for component, model in models.items():
         found = modules[component] = {}
         for name, module in model.named_modules():
@@ -56,7 +58,43 @@ def model_layers(checkpoint: str, fingerprint: str) -> ModelLayers:
                 found[name] = (module.in_features, module.out_features)
             elif isinstance(module, torch.nn.Conv2d):
                 found[name] = (module.in_channels, module.out_channels)
-    return ModelLayers(path.name, family, json.dumps(dict(unet_config), sort_keys=True, default=str), modules)
+    return ModelLayers(path.name, family, json.dumps(dict(unet_config), sort_keys=True, default=str), modules,
+                       denoiser, partial=denoiser not in models)
+
+
+def _text_encoders(folder: Path, index: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    models = {}
+    for component in _TEXT_ENCODERS:
+        entry = index.get(component) or [None, None]
+        if entry[1]:
+            model_class = getattr(transformers, entry[1])
+            models[component] = model_class(model_class.config_class.from_pretrained(folder / component))
+    return models
+
+
+def _transformer_models(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """SD3 / Flux: the transformer (from a folder, or a Flux transformer file's derived config) and text encoders."""
+    import diffusers
+    import torch
+
+    from nodes.engine.transformer_checkpoints import flux_config
+
+    if path.is_dir():
+        index = json.loads((path / "model_index.json").read_text())
+        if not index["transformer"][1]:  # text encoders only
+            with torch.device("meta"):
+                return "transformer", {}, _text_encoders(path, index)
+        model_class = getattr(diffusers, index["transformer"][1])
+        config = model_class.load_config(path / "transformer")
+    else:
+        index, model_class, config = {}, diffusers.FluxTransformer2DModel, flux_config(path, read_header(path))
+    with torch.device("meta"):
+        models = {"transformer": model_class.from_config(config)}
+        if path.is_dir():
+            models.update(_text_encoders(path, index))
+    return "transformer", dict(config), models
 
 
 def mismatch(lora: str, lora_fingerprint: str, checkpoint: str, fingerprint: str) -> str | None:
@@ -67,6 +105,8 @@ def mismatch(lora: str, lora_fingerprint: str, checkpoint: str, fingerprint: str
     model = model_layers(checkpoint, fingerprint)
     for component, layers in lora_files.layers(lora, lora_fingerprint, model.family, model.unet_config).items():
         have = model.modules.get(component)
+        if have is None and model.partial:
+            continue  # a folder of some components (DualCLIPLoader's): the rest is another recipe's
         if have is None:
             return f"it has {component} layers, and {model.name} ({model.family}) has no {component}"
         for module, layer in sorted(layers.items()):
@@ -85,7 +125,8 @@ def block_scales_mismatch(block_scales: str, checkpoint: str, fingerprint: str) 
     if not block_scales:
         return None
     counts: dict[tuple[str, str], int] = {}
-    for module in model_layers(checkpoint, fingerprint).modules["unet"]:
+    model = model_layers(checkpoint, fingerprint)
+    for module in model.modules[model.denoiser]:
         parts = module.split(".")
         if len(parts) > 3 and parts[0] in ("down_blocks", "up_blocks") and parts[2] == "attentions":
             key = (parts[0].removesuffix("_blocks"), f"block_{parts[1]}")

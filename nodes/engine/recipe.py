@@ -40,7 +40,7 @@ class Adapter:
         leaves out and layers outside the attention blocks (resnets, samplers, conv_in) get the strength alone.
         `strength` overrides the adapter's own (a scheduled slot is written at strength 1, then per step).
         """
-        if component != "unet":
+        if component.startswith("text_encoder"):
             return self.te_strength
         unet = self.strength if strength is None else strength
         return unet * block_scale(self.block_scales, module) if self.block_scales else unet
@@ -78,6 +78,7 @@ class ModelRecipe:
     # Which target of the pipeline this recipe is for: "unet" (a MODEL: the denoiser) or "clip" (a CLIP: the
     # text encoders, where an adapter's weight is its te_strength). CLIP recipes have no hot-swap or compile.
     part: str = "unet"
+    sampling_shift: float = 0.0  # SD3/Flux: ModelSamplingSD3's shift or ModelSamplingFlux's mu; 0 = the family's
     clip_skip: int = 0  # CLIP only: text-encoder layers skipped from the end (ComfyUI's stop_at_clip_layer -1 - n)
 
     def then(self, op: Adapter | Fuse) -> ModelRecipe:

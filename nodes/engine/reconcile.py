@@ -2,8 +2,9 @@
 
 A resident has two targets that reconcile independently, so a MODEL and a CLIP carrying different
 LoRA stacks never undo each other's work: the denoiser (`part="unet"`, MODEL recipes) and the text
-encoders (`part="clip"`, CLIP recipes). A LoRA file's layers are loaded into the part's components
-only, with diffusers' own `load_lora_into_unet` / `load_lora_into_text_encoder`.
+encoders (`part="clip"`, CLIP recipes). The denoiser is the pipeline's `unet` or, for SD3 and Flux, its
+`transformer` (the part keeps the name "unet"). A LoRA file's layers are loaded into the part's components
+only, with diffusers' own `load_lora_into_unet` / `load_lora_into_transformer` / `load_lora_into_text_encoder`.
 
 The invariant (tested by property tests over random recipe sequences): whatever state the
 pipeline was in, after `reconcile(resident, recipe)` the part's output equals that of a fresh
@@ -152,8 +153,8 @@ def _swappable(resident: Resident, slot: str, adapter: Adapter) -> bool:
     if not resident.hotswap_rank:
         return False
     layers = lora_files.layers(adapter.path, adapter.fingerprint, resident.applied.family, resident.unet_config)
-    unet = layers.get("unet", {})
-    return (set(layers) == {"unet"} and max(layer.rank for layer in unet.values()) <= resident.hotswap_rank
+    unet = layers.get(resident.denoiser, {})
+    return (set(layers) == {resident.denoiser} and max(layer.rank for layer in unet.values()) <= resident.hotswap_rank
             and unet.keys() <= resident.parts["unet"].slot_targets.get(slot, frozenset()))
 
 
@@ -166,12 +167,11 @@ def _load(resident: Resident, which: str, adapter: Adapter, hotswap: bool = Fals
     try:
         if any(c in layers for c in components):
             with _library_warnings() as warned:
-                kwargs = {"unet_config": pipe.unet.config} if resident.applied.family == "sdxl" else {}
-                state, alphas, metadata = pipe.lora_state_dict(adapter.path, return_lora_metadata=True, **kwargs)
+                state, alphas, metadata = _state_dict(resident, adapter.path)
                 common = {"network_alphas": alphas, "adapter_name": name, "_pipeline": pipe, "metadata": metadata,
                           "low_cpu_mem_usage": True}
                 if which == "unet":
-                    pipe.load_lora_into_unet(state, unet=pipe.unet, hotswap=hotswap, **common)
+                    _load_into_denoiser(resident, state, hotswap, common)
                 for component in components if which == "clip" else ():
                     if component in layers:
                         pipe.load_lora_into_text_encoder(state, text_encoder=getattr(pipe, component),
@@ -184,18 +184,45 @@ def _load(resident: Resident, which: str, adapter: Adapter, hotswap: bool = Fals
         if resident.hotswap_rank and not hotswap and which == "unet" and mine:
             # diffusers pads and tensorizes only the first adapter loaded after enable_lora_hotswap;
             # every adapter of a prepared pipeline needs it to be swapped or scheduled in place.
-            prepare_model_for_compiled_hotswap(pipe.unet, target_rank=resident.hotswap_rank, check_compiled="ignore")
+            prepare_model_for_compiled_hotswap(getattr(pipe, resident.denoiser), target_rank=resident.hotswap_rank,
+                                               check_compiled="ignore")
     except ReconcileError:
         raise
     except Exception as exc:
         raise ReconcileError(f"LoRA {file_name!r} (slot {adapter.slot!r}) cannot be loaded into this model: "
                              f"{type(exc).__name__}: {exc}") from exc
     if not hotswap:
-        part.slot_targets[adapter.slot] = frozenset(module for component, module, _ in mine if component == "unet")
+        part.slot_targets[adapter.slot] = frozenset(module for component, module, _ in mine
+                                                    if component == resident.denoiser)
     # Right after a (hot-)load a layer's scaling is the file's own alpha/rank: keep it.
     part.base_scaling[adapter.slot] = {(component, module): float(layer.scaling[name])
                                        for component, module, layer in mine}
     return bool(mine)
+
+
+def _state_dict(resident: Resident, path: str) -> tuple[dict[str, Any], Any, Any]:
+    """diffusers' `lora_state_dict` (its key conversion) as (state, network alphas, metadata) for every family."""
+    pipe, family = resident.pipe, resident.applied.family
+    if family == "sd3":  # no alphas: folded into the converted tensors
+        state, metadata = pipe.lora_state_dict(path, return_lora_metadata=True)
+        return state, None, metadata
+    kwargs: dict[str, Any] = {"unet_config": pipe.unet.config} if family == "sdxl" else {}
+    if family == "flux":
+        kwargs["return_alphas"] = True
+    state, alphas, metadata = pipe.lora_state_dict(path, return_lora_metadata=True, **kwargs)
+    return state, alphas, metadata
+
+
+def _load_into_denoiser(resident: Resident, state: dict[str, Any], hotswap: bool, common: dict[str, Any]) -> None:
+    """diffusers' `load_lora_into_unet` or `load_lora_into_transformer`, with the arguments this family's takes
+    (SD3's takes no network alphas: its converted state dicts fold them in)."""
+    import inspect
+
+    pipe, name = resident.pipe, resident.denoiser
+    load = getattr(pipe, f"load_lora_into_{name}")
+    accepted = inspect.signature(load).parameters
+    kwargs = {k: v for k, v in common.items() if k in accepted}
+    load(state, **{name: getattr(pipe, name)}, hotswap=hotswap, **kwargs)
 
 
 @contextmanager
@@ -233,7 +260,7 @@ def _delete(resident: Resident, which: str, slot: str) -> bool:
     for component in resident.components(which):
         model = getattr(resident.pipe, component)
         if name in (getattr(model, "peft_config", None) or {}):
-            if component == "unet":
+            if component == resident.denoiser:
                 model.delete_adapters([name])  # also forgets its config, as diffusers' pipeline call does
             else:
                 delete_adapter_layers(model, name)
@@ -270,7 +297,7 @@ def _activate(resident: Resident, which: str, adapters: tuple[Adapter, ...],
             name = peft_name(adapter.slot)
             if name not in layer.scaling:
                 continue
-            scheduled_here = adapter.slot in schedule_slots and component == "unet"
+            scheduled_here = adapter.slot in schedule_slots and component == resident.denoiser
             weight = adapter.weight(component, module, 1.0 if scheduled_here else None)
             value = part.base_scaling[adapter.slot][(component, module)] * weight
             layer.scaling[name] = tensors.get((component, module, name), layer.scaling[name])
@@ -280,7 +307,7 @@ def _activate(resident: Resident, which: str, adapters: tuple[Adapter, ...],
 
 
 def _compile(resident: Resident, settings: Compile | None) -> None:
-    denoiser = getattr(resident.pipe, "unet", None) or resident.pipe.transformer
+    denoiser = getattr(resident.pipe, resident.denoiser)
     if settings is None:
         denoiser._compiled_call_impl = None  # what nn.Module.compile() set; without it, eager again
     else:
@@ -297,7 +324,7 @@ def _unload_all(resident: Resident, which: str) -> None:
 
     for component in resident.components(which):
         model = getattr(resident.pipe, component)
-        if component == "unet":
+        if component == resident.denoiser:
             model.unload_lora()
         else:
             recurse_remove_peft_layers(model)

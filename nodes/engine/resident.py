@@ -100,9 +100,14 @@ class Resident:
         return [c for c in loadable if c.startswith("text_encoder") == (part == "clip")]
 
     @functools.cached_property
+    def denoiser(self) -> str:
+        """The pipeline attribute holding the denoiser: "unet", or "transformer" for SD3 and Flux."""
+        return "transformer" if getattr(self.pipe, "transformer", None) is not None else "unet"
+
+    @functools.cached_property
     def unet_config(self) -> str:
-        """The UNet's config as JSON: how diffusers maps SGM block names in Kohya files for this model."""
-        return json.dumps(dict(self.pipe.unet.config), sort_keys=True, default=str)
+        """The denoiser's config as JSON: how diffusers maps SGM block names in Kohya files for this model."""
+        return json.dumps(dict(getattr(self.pipe, self.denoiser).config), sort_keys=True, default=str)
 
     def set_step(self, step: int) -> None:
         """Write the scheduled scales for sampling step `step` (0-based), in place."""

@@ -30,6 +30,7 @@ from nodes.engine.demo_models import (
     make_demo_models,
     write_single_file,
 )
+from nodes.engine.demo_transformers import DEMO_TRANSFORMER_LORAS
 
 SD15_LORAS = [name for name, spec in DEMO_LORAS.items() if spec.model == "sd15"]
 
@@ -87,8 +88,9 @@ def test_writes_every_model_small(models: Path) -> None:
     paths = make_demo_models(models)
     assert paths == demo_model_paths(models)
     assert all(p.exists() for p in paths)
-    assert {p.name for p in (models / "loras").iterdir()} == {f"{name}.safetensors" for name in DEMO_LORAS}
-    for folder in ("tiny-sd15", "tiny-sdxl"):
+    names = [*DEMO_LORAS, *DEMO_TRANSFORMER_LORAS]
+    assert {p.name for p in (models / "loras").iterdir()} == {f"{name}.safetensors" for name in names}
+    for folder in ("tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-sd3"):
         assert (models / "checkpoints" / folder / "model_index.json").is_file()
         # Weights as safetensors only: nothing that would need unpickling.
         assert not [p for p in (models / "checkpoints" / folder).rglob("*") if p.suffix in (".bin", ".ckpt")]

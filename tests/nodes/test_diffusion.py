@@ -270,7 +270,8 @@ def test_block_scales_for_blocks_the_model_lacks_are_validation_errors(shared: E
         assert words in problem.message
 
 
-@pytest.mark.parametrize("name", ["lora.json", "stacked.json", "fused.json", "sdxl.json", "hotswap.json"])
+@pytest.mark.parametrize("name", ["lora.json", "stacked.json", "fused.json", "sdxl.json", "hotswap.json",
+                                  "flux_lora.json", "flux_schedule.json", "sd3_lora.json"])
 def test_example_workflows_run_headless(name: str, demo_dir: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["run", str(ROOT / "workflows" / name), "--models-dir", str(demo_dir), "--output-dir",

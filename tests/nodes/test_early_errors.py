@@ -99,10 +99,11 @@ def test_checkpoint_choices_are_loadable_models_listed_afresh(capsys: pytest.Cap
         node = json.loads(capsys.readouterr().out)["nodes"]["LoadCheckpoint"]
         return next(i["choices"] for i in node["inputs"] if i["name"] == "checkpoint")
 
-    assert choices() == ["tiny-sd15", "tiny-sd15.safetensors", "tiny-sdxl"]  # not tiny-sd15/unet/… parts
+    demo = ["tiny-flux", "tiny-sd15", "tiny-sd15.safetensors", "tiny-sd3", "tiny-sdxl"]
+    assert choices() == demo  # not tiny-sd15/unet/… parts
     shutil.copy(root / "checkpoints" / "tiny-sd15.safetensors", root / "checkpoints" / "copy.safetensors")
     shutil.copytree(root / "checkpoints" / "tiny-sdxl", root / "checkpoints" / "more" / "xl")
-    assert choices() == ["copy.safetensors", "more/xl", "tiny-sd15", "tiny-sd15.safetensors", "tiny-sdxl"]
+    assert choices() == ["copy.safetensors", "more/xl", *demo]
 
 
 def test_a_missing_model_says_which_folders_were_searched(capsys: pytest.CaptureFixture[str],
