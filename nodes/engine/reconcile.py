@@ -42,7 +42,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from nodes.engine import lora_files
+from nodes.engine import lora_convert, lora_files
 from nodes.engine.recipe import Adapter, Compile, ModelRecipe
 from nodes.engine.resident import Resident, write_scale
 
@@ -167,7 +167,9 @@ def _load(resident: Resident, which: str, adapter: Adapter, hotswap: bool = Fals
         if any(c in layers for c in components):
             with _library_warnings() as warned:
                 kwargs = {"unet_config": pipe.unet.config} if resident.applied.family == "sdxl" else {}
-                state, alphas, metadata = pipe.lora_state_dict(adapter.path, return_lora_metadata=True, **kwargs)
+                # Formats diffusers does not load are rewritten, exactly, into a LoRA it does (lora_convert).
+                source = lora_convert.load_source(adapter.path, resident.unet_config)
+                state, alphas, metadata = pipe.lora_state_dict(source, return_lora_metadata=True, **kwargs)
                 common = {"network_alphas": alphas, "adapter_name": name, "_pipeline": pipe, "metadata": metadata,
                           "low_cpu_mem_usage": True}
                 if which == "unet":
