@@ -15,11 +15,12 @@ from nodes import (  # noqa: E402
     load_image,
     loaders,
     lora,
+    lora_tools,
     output,
     sampling,
     upscale,
     utility,
 )
 
-NODES = [*utility.NODES, *loaders.NODES, *lora.NODES, *conditioning.NODES, *latent.NODES, *controlnet.NODES,
-         *sampling.NODES, *load_image.NODES, *upscale.NODES, *inpaint.NODES, *output.NODES]
+NODES = [*utility.NODES, *loaders.NODES, *lora.NODES, *lora_tools.NODES, *conditioning.NODES, *latent.NODES,
+         *controlnet.NODES, *sampling.NODES, *load_image.NODES, *upscale.NODES, *inpaint.NODES, *output.NODES]
