@@ -1,4 +1,5 @@
-"""LoRA tools on MODEL recipes: MergeLoRA (several slots into one new adapter) and SaveLoRA (a slot as a file).
+"""LoRA tools on MODEL recipes: MergeLoRA (several slots into one new adapter), SaveLoRA (a slot as a file) and
+SaveCheckpoint (the model with its fused LoRAs as a new checkpoint).
 
 MergeLoRA computes the merge with PEFT's weighted-adapter arithmetic (nodes/engine/lora_merge.py) on the
 LoRA layers alone (the checkpoint's models are built on the meta device), writes it once as a
@@ -165,4 +166,60 @@ def _target(settings: Any, name: str) -> Path:
     return Path(settings.models_dirs[0]) / "loras" / f"{name}.safetensors"
 
 
-NODES: list[type[Node]] = [MergeLoRA, SaveLoRA]
+class SaveCheckpoint(Node):
+    type = "SaveCheckpoint"
+    version = "1.0.0"
+    category = "model"
+    description = ("Saves the model with its fused LoRAs (FuseLoRA) as a new checkpoint in the models folder's "
+                   "checkpoints/: a diffusers folder or one ldm-layout .safetensors file. Never overwrites.")
+    inputs = (Input("model", "MODEL"),
+              Input("clip", "CLIP", optional=True, description="the text encoders' recipe; empty: the model's"),
+              Input("filename", "STRING", default="my-checkpoint", description="name in checkpoints/"),
+              Input("format", "COMBO", default="single_file", choices=("single_file", "diffusers")),
+              Input("dtype", "COMBO", default="fp16", choices=("fp16", "bf16", "fp32")))
+    outputs = (Output("path", "STRING"),)
+    output_node = True
+
+    @classmethod
+    def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
+        name = literals.get("filename")
+        if not isinstance(name, str):
+            return []
+        if not _NAME.match(name) or name.startswith("."):
+            return [("filename", f"{name[:40]!r} is not a file name (letters, digits, _ . -)")]
+        target = _checkpoint(settings, name, literals.get("format", "single_file")) if settings is not None else None
+        if target is not None and target.exists():
+            return [("filename", f"checkpoints/{target.name} already exists; choose another name")]
+        return []
+
+    def run(self, ctx: Context, model: ModelRecipe, filename: str, format: str, dtype: str,
+            clip: ModelRecipe | None = None) -> dict[str, Any]:
+        from nodes.engine import checkpoint_save
+        from nodes.engine.pipelines import materialize
+
+        for name, problem in self.check({"filename": filename, "format": format}, ctx.settings):
+            raise NodeFailure(problem, name, "invalid_value")
+        clip = clip or model.clip()
+        if clip.base != model.base:
+            raise NodeFailure("the CLIP comes from another checkpoint than the MODEL", "clip", "invalid_value")
+        for recipe, input_name in ((model, "model"), (clip, "clip")):
+            if recipe.live():
+                raise NodeFailure(f"the {input_name} has LoRAs that are not fused ({', '.join(recipe.live())}); "
+                                  "fuse them with FuseLoRA first: a checkpoint holds fused weights only",
+                                  input_name, "not_fused")
+        path = _checkpoint(ctx.settings, filename, format)
+        with materialize(ctx, model, clip) as resident:
+            try:
+                save = checkpoint_save.save_folder if format == "diffusers" else checkpoint_save.save_single_file
+                save(resident.pipe, path, dtype)
+            except FileExistsError as exc:
+                raise NodeFailure(str(exc), "filename", "file_exists") from None
+        return {"path": str(path)}
+
+
+def _checkpoint(settings: Any, name: str, format: str) -> Path:
+    folder = Path(settings.models_dirs[0]) / "checkpoints"
+    return folder / name if format == "diffusers" else folder / f"{name}.safetensors"
+
+
+NODES: list[type[Node]] = [MergeLoRA, SaveLoRA, SaveCheckpoint]

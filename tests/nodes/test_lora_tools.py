@@ -166,14 +166,56 @@ def test_merge_errors_name_the_input(executor: Executor) -> None:
     assert result.status == "invalid" and [(e.node_id, e.input) for e in result.errors] == [("merge", "weights")]
 
 
-def test_merge_workflow_runs_headless_and_a_second_run_refuses_to_overwrite(
-        demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["run", str(Path(__file__).parents[2] / "workflows" / "merge.json"), "--models-dir",
+@pytest.mark.parametrize("name, written", [("merge.json", "loras/style-detail-mix.safetensors"),
+                                           ("save_checkpoint.json", "checkpoints/tiny-sd15-styled.safetensors")])
+def test_workflows_run_headless_and_a_second_run_refuses_to_overwrite(
+        demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, written: str) -> None:
+    args = ["run", str(Path(__file__).parents[2] / "workflows" / name), "--models-dir",
             str(tmp_path / "models"), "--models-dir", str(demo_dir), "--output-dir", str(tmp_path / "out"), "--json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "ok" and result["files"]
-    assert (tmp_path / "models" / "loras" / "style-detail-mix.safetensors").exists()
+    assert (tmp_path / "models" / written).exists()
     assert main(args) != 0
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "invalid" and "already exists" in result["errors"][0]["message"]
+
+
+def checkpoint_graph(checkpoint: str, fused: bool, save: dict[str, Any] | None = None) -> dict[str, Any]:
+    nodes: dict[str, Any] = {"ckpt": {"type": "LoadCheckpoint", "inputs": {"checkpoint": checkpoint, "dtype": "fp32"}}}
+    model = ["ckpt", 0]
+    if fused:
+        nodes["lora"] = {"type": "LoadLoRA", "inputs": {"model": model, "lora": "tiny-sd15-te.safetensors",
+                                                         "strength": 0.8, "text_encoder_strength": 0.5}}
+        nodes["fuse"] = {"type": "FuseLoRA", "inputs": {"model": ["lora", 0], "lora_scale": 0.9}}
+        model = ["fuse", 0]
+    if save is not None:
+        nodes["save"] = {"type": "SaveCheckpoint", "inputs": {"model": model, **save}}
+    nodes["sample"] = {"type": "Sample", "inputs": {"model": model, "prompt": "a castle", "seed": 4, "steps": 3,
+                                                    "width": 64, "height": 64, "scheduler": "euler"}}
+    nodes["show"] = {"type": "Show", "inputs": {"value": ["sample", 0]}}
+    return workflow(nodes)
+
+
+@pytest.mark.parametrize("layout, name", [("single_file", "fused.safetensors"), ("diffusers", "fused")])
+def test_saved_checkpoint_loads_back_to_the_fused_image(executor: Executor, tmp_path: Path, layout: str,
+                                                        name: str) -> None:
+    save = {"filename": "fused", "format": layout, "dtype": "fp32"}
+    fused = pixels(executor, checkpoint_graph("tiny-sd15", True, save))
+    assert (tmp_path / "models" / "checkpoints" / name).exists()
+    assert not [p for p in (tmp_path / "models" / "checkpoints").iterdir() if p.name.startswith(".")]
+    reloaded = pixels(executor, checkpoint_graph(name, False))
+    assert np.abs(reloaded - fused).max() <= 1
+    assert np.abs(reloaded - pixels(executor, checkpoint_graph("tiny-sd15", False))).mean() > 1  # the LoRA is in it
+
+
+def test_save_checkpoint_refuses_live_loras_and_existing_names(executor: Executor, tmp_path: Path) -> None:
+    wf = checkpoint_graph("tiny-sd15", True, {"filename": "x", "format": "single_file"})
+    wf["nodes"]["save"]["inputs"]["model"] = ["lora", 0]  # not fused
+    result = executor.run(wf)
+    assert [(e.node_id, e.input, e.code) for e in result.errors] == [("save", "model", "not_fused")]
+    (tmp_path / "models" / "checkpoints").mkdir()
+    (tmp_path / "models" / "checkpoints" / "x.safetensors").write_bytes(b"keep")
+    result = executor.run(checkpoint_graph("tiny-sd15", True, {"filename": "x", "format": "single_file"}))
+    assert result.status == "invalid" and [(e.node_id, e.input) for e in result.errors] == [("save", "filename")]
+    assert (tmp_path / "models" / "checkpoints" / "x.safetensors").read_bytes() == b"keep"
