@@ -8,6 +8,7 @@ a CPU. `make_demo_models(root)` writes them into a models folder:
     checkpoints/tiny-sd15.safetensors    the same weights as one file in the ldm / A1111 key layout
     checkpoints/tiny-sdxl/               diffusers folder, StableDiffusionXLPipeline (Euler scheduler)
     loras/<name>.safetensors             the LoRAs described by DEMO_LORAS
+    embeddings/tiny-<family>-embedding.safetensors   two-vector textual inversions (SD1.5 A1111 layout, SDXL clip_l/clip_g)
     controlnet/tiny-sd15-controlnet/     a ControlNet for tiny-sd15 (diffusers folder), and the same weights
     controlnet/tiny-sd15-controlnet.safetensors, controlnet/tiny-sdxl-controlnet.safetensors  as one file each
 
@@ -139,7 +140,30 @@ def demo_model_paths(root: Path) -> list[Path]:
         checkpoints / "tiny-sdxl",
         *loras,
         *demo_controlnet_paths(root),
+        *demo_embedding_paths(root),
     ]
+
+
+def demo_embedding_paths(root: Path) -> list[Path]:
+    return [Path(root) / "embeddings" / f"tiny-{family}-embedding.safetensors" for family in ("sd15", "sdxl")]
+
+
+def write_demo_embeddings(folder: Path, seed: int, pipelines: dict[str, DemoPipeline]) -> None:
+    """Two-vector textual-inversion embeddings: A1111's layout for SD1.5, SDXL's clip_l + clip_g."""
+    import torch
+    from safetensors.torch import save_file
+
+    (folder / "embeddings").mkdir(parents=True, exist_ok=True)
+    for family, pipe in pipelines.items():
+        generator = torch.Generator().manual_seed(_derived_seed(seed, f"embedding/{family}"))
+
+        def vectors(encoder: Any) -> torch.Tensor:
+            table = encoder.get_input_embeddings().weight
+            return (torch.randn(2, table.shape[1], generator=generator) * table.std() * 3).contiguous()
+
+        tensors = {"emb_params": vectors(pipe.text_encoder)} if family == "sd15" else \
+            {"clip_l": vectors(pipe.text_encoder), "clip_g": vectors(pipe.text_encoder_2)}
+        save_file(tensors, folder / "embeddings" / f"tiny-{family}-embedding.safetensors")
 
 
 def _file_sizes(root: Path, outputs: list[Path]) -> dict[str, int]:
@@ -188,6 +212,7 @@ def _generate(folder: Path, seed: int) -> None:
         tensors, metadata = make_lora(pipelines[spec.model], name, seed)
         save_file(tensors, loras / f"{name}.safetensors", metadata=metadata)
     write_demo_controlnets(folder, seed, pipelines)
+    write_demo_embeddings(folder, seed, pipelines)
 
 
 # ---------------------------------------------------------------------------------------------- models

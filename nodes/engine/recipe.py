@@ -47,6 +47,15 @@ class Adapter:
 
 
 @dataclass(frozen=True)
+class Embedding:
+    """A textual-inversion embedding on a CLIP recipe, named in prompts as `embedding:name` or `<name>`."""
+
+    name: str
+    path: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class Fuse:
     """FuseLoRA: bake these live slots into the weights at `lora_scale`."""
 
@@ -79,6 +88,7 @@ class ModelRecipe:
     # text encoders, where an adapter's weight is its te_strength). CLIP recipes have no hot-swap or compile.
     part: str = "unet"
     clip_skip: int = 0  # CLIP only: text-encoder layers skipped from the end (ComfyUI's stop_at_clip_layer -1 - n)
+    embeddings: tuple[Embedding, ...] = ()  # CLIP only: textual inversions for its prompts (engine/embeddings.py)
 
     def then(self, op: Adapter | Fuse) -> ModelRecipe:
         # A pipeline prepared for hot-swap pads every adapter to the target rank: keep it large enough.
