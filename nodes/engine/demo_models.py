@@ -8,7 +8,7 @@ a CPU. `make_demo_models(root)` writes them into a models folder:
     checkpoints/tiny-sd15.safetensors    the same weights as one file in the ldm / A1111 key layout
     checkpoints/tiny-sdxl/               diffusers folder, StableDiffusionXLPipeline (Euler scheduler)
     loras/<name>.safetensors             the LoRAs described by DEMO_LORAS
-    embeddings/tiny-<family>-embedding.safetensors   two-vector textual inversions (SD1.5 A1111 layout, SDXL clip_l/clip_g)
+    embeddings/tiny-<family>-embedding.safetensors   two-vector textual inversions (A1111 / clip_l+clip_g)
     controlnet/tiny-sd15-controlnet/     a ControlNet for tiny-sd15 (diffusers folder), and the same weights
     controlnet/tiny-sd15-controlnet.safetensors, controlnet/tiny-sdxl-controlnet.safetensors  as one file each
 
@@ -157,7 +157,7 @@ def write_demo_embeddings(folder: Path, seed: int, pipelines: dict[str, DemoPipe
     for family, pipe in pipelines.items():
         generator = torch.Generator().manual_seed(_derived_seed(seed, f"embedding/{family}"))
 
-        def vectors(encoder: Any) -> torch.Tensor:
+        def vectors(encoder: Any, generator: torch.Generator = generator) -> torch.Tensor:
             table = encoder.get_input_embeddings().weight
             return (torch.randn(2, table.shape[1], generator=generator) * table.std() * 3).contiguous()
 
