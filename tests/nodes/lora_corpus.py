@@ -44,16 +44,16 @@ def ldm_name(module: str) -> str:
     return "lora_unet_" + ldm.replace(".", "_")
 
 
-def _targets() -> list[tuple[str, str]]:
-    return [("unet", m) for m in UNET] + [("text_encoder", t) for t in TEXT]
+def _targets(text: bool = True) -> list[tuple[str, str]]:
+    return [("unet", m) for m in UNET] + ([("text_encoder", t) for t in TEXT] if text else [])
 
 
 def lora(out: Path, seed: int = 1, rank: int = 4, alpha: float = 2.0, names: str = "diffusers",
-         dtype: torch.dtype = torch.float32, alpha_step: float = 0.0) -> tuple[Path, Delta]:
+         dtype: torch.dtype = torch.float32, alpha_step: float = 0.0, text: bool = True) -> tuple[Path, Delta]:
     """Kohya LoRA/LoCon (conv layers included); `names`: diffusers, ldm (lora_unet_input_blocks_…) or comfy.
     `alpha_step`: each layer's alpha is that much above the previous one's."""
     randn, tensors, delta = _gen(seed), {}, {}
-    for i, (component, module) in enumerate(_targets()):
+    for i, (component, module) in enumerate(_targets(text)):
         alpha_here = alpha + i * alpha_step
         shape = SHAPES[module]
         down = randn(rank, *shape[1:]).to(dtype)
@@ -74,10 +74,11 @@ def lora(out: Path, seed: int = 1, rank: int = 4, alpha: float = 2.0, names: str
     return out, delta
 
 
-def locon_tucker(out: Path, seed: int = 2, rank: int = 3, alpha: float = 1.5) -> tuple[Path, Delta]:
+def locon_tucker(out: Path, seed: int = 2, rank: int = 3, alpha: float = 1.5, text: bool = True
+                 ) -> tuple[Path, Delta]:
     """LyCORIS LoCon with Tucker decomposition on the 3×3 convolutions, plain LoRA on the rest."""
     randn, tensors, delta = _gen(seed), {}, {}
-    for component, module in _targets():
+    for component, module in _targets(text):
         shape, name = SHAPES[module], kohya_name(module, component)
         if len(shape) == 4 and shape[2] == 3:
             down, mid, up = randn(rank, shape[1], 1, 1), randn(rank, rank, 3, 3), randn(shape[0], rank, 1, 1)

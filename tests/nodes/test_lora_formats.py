@@ -20,8 +20,9 @@ from nodes.engine.checkpoints import load_pipeline
 from nodes.engine.recipe import Fuse, ModelRecipe
 from nodes.engine.reconcile import peft_name, reconcile
 from nodes.engine.resident import Resident
+from tests.conftest import Recorder
 from tests.nodes import lora_corpus
-from tests.nodes.test_hotswap import graph
+from tests.nodes.test_hotswap import assert_close, graph, pixels, reconciled
 from tests.nodes.test_reconcile import adapter_at
 
 Writer = Callable[[Path], tuple[Path, lora_corpus.Delta]]
@@ -129,3 +130,21 @@ def test_hotswap_of_a_loha_or_lokr_is_a_validation_error(registry: Registry, dem
     assert result.status == "invalid" and not result.nodes
     assert any((p.node_id, p.input) == ("swap", "lora") and f"LyCORIS {row} file, which cannot be hot-swapped"
                in p.message for p in result.errors), result.errors
+
+
+@pytest.mark.parametrize("swap", ["ldm", "comfy", "tucker"])
+def test_converted_formats_hot_swap_in_place_into_a_slot_of_the_same_layers(registry: Registry, demo_dir: Path,
+                                                                            tmp_path: Path, swap: str) -> None:
+    (tmp_path / "loras").mkdir()
+    lora_corpus.lora(tmp_path / "loras" / "first.safetensors", seed=7, text=False)
+    if swap == "tucker":
+        lora_corpus.locon_tucker(tmp_path / "loras" / "second.safetensors", seed=8, text=False)
+    else:
+        lora_corpus.lora(tmp_path / "loras" / "second.safetensors", seed=8, names=swap, text=False)
+    executor = Executor(registry, Settings(models_dirs=(demo_dir, tmp_path), output_dir=tmp_path / "out"))
+    pixels(executor, graph("first", swap="first", rank=4))  # the slot holds the Kohya file, prepared for rank 4
+    events = Recorder()
+    swapped = pixels(executor, graph("first", swap="second", rank=4), events)
+    assert reconciled(events) == ["model: hotswap:s, scales"]
+    executor.cache.clear()
+    assert_close(swapped, pixels(executor, graph("second")))
