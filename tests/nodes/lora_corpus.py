@@ -145,3 +145,29 @@ def lokr(out: Path, variant: str, seed: int = 4, rank: int = 2, alpha: float = 3
 def fake(out: Path, *keys: str) -> Path:
     save_file({key: torch.zeros(4, 4) for key in keys}, out)
     return out
+
+
+SDXL_UNET = {"down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k": (64, 96),
+             "mid_block.attentions.0.proj_in": (64, 64),
+             "up_blocks.0.resnets.1.conv1": (64, 128, 3, 3),
+             "up_blocks.0.upsamplers.0.conv": (64, 64, 3, 3)}
+SDXL_TEXT = {("text_encoder", "lora_te1_"): 32, ("text_encoder_2", "lora_te2_"): 64}
+
+
+def sdxl_kohya_sgm(out: Path, seed: int = 9, rank: int = 4, alpha: float = 3.0) -> tuple[Path, Delta]:
+    """An SDXL Kohya file with SGM block names for the UNet and lora_te1_/lora_te2_ text-encoder keys."""
+    randn, tensors, delta = _gen(seed), {}, {}
+    layers = [("unet", m, shape, "lora_unet_" + unet_key_to_ldm(m + ".weight", 2, [True, False])
+               .removesuffix(".weight").replace(".", "_")) for m, shape in SDXL_UNET.items()]
+    for (component, prefix), width in SDXL_TEXT.items():
+        for p in ("q", "k", "v", "out"):
+            module = f"text_model.encoder.layers.0.self_attn.{p}_proj"
+            layers.append((component, module, (width, width), prefix + module.replace(".", "_")))
+    for component, module, shape, name in layers:
+        down = randn(rank, *shape[1:])
+        up = randn(shape[0], rank, *([1, 1] if len(shape) == 4 else []))
+        tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                        f"{name}.alpha": torch.tensor(alpha)})
+        delta[(component, module)] = (up.flatten(1) @ down.flatten(1)).reshape(shape) * alpha / rank
+    save_file(tensors, out)
+    return out, delta

@@ -47,8 +47,8 @@ def base(demo_dir: Path) -> Any:
     return load_pipeline(demo_dir / "checkpoints" / "tiny-sd15")
 
 
-def loaded(base: Any, demo_dir: Path, path: Path, fuse: bool = False) -> Resident:
-    root = ModelRecipe(str(demo_dir / "checkpoints" / "tiny-sd15"), "f", "sd15", "fp32")
+def loaded(base: Any, demo_dir: Path, path: Path, fuse: bool = False, family: str = "sd15") -> Resident:
+    root = ModelRecipe(str(demo_dir / "checkpoints" / f"tiny-{family}"), "f", family, "fp32")
     resident = Resident.fresh(copy.deepcopy(base), root)
     recipe = root.then(adapter_at(path, "x"))
     if fuse:
@@ -60,8 +60,8 @@ def loaded(base: Any, demo_dir: Path, path: Path, fuse: bool = False) -> Residen
 
 def deltas(pipe: Any) -> dict[tuple[str, str], torch.Tensor]:
     found = {}
-    for component in ("unet", "text_encoder"):
-        for name, module in getattr(pipe, component).named_modules():
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        for name, module in getattr(pipe, component, torch.nn.Module()).named_modules():
             if isinstance(module, LoraLayer):
                 # transformers 5 CLIP models have no `text_model.` level; the files of every tool do.
                 name = name if component == "unet" else f"text_model.{name.removeprefix('text_model.')}"
@@ -148,3 +148,15 @@ def test_converted_formats_hot_swap_in_place_into_a_slot_of_the_same_layers(regi
     assert reconciled(events) == ["model: hotswap:s, scales"]
     executor.cache.clear()
     assert_close(swapped, pixels(executor, graph("second")))
+
+
+def test_sdxl_kohya_file_with_sgm_block_names_loads_with_its_reference_delta(demo_dir: Path, tmp_path: Path) -> None:
+    path, want = lora_corpus.sdxl_kohya_sgm(tmp_path / "sdxl.safetensors")
+    info = lora_files.inspect(path)
+    assert info.format == "kohya-ldm" and info.components == {"unet", "text_encoder", "text_encoder_2"}
+    ckpt = str(demo_dir / "checkpoints" / "tiny-sdxl")
+    assert lora_match.mismatch(str(path), "1", ckpt, "1") is None
+    got = deltas(loaded(load_pipeline(ckpt), demo_dir, path, family="sdxl").pipe)
+    assert set(got) == set(want)
+    for key, delta in want.items():
+        torch.testing.assert_close(got[key], delta, atol=1e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
