@@ -91,9 +91,8 @@ def convert(state: dict[str, Tensor], unet_config: str = "") -> dict[str, Tensor
         groups.setdefault(module, {})[suffix] = value
     out: dict[str, Tensor] = {}
     for module, parts in groups.items():
+        # A layer this UNet lacks keeps its name (and a conv's flat factors): lora_match names it as not fitting.
         name, shape = _resolve(module, modules)
-        if unet_config and module.startswith("lora_unet_") and shape is None:
-            raise FormatError(f"layer {module!r} is not a module of this UNet")
         try:
             down, up, scale = _as_lora(module, parts, shape)
         except KeyError as exc:
@@ -111,12 +110,7 @@ def _resolve(module: str, modules: dict[str, tuple[str, tuple[int, ...]]]) -> tu
     """A Kohya module name in diffusers naming, and its weight shape in the UNet (None if unknown)."""
     if not module.startswith("lora_unet_"):
         return module, None
-    found = modules.get(module)
-    if found is None:
-        if _LDM.match(module) and modules:
-            raise FormatError(f"ldm layer {module!r} is not a module of this UNet")
-        return module, None
-    return found
+    return modules.get(module, (module, None))
 
 
 def _as_lora(module: str, parts: dict[str, Tensor],

@@ -70,7 +70,8 @@ def lora(out: Path, seed: int = 1, rank: int = 4, alpha: float = 2.0, names: str
         tensors[f"{name}.alpha"] = torch.tensor(alpha_here)
         product = up.float().flatten(1) @ down.float().flatten(1)
         delta[(component, module)] = product.reshape(shape) * alpha_here / rank
-    save_file(tensors, out)
+    save_file(tensors, out, metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+                                      "ss_output_name": "corpus"})
     return out, delta
 
 

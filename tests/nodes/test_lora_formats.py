@@ -111,13 +111,18 @@ def test_formats_that_cannot_load_exactly_are_refused_by_name(tmp_path: Path, ke
         lora_files.inspect(path)
 
 
-def test_an_ldm_layer_the_model_lacks_is_named(demo_dir: Path, tmp_path: Path) -> None:
-    tensors = lora_corpus.fake(tmp_path / "y.safetensors", "lora_unet_input_blocks_9_1_proj_in.lora_down.weight",
-                               "lora_unet_input_blocks_9_1_proj_in.lora_up.weight")
-    ckpt = str(demo_dir / "checkpoints" / "tiny-sd15")
-    model = lora_match.model_layers(ckpt, "1")
-    with pytest.raises(lora_files.LoraFileError, match="input_blocks_9_1_proj_in"):
-        lora_files.layers(str(tensors), "1", "sd15", model.unet_config)
+@pytest.mark.parametrize("row", ["LoHa", "LoKr", "kohya, ldm block names", "ComfyUI ldm layout"])
+def test_a_converted_file_for_another_model_is_a_mismatch_naming_its_layer(demo_dir: Path, tmp_path: Path,
+                                                                          row: str) -> None:
+    path, _ = CORPUS[row][1](tmp_path / "sd15.safetensors")
+    problem = lora_match.mismatch(str(path), "1", str(demo_dir / "checkpoints" / "tiny-sdxl"), "1")
+    assert problem is not None and "(sdxl)" in problem and ("unet." in problem or "text_encoder" in problem)
+
+
+def test_an_sdxl_file_on_sd15_is_a_mismatch(demo_dir: Path, tmp_path: Path) -> None:
+    path, _ = lora_corpus.sdxl_kohya_sgm(tmp_path / "sdxl.safetensors")
+    problem = lora_match.mismatch(str(path), "1", str(demo_dir / "checkpoints" / "tiny-sd15"), "1")
+    assert problem is not None and "tiny-sd15 (sd15)" in problem
 
 
 @pytest.mark.parametrize("row", ["LoHa", "LoKr"])
