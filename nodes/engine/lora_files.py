@@ -104,11 +104,6 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.configuration_utils import FrozenDict
-    from diffusers.utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
     from safetensors import safe_open
 
     name = Path(path).name
@@ -133,6 +128,30 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
         converted, _ = pipeline.lora_state_dict(state, **kwargs)
     except Exception as exc:  # diffusers raises many types for layouts it does not know
         raise LoraFileError(f"{name}: diffusers cannot convert its keys ({type(exc).__name__}: {exc})") from None
+    result: dict[str, dict[str, Layer]] = {}
+    for component, peft in peft_parts(converted, name).items():
+        found = {}
+        for key, down in peft.items():
+            module, sep, _ = key.partition(".lora_A")
+            if not sep:
+                continue
+            up = peft.get(f"{module}.lora_B.weight")
+            if up is None:
+                raise LoraFileError(f"{name}: layer {component}.{module} has a down matrix but no up matrix")
+            found[module] = Layer(down.shape[0], down.shape[1], up.shape[0], down.dim() == 4)
+        result[component] = found
+    return result
+
+
+def peft_parts(converted: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
+    """diffusers' `lora_state_dict` output by component, in PEFT keys (`<module>.lora_A.weight`), as its loaders
+    convert it; components without layers are left out."""
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
     parts: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
     stray = []
     for key, value in converted.items():
@@ -144,25 +163,15 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
     if stray:
         raise LoraFileError(f"{name}: {len(stray)} key(s) in a layout diffusers does not load (e.g. {stray[0]!r}); "
                             "they would be dropped silently")
-    result: dict[str, dict[str, Layer]] = {}
+    result = {}
     for component, part in parts.items():
         if not part:
             continue
         try:
-            peft = convert_unet_state_dict_to_peft(part) if component == "unet" else \
+            result[component] = convert_unet_state_dict_to_peft(part) if component == "unet" else \
                 convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
         except ValueError as exc:  # e.g. Kohya text-encoder layers diffusers cannot place
             raise LoraFileError(f"{name}: diffusers cannot convert its {component} keys ({exc})") from None
-        found = {}
-        for key, down in peft.items():
-            module, sep, _ = key.partition(".lora_A")
-            if not sep:
-                continue
-            up = peft.get(f"{module}.lora_B.weight")
-            if up is None:
-                raise LoraFileError(f"{name}: layer {component}.{module} has a down matrix but no up matrix")
-            found[module] = Layer(down.shape[0], down.shape[1], up.shape[0], down.dim() == 4)
-        result[component] = found
     return result
 
 

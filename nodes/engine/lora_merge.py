@@ -2,11 +2,12 @@
 
 `adapter_layers` loads LoRA files with diffusers' own loaders (after `lora_convert`, as the reconciler
 does) into the checkpoint's models built on the meta device: no base weights are read, and each PEFT
-layer ends up with its real A/B matrices and scaling. Merging then uses PEFT's own weighted-adapter
-arithmetic (`LoraModel.add_weighted_adapter`'s per-layer steps: linear, ties, dare_linear, dare_ties, their
-SVD variants, and cat), so MergeLoRA gives what `add_weighted_adapter` gives on the same adapters. A merge
-is written once as a content-addressed file (`merged_path`): the recipe then holds a plain adapter of that
-file, which the reconciler realizes like any other, from scratch if need be.
+layer ends up with its real A/B matrices (put back where PEFT leaves them on the meta device) and scaling.
+Merging then uses PEFT's own weighted-adapter arithmetic (`LoraModel.add_weighted_adapter`'s per-layer
+steps: linear, ties, dare_linear, dare_ties, their SVD variants, and cat), so MergeLoRA gives what
+`add_weighted_adapter` gives on the same adapters. A merge is written once as a content-addressed file
+(`merged_path`): the recipe then holds a plain adapter of that file, which the reconciler realizes like
+any other, from scratch if need be.
 
 `write_lora` writes layers in diffusers/PEFT keys with `lora_adapter_metadata` (every layer padded with
 zero ranks to one rank r, alpha r: scale 1, so no pattern is needed), atomically, never over a file.
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from nodes.engine import lora_convert
+from nodes.engine import lora_convert, lora_files
 
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "svd")
 _TEXT = ("text_encoder", "text_encoder_2")
@@ -68,9 +69,9 @@ def adapter_layers(checkpoint: str, family: str, paths: list[str]) -> dict[str, 
     unet = models["unet"]
     unet_config = json.dumps(dict(unet.config), sort_keys=True, default=str)
     kwargs = {"unet_config": unet.config} if family == "sdxl" else {}
-    # On a meta model PEFT leaves the first adapter it injects on the meta device: load a throwaway one first.
-    for index, path in [(-1, paths[0]), *enumerate(paths)]:
-        name = "warmup" if index < 0 else f"m{index}"
+    loaded: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for index, path in enumerate(paths):
+        name = f"m{index}"
         source = lora_convert.load_source(path, unet_config)
         state, alphas, metadata = pipeline.lora_state_dict(source, return_lora_metadata=True, **kwargs)
         common = {"network_alphas": alphas, "adapter_name": name, "_pipeline": None, "metadata": metadata,
@@ -81,7 +82,28 @@ def adapter_layers(checkpoint: str, family: str, paths: list[str]) -> dict[str, 
             if component in models and any(key.startswith(component + ".") for key in state):
                 pipeline.load_lora_into_text_encoder(state, text_encoder=models[component], prefix=component,
                                                      lora_scale=1.0, **common)
+        loaded[name] = lora_files.peft_parts(state, Path(path).name)
+    for name, parts in loaded.items():  # at the end: loading one adapter moves the others to the meta device
+        _fill_meta(models, name, parts)
     return models
+
+
+def _fill_meta(models: dict[str, Any], name: str, parts: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Give adapter `name` its real A/B where PEFT left them on the meta device of their base layers (it does
+    for text encoders, and for the first adapter of a UNet), from the same PEFT-keyed tensors it loaded."""
+    from peft.tuners.lora import LoraLayer
+
+    for component, model in models.items():
+        peft = parts.get(component, {})
+        for module, layer in model.named_modules():
+            if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
+                continue
+            for half in ("lora_A", "lora_B"):
+                linear = getattr(layer, half)[name]
+                if linear.weight.is_meta:
+                    key = next(k for k in (f"{module}.{half}.weight", f"text_model.{module}.{half}.weight")
+                               if k in peft)
+                    linear.weight = torch.nn.Parameter(peft[key].float(), requires_grad=False)
 
 
 def merge(models: dict[str, Any], weights: list[float], method: str, density: float,

@@ -219,3 +219,16 @@ def test_save_checkpoint_refuses_live_loras_and_existing_names(executor: Executo
     result = executor.run(checkpoint_graph("tiny-sd15", True, {"filename": "x", "format": "single_file"}))
     assert result.status == "invalid" and [(e.node_id, e.input) for e in result.errors] == [("save", "filename")]
     assert (tmp_path / "models" / "checkpoints" / "x.safetensors").read_bytes() == b"keep"
+
+
+def test_text_encoder_layers_merge_too(base: Any, demo_dir: Path, tmp_path: Path) -> None:
+    source = demo_dir / "loras" / "tiny-sd15-te.safetensors"
+    ckpt = str(demo_dir / "checkpoints" / "tiny-sd15")
+    layers = lora_merge.merge(lora_merge.adapter_layers(ckpt, "sd15", [str(source), str(source)]), [0.5, 0.25],
+                              "cat", 1.0, 0, 0)
+    path = tmp_path / "te.safetensors"
+    lora_merge.write_lora(path, *lora_merge.layers_to_state(layers))
+    got, want = deltas(loaded(base, demo_dir, path).pipe), deltas(loaded(base, demo_dir, source).pipe)
+    assert set(got) == set(want) and any(component == "text_encoder" for component, _ in want)
+    for key, delta in want.items():
+        torch.testing.assert_close(got[key], delta * 0.75, atol=1e-6, rtol=1e-5)
