@@ -16,7 +16,6 @@ from nodegraph.cache import file_fingerprint
 from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
 from nodegraph.settings import ModelChoices
-from nodes.engine import embeddings
 from nodes.engine.recipe import Embedding, ModelRecipe
 from nodes.loaders import _model_file
 
@@ -47,7 +46,7 @@ class LoadEmbedding(Node):
         return [_model_file(settings, "embeddings", inputs["embedding"], "embedding")]
 
     def run(self, ctx: Context, clip: ModelRecipe, embedding: str, name: str) -> dict[str, Any]:
-        from nodes.engine import lora_match
+        from nodes.engine import embeddings, lora_match  # here: they need torch, and the CLI must start fast
 
         for input_name, message in self.check({"name": name}, ctx.settings):
             raise NodeFailure(message, input_name, "invalid_value")

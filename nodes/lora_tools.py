@@ -18,11 +18,14 @@ from typing import Any
 from nodegraph.cache import file_fingerprint
 from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
-from nodes.engine import lora_files, lora_merge
+from nodes.engine import lora_files
 from nodes.engine.recipe import Adapter, Fuse, ModelRecipe
 from nodes.loaders import slot_problems
 
 _NAME = re.compile(r"^[\w.-]{1,100}$")
+# PEFT's add_weighted_adapter methods; nodes/engine/lora_merge.py (imported when a node runs: it needs torch,
+# and node modules load with the CLI, which must start fast).
+METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "svd")
 
 
 class MergeLoRA(Node):
@@ -36,7 +39,7 @@ class MergeLoRA(Node):
               Input("slots", "STRING", default="", description="comma-separated slots to merge; empty: all active"),
               Input("weights", "STRING", default="",
                     description="comma-separated weights; empty: each slot's strength"),
-              Input("method", "COMBO", default="linear", choices=lora_merge.METHODS),
+              Input("method", "COMBO", default="linear", choices=METHODS),
               Input("density", "FLOAT", default=0.5, min=0.01, max=1.0, step=0.01,
                     description="ties/dare: the fraction of each LoRA's values kept"),
               Input("rank", "INT", default=0, min=0, max=1024,
@@ -71,6 +74,8 @@ class MergeLoRA(Node):
         if len(values) != len(chosen):
             raise NodeFailure(f"{len(values)} weights for {len(chosen)} slots ({', '.join(chosen)})", "weights",
                               "invalid_value")
+        from nodes.engine import lora_merge
+
         if slot in live and slot not in chosen:
             raise NodeFailure(f"slot {slot!r} already holds {Path(live[slot].path).name}", "slot", "slot_taken")
         sources = [lora_merge.Source(live[s].path, live[s].fingerprint, w) for s, w in zip(chosen, values, strict=True)]
@@ -81,8 +86,10 @@ class MergeLoRA(Node):
         return {"model": without_slots(model, set(chosen)).then(adapter)}
 
 
-def _merged_file(ctx: Context, model: ModelRecipe, sources: list[lora_merge.Source], method: str, density: float,
+def _merged_file(ctx: Context, model: ModelRecipe, sources: list[Any], method: str, density: float,
                  rank: int, seed: int) -> Path:
+    from nodes.engine import lora_merge
+
     cache = Path(ctx.settings.models_dirs[0]) / ".nodegraph-merged"
     path = lora_merge.merged_path(cache, sources, method, density, rank, seed, model.fingerprint)
     if path.exists():
@@ -150,6 +157,8 @@ class SaveLoRA(Node):
             raise NodeFailure(f"no active adapter in slot {slot!r} (active: {', '.join(live) or 'none'})", "slot",
                               "unknown_slot")
         import torch
+
+        from nodes.engine import lora_merge
 
         models = lora_merge.adapter_layers(model.checkpoint, model.family, [live[slot].path])
         tensors, metadata = lora_merge.saved_state(models)

@@ -26,11 +26,10 @@ from __future__ import annotations
 import functools
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-Tensor = torch.Tensor
+if TYPE_CHECKING:  # torch is imported where it is used: node modules import this one, and the CLI starts fast
+    from torch import Tensor
 
 _LYCORIS = (".hada_w1_a", ".lokr_w1", ".lokr_w2", ".lora_mid.")
 _REFUSED = (
@@ -116,6 +115,8 @@ def _resolve(module: str, modules: dict[str, tuple[str, tuple[int, ...]]]) -> tu
 def _as_lora(module: str, parts: dict[str, Tensor],
              shape: tuple[int, ...] | None) -> tuple[Tensor, Tensor, float | None]:
     """(down, up, scale) with scale · up @ down = the layer's ΔW; scale None: 1 (no alpha)."""
+    import torch
+
     alpha = parts.get("alpha")
     alpha_value = None if alpha is None or alpha.is_meta else float(alpha)
     if "lora_down.weight" in parts and "lora_mid.weight" not in parts:
@@ -138,6 +139,8 @@ def _as_lora(module: str, parts: dict[str, Tensor],
 
 def _lokr(module: str, parts: dict[str, Tensor], alpha: float | None,
           shape: tuple[int, ...] | None) -> tuple[Tensor, Tensor, float | None]:
+    import torch
+
     def factors(n: str) -> tuple[Tensor, Tensor] | None:
         if f"lokr_{n}_a" in parts:
             return parts[f"lokr_{n}_a"].float(), parts[f"lokr_{n}_b"].float()
@@ -194,6 +197,7 @@ def _conv_up(up: Tensor, shape: tuple[int, ...] | None) -> Tensor:
 @functools.lru_cache(maxsize=8)
 def _unet_modules(unet_config: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Kohya name (diffusers or ldm block naming) -> (Kohya name in diffusers naming, weight shape)."""
+    import torch
     from diffusers import UNet2DConditionModel
 
     from nodes.engine.demo_models import unet_key_to_ldm

@@ -27,7 +27,6 @@ import torch
 
 from nodes.engine import lora_convert, lora_files
 
-METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "svd")
 _TEXT = ("text_encoder", "text_encoder_2")
 
 
