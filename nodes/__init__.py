@@ -10,11 +10,13 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 from nodes import (  # noqa: E402
     conditioning,
     controlnet,
+    embedding,
     inpaint,
     latent,
     load_image,
     loaders,
     lora,
+    lora_tools,
     model_sampling,
     output,
     sampling,
@@ -22,5 +24,6 @@ from nodes import (  # noqa: E402
     utility,
 )
 
-NODES = [*utility.NODES, *loaders.NODES, *lora.NODES, *conditioning.NODES, *latent.NODES, *controlnet.NODES,
-         *sampling.NODES, *model_sampling.NODES, *load_image.NODES, *upscale.NODES, *inpaint.NODES, *output.NODES]
+NODES = [*utility.NODES, *loaders.NODES, *lora.NODES, *lora_tools.NODES, *conditioning.NODES, *embedding.NODES,
+         *latent.NODES, *controlnet.NODES, *sampling.NODES, *model_sampling.NODES, *load_image.NODES, *upscale.NODES,
+         *inpaint.NODES, *output.NODES]

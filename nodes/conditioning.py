@@ -34,12 +34,19 @@ def encode_text(ctx: Context, text: str, clip: ModelRecipe) -> Conditioning:
     SD3 and Flux: see `_encode_transformer_family`)."""
     import torch
 
+    from nodes.engine import embeddings
     from nodes.engine.pipelines import materialize
 
     if clip.family in ("sd3", "flux"):
         return Conditioning((_encode_transformer_family(ctx, clip, text),))
     with materialize(ctx, clip) as resident:
         pipe = resident.pipe
+        if clip.embeddings or "embedding:" in text:
+            try:
+                embeddings.ensure_loaded(pipe, clip.embeddings)
+                text = embeddings.rewrite(text, clip.embeddings)
+            except embeddings.EmbeddingError as exc:
+                raise NodeFailure(str(exc), "text", "unknown_embedding") from None
         layers = pipe.text_encoder.config.num_hidden_layers
         if clip.clip_skip >= layers:
             raise NodeFailure(f"stop_at_clip_layer {-1 - clip.clip_skip} is past the text encoder's {layers} "
@@ -83,6 +90,7 @@ def _encode(pipe: Any, text: str, device: str, skip: int) -> Any:
     diffusers 0.42's `encode_prompt(clip_skip=…)` reads `text_encoder.text_model`, a level transformers 5's
     CLIP models no longer have; this is the same computation on either layout.
     """
+    text = pipe.maybe_convert_prompt(text, pipe.tokenizer)  # an embedding's token -> one token per vector
     ids = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
                          return_tensors="pt").input_ids.to(device)
     encoder = pipe.text_encoder

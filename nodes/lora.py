@@ -30,8 +30,8 @@ class LoadLoRA(Node):
     version = "1.0.0"
     category = "lora"
     description = (
-        "Adds a LoRA (diffusers, PEFT, Kohya or another format diffusers converts) to the model in "
-        "an adapter slot, with UNet and text-encoder strengths. Chain several to stack them."
+        "Adds a LoRA (diffusers, PEFT, Kohya, LyCORIS LoCon/LoHa/LoKr, ComfyUI; see the README's format table) to "
+        "the model in an adapter slot, with UNet and text-encoder strengths. Chain several to stack them."
     )
     inputs = (
         Input("model", "MODEL"),
@@ -245,8 +245,14 @@ class HotswapLoRA(Node):
         return {"model": model.prepared_for_hotswap(target).then(swapped)}
 
 
+_NOT_SWAPPABLE = {"loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}
+
+
 def _file_problems(lora: str, info: lora_files.LoraInfo, hotswap_rank: int) -> list[tuple[str | None, str]]:
     problems: list[tuple[str | None, str]] = []
+    if info.format in _NOT_SWAPPABLE:
+        problems.append(("lora", f"{lora} is a {_NOT_SWAPPABLE[info.format]} file, which cannot be hot-swapped "
+                                 "(it loads as a LoRA of another shape); use LoadLoRA in another slot"))
     if info.components != {"unet"}:
         problems.append(("lora", f"{lora} has text-encoder layers, which diffusers cannot hot-swap; "
                                  "use LoadLoRA in another slot"))

@@ -10,6 +10,7 @@ a CPU. `make_demo_models(root)` writes them into a models folder:
     checkpoints/tiny-flux/, tiny-sd3/    Flux and SD3 (nodes/engine/demo_transformers.py), with
     diffusion_models/tiny-flux.safetensors   Flux's transformer alone, and their LoRAs
     loras/<name>.safetensors             the LoRAs described by DEMO_LORAS
+    embeddings/tiny-<family>-embedding.safetensors   two-vector textual inversions (A1111 / clip_l+clip_g)
     controlnet/tiny-sd15-controlnet/     a ControlNet for tiny-sd15 (diffusers folder), and the same weights
     controlnet/tiny-sd15-controlnet.safetensors, controlnet/tiny-sdxl-controlnet.safetensors  as one file each
 
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 DemoPipeline = Any
 
 #: Bump whenever anything generated changes; older folders are then regenerated.
-DEMO_VERSION = 4
+DEMO_VERSION = 5
 MANIFEST_NAME = ".nodegraph-demo.json"
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -143,7 +144,30 @@ def demo_model_paths(root: Path) -> list[Path]:
         *loras,
         *demo_controlnet_paths(root),
         *demo_transformer_paths(Path(root)),
+        *demo_embedding_paths(root),
     ]
+
+
+def demo_embedding_paths(root: Path) -> list[Path]:
+    return [Path(root) / "embeddings" / f"tiny-{family}-embedding.safetensors" for family in ("sd15", "sdxl")]
+
+
+def write_demo_embeddings(folder: Path, seed: int, pipelines: dict[str, DemoPipeline]) -> None:
+    """Two-vector textual-inversion embeddings: A1111's layout for SD1.5, SDXL's clip_l + clip_g."""
+    import torch
+    from safetensors.torch import save_file
+
+    (folder / "embeddings").mkdir(parents=True, exist_ok=True)
+    for family, pipe in pipelines.items():
+        generator = torch.Generator().manual_seed(_derived_seed(seed, f"embedding/{family}"))
+
+        def vectors(encoder: Any, generator: torch.Generator = generator) -> torch.Tensor:
+            table = encoder.get_input_embeddings().weight
+            return (torch.randn(2, table.shape[1], generator=generator) * table.std() * 3).contiguous()
+
+        tensors = {"emb_params": vectors(pipe.text_encoder)} if family == "sd15" else \
+            {"clip_l": vectors(pipe.text_encoder), "clip_g": vectors(pipe.text_encoder_2)}
+        save_file(tensors, folder / "embeddings" / f"tiny-{family}-embedding.safetensors")
 
 
 def _file_sizes(root: Path, outputs: list[Path]) -> dict[str, int]:
@@ -193,6 +217,7 @@ def _generate(folder: Path, seed: int) -> None:
         save_file(tensors, loras / f"{name}.safetensors", metadata=metadata)
     write_demo_controlnets(folder, seed, pipelines)
     write_demo_transformers(folder, seed)
+    write_demo_embeddings(folder, seed, pipelines)
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -1,14 +1,15 @@
 """LoRA files: which format, which components and ranks, and which layers diffusers will make of them.
 
 Two readings, both without loading a pipeline:
-- `inspect(path)`, from the safetensors header alone: the format (refusing, by name, the formats diffusers
-  0.42 cannot load or loads wrong), the components the file has layers for and the largest rank. Used by
-  LoadLoRA's and HotswapLoRA's checks before anything runs.
+- `inspect(path)`, from the safetensors header alone: the format (refusing, by name, the formats that cannot
+  be loaded exactly), the components the file has layers for and the largest rank (for LyCORIS formats, of
+  the LoRA `lora_convert` rewrites them into). Used by LoadLoRA's and HotswapLoRA's checks before anything runs.
 - `layers(path, fingerprint, family, unet_config)`: the exact PEFT layers `load_lora_weights` will create, by
   component and module name, with their shapes. It runs diffusers' own key conversion (every layout diffusers
   converts: PEFT, Kohya with diffusers or SGM block names, the attention-processor and training-script
-  layouts) on a state dict of meta tensors, so it costs a header read. Keys that the conversion leaves outside
-  every component are keys diffusers would silently drop: they are an error here.
+  layouts), after `lora_convert`'s rewrite of the formats diffusers does not load, on a state dict of meta
+  tensors, so it costs a header read. Keys that the conversion leaves outside every component are keys
+  diffusers would silently drop: they are an error here.
 """
 
 from __future__ import annotations
@@ -20,19 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nodes.engine import lora_convert
 from nodes.engine.checkpoints import CheckpointError, read_header
 
 # The "down" (A) matrix of each LoRA layer, in every layout diffusers converts; group 1 is the module.
 _DOWN = re.compile(
     r"^(.*?)(?:\.lora_A(?:\.[\w-]+)?\.weight|\.lora_down\.weight|\.lora\.down\.weight|_lora\.down\.weight"
     r"|\.lora_linear_layer\.down\.weight)$"
-)
-# Formats diffusers 0.42 cannot convert, or converts wrong, keyed by a substring only they use.
-_UNSUPPORTED = (
-    (".hada_w1_a", "LyCORIS LoHa"),
-    (".lokr_w1", "LyCORIS LoKr"),
-    (".lora_mid.", "LyCORIS LoCon with Tucker decomposition (lora_mid)"),
-    (".dora_scale", "DoRA in Kohya/LyCORIS form (dora_scale), which diffusers would load without its magnitudes"),
 )
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
@@ -43,7 +38,7 @@ class LoraFileError(ValueError):
 
 @dataclass(frozen=True)
 class LoraInfo:
-    format: str  # "kohya" or "peft" (diffusers/PEFT in any of its layouts)
+    format: str  # peft (any diffusers/PEFT layout), kohya, kohya-ldm, loha, lokr, locon-tucker (lora_convert)
     ranks: dict[str, int]  # module key (as written in the file) -> rank
     components: frozenset[str]  # unet (the denoiser, a transformer for SD3 and Flux), text_encoder, text_encoder_2
 
@@ -57,16 +52,15 @@ def inspect(path: Path) -> LoraInfo:
         header = read_header(path)
     except CheckpointError as exc:
         raise LoraFileError(str(exc)) from None
-    for marker, name in _UNSUPPORTED:
-        key = next((k for k in header.shapes if marker in k), None)
-        if key is not None:
-            raise LoraFileError(f"{path.name}: {name} is not supported yet (key {key!r})")
-    key = next((k for k in header.shapes if k.startswith("diffusion_model.")), None)
-    if key is not None:
-        raise LoraFileError(f"{path.name}: LoRA keys in ComfyUI's ldm layout (e.g. {key!r}) are not supported yet; "
-                            "save the LoRA in Kohya or diffusers format")
+    try:
+        kind = lora_convert.format_of(list(header.shapes))
+        # LyCORIS formats and ldm names: ranks and modules of the LoRA they are rewritten into (shapes only).
+        shapes = header.shapes if kind in ("peft", "kohya") else {key: tuple(value.shape) for key, value in
+                                                                  lora_convert.convert(_meta(header.shapes)).items()}
+    except lora_convert.FormatError as exc:
+        raise LoraFileError(f"{path.name}: {exc}") from None
     ranks = {}
-    for key, shape in header.shapes.items():
+    for key, shape in shapes.items():
         match = _DOWN.match(key)
         if match and len(shape) >= 2:
             ranks[match.group(1)] = shape[0]
@@ -74,8 +68,13 @@ def inspect(path: Path) -> LoraInfo:
         raise LoraFileError(
             f"{path.name}: no LoRA layers in it (no lora_A/lora_down tensors); is it a checkpoint or an embedding?"
         )
-    kohya = any(".lora_down." in key for key in header.shapes)
-    return LoraInfo("kohya" if kohya else "peft", ranks, frozenset(map(_component, ranks)))
+    return LoraInfo(kind, ranks, frozenset(map(_component, ranks)))
+
+
+def _meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    import torch
+
+    return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
 
 
 def _component(module: str) -> str:
@@ -105,11 +104,6 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
     import torch
     from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.configuration_utils import FrozenDict
-    from diffusers.utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
     from safetensors import safe_open
 
     name = Path(path).name
@@ -119,6 +113,11 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
             shape = handle.get_slice(key).get_shape()
             # Alphas are read (the conversion folds them into per-layer values); the rest need shapes only.
             state[key] = handle.get_tensor(key) if key.endswith(".alpha") else torch.empty(shape, device="meta")
+    if family not in ("sd3", "flux"):  # their Kohya layouts are diffusers' own to convert
+        try:
+            state = lora_convert.convert(state, unet_config)
+        except lora_convert.FormatError as exc:
+            raise LoraFileError(f"{name}: {exc}") from None
     kwargs: dict[str, Any] = {}
     if family == "sdxl":
         pipeline: Any = StableDiffusionXLPipeline
@@ -132,6 +131,30 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
             converted = converted[0]
     except Exception as exc:  # diffusers raises many types for layouts it does not know
         raise LoraFileError(f"{name}: diffusers cannot convert its keys ({type(exc).__name__}: {exc})") from None
+    result: dict[str, dict[str, Layer]] = {}
+    for component, peft in peft_parts(converted, name).items():
+        found = {}
+        for key, down in peft.items():
+            module, sep, _ = key.partition(".lora_A")
+            if not sep:
+                continue
+            up = peft.get(f"{module}.lora_B.weight")
+            if up is None:
+                raise LoraFileError(f"{name}: layer {component}.{module} has a down matrix but no up matrix")
+            found[module] = Layer(down.shape[0], down.shape[1], up.shape[0], down.dim() == 4)
+        result[component] = found
+    return result
+
+
+def peft_parts(converted: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
+    """diffusers' `lora_state_dict` output by component, in PEFT keys (`<module>.lora_A.weight`), as its loaders
+    convert it; components without layers are left out."""
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
     parts: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
     stray = []
     for key, value in converted.items():
@@ -143,22 +166,16 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
     if stray:
         raise LoraFileError(f"{name}: {len(stray)} key(s) in a layout diffusers does not load (e.g. {stray[0]!r}); "
                             "they would be dropped silently")
-    result: dict[str, dict[str, Layer]] = {}
+    result = {}
     for component, part in parts.items():
         if not part:
             continue
-        peft = convert_unet_state_dict_to_peft(part) if component in ("unet", "transformer") else \
-            convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
-        found = {}
-        for key, down in peft.items():
-            module, sep, _ = key.partition(".lora_A")
-            if not sep:
-                continue
-            up = peft.get(f"{module}.lora_B.weight")
-            if up is None:
-                raise LoraFileError(f"{name}: layer {component}.{module} has a down matrix but no up matrix")
-            found[module] = Layer(down.shape[0], down.shape[1], up.shape[0], down.dim() == 4)
-        result[component] = found
+        try:
+            denoiser = component in ("unet", "transformer")
+            result[component] = convert_unet_state_dict_to_peft(part) if denoiser else \
+                convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+        except ValueError as exc:  # e.g. Kohya text-encoder layers diffusers cannot place
+            raise LoraFileError(f"{name}: diffusers cannot convert its {component} keys ({exc})") from None
     return result
 
 

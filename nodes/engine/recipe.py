@@ -47,6 +47,15 @@ class Adapter:
 
 
 @dataclass(frozen=True)
+class Embedding:
+    """A textual-inversion embedding on a CLIP recipe, named in prompts as `embedding:name` or `<name>`."""
+
+    name: str
+    path: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class Fuse:
     """FuseLoRA: bake these live slots into the weights at `lora_scale`."""
 
@@ -80,6 +89,7 @@ class ModelRecipe:
     part: str = "unet"
     sampling_shift: float = 0.0  # SD3/Flux: ModelSamplingSD3's shift or ModelSamplingFlux's mu; 0 = the family's
     clip_skip: int = 0  # CLIP only: text-encoder layers skipped from the end (ComfyUI's stop_at_clip_layer -1 - n)
+    embeddings: tuple[Embedding, ...] = ()  # CLIP only: textual inversions for its prompts (engine/embeddings.py)
 
     def then(self, op: Adapter | Fuse) -> ModelRecipe:
         # A pipeline prepared for hot-swap pads every adapter to the target rank: keep it large enough.

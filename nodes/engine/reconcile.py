@@ -43,7 +43,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from nodes.engine import lora_files
+from nodes.engine import lora_convert, lora_files
 from nodes.engine.recipe import Adapter, Compile, ModelRecipe
 from nodes.engine.resident import Resident, write_scale
 
@@ -206,10 +206,12 @@ def _state_dict(resident: Resident, path: str) -> tuple[dict[str, Any], Any, Any
     if family == "sd3":  # no alphas: folded into the converted tensors
         state, metadata = pipe.lora_state_dict(path, return_lora_metadata=True)
         return state, None, metadata
-    kwargs: dict[str, Any] = {"unet_config": pipe.unet.config} if family == "sdxl" else {}
     if family == "flux":
-        kwargs["return_alphas"] = True
-    state, alphas, metadata = pipe.lora_state_dict(path, return_lora_metadata=True, **kwargs)
+        return pipe.lora_state_dict(path, return_lora_metadata=True, return_alphas=True)  # type: ignore[no-any-return]
+    kwargs: dict[str, Any] = {"unet_config": pipe.unet.config} if family == "sdxl" else {}
+    # Formats diffusers does not load (or loads inexactly) are rewritten, exactly, into a LoRA it does.
+    source = lora_convert.load_source(path, resident.unet_config)
+    state, alphas, metadata = pipe.lora_state_dict(source, return_lora_metadata=True, **kwargs)
     return state, alphas, metadata
 
 

@@ -1,0 +1,72 @@
+"""Writing a live pipeline's weights (fused LoRAs included) as a checkpoint, atomically, never over another.
+
+Two layouts: a diffusers folder (`save_pretrained`, then every tensor file rewritten in the chosen dtype)
+or one safetensors file in the original ldm/SGM key layout that `LoadCheckpoint` reads, with the config
+values no tensor shape records (`checkpoints.CONFIG_HINTS_KEY`), so it loads back offline to the same
+configs. A folder is built under a temporary name and renamed into place; a file is written to a
+temporary name and linked into place: a reader never sees half a checkpoint, and nothing is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nodes.engine.checkpoints import _HINTABLE, CONFIG_HINTS_KEY
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_folder(pipe: Any, target: Path, dtype: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    if target.exists():
+        raise FileExistsError(f"{target.name} already exists in {target.parent}; choose another name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        pipe.save_pretrained(temp, safe_serialization=True)
+        for file in temp.rglob("*.safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(file), "pt") as handle:
+                metadata = handle.metadata()
+            tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in load_file(file).items()}
+            save_file(tensors, file, metadata=metadata)
+        os.mkdir(target)  # the reservation: fails if the name was taken meanwhile
+        os.rename(temp, target)  # replaces only the empty folder just made
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def save_single_file(pipe: Any, target: Path, dtype: str) -> None:
+    from safetensors.torch import save_file
+
+    from nodes.engine.demo_models import to_ldm_state_dict
+
+    if target.exists():
+        raise FileExistsError(f"{target.name} already exists in {target.parent}; choose another name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in to_ldm_state_dict(pipe).items()}
+    hints = {component: _hints(getattr(pipe, component).config, keys)
+             for component, keys in _HINTABLE.items() if getattr(pipe, component, None) is not None}
+    handle, temp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        save_file(state, temp, metadata={CONFIG_HINTS_KEY: json.dumps(hints, sort_keys=True)})
+        os.link(temp, target)  # fails if the name appeared meanwhile: a file is never replaced
+    finally:
+        os.unlink(temp)
+
+
+def _hints(config: Any, keys: set[str]) -> dict[str, Any]:
+    """The values of `keys` in a diffusers (mapping) or transformers (attributes) config, JSON-ready."""
+    found = {key: config[key] if isinstance(config, dict) else getattr(config, key, None) for key in keys
+             if (key in config if isinstance(config, dict) else hasattr(config, key))}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in found.items()}
