@@ -136,6 +136,13 @@ class LoraCache:
                 futures.append(pending)
         return futures
 
+    def wait(self) -> None:
+        """Until every prewarm read in flight has finished (tests, benchmarks)."""
+        with self._lock:
+            pending = list(self._reading.values())
+        for future in pending:
+            future.result()
+
     def _read_and_forget(self, key: tuple[Any, ...], path: str) -> FileData:
         try:
             return self._read(key, path)

@@ -170,3 +170,20 @@ def test_prewarm_reads_files_ahead_on_a_thread(demo_dir: Path) -> None:
     cache.read(*paths[1])
     assert cache.reads == 2
     assert cache.prewarm(paths) == []  # already there: nothing to do
+
+
+def test_a_lora_sweep_reads_its_files_into_the_cache_before_any_job_runs(demo_settings: Any, demo_dir: Path,
+                                                                        cache: LoraCache) -> None:
+    from nodegraph.cache import file_fingerprint
+    from nodes.lora import HotswapLoRA, LoadLoRA
+
+    names = ["tiny-sd15-style.safetensors", "tiny-sd15-kohya.safetensors"]
+    HotswapLoRA.prepare_sweep("lora", names, {"hotswap_rank": 0}, demo_settings)
+    LoadLoRA.prepare_sweep("lora", [names[0], "tiny-sd15-subset.safetensors"], {}, demo_settings)
+    LoadLoRA.prepare_sweep("strength", [0.5, 1.0], {}, demo_settings)  # not a file: nothing to read
+    cache.wait()
+    assert cache.reads == 3
+    for name in [*names, "tiny-sd15-subset.safetensors"]:
+        path = demo_dir / "loras" / name
+        cache.read(str(path), file_fingerprint(path))  # the key a recipe's adapter will have
+    assert cache.reads == 3
