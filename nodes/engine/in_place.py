@@ -56,10 +56,12 @@ def transition(resident: Resident, target: ModelRecipe) -> list[str] | None:
 
 
 def slot_layout(resident: Resident, which: str, slot: str) -> SlotLayout:
-    """Where a slot's adapter lives in a part: found by one module walk after each load or delete, then kept."""
+    """Where a slot's adapter lives in a part: found by one module walk after each load or delete, then kept
+    (for an offloaded model, found again each time)."""
     part = resident.parts[which]
     layout = part.layouts.get(slot)
-    if layout is None:
+    # Offloading hooks may replace parameters as they move them: then look again on every use.
+    if layout is None or resident.offload:
         name = r.peft_name(slot)
         layers = [(c, m, layer) for c, m, layer in r._lora_layers(resident, which) if name in layer.scaling]
         scales = [layer.scaling[name] if isinstance(layer.scaling[name], torch.Tensor) else None
