@@ -231,6 +231,8 @@ def build_slot_ready(converted: tuple[dict[str, Any], dict[str, Any] | None, dic
 
 def _padded(tensor: torch.Tensor, dim: int, rank: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """Zero-padded along `dim` to `rank`, as PEFT pads a prepared slot and fills it on a smaller hot-swap."""
+    if tensor.shape[dim] == rank:  # nothing to pad: the file's own tensor (already there: no copy)
+        return tensor.to(device=device, dtype=dtype).contiguous()
     shape = list(tensor.shape)
     shape[dim] = rank
     out = torch.zeros(shape, dtype=dtype, device=device)
