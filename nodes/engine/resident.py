@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from nodes.engine import schedules
+from nodes.engine import lora_cache, schedules
 from nodes.engine.recipe import Compile, ModelRecipe
 
 Layer = tuple[str, str]  # (component, module name)
@@ -120,10 +120,17 @@ class Resident:
     def set_step(self, step: int) -> None:
         """Write the scheduled scales for sampling step `step` (0-based), in place."""
         unet = self.parts["unet"]
+        tensors, values = [], []
         for slot, spec in unet.applied.schedules:
             scale = schedules.scale_at(spec, step)
             for layer, name, unit in unet.unit_scaling.get(slot, ()):
-                write_scale(layer, name, unit * scale)
+                current = layer.scaling[name]
+                if isinstance(current, torch.Tensor):
+                    tensors.append(current)
+                    values.append(unit * scale)
+                else:
+                    layer.scaling[name] = unit * scale
+        lora_cache.write_scales(tensors, values)  # one batched write (a GPU: 2 launches, not one per layer)
 
 
 def write_scale(layer: Any, name: str, value: float) -> None:
