@@ -13,6 +13,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
+from hashlib import sha256
 from typing import Any
 
 from nodegraph import events as ev
@@ -100,13 +101,17 @@ class Executor:
                 break
             step = graph.steps[node_id]
             prefix, links, reads_files = keying[node_id]
-            try:
-                files = step.cls.files(_inputs(step, values), self.settings) if reads_files else ()
-                key = keys[node_id] = keyed(prefix, [f"{name}={keys[source]}/{output}"
-                                                     for name, source, output in links], files)
-            except Exception as exc:  # a node's files() that failed (a model file gone missing)
-                self._fail(result, step, emit, exc, started)
-                break
+            linked = [f"{name}={keys[source]}/{output}" for name, source, output in links]
+            if reads_files:
+                try:
+                    files = step.cls.files(_inputs(step, values), self.settings)
+                    key = keys[node_id] = keyed(prefix, linked, files)
+                except Exception as exc:  # a node's files() that failed (a model file gone missing)
+                    self._fail(result, step, emit, exc, started)
+                    break
+            else:  # `keyed` inlined: the cached path's one hash per node
+                text = prefix + "\x00" + "\x00".join(linked) if linked else prefix
+                key = keys[node_id] = sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
             entry = get(key)
             if entry is not None:
                 emit(cached_event(job_id, node_id, step.cls.type))
