@@ -223,7 +223,7 @@ def brief_summary(value: Any) -> Any:
     """`json_summary`, but texts and lists longer than a line are only described (what an intermediate
     node's record keeps: a 10,000-node chain of growing texts would otherwise record them all)."""
     if isinstance(value, str) and len(value) > BRIEF_CHARS:
-        return {"$type": "str", "summary": f"{len(value):,} characters: {value[:BRIEF_CHARS // 2]}…"}
+        return {"$type": "str", "summary": f"{len(value):,} characters: {value[:40]}…"}
     if isinstance(value, (list, tuple)) and len(value) > 16:
         return {"$type": type(value).__name__, "summary": f"{len(value):,} items"}
     summary = json_summary(value)
