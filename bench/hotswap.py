@@ -591,7 +591,7 @@ def main() -> int:
     print("   Δ is whole steps' per-round difference, within the machine's noise when that exceeds the callback "
           "column (the callback's own cost, timed inside it)")
     print(f"   set_step alone ({len(info.ranks)} layers): {cold_set_step * 1e6:.0f} µs (float scaling, "
-          f"not prepared), {hot_set_step * 1e6:.0f} µs (tensor scaling, prepared: fill_)")
+          f"not prepared), {hot_set_step * 1e6:.0f} µs (tensor scaling, prepared: one batched write)")
     print()
     print(f"total {total:.0f} s")
     if args.json:
