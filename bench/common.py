@@ -184,6 +184,26 @@ def attention_lora(
     return tensors, {"lora_adapter_metadata": json.dumps(metadata, sort_keys=True)}
 
 
+def switch_floor(resident: Any, slot: str, files: list[str]) -> tuple[list[Any], list[list[Any]], list[str]]:
+    """What a LoRA switch in a prepared slot must at least copy: the slot's lora_A/lora_B weights, and per file
+    (each switched in once before, so the LoRA cache holds it) its cached slot-ready tensors in the same order;
+    with the files' own keys in that order (for a read + copy floor of files at the slot's rank)."""
+    from nodes.engine import in_place, lora_cache
+    from nodes.engine.reconcile import peft_name
+
+    layout = in_place.slot_layout(resident, "unet", slot)
+    targets = [t for _, down, up in layout.weights for t in (down, up)]
+    sources = []
+    for path in files:
+        found = [value for key, (value, _) in lora_cache.CACHE._entries.items()
+                 if key[0] == "slot" and key[1] == path and key[4] == peft_name(slot)]
+        require(len(found) == 1, f"the LoRA cache holds {len(found)} slot-ready entries for {path}")
+        sources.append([t for module, _, _ in layout.weights for t in found[0].tensors[module]])
+        require(all(s.shape == t.shape for s, t in zip(sources[-1], targets, strict=True)), "shapes differ")
+    keys = [f"unet.{module}.lora_{ab}.weight" for module, _, _ in layout.weights for ab in "AB"]
+    return targets, sources, keys
+
+
 # ---------------------------------------------------------------------------------------------- timing
 
 

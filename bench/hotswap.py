@@ -8,7 +8,7 @@ Options: `--repeats N` rounds (default 20 tiny, 6 sd15); `--models-dir DIR` keep
 reuses them (default: a temp dir, removed at the end; sd15 writes ≈4 GB and takes ≈1-2 min to build);
 `--threads N` torch threads (default 1, see bench/common.py); `--no-compile` skips part 3 on tiny;
 `--inductor-cache DIR` compiles with that inductor cache (default: a fresh temp dir, so the first call is a
-cold compile).
+cold compile); `--json` prints the figures as one JSON object on the last line.
 
 Models: the size's checkpoint and attention LoRA from bench/common.py (tiny: tiny-sd15 + tiny-sd15-style,
 rank 4; sd15: the random full-size SD1.5 + a rank-8 LoRA on all 128 attention projections), and a second
@@ -28,7 +28,10 @@ reconciler `Resident`s; recipes are built by our LoadCheckpoint and LoadLoRA nod
    scales       (for information) a strength change 1.0 ↔ 0.5 on the hot-swap resident: the `scales` part alone.
    diffusers    (for information) `load_lora_weights(file, adapter_name, hotswap=True)` on a third pipeline
                 prepared by hand (`enable_lora_hotswap`): the library's own swap, without the reconciler.
-2. The floor: `safetensors.torch.load_file` of the file being swapped in, in the same rounds.
+   uncached     (parts 1-2) the hot-swap with an empty LoRA cache (nodes/engine/lora_cache.py): read, convert, copy.
+2. The floors, in the same rounds: a `torch._foreach_copy_` of the cached slot-ready tensors into the slot's
+   lora_A/lora_B weights (a cached switch's floor); `safetensors.torch.load_file` of the file + that copy (an
+   uncached switch's); `load_file` alone.
    Before timing, one UNet forward checks that the hot-swapped UNet equals the delete+load one (within float
    noise: hot-swap pads to the target rank) and the reloaded one, and that the two LoRAs differ.
 3. Compile (tiny by default; sd15 only with --compile): a recipe with `compile=Compile()` and hot-swap prepared
@@ -49,6 +52,7 @@ ms are medians; × and differences are medians of per-round ratios / differences
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -203,6 +207,9 @@ class Switch:
     read: list[float]
     scales: list[float]
     diffusers: list[float]
+    uncached: list[float]  # the hot-swap with an empty LoRA cache
+    copy: list[float]  # the floor of a cached switch: a foreach copy of the cached tensors into the slot
+    read_copy: list[float]  # the floor of an uncached switch: load_file + foreach copy
 
 
 def measure_switch(s: Setup, size: Size, repeats: int) -> Switch:
@@ -257,10 +264,36 @@ def measure_switch(s: Setup, size: Size, repeats: int) -> Switch:
         current = Path(s.hot.applied.live()[SLOT].path).name
         reconcile(s.hot, with_strength(s.prepared[current], state["strength"]), ["scales"])
 
+    from nodes.engine import lora_cache
+
+    cache = lora_cache.CACHE
+    reconcile(s.hot, s.prepared[s.other(s.hot)], [f"hotswap:{SLOT}", "scales"])  # both files now in the cache
+    targets, sources, keys = common.switch_floor(s.hot, SLOT, [s.path(a), s.path(b)])
+
+    def uncached() -> None:
+        lora_cache.CACHE = lora_cache.LoraCache()  # empty; restored untimed after
+        hotswap()
+
+    def restore() -> None:
+        lora_cache.CACHE = cache
+
+    def copy() -> None:
+        state["copy"] = 1 - int(state.get("copy", 0))
+        with torch.no_grad():
+            torch._foreach_copy_(targets, sources[state["copy"]])
+
+    def read_copy() -> None:
+        state["read_copy"] = b if state.get("read_copy") == a else a
+        tensors = load_file(s.path(state["read_copy"]))
+        with torch.no_grad():
+            torch._foreach_copy_(targets, [tensors[k] for k in keys])
+
     t = interleaved({"hotswap": hotswap, "delete_load": delete_load, "reload": reload, "read": read,
-                     "scales": scales, "diffusers": diffusers}, repeats)
+                     "scales": scales, "diffusers": diffusers, "uncached": uncached, "copy": copy,
+                     "read_copy": read_copy}, repeats, after={"uncached": restore})
     state["reloaded"] = None
-    return Switch(t["hotswap"], t["delete_load"], t["reload"], t["read"], t["scales"], t["diffusers"])
+    return Switch(t["hotswap"], t["delete_load"], t["reload"], t["read"], t["scales"], t["diffusers"],
+                  t["uncached"], t["copy"], t["read_copy"])
 
 
 # ---------------------------------------------------------------------------------------------- 3
@@ -447,6 +480,7 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="run part 3 (compile) on sd15 too")
     parser.add_argument("--no-compile", action="store_true", help="skip part 3 (compile) on tiny")
     parser.add_argument("--inductor-cache", default=None, help="inductor cache dir (default: a fresh temp dir)")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     common.add_threads_option(parser)
     args = parser.parse_args()
     common.set_threads(args.threads)
@@ -501,13 +535,18 @@ def main() -> int:
          f"{ratio(switch.diffusers, switch.hotswap):.2f}×"),
     ]))
     print()
-    print("2. Hot-swap against the floor")
+    print("2. Hot-swap against the floors (a cached file: the copy; an uncached one: the read + copy)")
     print(table([
-        ("way", "ms", "× read"),
-        ("ours hotswap", ms(median(switch.hotswap)), f"{ratio(switch.hotswap, switch.read):.1f}×"),
-        ("diffusers alone: load_lora_weights(hotswap=True)", ms(median(switch.diffusers)),
+        ("way", "ms", "× its floor", "× read"),
+        ("ours hotswap, file in the LoRA cache", ms(median(switch.hotswap)),
+         f"{ratio(switch.hotswap, switch.copy):.2f}×", f"{ratio(switch.hotswap, switch.read):.2f}×"),
+        ("floor: foreach copy of the cached tensors into the slot", ms(median(switch.copy)), "1×", ""),
+        ("ours hotswap, LoRA cache empty", ms(median(switch.uncached)),
+         f"{ratio(switch.uncached, switch.read_copy):.2f}×", f"{ratio(switch.uncached, switch.read):.2f}×"),
+        ("floor: load_file + foreach copy", ms(median(switch.read_copy)), "1×", ""),
+        ("diffusers alone: load_lora_weights(hotswap=True)", ms(median(switch.diffusers)), "",
          f"{ratio(switch.diffusers, switch.read):.1f}×"),
-        ("read: safetensors.torch.load_file (the floor)", ms(median(switch.read)), "1×"),
+        ("read: safetensors.torch.load_file", ms(median(switch.read)), "", "1×"),
     ]))
     print()
     print(f"3. Compiled UNet (CompileModel: compile=Compile(), hot-swap prepared), one CFG forward "
@@ -552,9 +591,20 @@ def main() -> int:
     print("   Δ is whole steps' per-round difference, within the machine's noise when that exceeds the callback "
           "column (the callback's own cost, timed inside it)")
     print(f"   set_step alone ({len(info.ranks)} layers): {cold_set_step * 1e6:.0f} µs (float scaling, "
-          f"not prepared), {hot_set_step * 1e6:.0f} µs (tensor scaling, prepared: fill_)")
+          f"not prepared), {hot_set_step * 1e6:.0f} µs (tensor scaling, prepared: one batched write)")
     print()
     print(f"total {total:.0f} s")
+    if args.json:
+        figures: dict[str, Any] = {
+            "size": args.size, "repeats": repeats, "hotswap_rank": setup.rank,
+            **{f"{name}_ms": median(getattr(switch, name)) * 1e3 for name in (
+                "hotswap", "delete_load", "reload", "read", "scales", "diffusers", "uncached", "copy", "read_copy")},
+            "hotswap_x_copy": ratio(switch.hotswap, switch.copy),
+            "uncached_x_read_copy": ratio(switch.uncached, switch.read_copy),
+            "recompiles": None if compiled is None else sum(g for _, g, _ in compiled.calls),
+            "set_step_prepared_us": hot_set_step * 1e6, "set_step_unprepared_us": cold_set_step * 1e6,
+            "total_s": total}
+        print(json.dumps(figures))
     return 0
 
 

@@ -93,9 +93,18 @@ def node_key(node_type: str, version: str, literals_json: str, upstream: dict[st
     to the key of the producing node plus the output name; `files` are the files the node reads,
     fingerprinted by path, size and modification time.
     """
-    parts = [node_type, version, literals_json]
-    if upstream:
-        parts += [f"{name}={key}" for name, key in sorted(upstream.items())]
+    links = [f"{name}={key}" for name, key in sorted(upstream.items())]
+    return keyed(key_prefix(node_type, version, literals_json), links, files)
+
+
+def key_prefix(node_type: str, version: str, literals_json: str) -> str:
+    """The part of a node's key that its step alone fixes (the executor computes it once per graph)."""
+    return "\x00".join((node_type, version, literals_json))
+
+
+def keyed(prefix: str, links: list[str], files: Sequence[Path] = ()) -> str:
+    """`node_key` from its prefix and its links as `name=upstream_key/output`, sorted by input name."""
+    parts = [prefix, *links]
     if files:
         parts += [file_fingerprint(path) for path in files]
     return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()

@@ -13,10 +13,11 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
+from hashlib import sha256
 from typing import Any
 
 from nodegraph import events as ev
-from nodegraph.cache import Entry, OutputCache, node_key
+from nodegraph.cache import Entry, OutputCache, key_prefix, keyed
 from nodegraph.context import CancelToken, Context, Interrupted, NodeFailure
 from nodegraph.models import ModelManager
 from nodegraph.registry import Registry
@@ -48,10 +49,14 @@ class RunResult:
         return [f for record in self.nodes.values() for f in record.files]
 
     def to_json(self) -> dict[str, Any]:
+        """The run as JSON (job records, `nodegraph run --json`): output nodes' outputs in full, as
+        `json_summary` writes them; other nodes' outputs in brief (`brief_summary`), so a record stays small."""
+        shown = set(self.output_nodes)
         return {
             "status": self.status,
             "nodes": {node_id: {"type": r.node_type, "status": r.status, "seconds": round(r.seconds, 6),
-                                "outputs": {k: json_summary(v) for k, v in r.outputs.items()}}
+                                "outputs": {k: (json_summary if node_id in shown else brief_summary)(v)
+                                            for k, v in r.outputs.items()}}
                       for node_id, r in self.nodes.items()},
             "files": self.files,
             "errors": [p.to_json() for p in self.errors],
@@ -87,24 +92,31 @@ class Executor:
         result = RunResult(job_id, "ok", output_nodes=list(graph.outputs))
         values: dict[str, dict[str, Any]] = {}
         keys: dict[str, str] = {}
+        keying = _keying(graph)
+        get, records, cached_event = self.cache.get, result.nodes, ev.NodeCached
         for node_id in order:
             if cancel.cancelled:
                 emit(ev.Interrupted(job_id, node_id))
                 result.status = "interrupted"
                 break
             step = graph.steps[node_id]
-            upstream = {name: f"{keys[source]}/{output}" for name, (source, output) in step.links.items()}
-            try:
-                files = step.cls.files(_inputs(step, values), self.settings) if _reads_files(step.cls) else []
-                key = keys[node_id] = node_key(step.cls.type, step.cls.version, step.literals_json, upstream, files)
-            except Exception as exc:  # a node's files() that failed (a model file gone missing)
-                self._fail(result, step, emit, exc, started)
-                break
-            entry = self.cache.get(key)
+            prefix, links, reads_files = keying[node_id]
+            linked = [f"{name}={keys[source]}/{output}" for name, source, output in links]
+            if reads_files:
+                try:
+                    files = step.cls.files(_inputs(step, values), self.settings)
+                    key = keys[node_id] = keyed(prefix, linked, files)
+                except Exception as exc:  # a node's files() that failed (a model file gone missing)
+                    self._fail(result, step, emit, exc, started)
+                    break
+            else:  # `keyed` inlined: the cached path's one hash per node
+                text = prefix + "\x00" + "\x00".join(linked) if linked else prefix
+                key = keys[node_id] = sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+            entry = get(key)
             if entry is not None:
-                emit(ev.NodeCached(job_id, node_id, step.cls.type))
+                emit(cached_event(job_id, node_id, step.cls.type))
                 values[node_id] = entry.outputs
-                result.nodes[node_id] = NodeRecord(step.cls.type, "cached", 0.0, entry.outputs, entry.files)
+                records[node_id] = NodeRecord(step.cls.type, "cached", 0.0, entry.outputs, entry.files)
                 continue
             inputs = _inputs(step, values)
             emit(ev.NodeStarted(job_id, node_id, step.cls.type))
@@ -152,6 +164,18 @@ def plan(graph: Graph) -> list[str]:
     return graph.plan
 
 
+def _keying(graph: Graph) -> dict[str, tuple[str, list[tuple[str, str, str]], bool]]:
+    """Per step, what its cache key needs that the step alone fixes, computed once per graph: the key's
+    prefix (type, version, literals), its links sorted by input name, and whether it reads files."""
+    if graph.keying is None:
+        graph.keying = {node_id: (key_prefix(step.cls.type, step.cls.version, step.literals_json),
+                                  [(name, *step.links[name]) for name in sorted(step.links)],
+                                  _reads_files(step.cls))
+                        for node_id, step in graph.steps.items()}
+    keying: dict[str, tuple[str, list[tuple[str, str, str]], bool]] = graph.keying
+    return keying
+
+
 def _needed_in_order(graph: Graph) -> list[str]:
     needed = set(graph.outputs)
     stack = list(graph.outputs)
@@ -190,6 +214,22 @@ def _checked_outputs(cls: type[Node], outputs: Any) -> dict[str, Any]:
     if missing:
         raise TypeError(f"{cls.type}.run() did not return the outputs {missing}")
     return outputs
+
+
+BRIEF_CHARS = 200  # the longest text a non-output node's output keeps in a record
+
+
+def brief_summary(value: Any) -> Any:
+    """`json_summary`, but texts and lists longer than a line are only described (what an intermediate
+    node's record keeps: a 10,000-node chain of growing texts would otherwise record them all)."""
+    if isinstance(value, str) and len(value) > BRIEF_CHARS:
+        return {"$type": "str", "summary": f"{len(value):,} characters: {value[:40]}…"}
+    if isinstance(value, (list, tuple)) and len(value) > 16:
+        return {"$type": type(value).__name__, "summary": f"{len(value):,} items"}
+    summary = json_summary(value)
+    if isinstance(summary, dict) and len(str(summary.get("summary", ""))) > BRIEF_CHARS:
+        summary["summary"] = str(summary["summary"])[:BRIEF_CHARS] + "…"
+    return summary
 
 
 def json_summary(value: Any) -> Any:

@@ -58,6 +58,7 @@ class Graph:
     outputs: list[str] = field(default_factory=list)
     order: list[str] = field(default_factory=list)  # a dependency order of every step
     plan: list[str] | None = None  # what the outputs need, in order; the executor fills it once
+    keying: Any = None  # the executor's per-step cache-key parts, filled once (nodegraph/executor.py)
     workflow: dict[str, Any] = field(default_factory=dict, repr=False)  # as written, for SaveImage
 
 def validate(workflow: Any, registry: Registry, settings: Any = None,

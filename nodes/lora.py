@@ -25,6 +25,15 @@ from nodes.engine.recipe import Adapter, Compile, Fuse, ModelRecipe
 from nodes.loaders import _free_slot, _loras, _model_file, check_fits, fit_upstream, lora_file, slot_problems
 
 
+def prewarm(settings: Any, names: list[Any]) -> None:
+    """Read these LoRA files into the resident LoRA cache on a background thread (a sweep will use them all),
+    so that no switch waits for the disk. Keyed as the recipes will be: the resolved path and its fingerprint."""
+    from nodes.engine import lora_cache
+
+    paths = [lora_file(settings, name)[0] for name in names]
+    lora_cache.CACHE.prewarm([(str(path), file_fingerprint(path)) for path in paths])
+
+
 class LoadLoRA(Node):
     type = "LoadLoRA"
     version = "1.0.0"
@@ -48,6 +57,14 @@ class LoadLoRA(Node):
         ),
     )
     outputs = (Output("model", "MODEL"),)
+
+    @classmethod
+    def prepare_sweep(cls, input_name: str, values: list[Any], literals: dict[str, Any],
+                      settings: Any) -> dict[str, Any]:
+        """Sweeping the LoRA: read the swept files into the LoRA cache ahead of the jobs that load them."""
+        if input_name == "lora":
+            prewarm(settings, values)
+        return {}
 
     @classmethod
     def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
@@ -201,7 +218,10 @@ class HotswapLoRA(Node):
     @classmethod
     def prepare_sweep(cls, input_name: str, values: list[Any], literals: dict[str, Any],
                       settings: Any) -> dict[str, Any]:
-        """Sweeping the LoRA: prepare once for the largest rank among all the files swept."""
+        """Sweeping the LoRA: prepare once for the largest rank among all the files swept, and read the files
+        into the LoRA cache ahead of the jobs that swap them in."""
+        if input_name == "lora":
+            prewarm(settings, values)
         if input_name != "lora" or literals.get("hotswap_rank", 0):
             return {}
         return {"hotswap_rank": max(lora_file(settings, value)[1].max_rank for value in values)}

@@ -256,3 +256,36 @@ def test_random_graphs_match_direct_evaluation(registry: Registry, size: int, rn
         for value in nodes[node_id].get("inputs", {}).values():
             if isinstance(value, list):
                 assert position[value[0]] < position[node_id]
+
+
+def test_a_run_record_keeps_output_nodes_in_full_and_the_rest_in_brief(executor: Executor) -> None:
+    long = "ab" * 600
+    result = executor.run(workflow({
+        "1": {"type": "String", "inputs": {"value": long}},
+        "2": {"type": "Format", "inputs": {"template": "{a}{a}", "a": ["1", 0]}},
+        "3": {"type": "Int", "inputs": {"value": 7}},
+        "4": {"type": "Show", "inputs": {"value": ["2", 0]}},
+        "5": {"type": "Show", "inputs": {"value": ["3", 0]}},
+    }))
+    nodes = result.to_json()["nodes"]
+    assert nodes["4"]["outputs"] == {"value": long * 2}  # an output node: in full
+    assert nodes["2"]["outputs"]["text"]["$type"] == "str"  # the rest: described, not copied
+    assert nodes["2"]["outputs"]["text"]["summary"].startswith("2,400 characters: abab")
+    assert len(nodes["1"]["outputs"]["value"]["summary"]) < 150
+    assert nodes["3"]["outputs"] == {"value": 7}  # short values stay as they are
+    assert result.nodes["2"].outputs == {"text": long * 2}  # the run itself keeps every value
+
+
+def test_cached_runs_key_nodes_exactly_as_node_key_does(executor: Executor) -> None:
+    from nodegraph.cache import node_key
+    from nodegraph.validate import validate
+
+    graph, _ = validate(math_chain(), executor.registry)
+    assert graph is not None
+    executor.execute(graph, ev.ignore, CancelToken(), "j")
+    keys = {}
+    for node_id in graph.order:
+        step = graph.steps[node_id]
+        upstream = {name: f"{keys[source]}/{output}" for name, (source, output) in step.links.items()}
+        keys[node_id] = node_key(step.cls.type, step.cls.version, step.literals_json, upstream)
+    assert set(keys.values()) <= set(executor.cache._entries)

@@ -11,10 +11,13 @@ pipeline was in, after `reconcile(resident, recipe)` the part's output equals th
 pipeline built from the recipe alone, and exactly the recipe's live adapters exist on its modules.
 
 Transitions, cheapest first:
-- a strength or block-scale change: new scales only;
+- a strength or block-scale change: new scales only, written in place into the layers found once per
+  load (`Part.layouts`): no module walks, no `set_adapters`;
 - a new file in an existing slot: an in-place hot-swap (UNet) when the pipeline was prepared for it
   and the file fits the slot (UNet only, rank within the target, a subset of the slot's layers),
-  else delete and load; a new adapter: a load; a removed one: a delete;
+  else delete and load; a new adapter: a load; a removed one: a delete. A hot-swap copies the file's
+  slot-ready tensors from the LoRA cache (`nodes/engine/lora_cache.py`) into the slot's padded weights
+  in one batched copy; only files the cache cannot prepare go through diffusers' `hotswap=True`;
 - any change to what is fused, or a larger hot-swap rank: restore the part's base weights from a
   snapshot taken before the first fuse (bitwise, in every dtype; diffusers' `unfuse_lora` is neither
   exact nor possible after the fused adapters are unloaded), then rebuild;
@@ -43,7 +46,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from nodes.engine import lora_convert, lora_files
+from nodes.engine import in_place, lora_cache, lora_files
 from nodes.engine.recipe import Adapter, Compile, ModelRecipe
 from nodes.engine.resident import Resident, write_scale
 
@@ -87,6 +90,9 @@ def reconcile(resident: Resident, target: ModelRecipe) -> list[str]:
 
 
 def _transition(resident: Resident, target: ModelRecipe) -> list[str]:
+    done = in_place.transition(resident, target)
+    if done is not None:
+        return done
     pipe, actions, which = resident.pipe, [], target.part
     part = resident.parts[which]
     if which == "unet" and target.hotswap_rank > resident.hotswap_rank:
@@ -124,7 +130,7 @@ def _transition(resident: Resident, target: ModelRecipe) -> list[str]:
     changed = False
     for slot, adapter in wanted.items():
         if slot in swaps:
-            _load(resident, which, adapter, hotswap=True)
+            in_place.swap(resident, adapter)
             actions.append(f"hotswap:{slot}")
             changed = True
         elif slot not in live or not live[slot].same_file(adapter):
@@ -167,7 +173,7 @@ def _load(resident: Resident, which: str, adapter: Adapter, hotswap: bool = Fals
     try:
         if any(c in layers for c in components):
             with _library_warnings() as warned:
-                state, alphas, metadata = _state_dict(resident, adapter.path)
+                state, alphas, metadata = _state_dict(resident, adapter)
                 common = {"network_alphas": alphas, "adapter_name": name, "_pipeline": pipe, "metadata": metadata,
                           "low_cpu_mem_usage": True}
                 if which == "unet":
@@ -191,6 +197,7 @@ def _load(resident: Resident, which: str, adapter: Adapter, hotswap: bool = Fals
     except Exception as exc:
         raise ReconcileError(f"LoRA {file_name!r} (slot {adapter.slot!r}) cannot be loaded into this model: "
                              f"{type(exc).__name__}: {exc}") from exc
+    part.layouts.clear()  # a load re-pads every prepared slot's weights (new tensors)
     if not hotswap:
         part.slot_targets[adapter.slot] = frozenset(module for component, module, _ in mine
                                                     if component == resident.denoiser)
@@ -200,19 +207,18 @@ def _load(resident: Resident, which: str, adapter: Adapter, hotswap: bool = Fals
     return bool(mine)
 
 
-def _state_dict(resident: Resident, path: str) -> tuple[dict[str, Any], Any, Any]:
-    """diffusers' `lora_state_dict` (its key conversion) as (state, network alphas, metadata) for every family."""
+def _state_dict(resident: Resident, adapter: Adapter) -> tuple[dict[str, Any], Any, Any]:
+    """diffusers' `lora_state_dict` (its key conversion) as (state, network alphas, metadata) for every family;
+    SD1.x/SDXL files come from the LoRA cache, the formats diffusers does not load rewritten (`lora_convert`)."""
     pipe, family = resident.pipe, resident.applied.family
     if family == "sd3":  # no alphas: folded into the converted tensors
-        state, metadata = pipe.lora_state_dict(path, return_lora_metadata=True)
+        state, metadata = pipe.lora_state_dict(adapter.path, return_lora_metadata=True)
         return state, None, metadata
     if family == "flux":
-        return pipe.lora_state_dict(path, return_lora_metadata=True, return_alphas=True)  # type: ignore[no-any-return]
+        return pipe.lora_state_dict(adapter.path, return_lora_metadata=True, return_alphas=True)  # type: ignore[no-any-return]
     kwargs: dict[str, Any] = {"unet_config": pipe.unet.config} if family == "sdxl" else {}
-    # Formats diffusers does not load (or loads inexactly) are rewritten, exactly, into a LoRA it does.
-    source = lora_convert.load_source(path, resident.unet_config)
-    state, alphas, metadata = pipe.lora_state_dict(source, return_lora_metadata=True, **kwargs)
-    return state, alphas, metadata
+    return lora_cache.CACHE.converted(type(pipe), adapter.path, adapter.fingerprint, rewrite=resident.unet_config,
+                                      **kwargs)
 
 
 def _load_into_denoiser(resident: Resident, state: dict[str, Any], hotswap: bool, common: dict[str, Any]) -> None:
@@ -270,6 +276,7 @@ def _delete(resident: Resident, which: str, slot: str) -> bool:
     part = resident.parts[which]
     part.base_scaling.pop(slot, None)
     part.slot_targets.pop(slot, None)
+    part.layouts.clear()
     return deleted
 
 
@@ -337,6 +344,7 @@ def _unload_all(resident: Resident, which: str) -> None:
     part = resident.parts[which]
     part.base_scaling.clear()
     part.slot_targets.clear()
+    part.layouts.clear()
 
 
 def _lora_layers(resident: Resident, which: str) -> list[tuple[str, str, Any]]:

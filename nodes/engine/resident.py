@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from nodes.engine import schedules
+from nodes.engine import lora_cache, schedules
 from nodes.engine.recipe import Compile, ModelRecipe
 
 Layer = tuple[str, str]  # (component, module name)
@@ -30,6 +30,17 @@ class Part:
     slot_targets: dict[str, frozenset[str]] = field(default_factory=dict)  # UNet layers of a slot's first file
     # scheduled slot -> (layer module, PEFT name, its scale at weight 1), written at every step
     unit_scaling: dict[str, list[tuple[Any, str, float]]] = field(default_factory=dict)
+    # slot -> where its adapter lives, found once after each load/delete (switches and strengths walk nothing)
+    layouts: dict[str, SlotLayout] = field(default_factory=dict)
+
+
+@dataclass
+class SlotLayout:
+    """A slot's adapter in one part: its layers, their scaling tensors and (UNet) lora_A/lora_B weights."""
+
+    layers: list[tuple[str, str, Any]]  # (component, module name, PEFT LoraLayer)
+    scales: list[torch.Tensor | None]  # per layer: its scaling tensor, None where the scaling is a float
+    weights: list[tuple[str, torch.Tensor, torch.Tensor]]  # UNet layers: (module name, lora_A, lora_B weight)
 
 
 @dataclass
@@ -84,6 +95,8 @@ class Resident:
     def move(self, device: str) -> None:
         self.pipe.to(device)
         self.device = device
+        for part in self.parts.values():
+            part.layouts.clear()
 
     def release(self) -> None:
         if self.offload_dir is not None:
@@ -112,10 +125,17 @@ class Resident:
     def set_step(self, step: int) -> None:
         """Write the scheduled scales for sampling step `step` (0-based), in place."""
         unet = self.parts["unet"]
+        tensors, values = [], []
         for slot, spec in unet.applied.schedules:
             scale = schedules.scale_at(spec, step)
             for layer, name, unit in unet.unit_scaling.get(slot, ()):
-                write_scale(layer, name, unit * scale)
+                current = layer.scaling[name]
+                if isinstance(current, torch.Tensor):
+                    tensors.append(current)
+                    values.append(unit * scale)
+                else:
+                    layer.scaling[name] = unit * scale
+        lora_cache.write_scales(tensors, values)  # one batched write (a GPU: 2 launches, not one per layer)
 
 
 def write_scale(layer: Any, name: str, value: float) -> None:

@@ -111,7 +111,7 @@ def graph(merge: dict[str, Any] | None, save: dict[str, Any] | None = None, extr
         nodes["c"] = {"type": "LoadLoRA", "inputs": {"model": ["ckpt", 0], "lora": extra, "slot": "c"}}
         model = ["c", 0]
     nodes["sample"] = {"type": "Sample", "inputs": {"model": model, "prompt": "a castle", "seed": 4, "steps": 3,
-                                                    "width": 64, "height": 64, "scheduler": "euler"}}
+                                                    "width": 64, "height": 64, "sampler_name": "euler"}}
     nodes["show"] = {"type": "Show", "inputs": {"value": ["sample", 0]}}
     return workflow(nodes)
 
@@ -192,7 +192,7 @@ def checkpoint_graph(checkpoint: str, fused: bool, save: dict[str, Any] | None =
     if save is not None:
         nodes["save"] = {"type": "SaveCheckpoint", "inputs": {"model": model, **save}}
     nodes["sample"] = {"type": "Sample", "inputs": {"model": model, "prompt": "a castle", "seed": 4, "steps": 3,
-                                                    "width": 64, "height": 64, "scheduler": "euler"}}
+                                                    "width": 64, "height": 64, "sampler_name": "euler"}}
     nodes["show"] = {"type": "Show", "inputs": {"value": ["sample", 0]}}
     return workflow(nodes)
 
