@@ -109,7 +109,7 @@ def swap(resident: Resident, adapter: Adapter) -> None:
     """
     pipe, part, name = resident.pipe, resident.parts["unet"], r.peft_name(adapter.slot)
     layout = slot_layout(resident, "unet", adapter.slot)
-    if not layout.weights:
+    if not layout.weights or resident.denoiser != "unet":  # the cache prepares UNet files; diffusers swaps the rest
         r._load(resident, "unet", adapter, hotswap=True)
         return
     down = layout.weights[0][1]
@@ -122,8 +122,7 @@ def swap(resident: Resident, adapter: Adapter) -> None:
         file_name = adapter.path.rsplit("/", 1)[-1]
         try:
             with r._library_warnings() as warned:
-                rewrite = None if resident.applied.family in ("sd3", "flux") else resident.unet_config
-                ready = lora_cache.CACHE.build_slot_ready(key, type(pipe), rewrite=rewrite,
+                ready = lora_cache.CACHE.build_slot_ready(key, type(pipe), rewrite=resident.unet_config,
                                                           **({"unet_config": pipe.unet.config} if sdxl else {}))
         except Exception as exc:
             raise r.ReconcileError(f"LoRA {file_name!r} (slot {adapter.slot!r}) cannot be loaded into this model: "
@@ -134,8 +133,7 @@ def swap(resident: Resident, adapter: Adapter) -> None:
     if not isinstance(ready, lora_cache.SlotReady):
         r._load(resident, "unet", adapter, hotswap=True)
         return
-    _check_compatible(getattr(pipe, resident.denoiser).peft_config[name], ready.config)
+    _check_compatible(pipe.unet.peft_config[name], ready.config)
     lora_cache.copy_into(layout.weights, ready)
-    denoiser = resident.denoiser
     part.base_scaling[adapter.slot] = {**part.base_scaling[adapter.slot],
-                                       **{(denoiser, module): value for module, value in ready.scaling.items()}}
+                                       **{("unet", module): value for module, value in ready.scaling.items()}}
