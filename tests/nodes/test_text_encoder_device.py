@@ -26,7 +26,9 @@ from tests.conftest import Recorder
 from tests.nodes.test_diffusion import differs, graph, images
 
 TE_LORA = {"lora": "tiny-sd15-te.safetensors", "strength": 0.8}
-CASES = [("tiny-flux", ()), ("tiny-sd15", (TE_LORA,)), ("tiny-sd15.safetensors", ())]  # folders and a single file
+CASES = [("tiny-flux", ()), ("tiny-sd3", ()), ("tiny-sdxl", ()), ("tiny-sd15", (TE_LORA,)),
+         ("tiny-sd15.safetensors", ())]  # folders and a single file
+ENCODERS = {"tiny-sd3": 3, "tiny-flux": 2, "tiny-sdxl": 2}
 
 
 def executor(registry: Registry, demo_dir: Path, tmp_path: Path, **options: Any) -> Executor:
@@ -58,8 +60,8 @@ def test_cpu_text_encoders_run_in_fp32_and_equal_a_separately_loaded_fp32_encode
     ex = executor(registry, demo_dir, tmp_path, text_encoder_device="cpu")
     images(ex, wf)
     parts = components(ex)
-    denoiser = "transformer" if checkpoint == "tiny-flux" else "unet"
-    encoders = ["text_encoder", "text_encoder_2"] if checkpoint == "tiny-flux" else ["text_encoder"]
+    denoiser = "transformer" if checkpoint in ("tiny-flux", "tiny-sd3") else "unet"
+    encoders = ["text_encoder", "text_encoder_2", "text_encoder_3"][:ENCODERS.get(checkpoint, 1)]
     assert parts == {denoiser: ("bfloat16", ["cpu"]), "vae": ("bfloat16", ["cpu"]),
                      **{name: ("float32", ["cpu"]) for name in encoders}}
     if loras:  # the CLIP recipe's LoRA reconciled on the fp32 text encoder
