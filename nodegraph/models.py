@@ -73,6 +73,7 @@ class ResidentModel:
     memory: dict[str, int] = field(default_factory=dict)
     locks: int = 0
     components: list[dict[str, Any]] = field(default_factory=list)  # name, dtype, bytes per device
+    moved: int = 0  # bytes moved off the GPU when evicted to the CPU (parts kept on the CPU stay out of it)
 
     def on(self, kind: str) -> int:
         """Bytes held on devices of `kind` ("cpu" or "gpu")."""
@@ -249,7 +250,7 @@ class ModelManager:
                 report("load", f"loaded {name}: {format_bytes(sum(entry.memory.values()))} on {where}",
                        time.perf_counter() - started)
             elif entry.device != self.device:  # evicted from the GPU to the CPU earlier
-                self._make_room(kind, entry.on("cpu"), report, keep=key)
+                self._make_room(kind, entry.moved or entry.on("cpu"), report, keep=key)
                 started = time.perf_counter()
                 entry.value.move(self.device)
                 entry.device = self.device
@@ -330,7 +331,7 @@ class ModelManager:
         size = entry.on("gpu")
         if demote and not entry.offloaded and self._make_room("cpu", size, report, keep=entry.key):
             entry.value.move("cpu")
-            entry.device = "cpu"
+            entry.device, entry.moved = "cpu", size
             self._measure(entry)
             report("offload", f"moved {entry.name} to the CPU to make room", time.perf_counter() - started)
             return

@@ -221,3 +221,17 @@ def test_text_encoders_on_the_cpu_make_room_in_the_ram_budget() -> None:
     with h.manager.use("flux", lambda placement: Parts("flux", 300, placement, h.log), 300, "flux"):
         pass
     assert h.resident() == {"flux": "cuda:0"} and h.log == ["release old"]  # 50 + 70 bytes of RAM did not fit
+
+
+def test_a_reload_makes_room_for_what_was_moved_not_for_text_encoders_kept_on_the_cpu() -> None:
+    h = Harness(device="cuda:0", vram_budget="1000", ram_budget="2000")  # models may use 900 bytes of VRAM
+    with h.manager.use("flux", lambda placement: Parts("flux", 300, placement, h.log), 300, "flux"):
+        pass
+    h.load("b", 400)
+    h.load("c", 300)  # 1000: flux goes to the CPU
+    assert h.resident() == {"flux": "cpu", "b": "cuda:0", "c": "cuda:0"}
+    h.manager.drop("c")
+    h.load("d", 150)
+    with h.manager.use("flux", lambda placement: Parts("flux", 300, placement, h.log), 0, "flux"):
+        pass  # 400 + 150 + 300 fit; counting its 70 bytes of text encoders too would not
+    assert h.resident() == {"b": "cuda:0", "d": "cuda:0", "flux": "cuda:0"}
