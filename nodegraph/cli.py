@@ -141,11 +141,14 @@ def model_options() -> argparse.ArgumentParser:
                               "the GPU's memory (default 90%%)")
     options.add_argument("--ram-budget", metavar="SIZE",
                          help="main memory models may use: bytes or a percentage of the RAM (default 50%%)")
+    options.add_argument("--text-encoder-device", metavar="DEVICE",
+                         help="where pipelines' text encoders live (default: --device's); cpu keeps T5 off the GPU")
     return options
 
 
 def model_manager(args: argparse.Namespace) -> ModelManager:
-    return ModelManager(device=args.device, vram_budget=args.vram_budget, ram_budget=args.ram_budget)
+    return ModelManager(device=args.device, vram_budget=args.vram_budget, ram_budget=args.ram_budget,
+                        text_encoder_device=args.text_encoder_device)
 
 
 def load_workflow(path: str, overrides: Sequence[str] = ()) -> tuple[Any, list[Problem]]:
@@ -375,6 +378,10 @@ def cmd_models_status(args: argparse.Namespace, registry: Registry, settings: Se
     rows = [(r["name"], r["device"] + (" (offloaded)" if r["offloaded"] else ""),
              ", ".join(f"{format_bytes(n)} {d}" for d, n in r["bytes"].items()) or "0 B",
              "in use" if r["locked"] else f"idle {r['idle_seconds']:.0f} s") for r in status["residents"]]
+    rows = [row for r, resident in zip(rows, status["residents"], strict=True) for row in [r, *(
+        ("  " + c["name"] + f" ({c['dtype']})", ", ".join(c["bytes"]) or "-",
+         ", ".join(f"{format_bytes(n)} {d}" for d, n in c["bytes"].items()) or "0 B", "")
+        for c in resident.get("components", []))]]
     _print_table(("model", "device", "memory", "state"), rows)
     if not rows:
         print("no models resident")

@@ -11,6 +11,10 @@ of tensors it holds on each device, move itself to another device and release wh
   loads it again from its memory-mapped safetensors files);
 - that a model in use by a running node (locked) is never evicted.
 
+`text_encoder_device` (default: the compute device) is where the node pack keeps a pipeline's text
+encoders (T5 is large and runs once per prompt); a resident that can say so (`component_memory`)
+is listed per component, so `models status` shows where each part's bytes are.
+
 Budgets are bytes (`8G`, `512M`, `1073741824`) or a percentage of the device's memory (`50%`).
 Models may fill a budget up to its reserve, the part kept free for inference (activations grow
 with image size and batch). Accounting is by the residents' real tensor bytes, measured after
@@ -68,6 +72,8 @@ class ResidentModel:
     last_used: float
     memory: dict[str, int] = field(default_factory=dict)
     locks: int = 0
+    components: list[dict[str, Any]] = field(default_factory=list)  # name, dtype, bytes per device
+    moved: int = 0  # bytes moved off the GPU when evicted to the CPU (parts kept on the CPU stay out of it)
 
     def on(self, kind: str) -> int:
         """Bytes held on devices of `kind` ("cpu" or "gpu")."""
@@ -78,7 +84,8 @@ class ResidentModel:
         return {"name": self.name, "key": [str(k) for k in self.key] if isinstance(self.key, tuple) else str(self.key),
                 "device": self.device, "offloaded": self.offloaded, "bytes": dict(self.memory),
                 "loaded_seconds_ago": round(now - self.loaded_at, 3),
-                "idle_seconds": 0.0 if self.locks else round(now - self.last_used, 3), "locked": self.locks > 0}
+                "idle_seconds": 0.0 if self.locks else round(now - self.last_used, 3), "locked": self.locks > 0,
+                "components": [dict(c) for c in self.components]}
 
 
 class OptionError(ValueError):
@@ -127,6 +134,25 @@ def device_memory(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _check_present(requested: str, option: str, flag: str) -> None:
+    if requested in ("auto", "cpu"):
+        return
+    import torch
+
+    if requested == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise OptionError(f"{option} 'mps': Apple's MPS is not available on this machine; use {flag} cpu, or auto")
+        return
+    if not torch.cuda.is_available():
+        why = ("this PyTorch was built without CUDA" if torch.version.cuda is None
+               else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)")
+        raise OptionError(f"{option} {requested!r}: {why}; use {flag} cpu, or auto to take a GPU when there is one")
+    count = torch.cuda.device_count()
+    if int(requested.partition(":")[2] or 0) >= count:
+        raise OptionError(f"{option} {requested!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+
+
 def format_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -135,12 +161,20 @@ def format_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _check_name(device: str, option: str) -> None:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise OptionError(f"unknown {option} {device!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
 class ModelManager:
     def __init__(self, device: str = "auto", vram_budget: str | int | None = None,
-                 ram_budget: str | int | None = None, reserve: float = RESERVE) -> None:
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
-            raise OptionError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+                 ram_budget: str | int | None = None, reserve: float = RESERVE,
+                 text_encoder_device: str | None = None) -> None:
+        _check_name(device, "device")
+        if text_encoder_device is not None:
+            _check_name(text_encoder_device, "text_encoder_device (--text-encoder-device)")
         self.requested_device = device
+        self.requested_text_encoder_device = text_encoder_device
         self._budgets = {"gpu": vram_budget or DEFAULT_VRAM_BUDGET, "cpu": ram_budget or DEFAULT_RAM_BUDGET}
         for text in self._budgets.values():
             parse_size(text, lambda: 100)  # bad input fails here, at start-up, not at the first load
@@ -151,30 +185,13 @@ class ModelManager:
         self._work = threading.RLock()  # one load, move or eviction at a time
 
     def check_device(self) -> None:
-        """Fail now, with what to do instead, when the requested device is not on this machine.
+        """Fail now, with what to do instead, when a requested device is not on this machine.
 
         Called at start-up by the commands that compute; `auto` and `cpu` are always there.
         """
-        requested = self.requested_device
-        if requested in ("auto", "cpu"):
-            return
-        import torch
-
-        if requested == "mps":
-            mps = getattr(torch.backends, "mps", None)
-            if mps is None or not mps.is_available():
-                raise OptionError("device 'mps': Apple's MPS is not available on this machine; "
-                                  "use --device cpu, or auto")
-            return
-        if not torch.cuda.is_available():
-            why = ("this PyTorch was built without CUDA" if torch.version.cuda is None
-                   else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)")
-            raise OptionError(f"device {requested!r}: {why}; use --device cpu, or auto to take a GPU when "
-                              "there is one")
-        count = torch.cuda.device_count()
-        if int(requested.partition(":")[2] or 0) >= count:
-            raise OptionError(f"device {requested!r}: this machine has {count} CUDA GPU(s), cuda:0 to "
-                              f"cuda:{count - 1}")
+        _check_present(self.requested_device, "device", "--device")
+        if self.requested_text_encoder_device is not None:
+            _check_present(self.requested_text_encoder_device, "text_encoder_device", "--text-encoder-device")
 
     @property
     def device(self) -> str:
@@ -182,6 +199,12 @@ class ModelManager:
         if self._device is None:
             self._device = resolve_device(self.requested_device)
         return self._device
+
+    @property
+    def text_encoder_device(self) -> str | None:
+        """Where text encoders live when the option is set (resolved like `device`); None: with the rest."""
+        requested = self.requested_text_encoder_device
+        return None if requested is None else resolve_device(requested)
 
     def budget(self, kind: str) -> int:
         """The budget of a device kind in bytes: "gpu" for the compute device, "cpu" for RAM."""
@@ -227,7 +250,7 @@ class ModelManager:
                 report("load", f"loaded {name}: {format_bytes(sum(entry.memory.values()))} on {where}",
                        time.perf_counter() - started)
             elif entry.device != self.device:  # evicted from the GPU to the CPU earlier
-                self._make_room(kind, entry.on("cpu"), report, keep=key)
+                self._make_room(kind, entry.moved or entry.on("cpu"), report, keep=key)
                 started = time.perf_counter()
                 entry.value.move(self.device)
                 entry.device = self.device
@@ -245,7 +268,9 @@ class ModelManager:
             with self._work:
                 if key in self._entries:
                     self._measure(entry)  # adapters loaded or fused change the size
-                    self._make_room(kind, 0, report, keep=key)
+                    # text encoders on another device take room there too
+                    for held in sorted({kind, *(device_kind(d) for d in entry.memory)}):
+                        self._make_room(held, 0, report, keep=key)
 
     def get(self, key: Hashable) -> Any:
         """The resident value for `key` without using it, or None."""
@@ -279,12 +304,15 @@ class ModelManager:
             budgets["vram" if kind == "gpu" else "ram"] = {
                 "device": self.device if kind == "gpu" else "cpu", "budget": self.budget(kind),
                 "limit": self.limit(kind), "used": self.used(kind)}
-        return {"device": self.device, "budgets": budgets, "residents": [e.to_json() for e in self.resident()]}
+        return {"device": self.device, "text_encoder_device": self.text_encoder_device or self.device,
+                "budgets": budgets, "residents": [e.to_json() for e in self.resident()]}
 
     def _measure(self, entry: ResidentModel) -> None:
         memory = entry.value.memory()
+        parts = getattr(entry.value, "component_memory", None)
+        components = parts() if parts is not None else []
         with self._lock:
-            entry.memory = memory
+            entry.memory, entry.components = memory, components
 
     def _make_room(self, kind: str, size: int, report: Report, keep: Hashable = None) -> bool:
         """Evict least recently used unlocked models of `kind` until `size` more bytes fit the limit."""
@@ -303,7 +331,7 @@ class ModelManager:
         size = entry.on("gpu")
         if demote and not entry.offloaded and self._make_room("cpu", size, report, keep=entry.key):
             entry.value.move("cpu")
-            entry.device = "cpu"
+            entry.device, entry.moved = "cpu", size
             self._measure(entry)
             report("offload", f"moved {entry.name} to the CPU to make room", time.perf_counter() - started)
             return

@@ -40,7 +40,7 @@ def encode_text(ctx: Context, text: str, clip: ModelRecipe) -> Conditioning:
     if clip.family in ("sd3", "flux"):
         return Conditioning((_encode_transformer_family(ctx, clip, text),))
     with materialize(ctx, clip) as resident:
-        pipe = resident.pipe
+        pipe, device = resident.pipe, resident.text_encoder_device or resident.device
         if clip.embeddings or "embedding:" in text:
             try:
                 embeddings.ensure_loaded(pipe, clip.embeddings)
@@ -54,10 +54,10 @@ def encode_text(ctx: Context, text: str, clip: ModelRecipe) -> Conditioning:
         skip = clip.clip_skip or None
         with torch.inference_mode():
             if clip.family == "sdxl":
-                embeds, _, pooled, _ = pipe.encode_prompt(text, device=resident.device, num_images_per_prompt=1,
+                embeds, _, pooled, _ = pipe.encode_prompt(text, device=device, num_images_per_prompt=1,
                                                           do_classifier_free_guidance=False, clip_skip=skip)
             else:
-                embeds, pooled = _encode(pipe, text, resident.device, clip.clip_skip), None
+                embeds, pooled = _encode(pipe, text, device, clip.clip_skip), None
     return Conditioning((CondEntry(embeds, pooled),))
 
 
@@ -71,15 +71,15 @@ def _encode_transformer_family(ctx: Context, clip: ModelRecipe, text: str) -> Co
     if clip.clip_skip:
         raise NodeFailure("stop_at_clip_layer is for SD1.x/2.x and SDXL; leave it at -1 here", "clip", "invalid_value")
     with materialize(ctx, clip) as resident, torch.inference_mode():
-        pipe = resident.pipe
+        pipe, device = resident.pipe, resident.text_encoder_device or resident.device
         if pipe.text_encoder is None:
             raise NodeFailure(f"{clip.checkpoint.rsplit('/', 1)[-1]} has no text encoders (a transformer-only file)",
                               "clip", "wrong_model")
         if clip.family == "flux":
-            embeds, pooled, _ = pipe.encode_prompt(text, prompt_2=None, device=resident.device,
+            embeds, pooled, _ = pipe.encode_prompt(text, prompt_2=None, device=device,
                                                    num_images_per_prompt=1)
         else:
-            embeds, _, pooled, _ = pipe.encode_prompt(text, prompt_2=None, prompt_3=None, device=resident.device,
+            embeds, _, pooled, _ = pipe.encode_prompt(text, prompt_2=None, prompt_3=None, device=device,
                                                       num_images_per_prompt=1, do_classifier_free_guidance=False)
     return CondEntry(embeds, pooled)
 

@@ -183,3 +183,31 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path: Path) -> None:
     finally:
         os.close(write_end)
     assert proc.returncode == 141 and proc.stderr == ""
+
+
+def test_a_bad_text_encoder_device_exits_1_naming_the_option(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, says in (("gpu", "unknown text_encoder_device (--text-encoder-device) 'gpu'"),
+                         ("cuda", "text_encoder_device 'cuda': ")):
+        code, out, err = run_cli(capsys, "run", MATH, "--device", "cpu", "--text-encoder-device", device,
+                                 "--output-dir", str(tmp_path))
+        assert code == 1 and out == "" and says in err and "use --text-encoder-device cpu" * (device == "cuda") in err
+        assert "Traceback" not in err
+
+
+def test_models_status_lists_components(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodegraph import cli
+    from tests.test_models import Parts
+
+    manager = cli.ModelManager(device="cpu", text_encoder_device="cpu")
+    with manager.use("flux", lambda placement: Parts("tiny-flux", 300, placement, []), 300, "tiny-flux (bf16)"):
+        pass
+    monkeypatch.setattr(cli, "model_manager", lambda args: manager)
+    code, out, _ = run_cli(capsys, "models", "status", "--url", "http://127.0.0.1:1")
+    lines = out.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("tiny-flux (bf16)"))
+    assert code == 0 and lines[row + 1].split() == ["transformer", "(bfloat16)", "cpu", "300", "B", "cpu"]
+    assert lines[row + 2].split() == ["text_encoder_2", "(float32)", "cpu", "70", "B", "cpu"]

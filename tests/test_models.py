@@ -179,3 +179,59 @@ def test_status_can_be_read_while_a_model_loads() -> None:
     release.set()
     thread.join(10)
     assert h.resident() == {"slow": "cpu"}
+
+
+class Parts(Model):
+    """A resident that also lists its components, as a pipeline does: text encoders on the CPU."""
+
+    def memory(self) -> dict[str, int]:
+        memory = {self.device: self.size}
+        memory["cpu"] = memory.get("cpu", 0) + 70
+        return memory
+
+    def component_memory(self) -> list[dict[str, Any]]:
+        return [{"name": "transformer", "dtype": "bfloat16", "bytes": {self.device: self.size}},
+                {"name": "text_encoder_2", "dtype": "float32", "bytes": {"cpu": 70}}]
+
+
+def test_text_encoder_device_is_checked_at_start_naming_the_option() -> None:
+    with pytest.raises(OptionError, match=r"text_encoder_device \(--text-encoder-device\) 'gpu'"):
+        ModelManager(device="cpu", text_encoder_device="gpu")
+    assert ModelManager(device="cpu").text_encoder_device is None
+    assert ModelManager(device="cpu", text_encoder_device="cuda").text_encoder_device == "cuda:0"
+    assert ModelManager(device="cpu", text_encoder_device="cpu").status()["text_encoder_device"] == "cpu"
+    assert ModelManager(device="cpu").status()["text_encoder_device"] == "cpu"  # default: the compute device
+
+
+def test_status_lists_each_component_with_its_bytes_and_device() -> None:
+    h = Harness(device="cuda:0", vram_budget="1000", ram_budget="2000", text_encoder_device="cpu")
+    with h.manager.use("flux", lambda placement: Parts("flux", 300, placement, h.log), 300, "flux"):
+        pass
+    [flux] = h.manager.status()["residents"]
+    assert flux["bytes"] == {"cuda:0": 300, "cpu": 70}
+    assert flux["components"] == [{"name": "transformer", "dtype": "bfloat16", "bytes": {"cuda:0": 300}},
+                                  {"name": "text_encoder_2", "dtype": "float32", "bytes": {"cpu": 70}}]
+    assert h.manager.used("cpu") == 70  # text encoders on the CPU count against the RAM budget
+
+
+def test_text_encoders_on_the_cpu_make_room_in_the_ram_budget() -> None:
+    h = Harness(device="cuda:0", vram_budget="1000", ram_budget=100)  # models may use 90 bytes of RAM
+    with h.manager.use("old", lambda placement: Model("old", 50, Placement("cpu"), h.log), 0, "old"):
+        pass
+    with h.manager.use("flux", lambda placement: Parts("flux", 300, placement, h.log), 300, "flux"):
+        pass
+    assert h.resident() == {"flux": "cuda:0"} and h.log == ["release old"]  # 50 + 70 bytes of RAM did not fit
+
+
+def test_a_reload_makes_room_for_what_was_moved_not_for_text_encoders_kept_on_the_cpu() -> None:
+    h = Harness(device="cuda:0", vram_budget="1000", ram_budget="2000")  # models may use 900 bytes of VRAM
+    with h.manager.use("flux", lambda placement: Parts("flux", 300, placement, h.log), 300, "flux"):
+        pass
+    h.load("b", 400)
+    h.load("c", 300)  # 1000: flux goes to the CPU
+    assert h.resident() == {"flux": "cpu", "b": "cuda:0", "c": "cuda:0"}
+    h.manager.drop("c")
+    h.load("d", 150)
+    with h.manager.use("flux", lambda placement: Parts("flux", 300, placement, h.log), 0, "flux"):
+        pass  # 400 + 150 + 300 fit; counting its 70 bytes of text encoders too would not
+    assert h.resident() == {"b": "cuda:0", "d": "cuda:0", "flux": "cuda:0"}

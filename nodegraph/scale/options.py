@@ -59,7 +59,8 @@ def ray_runner(args: argparse.Namespace, registry: Registry, settings: Settings)
     workers = args.workers or max(gpus, 1)
     if local and 0 < gpus < workers:
         raise RayOptionError(f"--workers {workers}: this machine has {gpus} GPU(s), one per worker")
-    models = {"device": args.device, "vram_budget": args.vram_budget, "ram_budget": args.ram_budget}
+    models = {"device": args.device, "vram_budget": args.vram_budget, "ram_budget": args.ram_budget,
+              "text_encoder_device": args.text_encoder_device}
     try:
         actors = cluster.spawn(workers, settings, list(settings.nodes_dirs), models, args.worker_cpus)
     except ray.exceptions.GetTimeoutError:

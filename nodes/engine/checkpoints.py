@@ -255,13 +255,18 @@ def _single_file_family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
 def load_pipeline(
-    path: Path | str, torch_dtype: torch.dtype | None = None, cache_dir: Path | str | None = None
+    path: Path | str, torch_dtype: torch.dtype | None = None, cache_dir: Path | str | None = None,
+    text_encoder_dtype: torch.dtype | None = None,
 ) -> DiffusionPipeline:
     """Load a diffusers folder or a single safetensors checkpoint, offline, without unpickling anything.
 
-    `torch_dtype` defaults to float32. `cache_dir` holds the derived config folders of single files
-    (default: `default_cache_dir()`).
+    `torch_dtype` defaults to float32; `text_encoder_dtype` (default: the same) is the text encoders' own, read
+    from the files in it (not rounded through `torch_dtype`). `cache_dir` holds the derived config folders of
+    single files (default: `default_cache_dir()`).
 
     Loads are cold-start fast (bench/load.py): modules are built on the meta device, so no random weights are
     made only to be overwritten, and safetensors are memory-mapped, so a weight stored in `torch_dtype` is a
@@ -271,6 +276,7 @@ def load_pipeline(
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     dtype = torch.float32 if torch_dtype is None else torch_dtype
+    encoders = text_encoder_dtype or dtype
     path = Path(path)
     # diffusers' defaults, spelled out. Without accelerate, diffusers quietly falls back to building every module
     # on the CPU before loading the weights (for single files: a second, private copy of a full-size model), so
@@ -281,8 +287,10 @@ def load_pipeline(
         family = _folder_family(path)  # validates the folder
         try:
             # use_safetensors=True makes diffusers fail rather than fall back to pickled .bin weights.
+            per_component = {"default": dtype, **dict.fromkeys(TEXT_ENCODERS, encoders)}
             pipe = DiffusionPipeline.from_pretrained(
-                path, dtype=dtype, local_files_only=True, use_safetensors=True, **fast, **_absent(path)
+                path, dtype=dtype if encoders == dtype else per_component, local_files_only=True,
+                use_safetensors=True, **fast, **_absent(path)
             )
         except Exception as e:  # diffusers raises many types here; tie them to the folder
             raise CheckpointError(path, f"diffusers could not load it as {family}: {e}") from e
@@ -298,10 +306,14 @@ def load_pipeline(
     try:
         with _skip_init_on_meta():
             pipe = pipeline_class.from_single_file(
-                str(path), config=str(config_dir), local_files_only=True, dtype=dtype, **fast
+                str(path), config=str(config_dir), local_files_only=True, dtype=encoders, **fast
             )
     except Exception as e:  # diffusers raises many types here; tie them to the file
         raise CheckpointError(path, f"diffusers could not load it as {family}: {e}") from e
+    if encoders != dtype:  # from_single_file takes one dtype: the rest is cast from the text encoders'
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module) and name not in TEXT_ENCODERS:
+                module.to(dtype)
     return cast("DiffusionPipeline", pipe)
 
 

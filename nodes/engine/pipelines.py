@@ -3,6 +3,8 @@
 `materialize(ctx, recipe)` is the one way a node gets a real pipeline: the manager's resident
 for (checkpoint, dtype, device), brought to the recipe by the reconciler, locked while in use.
 The manager decides where it lives; a model larger than its budget runs with diffusers' offloading.
+With `--text-encoder-device`, the text encoders live there instead (float32 on a CPU where the model's
+half type is slow) and take no part in offloading.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from nodegraph.context import Context, NodeFailure
 from nodegraph.models import Placement, device_kind, format_bytes
-from nodes.engine.checkpoints import CheckpointError, load_pipeline, read_header
+from nodes.engine.checkpoints import TEXT_ENCODERS, CheckpointError, load_pipeline, read_header
 from nodes.engine.recipe import ModelRecipe
 from nodes.engine.reconcile import ReconcileError, reconcile
 from nodes.engine.resident import Resident
@@ -61,11 +63,19 @@ def cpu_has_bf16() -> bool:
     return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
 
 
-def estimate_bytes(checkpoint: str, dtype: torch.dtype) -> int:
-    """The size of a checkpoint's weights once loaded in `dtype`, from the safetensors headers alone."""
+def text_encoder_dtype(dtype: torch.dtype, device: str | None) -> torch.dtype:
+    """The text encoders' dtype on their own device: float32 on a CPU for fp16, and for bf16 without bf16 units."""
+    slow = dtype == torch.float16 or (dtype == torch.bfloat16 and not cpu_has_bf16())
+    return torch.float32 if device == "cpu" and slow else dtype
+
+
+def estimate_bytes(checkpoint: str, dtype: torch.dtype, text_encoders: bool = True) -> int:
+    """The size of a checkpoint's weights once loaded in `dtype`, from the safetensors headers alone (without
+    a folder's text encoders when `text_encoders` is false)."""
     path = Path(checkpoint)
     # A folder may hold variants (unet/diffusion_pytorch_model.fp16.safetensors) diffusers does not load.
-    files = [path] if path.is_file() else [f for f in path.rglob("*.safetensors") if f.name.count(".") == 1]
+    files = [path] if path.is_file() else [f for f in path.rglob("*.safetensors") if f.name.count(".") == 1 and (
+        text_encoders or f.relative_to(path).parts[0] not in TEXT_ENCODERS)]
     numel = sum(math.prod(shape) for f in files for shape in read_header(f).shapes.values())
     return numel * torch.empty((), dtype=dtype).element_size()
 
@@ -76,8 +86,10 @@ def materialize(ctx: Context, recipe: ModelRecipe, *more: ModelRecipe) -> Iterat
     checkpoint, such as a CLIP recipe) reconciled, locked while the caller uses it."""
     manager = ctx.models
     recipes = (recipe, *more)
-    device = manager.device
+    device, encoders = manager.device, manager.text_encoder_device
     dtype = resolve_dtype(recipe.dtype, device)
+    encoders_dtype = text_encoder_dtype(dtype, encoders)
+    encoders = None if encoders == device else encoders  # on the compute device: they move with the rest
     key = (*recipe.base, str(dtype), device)
     name = recipe.checkpoint.rsplit("/", 1)[-1]
     current = manager.get(key)
@@ -86,23 +98,26 @@ def materialize(ctx: Context, recipe: ModelRecipe, *more: ModelRecipe) -> Iterat
         manager.drop(key)  # weights offloaded to disk are not changed in place: rebuilt for the new recipe
         current = None
     try:
-        size = estimate_bytes(recipe.checkpoint, dtype) if current is None else 0
+        apart = encoders is not None and device_kind(encoders) != device_kind(device)
+        size = estimate_bytes(recipe.checkpoint, dtype, text_encoders=not apart) if current is None else 0
     except CheckpointError as exc:
         raise NodeFailure(str(exc), "model", "bad_checkpoint") from exc
 
     def load(placement: Placement) -> Resident:
         try:
-            pipe = load_pipeline(recipe.checkpoint, dtype)
+            pipe = load_pipeline(recipe.checkpoint, dtype, text_encoder_dtype=encoders_dtype)
         except CheckpointError as exc:
             raise NodeFailure(str(exc), "model", "bad_checkpoint") from exc
         pipe.set_progress_bar_config(disable=True)
-        resident = Resident.fresh(pipe, recipe, device=device, scheduler_config=dict(pipe.scheduler.config))
-        if not placement.offload:
-            pipe.to(device)
-        elif device_kind(device) == "gpu":
-            resident.offload = offload_to_cpu(pipe, device, manager.limit("gpu"))
-        else:
-            resident.offload = "disk"  # applied once the recipe is: LoRAs cannot load into offloaded modules
+        resident = Resident.fresh(pipe, recipe, device=device, scheduler_config=dict(pipe.scheduler.config),
+                                  text_encoder_device=encoders)
+        with text_encoders_apart(pipe, encoders):
+            if not placement.offload:
+                pipe.to(device)
+            elif device_kind(device) == "gpu":
+                resident.offload = offload_to_cpu(pipe, device, manager.limit("gpu"))
+            else:
+                resident.offload = "disk"  # applied once the recipe is: LoRAs cannot load into offloaded modules
         return resident
 
     with manager.use(key, load, size, f"{name} ({SHORT[dtype]})", ctx.info) as resident:
@@ -122,6 +137,25 @@ def materialize(ctx: Context, recipe: ModelRecipe, *more: ModelRecipe) -> Iterat
         if resident.offload == "disk" and resident.offload_dir is None:
             offload_to_disk(resident)
         yield resident
+
+
+@contextmanager
+def text_encoders_apart(pipe: Any, device: str | None) -> Iterator[None]:
+    """With `device`, the pipeline's text encoders are hidden from it inside (so `to` and offloading leave them
+    alone) and put on `device` after."""
+    if device is None:
+        yield
+        return
+    hidden = {name: getattr(pipe, name, None) for name in TEXT_ENCODERS}
+    hidden = {name: module for name, module in hidden.items() if module is not None}
+    for name in hidden:
+        object.__setattr__(pipe, name, None)  # not the config: diffusers' setattr would rewrite it
+    try:
+        yield
+    finally:
+        for name, module in hidden.items():
+            object.__setattr__(pipe, name, module)
+            module.to(device)
 
 
 def offload_to_cpu(pipe: Any, device: str, limit: int) -> str:

@@ -60,6 +60,7 @@ class Resident:
 
     offload: str = ""  # "", or how a model larger than its budget runs: "model" / "group" (GPU), "disk" (CPU)
     offload_dir: str | None = None  # where "disk" offloading keeps the weights, once applied
+    text_encoder_device: str | None = None  # the text encoders' own device (`--text-encoder-device`), if set
 
     @classmethod
     def fresh(cls, pipe: Any, checkpoint: ModelRecipe, **kwargs: Any) -> Resident:
@@ -92,8 +93,28 @@ class Resident:
             totals[where] = totals.get(where, 0) + storage.nbytes()
         return totals
 
+    def component_memory(self) -> list[dict[str, Any]]:
+        """Per component (unet or transformer, text encoders, vae): its dtype and bytes of tensors per device."""
+        listed = []
+        for name, module in self.pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                totals: dict[str, int] = {}
+                on_disk = self.offload_dir is not None  # as in `memory`: the weights are in files
+                for tensor in [] if on_disk else [*module.parameters(), *module.buffers()]:
+                    if tensor.device.type != "meta":
+                        totals[str(tensor.device)] = totals.get(str(tensor.device), 0) + tensor.nbytes
+                dtype = next(module.parameters(), torch.empty(0)).dtype
+                listed.append({"name": name, "dtype": str(dtype).removeprefix("torch."), "bytes": totals})
+        return listed
+
     def move(self, device: str) -> None:
-        self.pipe.to(device)
+        """Move to `device` (eviction to the CPU, and back); text encoders with a device of their own stay there."""
+        if self.text_encoder_device is None:
+            self.pipe.to(device)
+        else:
+            for name, module in self.pipe.components.items():
+                if isinstance(module, torch.nn.Module) and not name.startswith("text_encoder"):
+                    module.to(device)
         self.device = device
         for part in self.parts.values():
             part.layouts.clear()

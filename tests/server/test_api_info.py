@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from nodegraph.executor import Executor
 from nodegraph.registry import Registry
@@ -99,3 +100,19 @@ def test_openapi_describes_exactly_the_routes_of_the_app(registry: Registry, set
 async def test_openapi_is_served(client: Client) -> None:
     served = await (await client.get("/api/openapi.json")).json()
     assert served["openapi"].startswith("3.") and "/api/jobs" in served["paths"]
+
+
+async def test_system_lists_each_residents_components(aiohttp_client: Any, registry: Registry, settings: Settings,
+                                                      config: ServerConfig) -> None:
+    from nodegraph.models import ModelManager
+    from tests.test_models import Parts
+
+    manager = ModelManager(device="cpu", text_encoder_device="cpu")
+    with manager.use("flux", lambda placement: Parts("flux", 300, placement, []), 300, "tiny-flux (bf16)"):
+        pass
+    client = await aiohttp_client(create_app(Executor(registry, settings, models=manager), config))
+    models = (await (await client.get("/api/system")).json())["models"]
+    assert models["text_encoder_device"] == "cpu"
+    [flux] = models["residents"]
+    assert flux["components"] == [{"name": "transformer", "dtype": "bfloat16", "bytes": {"cpu": 300}},
+                                  {"name": "text_encoder_2", "dtype": "float32", "bytes": {"cpu": 70}}]
