@@ -12,6 +12,7 @@ from nodes import (  # noqa: E402
     controlnet,
     embedding,
     inpaint,
+    ipadapter,
     latent,
     load_image,
     loaders,
@@ -26,4 +27,4 @@ from nodes import (  # noqa: E402
 
 NODES = [*utility.NODES, *loaders.NODES, *lora.NODES, *lora_tools.NODES, *conditioning.NODES, *embedding.NODES,
          *latent.NODES, *controlnet.NODES, *sampling.NODES, *model_sampling.NODES, *load_image.NODES, *upscale.NODES,
-         *inpaint.NODES, *output.NODES]
+         *inpaint.NODES, *ipadapter.NODES, *output.NODES]

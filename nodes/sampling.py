@@ -82,6 +82,11 @@ def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: fl
         sdxl = model.family == "sdxl"
         size = torch.tensor([[height * 8, width * 8, 0, 0, height * 8, width * 8]], device=device, dtype=dtype)
         cond, uncond = _cond(positive, batch, dtype, device), _cond(negative, batch, dtype, device)
+        if model.ip_adapter is not None:  # diffusers' pipeline: zero image embeddings on the negative side
+            from nodes.engine.ip_adapter import embeddings
+
+            image = embeddings(model.ip_adapter)[None].expand(batch, -1, -1).to(device, dtype)
+            cond["image_embeds"], uncond["image_embeds"] = image, torch.zeros_like(image)
         if sdxl and ("pooled" not in cond or "pooled" not in uncond):
             raise NodeFailure("SDXL needs conditioning from its own CLIP (with pooled embeddings)", "positive",
                               "wrong_conditioning")
@@ -95,6 +100,9 @@ def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: fl
             if sdxl:
                 extra["added_cond_kwargs"] = {"text_embeds": c["pooled"].flatten(0, 1),
                                               "time_ids": size.expand(rows * entries, -1)}
+            if "image_embeds" in c:  # IP-Adapter (nodes/engine/ip_adapter.py): one list entry per adapter
+                extra.setdefault("added_cond_kwargs", {})["image_embeds"] = [
+                    c["image_embeds"].repeat_interleave(entries, 0)]
             x, timestep = x.to(dtype).repeat_interleave(entries, 0), timestep.repeat_interleave(entries, 0)
             embeds = embeds.flatten(0, 1)
             if controls is not None and "control" in c:

@@ -13,6 +13,7 @@ a CPU. `make_demo_models(root)` writes them into a models folder:
     embeddings/tiny-<family>-embedding.safetensors   two-vector textual inversions (A1111 / clip_l+clip_g)
     controlnet/tiny-sd15-controlnet/     a ControlNet for tiny-sd15 (diffusers folder), and the same weights
     controlnet/tiny-sd15-controlnet.safetensors, controlnet/tiny-sdxl-controlnet.safetensors  as one file each
+    ipadapter/tiny-sd15-ipadapter.safetensors, clip_vision/tiny-clip-vision.safetensors  (engine/demo_ipadapter.py)
 
 The same seed gives byte-identical files; a second call with the same seed only checks the manifest.
 
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nodes.engine.checkpoints import CONFIG_HINTS_KEY, demo_clip_tokenizer, scheduler_config
+from nodes.engine.demo_ipadapter import demo_ipadapter_paths, write_demo_ipadapter
 from nodes.engine.demo_transformers import demo_transformer_paths, write_demo_transformers
 
 if TYPE_CHECKING:
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
 DemoPipeline = Any
 
 #: Bump whenever anything generated changes; older folders are then regenerated.
-DEMO_VERSION = 5
+DEMO_VERSION = 6
 MANIFEST_NAME = ".nodegraph-demo.json"
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -145,6 +147,7 @@ def demo_model_paths(root: Path) -> list[Path]:
         *demo_controlnet_paths(root),
         *demo_transformer_paths(Path(root)),
         *demo_embedding_paths(root),
+        *demo_ipadapter_paths(Path(root)),
     ]
 
 
@@ -218,6 +221,7 @@ def _generate(folder: Path, seed: int) -> None:
     write_demo_controlnets(folder, seed, pipelines)
     write_demo_transformers(folder, seed)
     write_demo_embeddings(folder, seed, pipelines)
+    write_demo_ipadapter(folder, seed, pipelines["sd15"].unet)
 
 
 # ---------------------------------------------------------------------------------------------- models

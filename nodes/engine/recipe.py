@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -56,6 +56,24 @@ class Embedding:
 
 
 @dataclass(frozen=True)
+class IPAdapter:
+    """ApplyIPAdapter: an IP-Adapter file in the UNet at `scale`, with the image embeddings it is shown.
+
+    The embeddings are float32 bytes of shape `shape` (images, width), so the recipe stays immutable and
+    comparable; engine/ip_adapter.py loads the file, nodes/sampling.py passes the embeddings.
+    """
+
+    path: str
+    fingerprint: str
+    scale: float
+    embeds: bytes = field(repr=False)
+    shape: tuple[int, int] = (0, 0)
+
+    def same_file(self, other: IPAdapter) -> bool:
+        return (self.path, self.fingerprint) == (other.path, other.fingerprint)
+
+
+@dataclass(frozen=True)
 class Fuse:
     """FuseLoRA: bake these live slots into the weights at `lora_scale`."""
 
@@ -90,6 +108,7 @@ class ModelRecipe:
     sampling_shift: float = 0.0  # SD3/Flux: ModelSamplingSD3's shift or ModelSamplingFlux's mu; 0 = the family's
     clip_skip: int = 0  # CLIP only: text-encoder layers skipped from the end (ComfyUI's stop_at_clip_layer -1 - n)
     embeddings: tuple[Embedding, ...] = ()  # CLIP only: textual inversions for its prompts (engine/embeddings.py)
+    ip_adapter: IPAdapter | None = None  # MODEL only: an image prompt (engine/ip_adapter.py)
 
     def then(self, op: Adapter | Fuse) -> ModelRecipe:
         # A pipeline prepared for hot-swap pads every adapter to the target rank: keep it large enough.
@@ -107,7 +126,7 @@ class ModelRecipe:
 
     def clip(self) -> ModelRecipe:
         """The text-encoder side of this recipe: the same LoRAs and fuses, weighted by their te_strength."""
-        return replace(self, part="clip", hotswap_rank=0, compile=None, schedules=())
+        return replace(self, part="clip", hotswap_rank=0, compile=None, schedules=(), ip_adapter=None)
 
     @property
     def base(self) -> tuple[str, str]:
@@ -140,6 +159,7 @@ class ModelRecipe:
             f"{name} ({self.family}, {self.dtype})"
             + (f" + {loras}" if loras else "")
             + (f", {fused} fused" if fused else "")
+            + (f", IP-Adapter@{self.ip_adapter.scale:g}" if self.ip_adapter else "")
         )
 
 

@@ -46,7 +46,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
-from nodes.engine import in_place, lora_cache, lora_files
+from nodes.engine import in_place, ip_adapter, lora_cache, lora_files
 from nodes.engine.recipe import Adapter, Compile, ModelRecipe
 from nodes.engine.resident import Resident, write_scale
 
@@ -90,6 +90,13 @@ def reconcile(resident: Resident, target: ModelRecipe) -> list[str]:
 
 
 def _transition(resident: Resident, target: ModelRecipe) -> list[str]:
+    actions = _lora_transition(resident, target)
+    if target.part == "unet" and resident.denoiser == "unet":  # after the LoRAs: a restore_base unloads it
+        actions += ip_adapter.transition(resident, target.ip_adapter)
+    return actions
+
+
+def _lora_transition(resident: Resident, target: ModelRecipe) -> list[str]:
     done = in_place.transition(resident, target)
     if done is not None:
         return done
@@ -364,8 +371,10 @@ def _snapshot(resident: Resident, which: str) -> None:
 
 
 def _reset(resident: Resident, which: str) -> None:
-    """Back to the checkpoint's weights in one part: no LoRA layers, fused layers restored bitwise."""
+    """Back to the checkpoint's weights in one part: no LoRA layers or IP-Adapter, fused layers restored bitwise."""
     _unload_all(resident, which)
+    if which == "unet" and resident.denoiser == "unet":
+        ip_adapter.unload(resident)
     with torch.no_grad():
         for component in resident.components(which):
             model = getattr(resident.pipe, component)

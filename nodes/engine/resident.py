@@ -61,6 +61,7 @@ class Resident:
     offload: str = ""  # "", or how a model larger than its budget runs: "model" / "group" (GPU), "disk" (CPU)
     offload_dir: str | None = None  # where "disk" offloading keeps the weights, once applied
     text_encoder_device: str | None = None  # the text encoders' own device (`--text-encoder-device`), if set
+    ip_adapter: Any = None  # the recipe.IPAdapter loaded into the UNet (engine/ip_adapter.py), or None
 
     @classmethod
     def fresh(cls, pipe: Any, checkpoint: ModelRecipe, **kwargs: Any) -> Resident:

@@ -1,0 +1,66 @@
+"""The bundled demo IP-Adapter for tiny-sd15 and the tiny CLIP vision encoder it takes embeddings from.
+
+    clip_vision/tiny-clip-vision.safetensors      CLIPVisionModelWithProjection (random, 32×32 images, 32-wide
+                                                  embeddings), its config as JSON in the metadata
+    ipadapter/tiny-sd15-ipadapter.safetensors     diffusers' single-file IP-Adapter layout: image_proj.proj/norm
+                                                  (4 tokens) and ip_adapter.N.to_k_ip / to_v_ip per cross-attention
+
+Random weights, scaled so that the image visibly changes the result; a few hundred KiB together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+CLIP_VISION_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "image_size": 32, "patch_size": 8, "projection_dim": 32, "num_channels": 3}
+TOKENS = 4  # what diffusers' loader assumes for an image_proj.proj layout
+
+
+def demo_ipadapter_paths(root: Path) -> list[Path]:
+    return [Path(root) / "clip_vision" / "tiny-clip-vision.safetensors",
+            Path(root) / "ipadapter" / "tiny-sd15-ipadapter.safetensors"]
+
+
+def _generator(seed: int, name: str) -> Any:
+    import torch
+
+    derived = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+    return torch.Generator().manual_seed(derived)
+
+
+def write_demo_ipadapter(folder: Path, seed: int, unet: Any) -> None:
+    """Write the CLIP vision encoder and an IP-Adapter for `unet` (tiny-sd15's) under `folder`."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    vision_path, adapter_path = demo_ipadapter_paths(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(_generator(seed, "clip_vision").initial_seed()))
+        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VISION_CONFIG))
+    vision_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in vision.state_dict().items()}
+    save_file(state, vision_path, metadata={"clip_vision_config": json.dumps(CLIP_VISION_CONFIG, sort_keys=True)})
+
+    generator = _generator(seed, "ipadapter/sd15")
+    cross, width = unet.config.cross_attention_dim, CLIP_VISION_CONFIG["projection_dim"]
+    tensors = {
+        "image_proj.proj.weight": torch.randn(cross * TOKENS, width, generator=generator) / width ** 0.5,
+        "image_proj.proj.bias": torch.zeros(cross * TOKENS),
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    number = 1  # diffusers numbers the attention processors' IP layers 1, 3, 5, … (self-attention takes the evens)
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            hidden = module.to_k.out_features
+            for kind in ("to_k_ip", "to_v_ip"):
+                tensors[f"ip_adapter.{number}.{kind}.weight"] = (
+                    torch.randn(hidden, cross, generator=generator) * 2 / cross ** 0.5)
+            number += 2
+    adapter_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, adapter_path)

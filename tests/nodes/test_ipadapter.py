@@ -1,0 +1,172 @@
+"""IP-Adapter: IPAdapterApply samples as diffusers' `load_ip_adapter` + `set_ip_adapter_scale` do on the same
+weights (through KSampler's sampling maths), a recipe without it afterwards equals a fresh model, bad files
+and adapters for another model are named."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from nodegraph.cli import main
+from nodegraph.executor import Executor
+from nodegraph.registry import Registry
+from nodegraph.settings import Settings
+from nodes.engine.checkpoints import load_pipeline
+from tests.conftest import workflow
+
+ROOT = Path(__file__).parents[2]
+ADAPTER = "tiny-sd15-ipadapter.safetensors"
+VISION = "tiny-clip-vision.safetensors"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An input folder with a 32×32 picture (the demo encoder's size: no resize, so CLIPImageProcessor agrees)."""
+    folder = tmp_path_factory.mktemp("input")
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / "face.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shared(registry: Registry, demo_dir: Path, inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Executor:
+    return Executor(registry, Settings(models_dirs=(demo_dir,), input_dir=inputs,
+                                       output_dir=tmp_path_factory.mktemp("out")))
+
+
+def graph(weight: float | None, checkpoint: str = "tiny-sd15", adapter: str = ADAPTER) -> dict[str, Any]:
+    nodes: dict[str, Any] = {
+        "ckpt": {"type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "pos": {"type": "CLIPTextEncode", "inputs": {"text": "a castle", "clip": ["ckpt", "CLIP"]}},
+        "neg": {"type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", "CLIP"]}},
+        "empty": {"type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    }
+    model = ["ckpt", "MODEL"]
+    if weight is not None:
+        nodes["ipa"] = {"type": "IPAdapterModelLoader", "inputs": {"ipadapter_file": adapter}}
+        nodes["vision"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": VISION}}
+        nodes["image"] = {"type": "LoadImage", "inputs": {"image": "face.png"}}
+        nodes["apply"] = {"type": "IPAdapterApply", "inputs": {"model": model, "ipadapter": ["ipa", 0],
+                          "clip_vision": ["vision", 0], "image": ["image", "IMAGE"], "weight": weight}}
+        model = ["apply", 0]
+    nodes["sample"] = {"type": "KSampler", "inputs": {
+        "model": model, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["empty", 0], "seed": 4,
+        "steps": 4, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    nodes["show"] = {"type": "Show", "inputs": {"value": ["sample", 0]}}
+    return workflow(nodes)
+
+
+def latent(executor: Executor, weight: float | None) -> torch.Tensor:
+    result = executor.run(graph(weight))
+    assert result.status == "ok", result.errors
+    samples: torch.Tensor = result.nodes["show"].outputs["value"].samples
+    return samples
+
+
+def reference(demo_dir: Path, inputs: Path, weight: float | None) -> torch.Tensor:
+    """diffusers by hand on a freshly loaded pipeline: `load_ip_adapter` from the file, `set_ip_adapter_scale`,
+    transformers' CLIPImageProcessor and CLIPVisionModelWithProjection for the embeddings (zeros for the negative,
+    as the pipeline does), and a plain Euler loop over KSampler's `normal` schedule."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from nodes.engine.samplers import CFGDenoiser
+    from nodes.engine.sigmas import DiscreteModel, initial_noise, noised_latent, sigmas
+
+    pipe = load_pipeline(demo_dir / "checkpoints" / "tiny-sd15")
+    extra: dict[str, Any] = {}
+    if weight is not None:
+        pipe.load_ip_adapter(str(demo_dir / "ipadapter"), subfolder="", weight_name=ADAPTER, image_encoder_folder=None)
+        pipe.set_ip_adapter_scale(weight)
+        with safe_open(str(demo_dir / "clip_vision" / VISION), framework="pt") as f:
+            config = json.loads(f.metadata()["clip_vision_config"])
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+        encoder.load_state_dict(load_file(demo_dir / "clip_vision" / VISION))
+        pixels = CLIPImageProcessor(size=32, crop_size=32)(Image.open(inputs / "face.png"), return_tensors="pt")
+        with torch.inference_mode():
+            embeds = encoder(pixel_values=pixels.pixel_values).image_embeds[:, None]  # (batch, images, width)
+        extra = {"cond": embeds, "uncond": torch.zeros_like(embeds)}
+    discrete = DiscreteModel.from_config(pipe.scheduler.config)
+    schedule = sigmas("normal", discrete, 4, sampler="euler")
+    with torch.inference_mode():
+        cond, uncond = ({"embeds": pipe.encode_prompt(text, "cpu", 1, False)[0], **(
+            {"image_embeds": extra[side]} if extra else {})} for text, side in (("a castle", "cond"), ("", "uncond")))
+
+        def eps(x: torch.Tensor, t: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+            kwargs = {"added_cond_kwargs": {"image_embeds": [c["image_embeds"]]}} if extra else {}
+            return pipe.unet(x, t, encoder_hidden_states=c["embeds"], **kwargs).sample
+
+        guided = CFGDenoiser(discrete, eps, cond, uncond, 7.0)
+        x = noised_latent(discrete, torch.zeros(1, 4, 8, 8), initial_noise(4, (1, 4, 8, 8)), schedule)
+        for sigma, down_to in zip(schedule[:-1], schedule[1:], strict=True):
+            x = x + (x - guided(x, sigma)) / sigma * (down_to - sigma)
+    return x
+
+
+def test_ipadapter_samples_as_diffusers_load_ip_adapter(shared: Executor, demo_dir: Path, inputs: Path) -> None:
+    plain = reference(demo_dir, inputs, None)
+    for weight in (0.8, 0.3):  # the second only rescales the loaded adapter
+        want = reference(demo_dir, inputs, weight)
+        torch.testing.assert_close(latent(shared, weight), want, atol=1e-5, rtol=1e-5)
+        assert (want - plain).abs().mean() > 0.05  # the image prompt really changes the result
+    # A recipe without the adapter afterwards, on the same resident: a fresh model's result (reconciler invariant).
+    torch.testing.assert_close(latent(shared, None), plain, atol=1e-6, rtol=0)
+
+
+def test_reconciler_unloads_the_adapter_with_a_lora_strength_change(demo_dir: Path) -> None:
+    """A LoRA strength change goes the in-place way; the IP-Adapter still leaves, and the UNet is a fresh one."""
+    from nodes.engine import ip_adapter
+    from nodes.engine.recipe import Adapter, IPAdapter, ModelRecipe
+    from nodes.engine.reconcile import reconcile
+    from nodes.engine.resident import Resident
+
+    folder = demo_dir / "checkpoints" / "tiny-sd15"
+    base = ModelRecipe(str(folder), "f", "sd15", "fp32")
+    lora = str(demo_dir / "loras" / "tiny-sd15-style.safetensors")
+    pipe = load_pipeline(folder)
+    resident = Resident.fresh(pipe, base)
+    embeds, shape = ip_adapter.to_recipe_bytes(torch.ones(1, 32))
+    use = IPAdapter(str(demo_dir / "ipadapter" / ADAPTER), "x", 0.5, embeds, shape)
+    with_both = base.then(Adapter("s", lora, "1", strength=1.0))
+    assert "ip_adapter_load" in reconcile(resident, replace(with_both, ip_adapter=use))
+    assert pipe.unet.encoder_hid_proj is not None
+    actions = reconcile(resident, base.then(Adapter("s", lora, "1", strength=0.5)))
+    assert "ip_adapter_unload" in actions and pipe.unet.encoder_hid_proj is None
+    assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert pipe.unet.config.encoder_hid_dim_type is None
+
+
+def test_bad_adapter_files_are_named(registry: Registry, demo_dir: Path, inputs: Path, tmp_path: Path) -> None:
+    (tmp_path / "ipadapter").mkdir()
+    save_file({"foo.weight": torch.zeros(2)}, tmp_path / "ipadapter" / "odd.safetensors")
+    state = load_file(demo_dir / "ipadapter" / ADAPTER)
+    state.pop("ip_adapter.1.to_k_ip.weight")
+    state.pop("ip_adapter.1.to_v_ip.weight")
+    save_file(state, tmp_path / "ipadapter" / "short.safetensors")
+    executor = Executor(registry, Settings(models_dirs=(tmp_path, demo_dir), input_dir=inputs,
+                                           output_dir=tmp_path / "out"))
+    result = executor.run(graph(1.0, adapter="odd.safetensors"))
+    assert [(e.node_id, e.input, e.code) for e in result.errors] == [("ipa", "ipadapter_file", "bad_ipadapter")]
+    assert "not an IP-Adapter" in result.errors[0].message
+    result = executor.run(graph(1.0, adapter="short.safetensors"))
+    assert [(e.node_id, e.input, e.code) for e in result.errors] == [("apply", "ipadapter", "wrong_model")]
+    result = executor.run(graph(1.0, checkpoint="tiny-sdxl"))  # the SD1.5 adapter on SDXL
+    assert [(e.node_id, e.input, e.code) for e in result.errors] == [("apply", "ipadapter", "wrong_model")]
+    assert ADAPTER in result.errors[0].message
+
+
+def test_ipadapter_workflow_runs_headless(demo_dir: Path, demo_input: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", str(ROOT / "workflows" / "ipadapter.json"), "--models-dir", str(demo_dir), "--input-dir",
+                 str(demo_input), "--output-dir", str(tmp_path), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["status"] == "ok", result["errors"]
+    assert result["files"]
