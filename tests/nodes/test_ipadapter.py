@@ -151,6 +151,8 @@ def test_bad_adapter_files_are_named(registry: Registry, demo_dir: Path, inputs:
     state.pop("ip_adapter.1.to_k_ip.weight")
     state.pop("ip_adapter.1.to_v_ip.weight")
     save_file(state, tmp_path / "ipadapter" / "short.safetensors")
+    (tmp_path / "clip_vision").mkdir()
+    save_file(load_file(demo_dir / "clip_vision" / VISION), tmp_path / "clip_vision" / "bare.safetensors")
     executor = Executor(registry, Settings(models_dirs=(tmp_path, demo_dir), input_dir=inputs,
                                            output_dir=tmp_path / "out"))
     result = executor.run(graph(1.0, adapter="odd.safetensors"))
@@ -158,6 +160,11 @@ def test_bad_adapter_files_are_named(registry: Registry, demo_dir: Path, inputs:
     assert "not an IP-Adapter" in result.errors[0].message
     result = executor.run(graph(1.0, adapter="short.safetensors"))
     assert [(e.node_id, e.input, e.code) for e in result.errors] == [("apply", "ipadapter", "wrong_model")]
+    bare = graph(1.0)
+    bare["nodes"]["vision"]["inputs"]["clip_name"] = "bare.safetensors"  # no config in its metadata
+    result = executor.run(bare)
+    assert [(e.node_id, e.input, e.code) for e in result.errors] == [("vision", "clip_name", "bad_clip_vision")]
+    assert "clip_vision_config" in result.errors[0].message
     result = executor.run(graph(1.0, checkpoint="tiny-sdxl"))  # the SD1.5 adapter on SDXL
     assert [(e.node_id, e.input, e.code) for e in result.errors] == [("apply", "ipadapter", "wrong_model")]
     assert ADAPTER in result.errors[0].message
