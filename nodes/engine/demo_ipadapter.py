@@ -1,9 +1,9 @@
-"""The bundled demo IP-Adapter for tiny-sd15 and the tiny CLIP vision encoder it takes embeddings from.
+"""The bundled demo IP-Adapters for tiny-sd15 and tiny-sdxl and the tiny CLIP vision encoder they take embeddings from.
 
     clip_vision/tiny-clip-vision.safetensors      CLIPVisionModelWithProjection (random, 32×32 images, 32-wide
                                                   embeddings), its config as JSON in the metadata
     ipadapter/tiny-sd15-ipadapter.safetensors     diffusers' single-file IP-Adapter layout: image_proj.proj/norm
-                                                  (4 tokens) and ip_adapter.N.to_k_ip / to_v_ip per cross-attention
+    ipadapter/tiny-sdxl-ipadapter.safetensors     (4 tokens) and ip_adapter.N.to_k_ip / to_v_ip per cross-attention
 
 Random weights, scaled so that the image visibly changes the result; a few hundred KiB together.
 """
@@ -18,11 +18,12 @@ from typing import Any
 CLIP_VISION_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                       "image_size": 32, "patch_size": 8, "projection_dim": 32, "num_channels": 3}
 TOKENS = 4  # what diffusers' loader assumes for an image_proj.proj layout
+FAMILIES = ("sd15", "sdxl")
 
 
 def demo_ipadapter_paths(root: Path) -> list[Path]:
     return [Path(root) / "clip_vision" / "tiny-clip-vision.safetensors",
-            Path(root) / "ipadapter" / "tiny-sd15-ipadapter.safetensors"]
+            *(Path(root) / "ipadapter" / f"tiny-{family}-ipadapter.safetensors" for family in FAMILIES)]
 
 
 def _generator(seed: int, name: str) -> Any:
@@ -32,21 +33,28 @@ def _generator(seed: int, name: str) -> Any:
     return torch.Generator().manual_seed(derived)
 
 
-def write_demo_ipadapter(folder: Path, seed: int, unet: Any) -> None:
-    """Write the CLIP vision encoder and an IP-Adapter for `unet` (tiny-sd15's) under `folder`."""
+def write_demo_ipadapter(folder: Path, seed: int, unets: dict[str, Any]) -> None:
+    """Write the CLIP vision encoder and an IP-Adapter for each family's UNet (`unets`) under `folder`."""
     import torch
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    vision_path, adapter_path = demo_ipadapter_paths(folder)
+    vision_path = demo_ipadapter_paths(folder)[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(_generator(seed, "clip_vision").initial_seed()))
         vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VISION_CONFIG))
     vision_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in vision.state_dict().items()}
     save_file(state, vision_path, metadata={"clip_vision_config": json.dumps(CLIP_VISION_CONFIG, sort_keys=True)})
+    for family in FAMILIES:
+        _write_adapter(folder / "ipadapter" / f"tiny-{family}-ipadapter.safetensors", seed, family, unets[family])
 
-    generator = _generator(seed, "ipadapter/sd15")
+
+def _write_adapter(path: Path, seed: int, family: str, unet: Any) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    generator = _generator(seed, f"ipadapter/{family}")
     cross, width = unet.config.cross_attention_dim, CLIP_VISION_CONFIG["projection_dim"]
     tensors = {
         "image_proj.proj.weight": torch.randn(cross * TOKENS, width, generator=generator) / width ** 0.5,
@@ -62,5 +70,5 @@ def write_demo_ipadapter(folder: Path, seed: int, unet: Any) -> None:
                 tensors[f"ip_adapter.{number}.{kind}.weight"] = (
                     torch.randn(hidden, cross, generator=generator) * 2 / cross ** 0.5)
             number += 2
-    adapter_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, adapter_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)

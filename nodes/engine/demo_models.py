@@ -13,7 +13,7 @@ a CPU. `make_demo_models(root)` writes them into a models folder:
     embeddings/tiny-<family>-embedding.safetensors   two-vector textual inversions (A1111 / clip_l+clip_g)
     controlnet/tiny-sd15-controlnet/     a ControlNet for tiny-sd15 (diffusers folder), and the same weights
     controlnet/tiny-sd15-controlnet.safetensors, controlnet/tiny-sdxl-controlnet.safetensors  as one file each
-    ipadapter/tiny-sd15-ipadapter.safetensors, clip_vision/tiny-clip-vision.safetensors  (engine/demo_ipadapter.py)
+    ipadapter/tiny-<family>-ipadapter.safetensors, clip_vision/tiny-clip-vision.safetensors  (demo_ipadapter.py)
 
 The same seed gives byte-identical files; a second call with the same seed only checks the manifest.
 
@@ -221,7 +221,7 @@ def _generate(folder: Path, seed: int) -> None:
     write_demo_controlnets(folder, seed, pipelines)
     write_demo_transformers(folder, seed)
     write_demo_embeddings(folder, seed, pipelines)
-    write_demo_ipadapter(folder, seed, pipelines["sd15"].unet)
+    write_demo_ipadapter(folder, seed, {family: pipe.unet for family, pipe in pipelines.items()})
 
 
 # ---------------------------------------------------------------------------------------------- models

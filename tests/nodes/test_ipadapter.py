@@ -43,14 +43,21 @@ def shared(registry: Registry, demo_dir: Path, inputs: Path, tmp_path_factory: p
                                        output_dir=tmp_path_factory.mktemp("out")))
 
 
-def graph(weight: float | None, checkpoint: str = "tiny-sd15", adapter: str = ADAPTER) -> dict[str, Any]:
+def graph(weight: float | None, checkpoint: str = "tiny-sd15", adapter: str = ADAPTER,
+          lora: str | None = None) -> dict[str, Any]:
     nodes: dict[str, Any] = {
         "ckpt": {"type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
         "pos": {"type": "CLIPTextEncode", "inputs": {"text": "a castle", "clip": ["ckpt", "CLIP"]}},
         "neg": {"type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", "CLIP"]}},
         "empty": {"type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "show_pos": {"type": "Show", "inputs": {"value": ["pos", 0]}},
+        "show_neg": {"type": "Show", "inputs": {"value": ["neg", 0]}},
     }
     model = ["ckpt", "MODEL"]
+    if lora is not None:
+        nodes["lora"] = {"type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": lora,
+                                                                   "strength_model": 1.0}}
+        model = ["lora", 0]
     if weight is not None:
         nodes["ipa"] = {"type": "IPAdapterModelLoader", "inputs": {"ipadapter_file": adapter}}
         nodes["vision"] = {"type": "CLIPVisionLoader", "inputs": {"clip_name": VISION}}
@@ -65,44 +72,65 @@ def graph(weight: float | None, checkpoint: str = "tiny-sd15", adapter: str = AD
     return workflow(nodes)
 
 
-def latent(executor: Executor, weight: float | None) -> torch.Tensor:
-    result = executor.run(graph(weight))
+def run(executor: Executor, weight: float | None, **kwargs: Any) -> Any:
+    result = executor.run(graph(weight, **kwargs))
     assert result.status == "ok", result.errors
-    samples: torch.Tensor = result.nodes["show"].outputs["value"].samples
+    return result
+
+
+def latent(executor: Executor, weight: float | None, **kwargs: Any) -> torch.Tensor:
+    samples: torch.Tensor = run(executor, weight, **kwargs).nodes["show"].outputs["value"].samples
     return samples
 
 
-def reference(demo_dir: Path, inputs: Path, weight: float | None) -> torch.Tensor:
-    """diffusers by hand on a freshly loaded pipeline: `load_ip_adapter` from the file, `set_ip_adapter_scale`,
-    transformers' CLIPImageProcessor and CLIPVisionModelWithProjection for the embeddings (zeros for the negative,
-    as the pipeline does), and a plain Euler loop over KSampler's `normal` schedule."""
+def image_embeds(demo_dir: Path, inputs: Path) -> torch.Tensor:
+    """transformers' CLIPImageProcessor and CLIPVisionModelWithProjection on the picture: (batch, images, width)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    with safe_open(str(demo_dir / "clip_vision" / VISION), framework="pt") as f:
+        config = json.loads(f.metadata()["clip_vision_config"])
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+    encoder.load_state_dict(load_file(demo_dir / "clip_vision" / VISION))
+    pixels = CLIPImageProcessor(size=32, crop_size=32)(Image.open(inputs / "face.png"), return_tensors="pt")
+    with torch.inference_mode():
+        return encoder(pixel_values=pixels.pixel_values).image_embeds[:, None]
+
+
+def reference(demo_dir: Path, inputs: Path, weight: float | None, family: str = "sd15", lora: str | None = None,
+              conds: tuple[Any, Any] | None = None) -> torch.Tensor:
+    """diffusers by hand on a freshly loaded pipeline: `load_lora_weights`, `load_ip_adapter` from the file,
+    `set_ip_adapter_scale`, image embeddings from transformers (zeros for the negative, as the pipeline does), and
+    a plain Euler loop over KSampler's `normal` schedule. SD1.5 prompts from `encode_prompt`; SDXL's from `conds`
+    (CLIPTextEncode's, tested against diffusers elsewhere) with its size conditioning."""
     from nodes.engine.samplers import CFGDenoiser
     from nodes.engine.sigmas import DiscreteModel, initial_noise, noised_latent, sigmas
 
-    pipe = load_pipeline(demo_dir / "checkpoints" / "tiny-sd15")
-    extra: dict[str, Any] = {}
+    pipe = load_pipeline(demo_dir / "checkpoints" / f"tiny-{family}")
+    if lora is not None:
+        pipe.load_lora_weights(str(demo_dir / "loras" / lora), adapter_name="l")
+    image: dict[str, torch.Tensor] = {}
     if weight is not None:
-        pipe.load_ip_adapter(str(demo_dir / "ipadapter"), subfolder="", weight_name=ADAPTER, image_encoder_folder=None)
+        pipe.load_ip_adapter(str(demo_dir / "ipadapter"), subfolder="", weight_name=f"tiny-{family}-ipadapter"
+                             ".safetensors", image_encoder_folder=None)
         pipe.set_ip_adapter_scale(weight)
-        with safe_open(str(demo_dir / "clip_vision" / VISION), framework="pt") as f:
-            config = json.loads(f.metadata()["clip_vision_config"])
-        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
-        encoder.load_state_dict(load_file(demo_dir / "clip_vision" / VISION))
-        pixels = CLIPImageProcessor(size=32, crop_size=32)(Image.open(inputs / "face.png"), return_tensors="pt")
-        with torch.inference_mode():
-            embeds = encoder(pixel_values=pixels.pixel_values).image_embeds[:, None]  # (batch, images, width)
-        extra = {"cond": embeds, "uncond": torch.zeros_like(embeds)}
+        embeds = image_embeds(demo_dir, inputs)
+        image = {"cond": embeds, "uncond": torch.zeros_like(embeds)}
     discrete = DiscreteModel.from_config(pipe.scheduler.config)
     schedule = sigmas("normal", discrete, 4, sampler="euler")
+    size = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
     with torch.inference_mode():
-        cond, uncond = ({"embeds": pipe.encode_prompt(text, "cpu", 1, False)[0], **(
-            {"image_embeds": extra[side]} if extra else {})} for text, side in (("a castle", "cond"), ("", "uncond")))
+        if conds is None:
+            conds = tuple(pipe.encode_prompt(text, "cpu", 1, False)[0] for text in ("a castle", ""))
+        cond, uncond = ({"embeds": c if isinstance(c, torch.Tensor) else c.embeds,
+                         **({"pooled": c.pooled} if family == "sdxl" else {}),
+                         **({"image_embeds": image[side]} if image else {})}
+                        for c, side in zip(conds, ("cond", "uncond"), strict=True))
 
         def eps(x: torch.Tensor, t: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
-            kwargs = {"added_cond_kwargs": {"image_embeds": [c["image_embeds"]]}} if extra else {}
-            return pipe.unet(x, t, encoder_hidden_states=c["embeds"], **kwargs).sample
+            added: dict[str, Any] = {"image_embeds": [c["image_embeds"]]} if image else {}
+            if family == "sdxl":
+                added.update(text_embeds=c["pooled"], time_ids=size.expand(len(x), -1))
+            return pipe.unet(x, t, encoder_hidden_states=c["embeds"], added_cond_kwargs=added or None).sample
 
         guided = CFGDenoiser(discrete, eps, cond, uncond, 7.0)
         x = noised_latent(discrete, torch.zeros(1, 4, 8, 8), initial_noise(4, (1, 4, 8, 8)), schedule)
@@ -119,6 +147,21 @@ def test_ipadapter_samples_as_diffusers_load_ip_adapter(shared: Executor, demo_d
         assert (want - plain).abs().mean() > 0.05  # the image prompt really changes the result
     # A recipe without the adapter afterwards, on the same resident: a fresh model's result (reconciler invariant).
     torch.testing.assert_close(latent(shared, None), plain, atol=1e-6, rtol=0)
+
+
+def test_ipadapter_on_sdxl_equals_diffusers(shared: Executor, demo_dir: Path, inputs: Path) -> None:
+    result = run(shared, 0.7, checkpoint="tiny-sdxl", adapter="tiny-sdxl-ipadapter.safetensors")
+    conds = tuple(result.nodes[f"show_{side}"].outputs["value"].entries[0] for side in ("pos", "neg"))
+    want = reference(demo_dir, inputs, 0.7, family="sdxl", conds=conds)
+    torch.testing.assert_close(result.nodes["show"].outputs["value"].samples, want, atol=1e-5, rtol=1e-5)
+    assert (want - reference(demo_dir, inputs, None, family="sdxl", conds=conds)).abs().mean() > 0.05
+
+
+def test_ipadapter_with_a_lora_equals_diffusers(shared: Executor, demo_dir: Path, inputs: Path) -> None:
+    lora = "tiny-sd15-style.safetensors"
+    want = reference(demo_dir, inputs, 0.8, lora=lora)
+    torch.testing.assert_close(latent(shared, 0.8, lora=lora), want, atol=1e-5, rtol=1e-5)
+    assert (want - reference(demo_dir, inputs, 0.8)).abs().mean() > 0.05  # the LoRA counts too
 
 
 def test_reconciler_unloads_the_adapter_with_a_lora_strength_change(demo_dir: Path) -> None:
