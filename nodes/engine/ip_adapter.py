@@ -143,6 +143,8 @@ def encode(model: Any, image: torch.Tensor) -> torch.Tensor:
 def transition(resident: Resident, target: IPAdapter | None) -> list[str]:
     """Bring the UNet's IP-Adapter to `target` (None: none); returns the actions taken."""
     have: IPAdapter | None = resident.ip_adapter
+    if have is None and target is None:
+        return []  # the common case, with no module walk (a failed load is cleared by the reconciler's reset)
     if have is not None and target is not None and have.same_file(target):
         if have.scale == target.scale:
             resident.ip_adapter = target  # new image embeddings only: nothing in the UNet changes
@@ -151,23 +153,35 @@ def transition(resident: Resident, target: IPAdapter | None) -> list[str]:
         resident.ip_adapter = target
         return ["ip_adapter_scale"]
     actions = []
-    if getattr(resident.pipe.unet, "encoder_hid_proj", None) is not None:
+    if have is not None:
         unload(resident)
         actions.append("ip_adapter_unload")
     if target is not None:
-        state = read_adapter(Path(target.path))
+        from nodes.engine.reconcile import ReconcileError  # here: the reconciler imports this module
+
         unet = resident.pipe.unet
-        state = {group: {k: v.to(unet.device, unet.dtype) for k, v in part.items()} for group, part in state.items()}
-        resident.pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
-        resident.pipe.set_ip_adapter_scale(target.scale)
+        try:
+            state = read_adapter(Path(target.path))
+            state = {group: {k: v.to(unet.device, unet.dtype) for k, v in part.items()}
+                     for group, part in state.items()}
+            resident.pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
+            resident.pipe.set_ip_adapter_scale(target.scale)
+        except Exception as exc:  # the reconciler resets the UNet (`unload` clears a half-done load)
+            raise ReconcileError(f"IP-Adapter {Path(target.path).name!r} cannot be loaded into this model: "
+                                 f"{type(exc).__name__}: {str(exc)[:300]}") from exc
         resident.ip_adapter = target
         actions.append("ip_adapter_load")
     return actions
 
 
 def unload(resident: Resident) -> None:
-    """diffusers' `unload_ip_adapter`: the image projection goes, the attention processors are the defaults."""
-    if getattr(resident.pipe.unet, "encoder_hid_proj", None) is not None:
+    """diffusers' `unload_ip_adapter`: the image projection goes, the attention processors are the defaults.
+
+    Also after a load that failed half way (IP attention processors without the image projection, or the reverse).
+    """
+    unet = resident.pipe.unet
+    if getattr(unet, "encoder_hid_proj", None) is not None or any(
+            "IPAdapter" in type(processor).__name__ for processor in unet.attn_processors.values()):
         resident.pipe.unload_ip_adapter()
     resident.ip_adapter = None
 

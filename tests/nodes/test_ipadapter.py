@@ -187,6 +187,28 @@ def test_reconciler_unloads_the_adapter_with_a_lora_strength_change(demo_dir: Pa
     assert pipe.unet.config.encoder_hid_dim_type is None
 
 
+def test_a_failed_load_leaves_a_fresh_unet(demo_dir: Path, tmp_path: Path) -> None:
+    """An adapter whose image projection does not load (after diffusers has set the IP attention processors)."""
+    from nodes.engine import ip_adapter
+    from nodes.engine.recipe import IPAdapter, ModelRecipe
+    from nodes.engine.reconcile import ReconcileError, reconcile
+    from nodes.engine.resident import Resident
+
+    state = load_file(demo_dir / "ipadapter" / ADAPTER)
+    state["image_proj.norm.weight"] = torch.ones(7)
+    save_file(state, tmp_path / "broken.safetensors")
+    folder = demo_dir / "checkpoints" / "tiny-sd15"
+    base = ModelRecipe(str(folder), "f", "sd15", "fp32")
+    pipe = load_pipeline(folder)
+    resident = Resident.fresh(pipe, base)
+    embeds, shape = ip_adapter.to_recipe_bytes(torch.ones(1, 32))
+    broken = IPAdapter(str(tmp_path / "broken.safetensors"), "x", 1.0, embeds, shape)
+    with pytest.raises(ReconcileError, match="broken.safetensors"):
+        reconcile(resident, replace(base, ip_adapter=broken))
+    assert pipe.unet.encoder_hid_proj is None and resident.ip_adapter is None and not resident.broken
+    assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
 def test_bad_adapter_files_are_named(registry: Registry, demo_dir: Path, inputs: Path, tmp_path: Path) -> None:
     (tmp_path / "ipadapter").mkdir()
     save_file({"foo.weight": torch.zeros(2)}, tmp_path / "ipadapter" / "odd.safetensors")
