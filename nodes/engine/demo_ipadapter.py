@@ -1,9 +1,12 @@
-"""The bundled demo IP-Adapters for tiny-sd15 and tiny-sdxl and the tiny CLIP vision encoder they take embeddings from.
+"""The bundled demo IP-Adapter for tiny-sd15 and the tiny CLIP vision encoder it takes embeddings from.
 
     clip_vision/tiny-clip-vision.safetensors      CLIPVisionModelWithProjection (random, 32×32 images, 32-wide
                                                   embeddings), its config as JSON in the metadata
     ipadapter/tiny-sd15-ipadapter.safetensors     diffusers' single-file IP-Adapter layout: image_proj.proj/norm
-    ipadapter/tiny-sdxl-ipadapter.safetensors     (4 tokens) and ip_adapter.N.to_k_ip / to_v_ip per cross-attention
+                                                  (4 tokens) and ip_adapter.N.to_k_ip / to_v_ip per cross-attention
+
+`write_adapter` makes one for any SD1.x/SDXL UNet (the tests write tiny-sdxl's: bundled, it would take
+the demo set over its size limit).
 
 Random weights, scaled so that the image visibly changes the result; a few hundred KiB together.
 """
@@ -18,7 +21,7 @@ from typing import Any
 CLIP_VISION_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                       "image_size": 32, "patch_size": 8, "projection_dim": 32, "num_channels": 3}
 TOKENS = 4  # what diffusers' loader assumes for an image_proj.proj layout
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = ("sd15",)  # the bundled adapters
 
 
 def demo_ipadapter_paths(root: Path) -> list[Path]:
@@ -47,10 +50,11 @@ def write_demo_ipadapter(folder: Path, seed: int, unets: dict[str, Any]) -> None
     state = {k: v.contiguous() for k, v in vision.state_dict().items()}
     save_file(state, vision_path, metadata={"clip_vision_config": json.dumps(CLIP_VISION_CONFIG, sort_keys=True)})
     for family in FAMILIES:
-        _write_adapter(folder / "ipadapter" / f"tiny-{family}-ipadapter.safetensors", seed, family, unets[family])
+        write_adapter(folder / "ipadapter" / f"tiny-{family}-ipadapter.safetensors", seed, family, unets[family])
 
 
-def _write_adapter(path: Path, seed: int, family: str, unet: Any) -> None:
+def write_adapter(path: Path, seed: int, family: str, unet: Any) -> None:
+    """A random IP-Adapter for `unet` (32-wide image embeddings, the demo encoder's) in diffusers' layout."""
     import torch
     from safetensors.torch import save_file
 

@@ -13,7 +13,7 @@ a CPU. `make_demo_models(root)` writes them into a models folder:
     embeddings/tiny-<family>-embedding.safetensors   two-vector textual inversions (A1111 / clip_l+clip_g)
     controlnet/tiny-sd15-controlnet/     a ControlNet for tiny-sd15 (diffusers folder), and the same weights
     controlnet/tiny-sd15-controlnet.safetensors, controlnet/tiny-sdxl-controlnet.safetensors  as one file each
-    ipadapter/tiny-<family>-ipadapter.safetensors, clip_vision/tiny-clip-vision.safetensors  (demo_ipadapter.py)
+    ipadapter/tiny-sd15-ipadapter.safetensors, clip_vision/tiny-clip-vision.safetensors  (engine/demo_ipadapter.py)
 
 The same seed gives byte-identical files; a second call with the same seed only checks the manifest.
 

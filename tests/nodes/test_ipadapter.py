@@ -97,7 +97,7 @@ def image_embeds(demo_dir: Path, inputs: Path) -> torch.Tensor:
 
 
 def reference(demo_dir: Path, inputs: Path, weight: float | None, family: str = "sd15", lora: str | None = None,
-              conds: tuple[Any, Any] | None = None) -> torch.Tensor:
+              conds: tuple[Any, Any] | None = None, adapters: Path | None = None) -> torch.Tensor:
     """diffusers by hand on a freshly loaded pipeline: `load_lora_weights`, `load_ip_adapter` from the file,
     `set_ip_adapter_scale`, image embeddings from transformers (zeros for the negative, as the pipeline does), and
     a plain Euler loop over KSampler's `normal` schedule. SD1.5 prompts from `encode_prompt`; SDXL's from `conds`
@@ -110,8 +110,8 @@ def reference(demo_dir: Path, inputs: Path, weight: float | None, family: str = 
         pipe.load_lora_weights(str(demo_dir / "loras" / lora), adapter_name="l")
     image: dict[str, torch.Tensor] = {}
     if weight is not None:
-        pipe.load_ip_adapter(str(demo_dir / "ipadapter"), subfolder="", weight_name=f"tiny-{family}-ipadapter"
-                             ".safetensors", image_encoder_folder=None)
+        pipe.load_ip_adapter(str(adapters or demo_dir / "ipadapter"), subfolder="",
+                             weight_name=f"tiny-{family}-ipadapter.safetensors", image_encoder_folder=None)
         pipe.set_ip_adapter_scale(weight)
         embeds = image_embeds(demo_dir, inputs)
         image = {"cond": embeds, "uncond": torch.zeros_like(embeds)}
@@ -149,10 +149,24 @@ def test_ipadapter_samples_as_diffusers_load_ip_adapter(shared: Executor, demo_d
     torch.testing.assert_close(latent(shared, None), plain, atol=1e-6, rtol=0)
 
 
-def test_ipadapter_on_sdxl_equals_diffusers(shared: Executor, demo_dir: Path, inputs: Path) -> None:
-    result = run(shared, 0.7, checkpoint="tiny-sdxl", adapter="tiny-sdxl-ipadapter.safetensors")
+@pytest.fixture(scope="module")
+def sdxl_adapter(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with an IP-Adapter for tiny-sdxl (not bundled: the demo set has a size limit)."""
+    from nodes.engine.demo_ipadapter import write_adapter
+
+    root = tmp_path_factory.mktemp("sdxl-models")
+    unet = load_pipeline(demo_dir / "checkpoints" / "tiny-sdxl").unet
+    write_adapter(root / "ipadapter" / "tiny-sdxl-ipadapter.safetensors", 0, "sdxl", unet)
+    return root
+
+
+def test_ipadapter_on_sdxl_equals_diffusers(registry: Registry, demo_dir: Path, inputs: Path, sdxl_adapter: Path,
+                                            tmp_path: Path) -> None:
+    executor = Executor(registry, Settings(models_dirs=(sdxl_adapter, demo_dir), input_dir=inputs,
+                                           output_dir=tmp_path))
+    result = run(executor, 0.7, checkpoint="tiny-sdxl", adapter="tiny-sdxl-ipadapter.safetensors")
     conds = tuple(result.nodes[f"show_{side}"].outputs["value"].entries[0] for side in ("pos", "neg"))
-    want = reference(demo_dir, inputs, 0.7, family="sdxl", conds=conds)
+    want = reference(demo_dir, inputs, 0.7, family="sdxl", conds=conds, adapters=sdxl_adapter / "ipadapter")
     torch.testing.assert_close(result.nodes["show"].outputs["value"].samples, want, atol=1e-5, rtol=1e-5)
     assert (want - reference(demo_dir, inputs, None, family="sdxl", conds=conds)).abs().mean() > 0.05
 
