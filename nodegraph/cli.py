@@ -27,12 +27,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from nodegraph import events as ev
 from nodegraph import workflow as wf
+from nodegraph.cli_output import ProgressPrinter, print_job, print_problems, print_summary, print_table
 from nodegraph.context import CancelToken
-from nodegraph.executor import Executor, RunResult, json_summary
+from nodegraph.executor import Executor, RunResult
 from nodegraph.models import ModelManager, OptionError, format_bytes
 from nodegraph.registry import DeclarationError, Registry, load_registry
 from nodegraph.scale.options import RayOptionError, add_ray_options
@@ -188,7 +188,7 @@ def cmd_validate(args: argparse.Namespace, registry: Registry, settings: Setting
     if args.json:
         print(json.dumps({"ok": not problems, "errors": [p.to_json() for p in problems]}, indent=2))
     else:
-        _print_problems(problems, sys.stdout)
+        print_problems(problems, sys.stdout)
         if not problems:
             print(f"{args.file}: valid")
     return EXIT_INVALID if problems else EXIT_OK
@@ -213,7 +213,7 @@ def cmd_run(args: argparse.Namespace, registry: Registry, settings: Settings) ->
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
-        _print_summary(result)
+        print_summary(result)
         if args.debug and result.traceback:
             print(result.traceback, file=sys.stderr)
     return _exit_code(result.status)
@@ -241,7 +241,7 @@ def cmd_sweep(args: argparse.Namespace, registry: Registry, settings: Settings, 
             done.append(job)
             if not args.json:
                 progress.clear()
-                _print_job(job, len(done), total, args.debug)
+                print_job(job, len(done), total, args.debug)
 
         try:
             with ctrl_c_cancels(cancel):
@@ -254,7 +254,7 @@ def cmd_sweep(args: argparse.Namespace, registry: Registry, settings: Settings, 
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
-        _print_problems(result.errors, sys.stderr)
+        print_problems(result.errors, sys.stderr)
         if result.grid is not None:
             print(f"wrote {result.grid}")
         if result.status == "interrupted":
@@ -382,7 +382,7 @@ def cmd_models_status(args: argparse.Namespace, registry: Registry, settings: Se
         ("  " + c["name"] + f" ({c['dtype']})", ", ".join(c["bytes"]) or "-",
          ", ".join(f"{format_bytes(n)} {d}" for d, n in c["bytes"].items()) or "0 B", "")
         for c in resident.get("components", []))]]
-    _print_table(("model", "device", "memory", "state"), rows)
+    print_table(("model", "device", "memory", "state"), rows)
     if not rows:
         print("no models resident")
     for worker in workers:  # serve --ray: each worker's own models
@@ -390,77 +390,6 @@ def cmd_models_status(args: argparse.Namespace, registry: Registry, settings: Se
         print(f"worker {worker['index']}: {worker['state']}, {worker.get('jobs', '?')} jobs, "
               f"{worker.get('loads', '?')} model loads, {worker['restarts']} restarts; resident: {residents}")
     return EXIT_OK
-
-
-class ProgressPrinter:
-    """Turns events into a one-line progress bar on a terminal."""
-
-    def __init__(self, stream: TextIO, enabled: bool, width: int = 30) -> None:
-        self.stream, self.enabled, self.width = stream, enabled, width
-        self.shown = False
-
-    def __call__(self, event: ev.Event) -> None:
-        if not self.enabled:
-            return
-        if isinstance(event, ev.Progress) and event.total > 0:
-            filled = self.width * event.step // event.total
-            bar = "█" * filled + "·" * (self.width - filled)
-            self.stream.write(f"\rnode {event.node_id} {bar} {event.step}/{event.total}")
-            self.stream.flush()
-            self.shown = True
-        elif isinstance(event, ev.NodeInfo):
-            self.clear()
-            took = f" ({event.seconds:.1f} s)" if event.seconds is not None else ""
-            self.stream.write(f"node {event.node_id}: {event.message}{took}\n")
-
-    def clear(self) -> None:
-        if self.shown:
-            self.stream.write("\r" + " " * (self.width + 40) + "\r")
-            self.shown = False
-
-
-def _print_summary(result: RunResult) -> None:
-    rows = [(node_id, r.node_type, r.status, f"{r.seconds:.3f}") for node_id, r in result.nodes.items()]
-    _print_table(("node", "type", "status", "seconds"), rows)
-    for node_id in result.output_nodes:
-        record = result.nodes.get(node_id)
-        if record is None:
-            continue
-        for name, value in record.outputs.items():
-            shown = json_summary(value)
-            if not isinstance(shown, dict):  # values, not summaries of images or models
-                print(f"node {node_id} ({record.node_type}) {name}: {json.dumps(shown)}")
-    for path in result.files:
-        print(f"wrote {path}")
-    _print_problems(result.errors, sys.stderr)
-    if result.status == "interrupted":
-        print("interrupted", file=sys.stderr)
-
-
-def _print_table(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
-    if not rows:
-        return
-    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
-    for row in [headers, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _print_job(job: Job, index: int, total: int, debug: bool) -> None:
-    values = ", ".join(f"{name}={value if isinstance(value, str) else json.dumps(value)}"
-                       for name, value in job.values.items())
-    values = values if len(values) <= 100 else values[:97] + "..."
-    counts = job.counts()
-    print(f"[{index}/{total}] {values}: {job.status}, {job.seconds:.2f} s "
-          f"({counts['ran']} ran, {counts['cached']} cached)", flush=True)
-    if job.result is not None:
-        _print_problems(job.result.errors, sys.stderr)
-        if debug and job.result.traceback:
-            print(job.result.traceback, file=sys.stderr)
-
-
-def _print_problems(problems: Sequence[Problem], stream: TextIO) -> None:
-    for problem in problems:
-        print(f"error: {problem}", file=stream)
 
 
 if __name__ == "__main__":
