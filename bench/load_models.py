@@ -66,9 +66,9 @@ def make(root: Path, seed: int = 0) -> None:
 
 def _write_fake_clip_bpe(path: Path) -> None:
     """OpenAI's BPE file format (a version line, then merges), with made-up merges filling CLIP's vocabulary."""
-    from nodes.engine.checkpoints import CLIP_VOCAB_SIZE, _bytes_to_unicode
+    from nodes.engine.clip_tokenizers import CLIP_VOCAB_SIZE, bytes_to_unicode
 
-    alphabet = _bytes_to_unicode()
+    alphabet = bytes_to_unicode()
     count = CLIP_VOCAB_SIZE - 2 * 256 - 2
     seconds = [*alphabet, *(c + "</w>" for c in alphabet)]
     pairs = (f"{a} {b}" for a in alphabet for b in seconds)  # distinct merged tokens: `a` is one character
@@ -82,7 +82,8 @@ def _random_pipeline(bpe: Path, seed: int) -> Any:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from nodes.engine.checkpoints import clip_tokenizer_from_bpe, scheduler_config
+    from nodes.engine.checkpoints import scheduler_config
+    from nodes.engine.clip_tokenizers import clip_tokenizer_from_bpe
 
     tokenizer = clip_tokenizer_from_bpe(bpe, "<|endoftext|>")
     with torch.device("meta"):

@@ -18,14 +18,12 @@ Rules this module keeps:
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
@@ -50,7 +48,6 @@ _HINTABLE = {
 #: Bump when the derivation changes, so that cached config folders are rebuilt.
 _DERIVE_VERSION = "1"
 #: Vocabulary size of the real CLIP BPE (OpenAI CLIP-L and OpenCLIP share it).
-CLIP_VOCAB_SIZE = 49408
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 # Bytes per element, to check that each tensor's byte range matches its shape.
 _DTYPE_SIZES = {
@@ -398,7 +395,9 @@ def derive_configs(path: Path, header: SafetensorsHeader, family: str) -> Pipeli
         config.update(hints.get(name, {}))
         # SD 2.x and SDXL's second tokenizer pad with "!", CLIP-L ones with the end token.
         pad = "!" if layout == "openclip" else "<|endoftext|>"
-        tokenizer = _tokenizer_for(path, config["vocab_size"], pad)
+        from nodes.engine.clip_tokenizers import tokenizer_for
+
+        tokenizer = tokenizer_for(path, config["vocab_size"], pad)
         config.update(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -626,121 +625,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-# ---------------------------------------------------------------------------------------------- tokenizers
-
-
-def _tokenizer_for(path: Path, vocab_size: int, pad_token: str) -> CLIPTokenizer:
-    if vocab_size == demo_vocab_size():
-        return demo_clip_tokenizer(pad_token)
-    if vocab_size == CLIP_VOCAB_SIZE:
-        return real_clip_tokenizer(path, pad_token)
-    raise MissingTokenizerError(
-        path, f"text encoder has a {vocab_size}-token vocabulary; no tokenizer of that size is known"
-    )
-
-
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's byte-level alphabet in CLIP's vocabulary order: the printable bytes as themselves, then the
-    other bytes as code points from 256 up (the order matters: it fixes the real vocabulary's ids)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
-
-
-def _base_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
-    """CLIP vocabulary order: bytes, bytes ending a word, one token per merge, then the two specials."""
-    alphabet = _bytes_to_unicode()
-    tokens = [*alphabet, *(c + "</w>" for c in alphabet), *("".join(m) for m in merges)]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {token: i for i, token in enumerate(tokens)}
-
-
-# Words the demo tokenizer encodes as single tokens; every other text falls back to byte tokens.
-_DEMO_WORDS = (
-    "a an the of in on with and photo painting portrait landscape cat dog bird horse tree house city "
-    "mountain river sea sky sunset night forest flower red blue green yellow black white golden style "
-    "oil watercolor sketch detailed high quality blurry ugly"
-).split()
-
-
-def _demo_merges() -> list[tuple[str, str]]:
-    merges: list[tuple[str, str]] = []
-    for word in _DEMO_WORDS:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        left = symbols[0]
-        for right in symbols[1:]:
-            if (left, right) not in merges:
-                merges.append((left, right))
-            left += right
-    return merges
-
-
-def demo_vocab_size() -> int:
-    """Vocabulary size of the generated demo tokenizer (the demo text encoders use exactly this)."""
-    return len(_demo_merges()) + 2 * 256 + 2
-
-
-def demo_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """A working CLIP tokenizer with a small byte-level BPE vocabulary generated here (no files needed)."""
-    merges = _demo_merges()
-    return _clip_tokenizer(_base_vocab(merges), merges, pad_token)
-
-
-def _clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str) -> CLIPTokenizer:
-    from transformers import CLIPTokenizer
-
-    # merges must be (left, right) tuples: tokenizers 0.23 rejects the "left right" strings that
-    # CLIPTokenizer's annotation suggests.
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)  # type: ignore[arg-type]
-
-
-def real_clip_tokenizer(path: Path, pad_token: str) -> CLIPTokenizer:
-    """The real 49408-token CLIP tokenizer from local files, or a `MissingTokenizerError` saying how to get it.
-
-    Looked for, in order: `$NODEGRAPH_CLIP_BPE` (a `bpe_simple_vocab_16e6.txt.gz`), the copy inside an
-    installed `open_clip` package, and an `openai/clip-vit-large-patch14` snapshot in the local HF cache.
-    """
-    from transformers import CLIPTokenizer
-
-    for bpe in _clip_bpe_candidates():
-        if bpe.is_file():
-            return clip_tokenizer_from_bpe(bpe, pad_token)
-    for snapshot in _hf_cache_snapshots("openai/clip-vit-large-patch14"):
-        if (snapshot / "tokenizer.json").is_file() or (snapshot / "vocab.json").is_file():
-            tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(snapshot, local_files_only=True)
-            tokenizer.pad_token = pad_token
-            return tokenizer
-    raise MissingTokenizerError(
-        path,
-        "needs the real CLIP BPE vocabulary (49408 tokens), not found offline. Provide it by any of: "
-        "`pip install open-clip-torch` (ships bpe_simple_vocab_16e6.txt.gz); setting NODEGRAPH_CLIP_BPE to "
-        "that file; or placing openai/clip-vit-large-patch14's tokenizer files in the HF cache",
-    )
-
-
-def _clip_bpe_candidates() -> list[Path]:
-    found = [Path(p) for p in [os.environ.get("NODEGRAPH_CLIP_BPE", "")] if p]
-    # Look for open_clip's data file without importing open_clip (importing it pulls in torchvision etc.).
-    found += [Path(entry) / "open_clip" / "bpe_simple_vocab_16e6.txt.gz" for entry in sys.path if entry]
-    return found
-
-
-def _hf_cache_snapshots(repo: str) -> list[Path]:
-    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface"), "hub"
-    )
-    folder = Path(hub) / ("models--" + repo.replace("/", "--")) / "snapshots"
-    return sorted(folder.iterdir()) if folder.is_dir() else []
-
-
-def clip_tokenizer_from_bpe(bpe_gz: Path, pad_token: str) -> CLIPTokenizer:
-    """Build the CLIP tokenizer from OpenAI's `bpe_simple_vocab_16e6.txt.gz` (as CLIP itself does)."""
-    lines = gzip.decompress(bpe_gz.read_bytes()).decode("utf-8").split("\n")
-    # The first line is a version header; CLIP keeps exactly as many merges as fill a 49408 vocabulary.
-    count = CLIP_VOCAB_SIZE - 2 * 256 - 2
-    merges = [(a, b) for a, b in (line.split() for line in lines[1 : count + 1])]
-    if len(merges) != count:
-        raise MissingTokenizerError(bpe_gz, f"expected {count} merges, found {len(merges)}")
-    return _clip_tokenizer(_base_vocab(merges), merges, pad_token)

@@ -29,13 +29,12 @@ from nodes.engine.checkpoints import (
     MissingTokenizerError,
     NotADiffusionCheckpointError,
     _clip_config,
-    _hf_cache_snapshots,
     _indices,
     _shape,
-    _tokenizer_for,
     default_cache_dir,
     read_header,
 )
+from nodes.engine.clip_tokenizers import hf_cache_snapshots, tokenizer_for
 
 _VERSION = "1"
 T5_VOCAB_SIZE = 32128
@@ -118,7 +117,7 @@ def flux_text_encoders_folder(clip_file: Path, t5_file: Path) -> Path:
         clip_header, t5_header = read_header(clip_file), read_header(t5_file)
         config = _clip_config(clip_file, clip_header.shapes, "", "hf", "flux")
         config.update(_hints(clip_file, clip_header.metadata, "text_encoder"))
-        tokenizer = _tokenizer_for(clip_file, config["vocab_size"], "<|endoftext|>")
+        tokenizer = tokenizer_for(clip_file, config["vocab_size"], "<|endoftext|>")
         config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
         t5_config = _t5_config(t5_file, t5_header.shapes)
@@ -162,7 +161,7 @@ def _t5_tokenizer(path: Path, vocab_size: int) -> Any:
     if vocab_size == len(demo):
         return demo
     folders = [Path(p) for p in [os.environ.get("NODEGRAPH_T5_TOKENIZER", "")] if p]
-    folders += _hf_cache_snapshots("google/t5-v1_1-xxl")
+    folders += hf_cache_snapshots("google/t5-v1_1-xxl")
     for folder in folders:
         if (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file():
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)

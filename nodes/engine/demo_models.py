@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nodes.engine.checkpoints import CONFIG_HINTS_KEY, demo_clip_tokenizer, scheduler_config
+from nodes.engine.checkpoints import CONFIG_HINTS_KEY, scheduler_config
+from nodes.engine.clip_tokenizers import demo_clip_tokenizer
 from nodes.engine.demo_ipadapter import demo_ipadapter_paths, write_demo_ipadapter
 from nodes.engine.demo_transformers import demo_transformer_paths, write_demo_transformers
 

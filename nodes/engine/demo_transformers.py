@@ -11,7 +11,7 @@ flow-matching scheduler) at the tiny widths diffusers' own pipeline tests use, r
     checkpoints/tiny-sd3/                         diffusers folder, StableDiffusion3Pipeline
     loras/tiny-flux-*.safetensors, tiny-sd3-*     LoRAs in diffusers' and Kohya's Flux layouts (DEMO_TRANSFORMER_LORAS)
 
-Neither tokenizer needs files: CLIP's is the generated demo BPE (`checkpoints.demo_clip_tokenizer`), T5's a
+Neither tokenizer needs files: CLIP's is the generated demo BPE (`clip_tokenizers.demo_clip_tokenizer`), T5's a
 small unigram vocabulary over the same demo words (`demo_t5_tokenizer`).
 """
 

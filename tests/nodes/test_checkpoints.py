@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nodes.engine import checkpoints
+from nodes.engine import checkpoints, clip_tokenizers
 from nodes.engine.checkpoints import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -34,12 +34,12 @@ from nodes.engine.checkpoints import (
     NotADiffusionCheckpointError,
     UnknownFamilyError,
     UnsafeFormatError,
-    clip_tokenizer_from_bpe,
     detect_family,
     load_pipeline,
     read_header,
     single_file_config_dir,
 )
+from nodes.engine.clip_tokenizers import clip_tokenizer_from_bpe
 from nodes.engine.demo_models import (
     build_sdxl_pipeline,
     components_to_ldm_state_dict,
@@ -59,8 +59,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fake_clip_bpe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A file in the format of OpenAI's bpe_simple_vocab_16e6.txt.gz, with made-up merges."""
-    alphabet = checkpoints._bytes_to_unicode()
-    count = checkpoints.CLIP_VOCAB_SIZE - 2 * 256 - 2
+    alphabet = clip_tokenizers.bytes_to_unicode()
+    count = clip_tokenizers.CLIP_VOCAB_SIZE - 2 * 256 - 2
     pairs = (f"{a} {b}" for a in alphabet for b in [*alphabet, *(c + "</w>" for c in alphabet)])
     lines = ["#version: 0.2", *(next(pairs) for _ in range(count))]
     path = tmp_path_factory.mktemp("bpe") / "bpe_simple_vocab_16e6.txt.gz"
@@ -215,7 +215,7 @@ def test_real_vocabulary_without_clip_files_says_how_to_get_them(
 ) -> None:
     monkeypatch.delenv("NODEGRAPH_CLIP_BPE", raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
-    monkeypatch.setattr(checkpoints, "_clip_bpe_candidates", lambda: [])  # in case open_clip is installed
+    monkeypatch.setattr(clip_tokenizers, "_clip_bpe_candidates", lambda: [])  # in case open_clip is installed
     path = real_size_file(tmp_path / "real.safetensors", "sd15")
     with pytest.raises(MissingTokenizerError, match="open-clip-torch") as info:
         load_pipeline(path, cache_dir=tmp_path / "cache")

@@ -20,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nodes.engine.checkpoints import demo_vocab_size, load_pipeline
+from nodes.engine.checkpoints import load_pipeline
+from nodes.engine.clip_tokenizers import demo_vocab_size
 from nodes.engine.demo_models import (
     DEMO_LORAS,
     MANIFEST_NAME,
