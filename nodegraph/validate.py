@@ -177,54 +177,52 @@ def _check_shape(workflow: Any, problems: list[Problem]) -> dict[str, Any] | Non
 
 def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Registry, settings: Any,
                 models: Any, choices: dict[int, list[str]], problems: list[Problem]) -> Step | None:
-    def fail(input_name: str | None, code: str, message: str) -> None:
-        problems.append(Problem(node_id, input_name, code, message))
-
     if not node_id:
-        fail(None, "invalid_node", "a node id must be a non-empty string")
+        _fail(problems, node_id, None, "invalid_node", "a node id must be a non-empty string")
         return None
     if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
-        fail(None, "invalid_node", "a node is an object with a string 'type'")
+        _fail(problems, node_id, None, "invalid_node", "a node is an object with a string 'type'")
         return None
     cls = registry.get(entry["type"])
     if cls is None:
-        fail(None, "unknown_node_type", f"unknown node type {describe(entry['type'])}"
-             + _suggest(entry["type"], registry.nodes))
+        _fail(problems, node_id, None, "unknown_node_type", f"unknown node type {describe(entry['type'])}"
+              + _suggest(entry["type"], registry.nodes))
         return None
     given = entry.get("inputs", {})
     if not isinstance(given, dict):
-        fail(None, "invalid_node", f"'inputs' must be an object, got {describe(given)}")
+        _fail(problems, node_id, None, "invalid_node", f"'inputs' must be an object, got {describe(given)}")
         return None
     shape = _shape(cls)
     specs = shape.specs
     before = len(problems)
     for name in given:
         if name not in specs:
-            fail(name, "unknown_input", f"{cls.type} has no input {describe(name)}" + _suggest(name, specs))
+            _fail(problems, node_id, name, "unknown_input",
+                  f"{cls.type} has no input {describe(name)}" + _suggest(name, specs))
     literals: dict[str, Any] = {}
     links: dict[str, tuple[str, str]] = {}
     for name, spec, required, accepts in shape.fields:
         if name not in given:
             if required:
-                fail(name, "missing_input", f"{cls.type} needs {name!r} ({spec.type})")
+                _fail(problems, node_id, name, "missing_input", f"{cls.type} needs {name!r} ({spec.type})")
             elif spec.default is not REQUIRED:
                 literals[name] = spec.default
             continue
         value = given[name]
         if is_link(value):
-            link = _check_link(spec, accepts, value, nodes, registry, fail)
+            link = _check_link(spec, accepts, value, nodes, registry, node_id, problems)
             if link is not None:
                 links[name] = link
         elif accepts == "link":
-            fail(name, "link_required", f"{name!r} must be connected to a {spec.type} output, "
-                 f"not written as {describe(value)}")
+            _fail(problems, node_id, name, "link_required", f"{name!r} must be connected to a {spec.type} output, "
+                  f"not written as {describe(value)}")
         else:
             if spec.type == "COMBO" and id(spec) not in choices:
                 choices[id(spec)] = spec.resolve_choices(settings)
             wrong = check_literal(spec, value, choices.get(id(spec), ()))
             if wrong:
-                fail(name, wrong[0], wrong[1] + _searched(spec, value, choices[id(spec)] if id(spec) in choices
-                                                           else (), settings))
+                _fail(problems, node_id, name, wrong[0], wrong[1] + _searched(
+                    spec, value, choices[id(spec)] if id(spec) in choices else (), settings))
             else:
                 literals[name] = value
     # The node's own checks see the literals that passed, so every problem of a node shows at once.
@@ -233,17 +231,17 @@ def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Regis
         reported = {p.input for p in problems[before:]}
         for input_name, message in cls.check(literals, settings):
             if input_name is None or input_name not in reported:
-                fail(input_name, "invalid_value", message)
+                _fail(problems, node_id, input_name, "invalid_value", message)
     if shape.checks_upstream:
         reported = {p.input for p in problems[before:]}
         for input_name, code, message in cls.check_upstream(literals, _upstream(given, nodes), settings):
             if input_name is None or input_name not in reported:
-                fail(input_name, code, message)
+                _fail(problems, node_id, input_name, code, message)
     if shape.checks_resources and models is not None:
         reported = {p.input for p in problems[before:]}
         for input_name, message in cls.check_resources(literals, models):
             if input_name is None or input_name not in reported:
-                fail(input_name, "too_large", message)
+                _fail(problems, node_id, input_name, "too_large", message)
     return Step(node_id, cls, literals, links) if len(problems) == before else None
 
 
@@ -294,19 +292,24 @@ def _overrides(cls: type[Node], method: str) -> bool:
     return getattr(getattr(cls, method), "__func__", None) is not getattr(Node, method).__func__
 
 
+def _fail(problems: list[Problem], node_id: str, input_name: str | None, code: str, message: str) -> None:
+    problems.append(Problem(node_id, input_name, code, message))
+
+
 def _check_link(spec: Input, accepts: str, value: list[Any], nodes: dict[str, Any], registry: Registry,
-                fail: Any) -> tuple[str, str] | None:
+                node_id: str, problems: list[Problem]) -> tuple[str, str] | None:
     source_id, output = value
     name = spec.name
     if accepts == "literal":
-        fail(name, "literal_required", f"{name!r} must be written as a value, not connected")
+        _fail(problems, node_id, name, "literal_required", f"{name!r} must be written as a value, not connected")
         return None
     if not isinstance(source_id, str) or isinstance(output, bool) or not isinstance(output, (str, int)):
-        fail(name, "bad_link", "a link is [node_id, output] with a string node id and an output name or index")
+        _fail(problems, node_id, name, "bad_link",
+              "a link is [node_id, output] with a string node id and an output name or index")
         return None
     source = nodes.get(source_id)
     if source is None:
-        fail(name, "missing_node", f"linked to node {describe(source_id)}, which does not exist")
+        _fail(problems, node_id, name, "missing_node", f"linked to node {describe(source_id)}, which does not exist")
         return None
     source_cls = registry.get(source.get("type")) if isinstance(source, dict) else None
     if source_cls is None:
@@ -318,12 +321,12 @@ def _check_link(spec: Input, accepts: str, value: list[Any], nodes: dict[str, An
         found = _shape(source_cls).outputs.get(output)
     if found is None:
         names = ", ".join(f"{i}: {o.name}" for i, o in enumerate(outputs)) or "none"
-        fail(name, "missing_output", f"node {source_id} ({source_cls.type}) has no output "
-             f"{describe(output)}; its outputs are {names}")
+        _fail(problems, node_id, name, "missing_output", f"node {source_id} ({source_cls.type}) has no output "
+              f"{describe(output)}; its outputs are {names}")
         return None
     if not link_compatible(found.type, spec.type):
-        fail(name, "type_mismatch", f"{name!r} takes {spec.type}, but node {source_id} output "
-             f"{found.name!r} is {found.type}")
+        _fail(problems, node_id, name, "type_mismatch", f"{name!r} takes {spec.type}, but node {source_id} output "
+              f"{found.name!r} is {found.type}")
         return None
     return source_id, found.name
 
