@@ -17,7 +17,8 @@ Phases, each the best of 3 to 15 runs (`time.perf_counter`, garbage collected be
             precomputed order, inputs looked up in a dict; the least work any executor must do.
 
 Figures are microseconds per node; `×` is the ratio to the direct loop measured in the same run.
-Targets: ≤ 25 µs/node cold, ≤ 5 µs/node cached, a 10,000-node workflow validated in < 0.3 s.
+Targets: ≤ 25 µs/node cold, ≤ 5 µs/node cached, a 10,000-node workflow validated in ≤ 0.1 s
+(`bench/jobs_api.py` measures validation through the HTTP API too).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from nodes.utility import NODES
 
 COLD_US_PER_NODE = 25.0
 CACHED_US_PER_NODE = 5.0
-VALIDATE_10K_SECONDS = 0.3
+VALIDATE_10K_SECONDS = 0.1
 BRANCH_LENGTH = 10  # nodes per branch of the wide graph: Int, 8 × Math, Show
 SIZES = (1_000, 10_000)
 MIN_REPEATS, MAX_REPEATS, PHASE_BUDGET_S = 3, 15, 2.0
@@ -171,7 +172,7 @@ def table(rows: list[Row]) -> list[str]:
               "direct µs/node", "cold ×", "cached ×")
     lines = [header]
     for r in rows:
-        validate_ok = r.nodes < 10_000 or r.validate_s < VALIDATE_10K_SECONDS
+        validate_ok = r.nodes < 10_000 or r.validate_s <= VALIDATE_10K_SECONDS
         cold, cached, direct = r.per_node(r.cold_s), r.per_node(r.cached_s), r.per_node(r.direct_s)
         lines.append((
             r.shape, f"{r.nodes:,}",
@@ -196,8 +197,8 @@ def summary(rows: list[Row]) -> str:
     return (f"cold ≤ {COLD_US_PER_NODE:g} µs/node: {verdict(worst_cold <= COLD_US_PER_NODE)} "
             f"(worst {worst_cold:.1f}); cached ≤ {CACHED_US_PER_NODE:g} µs/node: "
             f"{verdict(worst_cached <= CACHED_US_PER_NODE)} (worst {worst_cached:.2f}); "
-            f"10,000 nodes validated < {VALIDATE_10K_SECONDS:g} s: "
-            f"{verdict(worst_validate < VALIDATE_10K_SECONDS)} (worst {worst_validate:.3f} s)")
+            f"10,000 nodes validated ≤ {VALIDATE_10K_SECONDS:g} s: "
+            f"{verdict(worst_validate <= VALIDATE_10K_SECONDS)} (worst {worst_validate:.3f} s)")
 
 
 def main() -> int:

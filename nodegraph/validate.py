@@ -10,14 +10,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
-
-import networkx as nx
 
 from nodegraph.cache import canonical_json
 from nodegraph.modes import lower_modes
 from nodegraph.registry import Registry
-from nodegraph.schema import REQUIRED, Input, Node, Upstream, check_literal, describe, link_compatible
+from nodegraph.schema import REQUIRED, Input, Node, Output, Upstream, check_literal, describe, link_compatible
 from nodegraph.workflow import FORMAT, is_link
 
 MAX_SHOWN = 100  # problems reported per workflow; a 10,000-node mess need not print 10,000 lines
@@ -48,18 +47,34 @@ class Step:
     cls: type[Node]
     literals: dict[str, Any]
     links: dict[str, tuple[str, str]]
-    literals_json: str = ""  # canonical, computed once here for the cache keys
+
+    @cached_property
+    def literals_json(self) -> str:
+        """The literals' canonical JSON, for the cache keys: made once, when the executor first keys the step
+        (a job's graph is validated again when it runs, so the check at queueing time skips it)."""
+        return canonical_json(self.literals)
 
 
 @dataclass
 class Graph:
     steps: dict[str, Step]
-    dag: Any = field(repr=False)  # networkx.DiGraph, edges from producer to consumer
     outputs: list[str] = field(default_factory=list)
     order: list[str] = field(default_factory=list)  # a dependency order of every step
     plan: list[str] | None = None  # what the outputs need, in order; the executor fills it once
     keying: Any = None  # the executor's per-step cache-key parts, filled once (nodegraph/executor.py)
     workflow: dict[str, Any] = field(default_factory=dict, repr=False)  # as written, for SaveImage
+
+    @cached_property
+    def dag(self) -> Any:
+        """The steps as a networkx.DiGraph, edges from producer to consumer, built on first use."""
+        import networkx as nx  # only here: validation itself walks plain dicts (see `_order`)
+
+        dag = nx.DiGraph()
+        dag.add_nodes_from(self.steps)
+        dag.add_edges_from((src, step.id) for step in self.steps.values() for src, _ in step.links.values()
+                           if src in self.steps)
+        return dag
+
 
 def validate(workflow: Any, registry: Registry, settings: Any = None,
              models: Any = None) -> tuple[Graph | None, list[Problem]]:
@@ -77,12 +92,8 @@ def validate(workflow: Any, registry: Registry, settings: Any = None,
         step = _check_node(node_id, entry, nodes, registry, settings, models, choices, problems)
         if step is not None:
             steps[node_id] = step
-    dag = nx.DiGraph()
-    dag.add_nodes_from(steps)
-    dag.add_edges_from((src, step.id) for step in steps.values() for src, _ in step.links.values()
-                       if src in steps)
-    for cycle in sorted(sorted(c) for c in nx.strongly_connected_components(dag)
-                        if len(c) > 1 or dag.has_edge(next(iter(c)), next(iter(c)))):
+    order, consumers = _order(steps)
+    for cycle in _cycles(steps, order, consumers):
         problems.append(Problem(cycle[0], None, "cycle", "these nodes form a cycle: " + " → ".join(cycle)))
     outputs = [node_id for node_id, step in steps.items() if step.cls.output_node]
     if not outputs and not _declares_output(nodes, registry) and not any(
@@ -91,7 +102,45 @@ def validate(workflow: Any, registry: Registry, settings: Any = None,
                                 "the workflow has no output node (Show, SaveImage, …), so nothing would run"))
     if problems:
         return None, [_why_missing(p, lowered.dropped) for p in problems[:MAX_SHOWN]]
-    return Graph(steps, dag, outputs, order=list(nx.topological_sort(dag)), workflow=workflow), []
+    return Graph(steps, outputs, order=order, workflow=workflow), []
+
+
+def _order(steps: dict[str, Step]) -> tuple[list[str], dict[str, dict[str, None]]]:
+    """A dependency order of the steps (those on or after a cycle left out), and each step's consumers.
+
+    The order is networkx's `topological_sort` of the same graph, generation by generation: the steps
+    nothing feeds in the workflow's order, then those they complete in the order their links were written.
+    """
+    consumers: dict[str, dict[str, None]] = {node_id: {} for node_id in steps}
+    waiting: dict[str, int] = {}  # step -> its distinct producers not yet ordered
+    for node_id, step in steps.items():
+        for source, _ in step.links.values():
+            if source in consumers and node_id not in consumers[source]:
+                consumers[source][node_id] = None
+                waiting[node_id] = waiting.get(node_id, 0) + 1
+    order = [node_id for node_id in steps if node_id not in waiting]
+    for node_id in order:  # grows as it goes: the generations one after another
+        for consumer in consumers[node_id]:
+            left = waiting[consumer] - 1
+            waiting[consumer] = left
+            if not left:
+                order.append(consumer)
+    return order, consumers
+
+
+def _cycles(steps: dict[str, Step], order: list[str], consumers: dict[str, dict[str, None]]) -> list[list[str]]:
+    """The cycles, each as its sorted node ids, sorted. Only steps `_order` could not place can be on one."""
+    if len(order) == len(steps):
+        return []
+    import networkx as nx  # a workflow with a cycle is rare: its strongly connected parts come from networkx
+
+    placed = set(order)
+    rest = nx.DiGraph()
+    rest.add_nodes_from(node_id for node_id in steps if node_id not in placed)
+    rest.add_edges_from((source, consumer) for source in rest for consumer in consumers[source]
+                        if consumer not in placed)
+    return sorted(sorted(c) for c in nx.strongly_connected_components(rest)
+                  if len(c) > 1 or rest.has_edge(next(iter(c)), next(iter(c))))
 
 
 def _why_missing(problem: Problem, dropped: dict[tuple[str, str], str]) -> Problem:
@@ -128,69 +177,72 @@ def _check_shape(workflow: Any, problems: list[Problem]) -> dict[str, Any] | Non
 
 def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Registry, settings: Any,
                 models: Any, choices: dict[int, list[str]], problems: list[Problem]) -> Step | None:
-    def fail(input_name: str | None, code: str, message: str) -> None:
-        problems.append(Problem(node_id, input_name, code, message))
-
     if not node_id:
-        fail(None, "invalid_node", "a node id must be a non-empty string")
+        _fail(problems, node_id, None, "invalid_node", "a node id must be a non-empty string")
         return None
     if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
-        fail(None, "invalid_node", "a node is an object with a string 'type'")
+        _fail(problems, node_id, None, "invalid_node", "a node is an object with a string 'type'")
         return None
     cls = registry.get(entry["type"])
     if cls is None:
-        fail(None, "unknown_node_type", f"unknown node type {describe(entry['type'])}"
-             + _suggest(entry["type"], registry.nodes))
+        _fail(problems, node_id, None, "unknown_node_type", f"unknown node type {describe(entry['type'])}"
+              + _suggest(entry["type"], registry.nodes))
         return None
     given = entry.get("inputs", {})
     if not isinstance(given, dict):
-        fail(None, "invalid_node", f"'inputs' must be an object, got {describe(given)}")
+        _fail(problems, node_id, None, "invalid_node", f"'inputs' must be an object, got {describe(given)}")
         return None
-    specs = _specs(cls)
+    shape = _shape(cls)
+    specs = shape.specs
     before = len(problems)
     for name in given:
         if name not in specs:
-            fail(name, "unknown_input", f"{cls.type} has no input {describe(name)}" + _suggest(name, specs))
+            _fail(problems, node_id, name, "unknown_input",
+                  f"{cls.type} has no input {describe(name)}" + _suggest(name, specs))
     literals: dict[str, Any] = {}
     links: dict[str, tuple[str, str]] = {}
-    for name, spec in specs.items():
+    for name, spec, required, accepts in shape.fields:
         if name not in given:
-            if spec.required:
-                fail(name, "missing_input", f"{cls.type} needs {name!r} ({spec.type})")
+            if required:
+                _fail(problems, node_id, name, "missing_input", f"{cls.type} needs {name!r} ({spec.type})")
             elif spec.default is not REQUIRED:
                 literals[name] = spec.default
             continue
         value = given[name]
         if is_link(value):
-            link = _check_link(spec, value, nodes, registry, fail)
+            link = _check_link(spec, accepts, value, nodes, registry, node_id, problems)
             if link is not None:
                 links[name] = link
-        elif spec.accepts == "link":
-            fail(name, "link_required", f"{name!r} must be connected to a {spec.type} output, "
-                 f"not written as {describe(value)}")
+        elif accepts == "link":
+            _fail(problems, node_id, name, "link_required", f"{name!r} must be connected to a {spec.type} output, "
+                  f"not written as {describe(value)}")
         else:
             if spec.type == "COMBO" and id(spec) not in choices:
                 choices[id(spec)] = spec.resolve_choices(settings)
             wrong = check_literal(spec, value, choices.get(id(spec), ()))
             if wrong:
-                fail(name, wrong[0], wrong[1] + _searched(spec, value, choices[id(spec)] if id(spec) in choices
-                                                           else (), settings))
+                _fail(problems, node_id, name, wrong[0], wrong[1] + _searched(
+                    spec, value, choices[id(spec)] if id(spec) in choices else (), settings))
             else:
                 literals[name] = value
     # The node's own checks see the literals that passed, so every problem of a node shows at once.
-    reported = {p.input for p in problems[before:]}
-    for input_name, message in cls.check(literals, settings):
-        if input_name is None or input_name not in reported:
-            fail(input_name, "invalid_value", message)
-    reported = {p.input for p in problems[before:]}
-    for input_name, code, message in cls.check_upstream(literals, _upstream(given, nodes), settings):
-        if input_name is None or input_name not in reported:
-            fail(input_name, code, message)
-    reported = {p.input for p in problems[before:]}
-    for input_name, message in cls.check_resources(literals, models) if models is not None else ():
-        if input_name is None or input_name not in reported:
-            fail(input_name, "too_large", message)
-    return Step(node_id, cls, literals, links, canonical_json(literals)) if len(problems) == before else None
+    # (Those a class does not override return nothing: they are not called.)
+    if shape.checks:
+        reported = {p.input for p in problems[before:]}
+        for input_name, message in cls.check(literals, settings):
+            if input_name is None or input_name not in reported:
+                _fail(problems, node_id, input_name, "invalid_value", message)
+    if shape.checks_upstream:
+        reported = {p.input for p in problems[before:]}
+        for input_name, code, message in cls.check_upstream(literals, _upstream(given, nodes), settings):
+            if input_name is None or input_name not in reported:
+                _fail(problems, node_id, input_name, code, message)
+    if shape.checks_resources and models is not None:
+        reported = {p.input for p in problems[before:]}
+        for input_name, message in cls.check_resources(literals, models):
+            if input_name is None or input_name not in reported:
+                _fail(problems, node_id, input_name, "too_large", message)
+    return Step(node_id, cls, literals, links) if len(problems) == before else None
 
 
 def _upstream(given: dict[str, Any], nodes: dict[str, Any], depth: int = 0) -> Callable[[str], Upstream | None]:
@@ -208,30 +260,56 @@ def _upstream(given: dict[str, Any], nodes: dict[str, Any], depth: int = 0) -> C
     return view
 
 
-_SPECS: dict[type[Node], dict[str, Input]] = {}
+@dataclass(frozen=True)
+class _Shape:
+    """What validation reads of a node class, worked out once per class."""
+
+    specs: dict[str, Input]  # inputs by name
+    fields: tuple[tuple[str, Input, bool, str], ...]  # (name, spec, required, accepts) per input, in order
+    outputs: dict[str, Output]  # by name (the first of a name)
+    checks: bool  # whether the class has its own `check`, `check_upstream`, `check_resources`
+    checks_upstream: bool
+    checks_resources: bool
 
 
-def _specs(cls: type[Node]) -> dict[str, Input]:
-    """A node class's inputs by name, built once per class."""
-    specs = _SPECS.get(cls)
-    if specs is None:
-        specs = _SPECS[cls] = {spec.name: spec for spec in cls.inputs}
-    return specs
+_SHAPES: dict[type[Node], _Shape] = {}
 
 
-def _check_link(spec: Input, value: list[Any], nodes: dict[str, Any], registry: Registry,
-                fail: Any) -> tuple[str, str] | None:
+def _shape(cls: type[Node]) -> _Shape:
+    shape = _SHAPES.get(cls)
+    if shape is None:
+        specs = {spec.name: spec for spec in cls.inputs}
+        outputs: dict[str, Output] = {}
+        for output in cls.outputs:
+            outputs.setdefault(output.name, output)
+        shape = _SHAPES[cls] = _Shape(
+            specs, tuple((name, spec, spec.required, spec.accepts) for name, spec in specs.items()), outputs,
+            *(_overrides(cls, method) for method in ("check", "check_upstream", "check_resources")))
+    return shape
+
+
+def _overrides(cls: type[Node], method: str) -> bool:
+    return getattr(getattr(cls, method), "__func__", None) is not getattr(Node, method).__func__
+
+
+def _fail(problems: list[Problem], node_id: str, input_name: str | None, code: str, message: str) -> None:
+    problems.append(Problem(node_id, input_name, code, message))
+
+
+def _check_link(spec: Input, accepts: str, value: list[Any], nodes: dict[str, Any], registry: Registry,
+                node_id: str, problems: list[Problem]) -> tuple[str, str] | None:
     source_id, output = value
     name = spec.name
-    if spec.accepts == "literal":
-        fail(name, "literal_required", f"{name!r} must be written as a value, not connected")
+    if accepts == "literal":
+        _fail(problems, node_id, name, "literal_required", f"{name!r} must be written as a value, not connected")
         return None
     if not isinstance(source_id, str) or isinstance(output, bool) or not isinstance(output, (str, int)):
-        fail(name, "bad_link", "a link is [node_id, output] with a string node id and an output name or index")
+        _fail(problems, node_id, name, "bad_link",
+              "a link is [node_id, output] with a string node id and an output name or index")
         return None
     source = nodes.get(source_id)
     if source is None:
-        fail(name, "missing_node", f"linked to node {describe(source_id)}, which does not exist")
+        _fail(problems, node_id, name, "missing_node", f"linked to node {describe(source_id)}, which does not exist")
         return None
     source_cls = registry.get(source.get("type")) if isinstance(source, dict) else None
     if source_cls is None:
@@ -240,15 +318,15 @@ def _check_link(spec: Input, value: list[Any], nodes: dict[str, Any], registry: 
     if isinstance(output, int):
         found = outputs[output] if 0 <= output < len(outputs) else None
     else:
-        found = next((o for o in outputs if o.name == output), None)
+        found = _shape(source_cls).outputs.get(output)
     if found is None:
         names = ", ".join(f"{i}: {o.name}" for i, o in enumerate(outputs)) or "none"
-        fail(name, "missing_output", f"node {source_id} ({source_cls.type}) has no output "
-             f"{describe(output)}; its outputs are {names}")
+        _fail(problems, node_id, name, "missing_output", f"node {source_id} ({source_cls.type}) has no output "
+              f"{describe(output)}; its outputs are {names}")
         return None
     if not link_compatible(found.type, spec.type):
-        fail(name, "type_mismatch", f"{name!r} takes {spec.type}, but node {source_id} output "
-             f"{found.name!r} is {found.type}")
+        _fail(problems, node_id, name, "type_mismatch", f"{name!r} takes {spec.type}, but node {source_id} output "
+              f"{found.name!r} is {found.type}")
         return None
     return source_id, found.name
 

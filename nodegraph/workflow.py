@@ -65,17 +65,19 @@ def check_values(value: Any) -> None:
     """
     _check_scalar(value, ())
     stack: list[tuple[Any, tuple[Any, ...]]] = [(value, ())] if isinstance(value, (dict, list)) else []
+    push, isfinite = stack.append, math.isfinite
     while stack:
         item, path = stack.pop()
         if len(path) >= MAX_DEPTH:
             raise WorkflowError(f"nested deeper than {MAX_DEPTH} levels at {where(path)}", "too_deep")
-        for key, child in item.items() if type(item) is dict else enumerate(item):
+        is_dict = type(item) is dict
+        for key, child in item.items() if is_dict else enumerate(item):
             kind = type(child)
             if kind is dict or kind is list:
-                stack.append((child, (*path, key)))
-            elif kind is float or kind is str:
-                _check_scalar(child, (*path, key))
-            if type(key) is str and not key.isascii():
+                push((child, (*path, key)))
+            elif (kind is float and not isfinite(child)) or (kind is str and not child.isascii()):
+                _check_scalar(child, (*path, key))  # only then: most values need no path built
+            if is_dict and type(key) is str and not key.isascii():
                 _check_scalar(key, (*path, key))
 
 
