@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nodes.engine import checkpoints, clip_tokenizers
+from nodes.engine import clip_tokenizers
 from nodes.engine.checkpoints import (
     CheckpointError,
     CheckpointNotFoundError,
