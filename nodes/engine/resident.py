@@ -62,6 +62,9 @@ class Resident:
     offload_dir: str | None = None  # where "disk" offloading keeps the weights, once applied
     text_encoder_device: str | None = None  # the text encoders' own device (`--text-encoder-device`), if set
     ip_adapter: Any = None  # the recipe.IPAdapter loaded into the UNet (engine/ip_adapter.py), or None
+    # The last `memory()` / `component_memory()` and the state they were measured in (`_state`): the manager asks
+    # after every use, and a measure walks every module (≈5 ms on the tiny model), so it is redone only on change.
+    _measured: dict[str, tuple[Any, Any]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def fresh(cls, pipe: Any, checkpoint: ModelRecipe, **kwargs: Any) -> Resident:
@@ -75,8 +78,25 @@ class Resident:
         """The MODEL recipe the denoiser realizes."""
         return self.parts["unet"].applied
 
+    def _state(self) -> tuple[Any, ...]:
+        """What the bytes per device follow: the recipes realized (LoRAs, fuses, compile), the adapters and
+        snapshots held, and where everything lives."""
+        return (tuple((name, part.applied) for name, part in self.parts.items()), self.ip_adapter, self.hotswap_rank,
+                self.compiled, self.device, self.text_encoder_device, self.offload, self.offload_dir,
+                sum(len(layers) for layers in self.snapshot.values()))
+
+    def _remembered(self, what: str, measure: Any) -> Any:
+        state = self._state()
+        hit = self._measured.get(what)
+        if hit is None or hit[0] != state:
+            hit = self._measured[what] = (state, measure())
+        return hit[1]
+
     def memory(self) -> dict[str, int]:
         """Bytes of tensors per device: the pipeline's modules (shared storage counted once) and snapshots."""
+        return dict(self._remembered("memory", self._memory))
+
+    def _memory(self) -> dict[str, int]:
         seen: set[tuple[str, int]] = set()
         totals: dict[str, int] = {}
         tensors = [t for layers in self.snapshot.values() for pair in layers.values() for t in pair if t is not None]
@@ -96,6 +116,9 @@ class Resident:
 
     def component_memory(self) -> list[dict[str, Any]]:
         """Per component (unet or transformer, text encoders, vae): its dtype and bytes of tensors per device."""
+        return list(self._remembered("components", self._component_memory))
+
+    def _component_memory(self) -> list[dict[str, Any]]:
         listed = []
         for name, module in self.pipe.components.items():
             if isinstance(module, torch.nn.Module):

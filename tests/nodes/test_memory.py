@@ -199,3 +199,23 @@ def test_cuda_model_over_budget_runs_with_cpu_offload(registry: Registry, demo_d
     [entry] = ex.models.resident()
     assert entry.offloaded and entry.value.offload in ("model", "group")
 
+
+
+def test_a_resident_is_measured_again_only_when_it_changed(registry: Registry, demo_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodes.engine.resident import Resident
+
+    walks: list[int] = []
+    measure = Resident._memory
+    monkeypatch.setattr(Resident, "_memory", lambda self: walks.append(1) or measure(self))
+    ex = executor(registry, demo_dir, tmp_path)
+    run(ex, SD15, loras=(STYLE,))
+    first = len(walks)
+    ex.cache.clear()
+    run(ex, SD15, loras=(STYLE,))  # the same recipe again: every use finds the resident as it was measured
+    assert len(walks) == first
+    ex.cache.clear()
+    run(ex, SD15, loras=({**STYLE, "strength": 0.3},))  # a new recipe: measured again, and right
+    assert len(walks) > first
+    [entry] = ex.models.resident()
+    assert entry.memory == measure(entry.value)
