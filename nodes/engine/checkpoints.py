@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,14 +357,19 @@ def single_file_config_dir(
         )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = hashlib.sha256(f"{_DERIVE_VERSION}:{header.digest}".encode()).hexdigest()[:24]
-    target = root / f"{family}-{key}"
+    return build_once(root / f"{family}-{key}",
+                      lambda staging: write_pipeline_configs(staging, derive_configs(path, header, family)))
+
+
+def build_once(target: Path, write: Callable[[Path], None]) -> Path:
+    """`target`, a diffusers folder `write` fills, unless it is already there. Built beside the target and
+    renamed, so a concurrent or interrupted build never leaves half a folder."""
     if (target / "model_index.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename, so a concurrent or interrupted build never leaves half a folder.
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        write_pipeline_configs(staging, derive_configs(path, header, family))
+        write(staging)
         try:
             staging.rename(target)
         except OSError:

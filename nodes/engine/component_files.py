@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from nodes.engine.checkpoints import (
     _clip_config,
     _indices,
     _shape,
+    build_once,
     default_cache_dir,
     read_header,
 )
@@ -68,21 +68,7 @@ def _build(name: str, sources: list[Path], write: Callable[[Path], None]) -> Pat
     """The cached folder for these source files (rebuilt when any changes), built beside it and renamed."""
     root = default_cache_dir().parent / "component-folders"
     stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources)
-    target = root / f"{name}-{hashlib.sha256(f'{_VERSION}:{stamp}'.encode()).hexdigest()[:24]}"
-    if (target / "model_index.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
-    try:
-        write(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(root / f"{name}-{hashlib.sha256(f'{_VERSION}:{stamp}'.encode()).hexdigest()[:24]}", write)
 
 
 def _index(class_name: str, **components: list[str | None]) -> dict[str, Any]:
