@@ -40,7 +40,7 @@ from executor import chain, require, wide  # bench/executor.py: the same generat
 
 from nodegraph.executor import Executor
 from nodegraph.registry import Registry, load_registry
-from nodegraph.server.app import create_app
+from nodegraph.server.app import create_app, settle
 from nodegraph.server.state import ServerConfig
 from nodegraph.settings import Settings
 from nodegraph.validate import validate
@@ -97,6 +97,7 @@ async def server_phases(root: Path, runs: int) -> dict[str, float]:
                                                                 workflows_dir=root / "workflows"))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    settle()  # as `nodegraph serve` does once set up
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     base = f"http://127.0.0.1:{runner.addresses[0][1]}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ def parse(data: bytes | str) -> Any:
     Python's json reads more than JSON allows: NaN, Infinity, 1e400 (infinite), lone surrogates
     ("\\ud800", which no file or database can store). `check_values` refuses those.
     """
+    raw = data
     if isinstance(data, bytes):
         if len(data) > MAX_BYTES:
             raise WorkflowError(f"the file is {len(data)} bytes; the limit is {MAX_BYTES}")
@@ -47,15 +49,62 @@ def parse(data: bytes | str) -> Any:
         except UnicodeDecodeError as exc:
             raise WorkflowError(f"not UTF-8 text (byte {exc.start})") from None
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_refuse_constant)
+        if not _plain(raw):
+            check_values(value)
+    except _NonFinite:
+        check_values(json.loads(data))  # parsed the lenient way, so that the walk says where the constant is
+        raise AssertionError("unreachable: check_values refuses NaN and Infinity") from None
     except json.JSONDecodeError as exc:
         raise WorkflowError(f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except RecursionError:
         raise WorkflowError("malformed JSON: nested too deeply") from None
     except ValueError as exc:  # e.g. an integer with more digits than Python will convert
         raise WorkflowError(f"malformed JSON: {exc}") from None
-    check_values(value)
     return value
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+# A table for bytes.translate: digits → "0", e and E → "e", "+" kept, anything else → " ".
+_NUMBERS = bytes(48 if 48 <= c <= 57 else 101 if c in b"eE" else c if c == 43 else 32 for c in range(256))
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
+def _plain(text: bytes | str) -> bool:
+    """True when JSON text cannot hold what `check_values` refuses, found by a few scans of the text in C
+    rather than a walk over every parsed value (10,000 nodes: ≈2 ms instead of ≈25 ms).
+
+    False means "look closer" (the walk decides), never "refused": an escaped quote or surrogate, a
+    bracket inside a string or a long run of digits only sends the text the slow way. NaN and Infinity
+    are refused by the parser's constant hook, not here.
+    """
+    if isinstance(text, str):
+        try:
+            text = text.encode("utf-8")  # a str may hold a lone surrogate itself: then the walk finds it
+        except UnicodeEncodeError:
+            return False
+    if b'\\"' in text or _ESCAPED_SURROGATE.search(text):
+        return False  # an escaped quote hides where strings end; an escaped surrogate may be a lone one
+    digits = text.translate(_NUMBERS)
+    if b"e00" in digits or b"e+00" in digits or b"0" * 200 in digits:
+        return False  # a float that might overflow to infinity (exponent ≥ 10, or 200 digits)
+    # Quotes and brackets only. Without escaped quotes, a string holding no bracket is two adjacent quotes,
+    # dropped here; a quote left over (a string with a bracket in it) keeps the skeleton from emptying.
+    skeleton = text.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    for _ in range(MAX_DEPTH):  # each pass removes exactly the innermost level of nesting
+        if not skeleton:
+            return True
+        skeleton = _INNERMOST.sub(b"", skeleton)
+    return not skeleton
 
 
 def check_values(value: Any) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nodegraph import workflow as wf
 
@@ -97,3 +100,66 @@ def test_finite_numbers_unicode_and_ordinary_nesting_pass() -> None:
     text = '{"nodes": {"1": {"inputs": {"f": 1e308, "s": "😀 \\ud83d\\ude00 é"}}}, "ui": ' + "[" * 40 + "]" * 40 + "}"
     value = wf.parse(text)
     assert value["nodes"]["1"]["inputs"] == {"f": 1e308, "s": "😀 😀 é"}
+
+
+# The hostile pieces the fast text screen (`wf._plain`) must send to the full walk, written as raw JSON.
+_TOKENS = ["1e400", "-1E+309", "1" + "0" * 320 + ".5", "NaN", "-Infinity", '"\\ud800"', '"\\udc00x"',
+           '"\\ud83d\\ude00"', '"a\\"[b"', '"[{"', '"]]]}}"', '"\\\\"', "1e308", "2.5e-300", "1e+20", '"e00"']
+
+
+def _dump(value: Any, ascii_only: bool) -> str:
+    if isinstance(value, _Raw):
+        return value.text
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k, ensure_ascii=ascii_only)}:{_dump(v, ascii_only)}"
+                              for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_dump(v, ascii_only) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=ascii_only)
+
+
+class _Raw:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _nested(value: Any, depth: int, as_list: bool) -> Any:
+    for _ in range(depth):
+        value = [value] if as_list else {"k": value}
+    return value
+
+
+_text = st.text(st.characters(codec="utf-8"), max_size=8) | st.sampled_from(["[", "]", "{", "}", '"', "\\", "é"])
+_leaves = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+           | _text | st.sampled_from(_TOKENS).map(_Raw))
+_values = st.recursive(_leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+                       max_leaves=20)
+_deep = st.builds(_nested, _values, st.integers(55, 70), st.booleans())
+
+
+def _outcome(check: Any) -> str:
+    try:
+        check()
+    except wf.WorkflowError as exc:
+        return exc.code
+    except json.JSONDecodeError:
+        return "invalid_json"
+    return "ok"
+
+
+@settings(max_examples=400, deadline=None)
+@given(_values | _deep, st.booleans(), st.booleans())
+def test_the_fast_screen_accepts_and_refuses_exactly_what_the_walk_does(value: Any, ascii_only: bool,
+                                                                       as_bytes: bool) -> None:
+    text = _dump(value, ascii_only)
+    expected = _outcome(lambda: wf.check_values(json.loads(text)))
+    assert _outcome(lambda: wf.parse(text.encode("utf-8", "surrogatepass") if as_bytes else text)) == expected
+
+
+def test_brackets_inside_strings_cannot_hide_nesting() -> None:
+    # 72 levels, but strings holding "]]]…" and "[[[…" halfway down make the brackets alone look 37 deep.
+    half = "[" * 35
+    text = '{"ui": ' + half + '"' + "]" * 35 + '", ' + half + "[]" + "]" * 35 + ', "' + "[" * 35 + '"' + "]" * 35 + "}"
+    with pytest.raises(wf.WorkflowError) as err:
+        wf.parse(text)
+    assert err.value.code == "too_deep"

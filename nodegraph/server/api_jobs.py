@@ -2,14 +2,18 @@
 
 Jobs carry their workflows, which can be megabytes: answers are read from the store and built off
 the event loop, with each workflow's stored text spliced in (`Job.to_json_text`), never re-encoded.
+Queueing a large workflow pauses the garbage collector (`collector_paused`): its tens of thousands of
+short-lived objects would otherwise set off collections that walk the whole process inside the request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
@@ -50,8 +54,45 @@ def _client_id(body: dict[str, Any]) -> str | None:
     return client_id
 
 
+_pauses = 0  # requests in `collector_paused` now (all on the event loop's thread)
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """No automatic garbage collection while a request parses, validates, stores and answers.
+
+    Nothing is lost: objects freed by reference counting are freed at once, and the collections put off
+    run at the next allocation after the last paused request ends, by then over the few objects still
+    alive (the queued workflow) rather than the request's parse and validation garbage.
+    """
+    global _pauses
+    if _pauses == 0 and not gc.isenabled():
+        yield  # paused by someone else (a test, an embedding application): theirs to resume
+        return
+    _pauses += 1
+    gc.disable()
+    try:
+        yield
+    finally:
+        # Resumed on the loop's next turn: after aiohttp has written this answer, so the put-off collection
+        # does not delay it.
+        asyncio.get_running_loop().call_soon(_resume)
+
+
+def _resume() -> None:
+    global _pauses
+    _pauses -= 1
+    if _pauses == 0:
+        gc.enable()
+
+
 @routes.post("/api/jobs")
 async def queue_job(request: web.Request) -> web.Response:
+    with collector_paused():
+        return await _queue_job(request)
+
+
+async def _queue_job(request: web.Request) -> web.Response:
     body = await json_object(request)
     client_id = _client_id(body)
     if "from_history" in body:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import threading
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from nodegraph.server import api_jobs
 from nodegraph.store import Job
+from nodegraph.validate import validate
 from tests.server.conftest import WAIT, Client, connect, finished, queue, show, slow, state, wf
 
 MATH = json.loads((Path(__file__).parents[2] / "workflows" / "math.json").read_text())
@@ -202,3 +205,27 @@ async def test_the_server_logs_each_job_queued_started_and_finished(client: Clie
         assert [line.split()[2] for line in mine] == ["queued", "started", "finished:"], mine
         assert mine[2].startswith(f"job {job_id} finished: {status} in ") and mine[2].endswith(" s")
     assert f"job {ok} queued (position 0, client me)" in lines
+
+
+async def test_queueing_pauses_the_collector_and_resumes_it_after_the_answer(client: Client,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+
+    def validating(*args: object) -> object:
+        seen.append(gc.isenabled())
+        return validate(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(api_jobs, "validate", validating)
+    assert gc.isenabled()
+    await finished(client, await queue(client, MATH))
+    bad = await client.post("/api/jobs", json={"workflow": wf({"1": {"type": "Nope"}})})
+    assert bad.status == 400
+    await asyncio.sleep(0)
+    assert seen == [False, False] and gc.isenabled()  # paused in both; resumed after the refusal too
+    gc.disable()  # paused by someone else: theirs to resume
+    try:
+        await finished(client, await queue(client, MATH))
+        await asyncio.sleep(0)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
