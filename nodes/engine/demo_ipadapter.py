@@ -5,8 +5,8 @@
     ipadapter/tiny-sd15-ipadapter.safetensors     diffusers' single-file IP-Adapter layout: image_proj.proj/norm
                                                   (4 tokens) and ip_adapter.N.to_k_ip / to_v_ip per cross-attention
 
-`write_adapter` makes one for any SD1.x/SDXL UNet, also an IP-Adapter Plus (the tests write tiny-sdxl's and the
-Plus ones: bundled, they would take the demo set over its size limit).
+`write_adapter` makes one for any SD1.x/SDXL UNet, also Plus and Full ones (the tests write tiny-sdxl's and the
+Plus/Full ones: bundled, they would take the demo set over its size limit).
 
 Random weights, scaled so that the image visibly changes the result; a few hundred KiB together.
 """
@@ -53,16 +53,23 @@ def write_demo_ipadapter(folder: Path, seed: int, unets: dict[str, Any]) -> None
         write_adapter(folder / "ipadapter" / f"tiny-{family}-ipadapter.safetensors", seed, family, unets[family])
 
 
-def write_adapter(path: Path, seed: int, family: str, unet: Any, plus: bool = False) -> None:
-    """A random IP-Adapter for `unet` in diffusers' layout: for the demo encoder's 32-wide image embeddings, or
-    (`plus`) an IP-Adapter Plus whose Resampler takes its 32-wide hidden states."""
+def write_adapter(path: Path, seed: int, family: str, unet: Any, projection: str = "ip") -> None:
+    """A random IP-Adapter for `unet` in diffusers' layout: `projection` "ip" for the demo encoder's 32-wide image
+    embeddings, "plus" (a Resampler) or "full" (an MLP per token) for its 32-wide hidden states."""
     import torch
     from safetensors.torch import save_file
 
-    generator = _generator(seed, f"ipadapter/{family}" + ("/plus" if plus else ""))
+    generator = _generator(seed, f"ipadapter/{family}" + ("" if projection == "ip" else f"/{projection}"))
     cross, width = unet.config.cross_attention_dim, CLIP_VISION_CONFIG["projection_dim"]
-    if plus:
-        tensors = _resampler(generator, CLIP_VISION_CONFIG["hidden_size"], cross)
+    hidden = CLIP_VISION_CONFIG["hidden_size"]
+    if projection == "plus":
+        tensors = _resampler(generator, hidden, cross)
+    elif projection == "full":
+        tensors = {"image_proj.proj.0.weight": torch.randn(hidden, hidden, generator=generator) / hidden ** 0.5,
+                   "image_proj.proj.0.bias": torch.zeros(hidden),
+                   "image_proj.proj.2.weight": torch.randn(cross, hidden, generator=generator) / hidden ** 0.5,
+                   "image_proj.proj.2.bias": torch.zeros(cross),
+                   "image_proj.proj.3.weight": torch.ones(cross), "image_proj.proj.3.bias": torch.zeros(cross)}
     else:
         tensors = {
             "image_proj.proj.weight": torch.randn(cross * TOKENS, width, generator=generator) / width ** 0.5,

@@ -23,7 +23,7 @@ from nodes.engine.checkpoints import load_pipeline
 from tests.nodes.test_ipadapter import ADAPTER, graph, latent, reference
 
 ROOT = Path(__file__).parents[2]
-PLUS = "tiny-sd15-plus.safetensors"
+PLUS, FULL = "tiny-sd15-plus.safetensors", "tiny-sd15-full.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +40,13 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def models(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models folder with an IP-Adapter Plus for tiny-sd15, and a FaceID-shaped and a mis-sized Plus file."""
+    """A models folder with an IP-Adapter Plus and Full for tiny-sd15, and a FaceID-shaped and a mis-sized Plus."""
     from nodes.engine.demo_ipadapter import write_adapter
 
     root = tmp_path_factory.mktemp("plus-models")
     unet = load_pipeline(demo_dir / "checkpoints" / "tiny-sd15").unet
-    write_adapter(root / "ipadapter" / PLUS, 0, "sd15", unet, plus=True)
+    write_adapter(root / "ipadapter" / PLUS, 0, "sd15", unet, "plus")
+    write_adapter(root / "ipadapter" / FULL, 0, "sd15", unet, "full")
     state = load_file(root / "ipadapter" / PLUS)
     state["image_proj.proj_in.weight"] = torch.zeros(64, 48)  # for a 48-wide encoder
     save_file(state, root / "ipadapter" / "wide-plus.safetensors")
@@ -73,12 +74,14 @@ def batched(wf: dict[str, Any]) -> dict[str, Any]:
     return wf
 
 
-def test_ipadapter_plus_samples_as_diffusers(shared: Executor, demo_dir: Path, models: Path, inputs: Path) -> None:
-    want = reference(demo_dir, inputs, 0.8, adapters=models / "ipadapter", adapter=PLUS)
-    torch.testing.assert_close(latent(shared, 0.8, adapter=PLUS), want, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("adapter", [PLUS, FULL])
+def test_ipadapter_plus_and_full_sample_as_diffusers(shared: Executor, demo_dir: Path, models: Path, inputs: Path,
+                                                     adapter: str) -> None:
+    want = reference(demo_dir, inputs, 0.8, adapters=models / "ipadapter", adapter=adapter)
+    torch.testing.assert_close(latent(shared, 0.8, adapter=adapter), want, atol=1e-5, rtol=1e-5)
     assert (want - reference(demo_dir, inputs, None)).abs().mean() > 0.05  # the image prompt counts
     # The recipe carries the penultimate hidden states (images, tokens, width) and a blank image's, not zeros.
-    result = shared.run(graph(0.8, adapter=PLUS))
+    result = shared.run(graph(0.8, adapter=adapter))
     use = result.nodes["apply"].outputs["MODEL"].ip_adapter
     assert use.shape == (1, 17, 32) and use.negative and use.negative != bytes(len(use.negative))
 
