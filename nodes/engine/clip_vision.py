@@ -9,9 +9,10 @@ budgets and can be evicted like any other model.
 Files: one `.safetensors` holding transformers' CLIPVisionModelWithProjection weights (`vision_model.…` and
 `visual_projection.weight`), as ComfyUI's `models/clip_vision/` files are, also under a prefix
 (`clip_vision.vision_model.…`; keys outside the prefix, such as a whole CLIP model's `text_model.…`, are
-ignored). The config comes from, in order: the metadata (`clip_vision_config`, JSON), a transformers
-`config.json` beside the file, or the tensor shapes (`derive_config`). OpenCLIP's own layout
-(`visual.transformer.resblocks.…`) is refused with a message saying so.
+ignored), or in OpenCLIP's own layout (`visual.conv1.weight`, `visual.transformer.resblocks.N.attn.in_proj_…`,
+`visual.proj`: renamed, the fused attention projection split in three, `proj` transposed). The config comes
+from, in order: the metadata (`clip_vision_config`, JSON), a transformers `config.json` beside the file, or
+the tensor shapes (`derive_config`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CONFIG_KEY = "clip_vision_config"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the OpenAI CLIP normalization CLIPImageProcessor uses
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PATCH = "vision_model.embeddings.patch_embedding.weight"  # the key whose position tells the prefix
+OPENCLIP = "transformer.resblocks.0.attn.in_proj_weight"  # OpenCLIP's layout (with `conv1.weight` beside it)
 # Attention heads are the one size no tensor shape records: the released CLIP vision encoders' widths
 # (ViT-B 768, ViT-L 1024, ViT-H 1280, ViT-bigG 1664) and their head counts; other widths get 64-wide heads.
 HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16}
@@ -48,8 +50,9 @@ class VisionRef:
 
     path: str
     fingerprint: str
-    prefix: str  # what precedes `vision_model.` in the file's keys
+    prefix: str  # what precedes the vision tower's keys in the file (`vision_model.…`, or OpenCLIP's `conv1.…`)
     config_json: str  # the CLIPVisionConfig, canonical JSON
+    layout: str = "transformers"  # or "openclip": OpenCLIP's own key names (`key_names`)
 
     @property
     def name(self) -> str:
@@ -77,21 +80,63 @@ def read_vision_file(path: Path, fingerprint: str) -> VisionRef:
         raise ClipVisionError(f"{path.name}: {exc.reason}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
         raise ClipVisionError(f"{path.name}: {exc}") from None
-    prefix = next((k.removesuffix(PATCH) for k in header.shapes if k.endswith(PATCH)), None)
-    if prefix is None:
-        if any(re.match(r"(.*\.)?transformer\.resblocks\.0\.attn\.in_proj_weight$", k) for k in header.shapes):
-            raise ClipVisionError(f"{path.name}: a CLIP vision model in OpenCLIP's layout (visual.transformer."
-                                  "resblocks…); only transformers' layout (vision_model.…) loads")
-        raise ClipVisionError(f"{path.name}: not a CLIP vision model (no {PATCH})")
-    shapes = {k.removeprefix(prefix): v for k, v in header.shapes.items() if k.startswith(prefix)}
+    prefix, layout = _layout(path.name, header.shapes)
+    layers = len({m.group(1) for k in header.shapes
+                  if (m := re.match(re.escape(prefix) + r"(?:vision_model\.encoder\.layers|transformer\.resblocks)\."
+                                    r"(\d+)\.", k))})
+    names = key_names(prefix, layout, layers, header.shapes)
+    shapes = {ours: _shape(header.shapes[theirs], how) for ours, (theirs, how) in names.items()
+              if theirs in header.shapes}
     config = derive_config(path.name, shapes) if config is None else config
     expected = expected_shapes(path.name, config)
     for key, shape in expected.items():
         if shapes.get(key) != shape:
             got = "missing" if key not in shapes else "×".join(map(str, shapes[key]))
-            raise ClipVisionError(f"{path.name}: {prefix}{key} is {got}; its config needs "
+            raise ClipVisionError(f"{path.name}: {names.get(key, (prefix + key,))[0]} is {got}; its config needs "
                                   f"{'×'.join(map(str, shape))} (not a CLIPVisionModelWithProjection's weights?)")
-    return VisionRef(str(path), fingerprint, prefix, json.dumps(config, sort_keys=True))
+    return VisionRef(str(path), fingerprint, prefix, json.dumps(config, sort_keys=True), layout)
+
+
+def _layout(name: str, shapes: dict[str, tuple[int, ...]]) -> tuple[str, str]:
+    """The key prefix and the layout ("transformers" or "openclip") of a file's vision tower."""
+    for key in shapes:
+        if key.endswith(PATCH):
+            return key.removesuffix(PATCH), "transformers"
+        if key.endswith(OPENCLIP) and key.removesuffix(OPENCLIP) + "conv1.weight" in shapes:
+            return key.removesuffix(OPENCLIP), "openclip"
+    raise ClipVisionError(f"{name}: not a CLIP vision model (no {PATCH}, nor OpenCLIP's visual.conv1.weight)")
+
+
+def key_names(prefix: str, layout: str, layers: int, shapes: Any) -> dict[str, tuple[str, str]]:
+    """transformers' key -> (the file's key, how to take its tensor: "" as it is, "T" transposed, "0"/"1"/"2"
+    the first/second/third of a fused query-key-value tensor)."""
+    if layout == "transformers":
+        return {k.removeprefix(prefix): (k, "") for k in shapes if k.startswith(prefix)}
+    v, e = "vision_model.", "vision_model.embeddings."
+    names = {e + "class_embedding": ("class_embedding", ""), PATCH: ("conv1.weight", ""),
+             e + "position_embedding.weight": ("positional_embedding", ""), "visual_projection.weight": ("proj", "T")}
+    renames = [(f"{v}pre_layrnorm", "ln_pre"), (f"{v}post_layernorm", "ln_post")]
+    for i in range(layers):
+        ours, theirs = f"{v}encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        renames += [(ours + a, theirs + b) for a, b in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                    ("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))]
+        for part in ("weight", "bias"):
+            names.update({f"{ours}self_attn.{q}_proj.{part}": (f"{theirs}attn.in_proj_{part}", str(n))
+                          for n, q in enumerate("qkv")})
+    names.update({f"{a}.{part}": (f"{b}.{part}", "") for a, b in renames for part in ("weight", "bias")})
+    return {ours: (prefix + theirs, how) for ours, (theirs, how) in names.items()}
+
+
+def _shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
+    if how == "T":
+        return shape[::-1]
+    return (shape[0] // 3, *shape[1:]) if how else shape
+
+
+def _tensor(tensor: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "T":
+        return tensor.T.contiguous()
+    return tensor.chunk(3)[int(how)] if how else tensor
 
 
 def _stated_config(path: Path, metadata: dict[str, str]) -> dict[str, Any] | None:
@@ -159,9 +204,10 @@ def load_model(ref: VisionRef, dtype: torch.dtype, device: str) -> Any:
     from safetensors import safe_open
 
     model = _empty_model(ref.config)
-    wanted = model.state_dict().keys()
     with safe_open(ref.path, framework="pt", device="cpu") as f:
-        state = {key: f.get_tensor(ref.prefix + key).to(device, dtype) for key in wanted}
+        names = key_names(ref.prefix, ref.layout, ref.config["num_hidden_layers"], f.keys())
+        state = {key: _tensor(f.get_tensor(names[key][0]), names[key][1]).to(device, dtype)
+                 for key in model.state_dict()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()
 

@@ -1,5 +1,5 @@
-"""CLIP vision files as ComfyUI users have them (transformers' keys, optionally prefixed, no config: the config
-derived from the shapes), unknown layouts named, and the encoder as a model-manager resident."""
+"""CLIP vision files as ComfyUI users have them (transformers' keys, optionally prefixed, or OpenCLIP's; no
+config: the config derived from the shapes), unknown layouts named, and the encoder as a model-manager resident."""
 
 from __future__ import annotations
 
@@ -77,6 +77,39 @@ def test_a_comfyui_file_loads_with_the_config_from_its_shapes(tmp_path: Path, pr
     torch.testing.assert_close(got.hidden_states[-2], want.hidden_states[-2], atol=1e-6, rtol=0)
 
 
+def openclip_state(model: Any, prefix: str) -> dict[str, torch.Tensor]:
+    """The model's weights under OpenCLIP's names (open_clip's VisionTransformer: a fused in_proj per layer,
+    `proj` as width × output)."""
+    sd, state = model.state_dict(), {}
+    e, layers = "vision_model.embeddings.", model.config.num_hidden_layers
+    state.update(class_embedding=sd[e + "class_embedding"], positional_embedding=sd[e + "position_embedding.weight"])
+    state["conv1.weight"], state["proj"] = sd[e + "patch_embedding.weight"], sd["visual_projection.weight"].T
+    for part in ("weight", "bias"):
+        state[f"ln_pre.{part}"] = sd[f"vision_model.pre_layrnorm.{part}"]
+        state[f"ln_post.{part}"] = sd[f"vision_model.post_layernorm.{part}"]
+        for i in range(layers):
+            ours, theirs = f"vision_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+            state[f"{theirs}attn.in_proj_{part}"] = torch.cat([sd[f"{ours}self_attn.{q}_proj.{part}"] for q in "qkv"])
+            for a, b in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
+                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                state[f"{theirs}{b}.{part}"] = sd[f"{ours}{a}.{part}"]
+    return {prefix + k: v.contiguous() for k, v in state.items()}
+
+
+def test_an_openclip_layout_file_loads_to_the_same_model(tmp_path: Path) -> None:
+    model = tiny_model()
+    text_tower = {"transformer.resblocks.0.attn.in_proj_weight": torch.zeros(24, 8)}  # open_clip's text side
+    save_file({**openclip_state(model, "visual."), **text_tower}, tmp_path / "open_clip_model.safetensors")
+    ref = read_vision_file(tmp_path / "open_clip_model.safetensors", "f")
+    assert (ref.prefix, ref.layout) == ("visual.", "openclip") and all(ref.config[k] == v for k, v in TINY.items())
+    loaded = clip_vision.load_model(ref, torch.float32, "cpu")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        want, got = (m(pixel_values=pixels, output_hidden_states=True) for m in (model, loaded))
+    torch.testing.assert_close(got.image_embeds, want.image_embeds, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.hidden_states[-2], want.hidden_states[-2], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_the_released_layouts_configs_from_their_shapes(name: str) -> None:
     from accelerate import init_empty_weights
@@ -94,7 +127,7 @@ def test_unknown_layouts_are_validation_errors_naming_the_file(registry: Registr
     folder.mkdir()
     save_file({"foo.weight": torch.zeros(2)}, folder / "odd.safetensors")
     save_file({"visual.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(6, 2),
-               "visual.conv1.weight": torch.zeros(2, 3, 8, 8)}, folder / "openclip.safetensors")
+               "visual.conv1.weight": torch.zeros(2, 3, 8, 8)}, folder / "openclip.safetensors")  # a stub
     narrow = CLIPVisionModelWithProjection(CLIPVisionConfig(**{**TINY, "hidden_size": 40, "num_attention_heads": 2}))
     write(folder / "narrow.safetensors", narrow)  # 40 wide: no rule says how many heads
     state = {k: v.contiguous() for k, v in tiny_model().state_dict().items()}
@@ -102,7 +135,8 @@ def test_unknown_layouts_are_validation_errors_naming_the_file(registry: Registr
     save_file(state, folder / "short.safetensors")
     executor = Executor(registry, Settings(models_dirs=(tmp_path, demo_dir), input_dir=picture(tmp_path),
                                            output_dir=tmp_path / "out"))
-    for file, words in [("odd.safetensors", "not a CLIP vision model"), ("openclip.safetensors", "OpenCLIP"),
+    for file, words in [("odd.safetensors", "not a CLIP vision model"),
+                        ("openclip.safetensors", "not a CLIPVisionModelWithProjection's weights"),
                         ("narrow.safetensors", "unknown CLIP vision layout"),
                         ("short.safetensors", "layers.1.mlp.fc2.weight is missing")]:
         wf = graph(1.0)
