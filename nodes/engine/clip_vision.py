@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from nodegraph.context import Context
+from nodegraph.context import Context, NodeFailure
 
 CONFIG_KEY = "clip_vision_config"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the OpenAI CLIP normalization CLIPImageProcessor uses
@@ -247,7 +247,11 @@ def resident_clip_vision(ctx: Context, ref: VisionRef, dtype_name: str) -> Itera
 
     def load(placement: Any) -> ResidentClipVision:
         where = "cpu" if placement.offload else device
-        return ResidentClipVision(load_model(ref, text_encoder_dtype(dtype, where), where), where)
+        try:
+            return ResidentClipVision(load_model(ref, text_encoder_dtype(dtype, where), where), where)
+        except Exception as exc:  # a file changed since CLIPVisionLoader read its header, a damaged file
+            raise NodeFailure(f"{ref.name}: cannot be loaded: {type(exc).__name__}: {str(exc)[:200]}",
+                              "clip_vision", "bad_clip_vision") from None
 
     size = sum(math.prod(s) for s in read_header(ref.path).shapes.values()) * dtype.itemsize
     key = ("clip_vision", ref.path, ref.fingerprint, str(dtype), device)
