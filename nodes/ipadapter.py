@@ -63,8 +63,8 @@ class CLIPVisionLoader(Node):
     type = "CLIPVisionLoader"
     version = "1.1.0"
     category = "loaders"
-    description = ("A CLIP vision image encoder from clip_vision/: a .safetensors of transformers' "
-                   "CLIPVisionModelWithProjection weights as ComfyUI users have them (also under a prefix); its "
+    description = ("A CLIP vision image encoder from clip_vision/: a .safetensors of CLIPVisionModelWithProjection "
+                   "weights as ComfyUI users have them (transformers' keys, also under a prefix, or OpenCLIP's); its "
                    "config from the metadata, a config.json beside it, or the tensor shapes. For IPAdapterApply; "
                    "it loads when used, through the model manager.")
     inputs = (Input("clip_name", "COMBO", choices=_vision),)
