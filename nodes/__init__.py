@@ -11,6 +11,7 @@ from nodes import (  # noqa: E402
     conditioning,
     controlnet,
     embedding,
+    image_batch,
     inpaint,
     ipadapter,
     latent,
@@ -27,4 +28,4 @@ from nodes import (  # noqa: E402
 
 NODES = [*utility.NODES, *loaders.NODES, *lora.NODES, *lora_tools.NODES, *conditioning.NODES, *embedding.NODES,
          *latent.NODES, *controlnet.NODES, *sampling.NODES, *model_sampling.NODES, *load_image.NODES, *upscale.NODES,
-         *inpaint.NODES, *ipadapter.NODES, *output.NODES]
+         *inpaint.NODES, *image_batch.NODES, *ipadapter.NODES, *output.NODES]

@@ -1,16 +1,17 @@
 """IP-Adapter nodes: IPAdapterModelLoader and CLIPVisionLoader (file references) and IPAdapterApply (an image
 prompt on a MODEL), named as ComfyUI and its IPAdapter pack name them.
 
-IPAdapterApply checks the adapter against the model's UNet (from its config, on the meta device), encodes the
-image with the CLIP vision model and returns a MODEL recipe recording the adapter, weight and embeddings; the
-reconciler loads the adapter when a sampler needs the model (nodes/engine/ip_adapter.py).
+IPAdapterApply checks the adapter against the model's UNet (from its config, on the meta device) and against
+the encoder, encodes the image with the CLIP vision model (from the model manager) and returns a MODEL recipe
+recording the adapter, weight and embeddings; the reconciler loads the adapter when a sampler needs the model
+(nodes/engine/ip_adapter.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodegraph.cache import file_fingerprint
 from nodegraph.context import Context, NodeFailure
@@ -19,13 +20,16 @@ from nodegraph.settings import ModelChoices
 from nodes.engine.recipe import IPAdapter, ModelRecipe
 from nodes.loaders import _model_file
 
+if TYPE_CHECKING:
+    from nodes.engine.clip_vision import VisionRef
+
 _adapters = ModelChoices("ipadapter")
 _vision = ModelChoices("clip_vision")
 
 
 @dataclass(frozen=True)
 class FileRef:
-    """An IPADAPTER or CLIP_VISION value: a model file, by path and fingerprint; it loads when used."""
+    """An IPADAPTER value: a model file, by path and fingerprint; it loads when used."""
 
     path: str
     fingerprint: str
@@ -57,10 +61,12 @@ class IPAdapterModelLoader(Node):
 
 class CLIPVisionLoader(Node):
     type = "CLIPVisionLoader"
-    version = "1.0.0"
+    version = "1.1.0"
     category = "loaders"
-    description = ("A CLIP vision image encoder (CLIPVisionModelWithProjection) from clip_vision/: a .safetensors "
-                   "with its config in the metadata or a config.json beside it. For IPAdapterApply.")
+    description = ("A CLIP vision image encoder from clip_vision/: a .safetensors of CLIPVisionModelWithProjection "
+                   "weights as ComfyUI users have them (transformers' keys, also under a prefix, or OpenCLIP's); its "
+                   "config from the metadata, a config.json beside it, or the tensor shapes. For IPAdapterApply; "
+                   "it loads when used, through the model manager.")
     inputs = (Input("clip_name", "COMBO", choices=_vision),)
     outputs = (Output("CLIP_VISION", "CLIP_VISION"),)
 
@@ -69,30 +75,29 @@ class CLIPVisionLoader(Node):
         return [_model_file(settings, "clip_vision", inputs["clip_name"], "clip_name")]
 
     def run(self, ctx: Context, clip_name: str) -> dict[str, Any]:
-        from nodes.engine import ip_adapter
+        from nodes.engine import clip_vision
 
         path = _model_file(ctx.settings, "clip_vision", clip_name, "clip_name")
-        ref = FileRef(str(path), file_fingerprint(path))
         try:
-            ip_adapter.load_clip_vision(ref.path, ref.fingerprint)
-        except ip_adapter.IPAdapterError as exc:
+            return {"CLIP_VISION": clip_vision.read_vision_file(path, file_fingerprint(path))}
+        except clip_vision.ClipVisionError as exc:
             raise NodeFailure(str(exc), "clip_name", "bad_clip_vision") from None
-        return {"CLIP_VISION": ref}
 
 
 class IPAdapterApply(Node):
     type = "IPAdapterApply"
-    version = "1.0.0"
+    version = "1.1.0"
     category = "model"
     description = ("An image prompt: the MODEL with the IP-Adapter in its UNet at `weight`, shown the IMAGE's CLIP "
-                   "vision embeddings (a batch of images: their tokens together). SD1.x/SDXL; diffusers' "
-                   "load_ip_adapter. The negative side sees zero embeddings, as in diffusers' pipelines.")
+                   "vision embeddings (IP-Adapter, Plus or Full; a batch of images: their tokens concatenated, as "
+                   "diffusers does with several images for one adapter). SD1.x/SDXL; diffusers' load_ip_adapter.")
     inputs = (Input("model", "MODEL"), Input("ipadapter", "IPADAPTER"), Input("clip_vision", "CLIP_VISION"),
               Input("image", "IMAGE"), Input("weight", "FLOAT", default=1.0, min=-1.0, max=5.0, step=0.05))
     outputs = (Output("MODEL", "MODEL"),)
 
-    def run(self, ctx: Context, model: ModelRecipe, ipadapter: FileRef, clip_vision: FileRef, image: Any,
+    def run(self, ctx: Context, model: ModelRecipe, ipadapter: FileRef, clip_vision: VisionRef, image: Any,
             weight: float) -> dict[str, Any]:
+        from nodes.engine import clip_vision as vision
         from nodes.engine import ip_adapter, lora_match
 
         if model.family not in ("sd15", "sd2", "sdxl"):
@@ -107,20 +112,16 @@ class IPAdapterApply(Node):
         problem = ip_adapter.problem(state, modules, name)
         if problem:
             raise NodeFailure(problem, "ipadapter", "wrong_model")
-        try:
-            vision = ip_adapter.load_clip_vision(clip_vision.path, clip_vision.fingerprint)
-        except ip_adapter.IPAdapterError as exc:
-            raise NodeFailure(str(exc), "clip_vision", "bad_clip_vision") from None
-        width = ip_adapter.image_embed_dim(state)
-        if width is not None and width != vision.config.projection_dim:
-            raise NodeFailure(f"{Path(clip_vision.path).name} makes {vision.config.projection_dim}-wide image "
-                              f"embeddings; {name} takes {width}-wide ones (another image encoder?)", "clip_vision",
-                              "wrong_model")
+        problem = ip_adapter.input_problem(state, clip_vision.config, name, clip_vision.name)
+        if problem:
+            raise NodeFailure(problem, "clip_vision", "wrong_model")
         import torch
 
         pixels = torch.from_numpy(image.pixels.copy()).float() / 255
-        embeds, shape = ip_adapter.to_recipe_bytes(ip_adapter.encode(vision, pixels))
-        use = IPAdapter(ipadapter.path, ipadapter.fingerprint, float(weight), embeds, shape)
+        with vision.resident_clip_vision(ctx, clip_vision, model.dtype) as encoder:
+            embeds, negative = vision.encode(encoder.model, pixels, ip_adapter.kind(state, name) == "hidden")
+        use = IPAdapter(ipadapter.path, ipadapter.fingerprint, float(weight),
+                        **ip_adapter.to_recipe(embeds, negative))
         return {"MODEL": replace(model, ip_adapter=use)}
 
 

@@ -82,11 +82,11 @@ def run_sampler(ctx: Context, model: ModelRecipe, seed: int, steps: int, cfg: fl
         sdxl = model.family == "sdxl"
         size = torch.tensor([[height * 8, width * 8, 0, 0, height * 8, width * 8]], device=device, dtype=dtype)
         cond, uncond = _cond(positive, batch, dtype, device), _cond(negative, batch, dtype, device)
-        if model.ip_adapter is not None:  # diffusers' pipeline: zero image embeddings on the negative side
+        if model.ip_adapter is not None:  # diffusers' pipeline: the negative side's are zeros or a blank image's
             from nodes.engine.ip_adapter import embeddings
 
-            image = embeddings(model.ip_adapter)[None].expand(batch, -1, -1).to(device, dtype)
-            cond["image_embeds"], uncond["image_embeds"] = image, torch.zeros_like(image)
+            image, blank = (e[None].expand(batch, *e.shape).to(device, dtype) for e in embeddings(model.ip_adapter))
+            cond["image_embeds"], uncond["image_embeds"] = image, blank
         if sdxl and ("pooled" not in cond or "pooled" not in uncond):
             raise NodeFailure("SDXL needs conditioning from its own CLIP (with pooled embeddings)", "positive",
                               "wrong_conditioning")

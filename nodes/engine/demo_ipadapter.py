@@ -5,8 +5,8 @@
     ipadapter/tiny-sd15-ipadapter.safetensors     diffusers' single-file IP-Adapter layout: image_proj.proj/norm
                                                   (4 tokens) and ip_adapter.N.to_k_ip / to_v_ip per cross-attention
 
-`write_adapter` makes one for any SD1.x/SDXL UNet (the tests write tiny-sdxl's: bundled, it would take
-the demo set over its size limit).
+`write_adapter` makes one for any SD1.x/SDXL UNet, also Plus and Full ones (the tests write tiny-sdxl's and the
+Plus/Full ones: bundled, they would take the demo set over its size limit).
 
 Random weights, scaled so that the image visibly changes the result; a few hundred KiB together.
 """
@@ -53,19 +53,30 @@ def write_demo_ipadapter(folder: Path, seed: int, unets: dict[str, Any]) -> None
         write_adapter(folder / "ipadapter" / f"tiny-{family}-ipadapter.safetensors", seed, family, unets[family])
 
 
-def write_adapter(path: Path, seed: int, family: str, unet: Any) -> None:
-    """A random IP-Adapter for `unet` (32-wide image embeddings, the demo encoder's) in diffusers' layout."""
+def write_adapter(path: Path, seed: int, family: str, unet: Any, projection: str = "ip") -> None:
+    """A random IP-Adapter for `unet` in diffusers' layout: `projection` "ip" for the demo encoder's 32-wide image
+    embeddings, "plus" (a Resampler) or "full" (an MLP per token) for its 32-wide hidden states."""
     import torch
     from safetensors.torch import save_file
 
-    generator = _generator(seed, f"ipadapter/{family}")
+    generator = _generator(seed, f"ipadapter/{family}" + ("" if projection == "ip" else f"/{projection}"))
     cross, width = unet.config.cross_attention_dim, CLIP_VISION_CONFIG["projection_dim"]
-    tensors = {
-        "image_proj.proj.weight": torch.randn(cross * TOKENS, width, generator=generator) / width ** 0.5,
-        "image_proj.proj.bias": torch.zeros(cross * TOKENS),
-        "image_proj.norm.weight": torch.ones(cross),
-        "image_proj.norm.bias": torch.zeros(cross),
-    }
+    hidden = CLIP_VISION_CONFIG["hidden_size"]
+    if projection == "plus":
+        tensors = _resampler(generator, hidden, cross)
+    elif projection == "full":
+        tensors = {"image_proj.proj.0.weight": torch.randn(hidden, hidden, generator=generator) / hidden ** 0.5,
+                   "image_proj.proj.0.bias": torch.zeros(hidden),
+                   "image_proj.proj.2.weight": torch.randn(cross, hidden, generator=generator) / hidden ** 0.5,
+                   "image_proj.proj.2.bias": torch.zeros(cross),
+                   "image_proj.proj.3.weight": torch.ones(cross), "image_proj.proj.3.bias": torch.zeros(cross)}
+    else:
+        tensors = {
+            "image_proj.proj.weight": torch.randn(cross * TOKENS, width, generator=generator) / width ** 0.5,
+            "image_proj.proj.bias": torch.zeros(cross * TOKENS),
+            "image_proj.norm.weight": torch.ones(cross),
+            "image_proj.norm.bias": torch.zeros(cross),
+        }
     number = 1  # diffusers numbers the attention processors' IP layers 1, 3, 5, … (self-attention takes the evens)
     for name, module in unet.named_modules():
         if name.endswith("attn2"):
@@ -76,3 +87,27 @@ def write_adapter(path: Path, seed: int, family: str, unet: Any) -> None:
             number += 2
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
+def _resampler(generator: Any, embed: int, cross: int, hidden: int = 64, depth: int = 4) -> dict[str, Any]:
+    """IP-Adapter Plus's image projection (a Resampler, the original release's key names): TOKENS learned queries
+    attending to the encoder's hidden states through `depth` blocks of one 64-wide head and a 4× feed-forward."""
+    import torch
+
+    def linear(rows: int, cols: int) -> Any:
+        return torch.randn(rows, cols, generator=generator) / cols ** 0.5
+
+    tensors = {"image_proj.latents": torch.randn(1, TOKENS, hidden, generator=generator) / hidden ** 0.5,
+               "image_proj.proj_in.weight": linear(hidden, embed), "image_proj.proj_in.bias": torch.zeros(hidden),
+               "image_proj.proj_out.weight": linear(cross, hidden), "image_proj.proj_out.bias": torch.zeros(cross),
+               "image_proj.norm_out.weight": torch.ones(cross), "image_proj.norm_out.bias": torch.zeros(cross)}
+    for i in range(depth):
+        block = f"image_proj.layers.{i}"
+        for norm in (f"{block}.0.norm1", f"{block}.0.norm2", f"{block}.1.0"):
+            tensors[f"{norm}.weight"], tensors[f"{norm}.bias"] = torch.ones(hidden), torch.zeros(hidden)
+        tensors.update({f"{block}.0.to_q.weight": linear(64, hidden),
+                        f"{block}.0.to_kv.weight": linear(128, hidden),
+                        f"{block}.0.to_out.weight": linear(hidden, 64),
+                        f"{block}.1.1.weight": linear(4 * hidden, hidden),
+                        f"{block}.1.3.weight": linear(hidden, 4 * hidden)})
+    return tensors

@@ -1,22 +1,23 @@
 """IP-Adapter: image prompts on SD1.x/SDXL UNets, through diffusers' `load_ip_adapter`.
 
 A MODEL recipe records the adapter file, its scale and the image embeddings (`recipe.IPAdapter`); the
-embeddings are computed once by ApplyIPAdapter with a CLIP vision encoder (`encode`) and travel in the
-recipe, so the executor caches them as it caches conditioning. The reconciler calls `transition` after
-the LoRA transition: it loads the adapter into the UNet (`pipe.load_ip_adapter` from the file's tensors,
-`set_ip_adapter_scale`), or unloads it (`unload_ip_adapter`), so a recipe without one runs on the
+embeddings are computed once by IPAdapterApply with a CLIP vision encoder (engine/clip_vision.py) and travel
+in the recipe, so the executor caches them as it caches conditioning. The reconciler calls `transition`
+after the LoRA transition: it loads the adapter into the UNet (`pipe.load_ip_adapter` from the file's
+tensors, `set_ip_adapter_scale`), or unloads it (`unload_ip_adapter`), so a recipe without one runs on the
 default attention processors as a fresh pipeline does. `run_sampler` passes the embeddings as
-`added_cond_kwargs["image_embeds"]`, zeros for the negative side (as diffusers' pipeline does).
+`added_cond_kwargs["image_embeds"]`, and the negative side's: zeros, or for adapters that take hidden states
+those of a blank image, as diffusers' pipelines do.
 
-Files: safetensors only. An IP-Adapter is diffusers' single-file layout (`image_proj.*`, `ip_adapter.N.to_k_ip`
-/ `to_v_ip`); a CLIP vision encoder is a `.safetensors` of CLIPVisionModelWithProjection's weights with its
-config as JSON in the metadata (`clip_vision_config`) or in a config.json beside it (a transformers folder).
+Files: safetensors only, diffusers' single-file layout (`image_proj.*`, `ip_adapter.N.to_k_ip` / `to_v_ip`),
+which is also the original IP-Adapter releases' layout. Image projections (`kind`): IP-Adapter (`proj`,
+`norm`: takes the projected image embeddings), Plus (a Resampler: `latents`, `proj_in`, `layers.*`) and Full
+(`proj.0`…`proj.3`), both taking the encoder's penultimate hidden states. FaceID adapters (they take
+insightface face embeddings) are refused.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,6 @@ import torch
 
 from nodes.engine.recipe import IPAdapter
 from nodes.engine.resident import Resident
-
-CONFIG_KEY = "clip_vision_config"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the OpenAI CLIP normalization CLIPImageProcessor uses
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class IPAdapterError(ValueError):
@@ -53,7 +50,31 @@ def read_adapter(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     if not state["image_proj"] or not state["ip_adapter"]:
         raise IPAdapterError(f"{path.name}: not an IP-Adapter (expected image_proj.* and ip_adapter.* keys; "
                              f"found {', '.join(sorted(tensors))[:80] or 'none'})")
+    kind(state, path.name)
     return state
+
+
+def kind(state: dict[str, dict[str, torch.Tensor]], name: str) -> str:
+    """The adapter's image projection: "embeds" (IP-Adapter: projected image embeddings) or "hidden" (Plus and
+    Full: the encoder's penultimate hidden states); FaceID and unknown projections are refused."""
+    proj = state["image_proj"]
+    faceid = "perceiver_resampler.proj_in.weight" in proj or ("norm.weight" in proj and "proj.0.weight" in proj) \
+        or any("_lora." in k for k in state["ip_adapter"])
+    if faceid:
+        raise IPAdapterError(f"{name}: an IP-Adapter FaceID, which takes insightface face embeddings: not "
+                             "supported (IP-Adapter, Plus and Full adapters are)")
+    if "proj.weight" in proj and "norm.weight" in proj:
+        return "embeds"
+    if "proj.3.weight" in proj:
+        return "hidden"
+    if {"latents", "proj_in.weight", "proj_out.weight", "norm_out.weight"} <= proj.keys():
+        depth = {k.split(".")[1] for k in proj if k.startswith("layers.")}
+        if depth != {"0", "1", "2", "3"}:  # diffusers builds Plus resamplers 4 blocks deep
+            raise IPAdapterError(f"{name}: an IP-Adapter Plus with {len(depth)} resampler blocks; diffusers loads "
+                                 "those with 4")
+        return "hidden"
+    raise IPAdapterError(f"{name}: an unknown IP-Adapter image projection (image_proj keys "
+                         f"{', '.join(sorted(proj))[:120]})")
 
 
 def problem(state: dict[str, dict[str, torch.Tensor]], unet_modules: dict[str, tuple[int, int]],
@@ -78,66 +99,18 @@ def problem(state: dict[str, dict[str, torch.Tensor]], unet_modules: dict[str, t
     return None
 
 
-def image_embed_dim(state: dict[str, dict[str, torch.Tensor]]) -> int | None:
-    """The width of the image embeddings the adapter's projection takes (None for layouts not checked here)."""
-    for key in ("proj.weight", "proj.0.weight"):  # IP-Adapter, IP-Adapter full
-        if key in state["image_proj"]:
-            return int(state["image_proj"][key].shape[-1])
-    return None
-
-
-@functools.lru_cache(maxsize=2)
-def load_clip_vision(path: str, fingerprint: str) -> Any:
-    """CLIPVisionModelWithProjection in float32 on the CPU, eval mode (kept for the next images)."""
-    from safetensors import safe_open
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from nodes.engine.checkpoints import CheckpointError, require_safetensors
-
-    where = Path(path)
-    try:
-        require_safetensors(where)
-        with safe_open(str(where), framework="pt") as f:
-            config = (f.metadata() or {}).get(CONFIG_KEY)
-            beside = where.parent / "config.json"  # a transformers folder's model.safetensors
-            if config is None and beside.is_file():
-                config = beside.read_text(encoding="utf-8")
-            if config is None:
-                raise IPAdapterError(f"{where.name}: no {CONFIG_KEY} in its metadata and no config.json beside it "
-                                     "(the CLIP vision model's configuration is needed)")
-            settings = {k: v for k, v in json.loads(config).items() if k != "vision_config"}
-            settings.update(json.loads(config).get("vision_config") or {})
-            model = CLIPVisionModelWithProjection(CLIPVisionConfig(**settings))
-            missing, unexpected = model.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, strict=False)
-        if missing or unexpected:
-            raise IPAdapterError(f"{where.name}: not a CLIP vision model's weights "
-                                 f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
-    except IPAdapterError:
-        raise
-    except (CheckpointError, OSError, ValueError, TypeError, RuntimeError) as exc:
-        raise IPAdapterError(f"{where.name}: {exc}") from None
-    return model.float().eval()
-
-
-def preprocess(image: torch.Tensor, size: int) -> torch.Tensor:
-    """IMAGE (batch, H, W, 3) in 0..1 to CLIP's pixels: shortest side to `size` (bicubic), centre crop, normalize."""
-    x = image.movedim(-1, 1).float()
-    height, width = x.shape[-2:]
-    if (height, width) != (size, size):
-        scale = size / min(height, width)
-        new = (max(size, round(height * scale)), max(size, round(width * scale)))
-        x = torch.nn.functional.interpolate(x, size=new, mode="bicubic", antialias=True).clamp(0, 1)
-        top, left = (new[0] - size) // 2, (new[1] - size) // 2
-        x = x[:, :, top:top + size, left:left + size]
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def encode(model: Any, image: torch.Tensor) -> torch.Tensor:
-    """The image embeddings (batch, projection dim), float32: what the adapter's image projection takes."""
-    with torch.inference_mode():
-        pixels = preprocess(image[..., :3], model.config.image_size)
-        return model(pixel_values=pixels).image_embeds.float().clone()
+def input_problem(state: dict[str, dict[str, torch.Tensor]], vision: dict[str, Any], adapter: str,
+                  encoder: str) -> str | None:
+    """Why the encoder's output (its CLIPVisionConfig `vision`) does not fit the adapter's projection, or None."""
+    proj = state["image_proj"]
+    if kind(state, adapter) == "embeds":
+        want, have, what = int(proj["proj.weight"].shape[-1]), vision["projection_dim"], "image embeddings"
+    else:
+        key = "proj_in.weight" if "proj_in.weight" in proj else "proj.0.weight"
+        want, have, what = int(proj[key].shape[-1]), vision["hidden_size"], "hidden states"
+    if want == have:
+        return None
+    return f"{encoder} makes {have}-wide {what}; {adapter} takes {want}-wide ones (another image encoder?)"
 
 
 def transition(resident: Resident, target: IPAdapter | None) -> list[str]:
@@ -186,12 +159,19 @@ def unload(resident: Resident) -> None:
     resident.ip_adapter = None
 
 
-def to_recipe_bytes(embeds: torch.Tensor) -> tuple[bytes, tuple[int, int]]:
-    """Image embeddings (images, width) as the recipe keeps them: float32 bytes and their shape."""
-    flat = embeds.detach().to("cpu", torch.float32).contiguous()
-    return flat.numpy().tobytes(), (int(flat.shape[0]), int(flat.shape[1]))
+def to_recipe(embeds: torch.Tensor, negative: torch.Tensor | None) -> dict[str, Any]:
+    """Image embeddings (images, width) or hidden states (images, tokens, width), and the negative side's (None:
+    zeros), as `recipe.IPAdapter` keeps them: float32 bytes and their shape."""
+    def raw(tensor: torch.Tensor) -> bytes:
+        return bytes(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+    return {"embeds": raw(embeds), "shape": tuple(int(n) for n in embeds.shape),
+            "negative": b"" if negative is None else raw(negative)}
 
 
-def embeddings(adapter: IPAdapter) -> torch.Tensor:
-    """The recipe's image embeddings as a float32 tensor (images, width)."""
-    return torch.frombuffer(bytearray(adapter.embeds), dtype=torch.float32).view(adapter.shape)
+def embeddings(adapter: IPAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe's image embeddings and the negative side's, float32 tensors of its shape."""
+    positive = torch.frombuffer(bytearray(adapter.embeds), dtype=torch.float32).view(adapter.shape)
+    if not adapter.negative:
+        return positive, torch.zeros_like(positive)
+    return positive, torch.frombuffer(bytearray(adapter.negative), dtype=torch.float32).view(adapter.shape)

@@ -59,7 +59,8 @@ class Embedding:
 class IPAdapter:
     """ApplyIPAdapter: an IP-Adapter file in the UNet at `scale`, with the image embeddings it is shown.
 
-    The embeddings are float32 bytes of shape `shape` (images, width), so the recipe stays immutable and
+    The embeddings are float32 bytes of shape `shape` ((images, width), or (images, tokens, width) for adapters
+    that take hidden states), with the negative side's (empty: zeros), so the recipe stays immutable and
     comparable; engine/ip_adapter.py loads the file, nodes/sampling.py passes the embeddings.
     """
 
@@ -67,7 +68,8 @@ class IPAdapter:
     fingerprint: str
     scale: float
     embeds: bytes = field(repr=False)
-    shape: tuple[int, int] = (0, 0)
+    shape: tuple[int, ...] = (0, 0)
+    negative: bytes = field(default=b"", repr=False)
 
     def same_file(self, other: IPAdapter) -> bool:
         return (self.path, self.fingerprint) == (other.path, other.fingerprint)

@@ -83,25 +83,27 @@ def latent(executor: Executor, weight: float | None, **kwargs: Any) -> torch.Ten
     return samples
 
 
-def image_embeds(demo_dir: Path, inputs: Path) -> torch.Tensor:
-    """transformers' CLIPImageProcessor and CLIPVisionModelWithProjection on the picture: (batch, images, width)."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+def encoder(demo_dir: Path) -> Any:
+    """The demo CLIP vision encoder as transformers builds it from its stated config."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     with safe_open(str(demo_dir / "clip_vision" / VISION), framework="pt") as f:
         config = json.loads(f.metadata()["clip_vision_config"])
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
-    encoder.load_state_dict(load_file(demo_dir / "clip_vision" / VISION))
-    pixels = CLIPImageProcessor(size=32, crop_size=32)(Image.open(inputs / "face.png"), return_tensors="pt")
-    with torch.inference_mode():
-        return encoder(pixel_values=pixels.pixel_values).image_embeds[:, None]
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+    model.load_state_dict(load_file(demo_dir / "clip_vision" / VISION))
+    return model.eval()
 
 
 def reference(demo_dir: Path, inputs: Path, weight: float | None, family: str = "sd15", lora: str | None = None,
-              conds: tuple[Any, Any] | None = None, adapters: Path | None = None) -> torch.Tensor:
+              conds: tuple[Any, Any] | None = None, adapters: Path | None = None, adapter: str | None = None,
+              pictures: tuple[str, ...] = ("face.png",)) -> torch.Tensor:
     """diffusers by hand on a freshly loaded pipeline: `load_lora_weights`, `load_ip_adapter` from the file,
-    `set_ip_adapter_scale`, image embeddings from transformers (zeros for the negative, as the pipeline does), and
-    a plain Euler loop over KSampler's `normal` schedule. SD1.5 prompts from `encode_prompt`; SDXL's from `conds`
+    `set_ip_adapter_scale`, the image embeddings from the pipeline's own `prepare_ip_adapter_image_embeds`
+    (transformers' CLIPImageProcessor and encoder; several pictures: a list for the one adapter), and a plain
+    Euler loop over KSampler's `normal` schedule. SD1.5 prompts from `encode_prompt`; SDXL's from `conds`
     (CLIPTextEncode's, tested against diffusers elsewhere) with its size conditioning."""
+    from transformers import CLIPImageProcessor
+
     from nodes.engine.samplers import CFGDenoiser
     from nodes.engine.sigmas import DiscreteModel, initial_noise, noised_latent, sigmas
 
@@ -110,11 +112,14 @@ def reference(demo_dir: Path, inputs: Path, weight: float | None, family: str = 
         pipe.load_lora_weights(str(demo_dir / "loras" / lora), adapter_name="l")
     image: dict[str, torch.Tensor] = {}
     if weight is not None:
-        pipe.load_ip_adapter(str(adapters or demo_dir / "ipadapter"), subfolder="",
-                             weight_name=f"tiny-{family}-ipadapter.safetensors", image_encoder_folder=None)
+        pipe.load_ip_adapter(str(adapters or demo_dir / "ipadapter"), subfolder="", image_encoder_folder=None,
+                             weight_name=adapter or f"tiny-{family}-ipadapter.safetensors")
         pipe.set_ip_adapter_scale(weight)
-        embeds = image_embeds(demo_dir, inputs)
-        image = {"cond": embeds, "uncond": torch.zeros_like(embeds)}
+        pipe.image_encoder, pipe.feature_extractor = encoder(demo_dir), CLIPImageProcessor(size=32, crop_size=32)
+        with torch.inference_mode():
+            [both] = pipe.prepare_ip_adapter_image_embeds([[Image.open(inputs / p) for p in pictures]], None, "cpu",
+                                                          1, True)
+        image = dict(zip(("uncond", "cond"), both.chunk(2), strict=True))
     discrete = DiscreteModel.from_config(pipe.scheduler.config)
     schedule = sigmas("normal", discrete, 4, sampler="euler")
     size = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
@@ -190,8 +195,7 @@ def test_reconciler_unloads_the_adapter_with_a_lora_strength_change(demo_dir: Pa
     lora = str(demo_dir / "loras" / "tiny-sd15-style.safetensors")
     pipe = load_pipeline(folder)
     resident = Resident.fresh(pipe, base)
-    embeds, shape = ip_adapter.to_recipe_bytes(torch.ones(1, 32))
-    use = IPAdapter(str(demo_dir / "ipadapter" / ADAPTER), "x", 0.5, embeds, shape)
+    use = IPAdapter(str(demo_dir / "ipadapter" / ADAPTER), "x", 0.5, **ip_adapter.to_recipe(torch.ones(1, 32), None))
     with_both = base.then(Adapter("s", lora, "1", strength=1.0))
     assert "ip_adapter_load" in reconcile(resident, replace(with_both, ip_adapter=use))
     assert pipe.unet.encoder_hid_proj is not None
@@ -215,8 +219,7 @@ def test_a_failed_load_leaves_a_fresh_unet(demo_dir: Path, tmp_path: Path) -> No
     base = ModelRecipe(str(folder), "f", "sd15", "fp32")
     pipe = load_pipeline(folder)
     resident = Resident.fresh(pipe, base)
-    embeds, shape = ip_adapter.to_recipe_bytes(torch.ones(1, 32))
-    broken = IPAdapter(str(tmp_path / "broken.safetensors"), "x", 1.0, embeds, shape)
+    broken = IPAdapter(str(tmp_path / "broken.safetensors"), "x", 1.0, **ip_adapter.to_recipe(torch.ones(1, 32), None))
     with pytest.raises(ReconcileError, match="broken.safetensors"):
         reconcile(resident, replace(base, ip_adapter=broken))
     assert pipe.unet.encoder_hid_proj is None and resident.ip_adapter is None and not resident.broken
