@@ -78,6 +78,8 @@ class MergeLoRA(Node):
 
         if slot in live and slot not in chosen:
             raise NodeFailure(f"slot {slot!r} already holds {Path(live[slot].path).name}", "slot", "slot_taken")
+        _refuse_dora([live[s] for s in chosen], "slots", "PEFT's weighted-adapter arithmetic has none for DoRA "
+                     "magnitudes")
         sources = [lora_merge.Source(live[s].path, live[s].fingerprint, w) for s, w in zip(chosen, values, strict=True)]
         path = _merged_file(ctx, model, sources, method, density, rank, seed)
         info = lora_files.inspect(path)
@@ -105,6 +107,13 @@ def _merged_file(ctx: Context, model: ModelRecipe, sources: list[Any], method: s
     except FileExistsError:
         pass  # another run wrote the same merge meanwhile: same inputs, same file
     return path
+
+
+def _refuse_dora(adapters: list[Adapter], input_name: str, why: str) -> None:
+    for adapter in adapters:
+        if lora_files.inspect(Path(adapter.path)).dora:
+            raise NodeFailure(f"slot {adapter.slot!r} holds {Path(adapter.path).name}, a DoRA LoRA, which this node "
+                              f"cannot use: {why}", input_name, "unsupported_format")
 
 
 def without_slots(model: ModelRecipe, slots: set[str]) -> ModelRecipe:
@@ -156,6 +165,7 @@ class SaveLoRA(Node):
         if slot not in live:
             raise NodeFailure(f"no active adapter in slot {slot!r} (active: {', '.join(live) or 'none'})", "slot",
                               "unknown_slot")
+        _refuse_dora([live[slot]], "slot", "only plain LoRA layers are written")
         import torch
 
         from nodes.engine import lora_merge

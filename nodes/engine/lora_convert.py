@@ -17,8 +17,9 @@ Formats and the exact rewrite (ΔW as LyCORIS and kohya define it; `scale` is al
   only in w2). With w1 = A1 A2 and w2 = B1 B2, kron(w1, w2) = kron(A1, B1) · kron(A2, B2): up and down.
   A full factor is split as (itself, I) or (I, itself), whichever gives the smaller rank.
 - LoCon with Tucker (`lora_mid`): a 1×1 down, a k×k mid and a 1×1 up; mid ∘ down is one k×k convolution.
-Refused by name: Tucker LoHa/LoKr (`hada_t1`, `lokr_t2`) and Kohya/LyCORIS DoRA (`dora_scale`), whose
-magnitudes PEFT's DoRA does not read in the same way.
+- DoRA (`dora_scale`, on any of these): the magnitude is kept beside the layer, in PEFT's shape
+  (`lora_dora.magnitude`); `lora_dora.lora_state_dict` names it for PEFT's DoRA layers.
+Refused by name: Tucker LoHa/LoKr (`hada_t1`, `lokr_t2`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
+from nodes.engine import lora_dora
+
 if TYPE_CHECKING:  # torch is imported where it is used: node modules import this one, and the CLI starts fast
     from torch import Tensor
 
@@ -35,7 +38,6 @@ _LYCORIS = (".hada_w1_a", ".lokr_w1", ".lokr_w2", ".lora_mid.")
 _REFUSED = (
     (".hada_t1", "LyCORIS LoHa with Tucker decomposition (hada_t1)"),
     (".lokr_t2", "LyCORIS LoKr with Tucker decomposition (lokr_t2)"),
-    (".dora_scale", "DoRA in Kohya/LyCORIS form (dora_scale), which diffusers would load without its magnitudes"),
 )
 _COMFY = re.compile(r"^diffusion_model\.(.+?)\.((?:lora_|hada_|lokr_|alpha|dora_).*)$")
 _LDM = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_")
@@ -98,6 +100,11 @@ def convert(state: dict[str, Tensor], unet_config: str = "") -> dict[str, Tensor
             raise FormatError(f"layer {module!r} has no {exc.args[0]} (it has {', '.join(sorted(parts))})") from None
         except RuntimeError as exc:  # factors whose shapes do not multiply
             raise FormatError(f"layer {module!r} has matrices of inconsistent shapes ({exc})") from None
+        if "dora_scale" in parts:
+            try:
+                out[f"{name}.dora_scale"] = lora_dora.magnitude(module, parts["dora_scale"], down, up)
+            except lora_dora.DoraError as exc:
+                raise FormatError(str(exc)) from None
         out[f"{name}.lora_down.weight"] = down
         # The scale goes into `up`, and no layer gets an alpha: diffusers then gives every layer scale 1,
         # whatever its rank (its alpha_pattern for Kohya attention layers is keyed by names PEFT never matches).

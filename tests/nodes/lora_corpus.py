@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from nodes.engine.demo_models import unet_key_to_ldm
 
@@ -172,3 +172,54 @@ def sdxl_kohya_sgm(out: Path, seed: int = 9, rank: int = 4, alpha: float = 3.0) 
         delta[(component, module)] = (up.flatten(1) @ down.flatten(1)).reshape(shape) * alpha / rank
     save_file(tensors, out)
     return out, delta
+
+
+Magnitudes = dict[tuple[str, str], torch.Tensor]  # (component, module) -> DoRA magnitude, one per output channel
+
+
+def _magnitudes(seed: int, text: bool = True) -> Magnitudes:
+    randn = _gen(seed)
+    return {(c, m): randn(SHAPES[m][0]).abs() + 0.5 for c, m in _targets(text)}
+
+
+def with_dora_scale(written: tuple[Path, Delta], seed: int = 11, per_input: bool = False
+                    ) -> tuple[Path, Delta, Magnitudes]:
+    """A Kohya/LyCORIS file (LoRA, LoHa, LoKr) made DoRA: a `dora_scale` for every layer, as LyCORIS's
+    default (`wd_on_output`) stores it, (out, 1) or (out, 1, 1, 1); `per_input`: (1, in[, 1, 1]) as older
+    LyCORIS did."""
+    path, delta = written
+    tensors, metadata = load_file(path), None
+    magnitudes = {key: m for key, m in _magnitudes(seed).items() if key in delta}
+    for (component, module), m in magnitudes.items():
+        shape = SHAPES[module]
+        trail = [1] * (len(shape) - 2)
+        scale = m[:, None] if not per_input else torch.rand(1, shape[1]) + 0.5
+        tensors[f"{kohya_name(module, component)}.dora_scale"] = scale.reshape(*scale.shape, *trail)
+    save_file(tensors, path, metadata)
+    return path, delta, magnitudes
+
+
+def peft_dora(out: Path, seed: int = 12, rank: int = 4) -> tuple[Path, Delta, Magnitudes]:
+    """DoRA in PEFT/diffusers keys (`unet.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector`),
+    as diffusers' `save_lora_weights` writes PEFT's `get_peft_model_state_dict`: magnitude (out,) for a Linear
+    layer, (1, out, 1, 1) for a convolution; no alpha (scale 1)."""
+    randn, tensors, delta = _gen(seed), {}, {}
+    magnitudes = _magnitudes(seed + 1)
+    for component, module in _targets():
+        shape, prefix = SHAPES[module], f"{component}.{module}"
+        down = randn(rank, *shape[1:])
+        up = randn(shape[0], rank, *([1, 1] if len(shape) == 4 else []))
+        m = magnitudes[(component, module)]
+        tensors.update({f"{prefix}.lora_A.weight": down, f"{prefix}.lora_B.weight": up,
+                        f"{prefix}.lora_magnitude_vector": m.reshape(1, -1, 1, 1) if len(shape) == 4 else m})
+        delta[(component, module)] = (up.flatten(1) @ down.flatten(1)).reshape(shape)
+    save_file(tensors, out)
+    return out, delta, magnitudes
+
+
+def dora_weight(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, strength: float) -> torch.Tensor:
+    """The DoRA reference: m · (W + w·ΔW) / ||W + w·ΔW||, the norm of each output channel (over the input
+    channels and the kernel), w the strength (PEFT's semantics: it scales ΔW inside the norm)."""
+    direction = base.float() + strength * delta
+    norm = direction.flatten(1).norm(dim=1)
+    return direction * (magnitude / norm).reshape(-1, *[1] * (base.dim() - 1))

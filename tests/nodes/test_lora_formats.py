@@ -103,7 +103,6 @@ def test_inspect_reports_the_rank_of_the_rewritten_lora(tmp_path: Path) -> None:
 @pytest.mark.parametrize("key, name", [
     ("lora_unet_down_blocks_1_attentions_0_proj_in.hada_t1", "Tucker"),
     ("lora_unet_down_blocks_1_attentions_0_proj_in.lokr_t2", "Tucker"),
-    ("lora_unet_down_blocks_1_attentions_0_proj_in.dora_scale", "DoRA"),
 ])
 def test_formats_that_cannot_load_exactly_are_refused_by_name(tmp_path: Path, key: str, name: str) -> None:
     path = lora_corpus.fake(tmp_path / "x.safetensors", key, "lora_unet_conv_in.lora_down.weight")
