@@ -96,11 +96,22 @@ def locon_tucker(out: Path, seed: int = 2, rank: int = 3, alpha: float = 1.5, te
 
 
 def loha(out: Path, seed: int = 3, r1: int = 3, r2: int = 2, alpha: float = 2.0,
-         dtype: torch.dtype = torch.float32) -> tuple[Path, Delta]:
-    """LyCORIS LoHa; convolutions store w1_b and w2_b flat, (rank, in · k · k), as LyCORIS does."""
+         dtype: torch.dtype = torch.float32, tucker: bool = False) -> tuple[Path, Delta]:
+    """LyCORIS LoHa; convolutions store w1_b and w2_b flat, (rank, in · k · k), as LyCORIS does. `tucker`: the
+    k×k convolutions as LyCORIS's use_tucker stores them, each factor t[i, j, kh, kw] with w_a (r, out) and
+    w_b (r, in): W = einsum("i j h w, j q, i p -> p q h w", t, w_b, w_a)."""
     randn, tensors, delta = _gen(seed), {}, {}
     for component, module in _targets():
         shape, name = SHAPES[module], kohya_name(module, component)
+        if tucker and len(shape) == 4 and shape[2] > 1:
+            rebuilt = []
+            for i, r in ((1, r1), (2, r2)):
+                t, wa, wb = randn(r, r, *shape[2:]), randn(r, shape[0]), randn(r, shape[1])
+                tensors.update({f"{name}.hada_t{i}": t, f"{name}.hada_w{i}_a": wa, f"{name}.hada_w{i}_b": wb})
+                rebuilt.append(torch.einsum("ijhw,jq,ip->pqhw", t, wb, wa))
+            tensors[f"{name}.alpha"] = torch.tensor(alpha)
+            delta[(component, module)] = rebuilt[0] * rebuilt[1] * alpha / r1
+            continue
         flat = int(torch.tensor(shape[1:]).prod())
         w1a, w1b, w2a, w2b = (t.to(dtype) for t in (randn(shape[0], r1), randn(r1, flat), randn(shape[0], r2),
                                                    randn(r2, flat)))
@@ -114,7 +125,9 @@ def loha(out: Path, seed: int = 3, r1: int = 3, r2: int = 2, alpha: float = 2.0,
 
 def lokr(out: Path, variant: str, seed: int = 4, rank: int = 2, alpha: float = 3.0) -> tuple[Path, Delta]:
     """LyCORIS LoKr. variant: "w2_decomposed" (full w1, w2 = w2a w2b), "full" (full w1 and w2; a conv's w2 is
-    4-D), "both_decomposed" (w1 = w1a w1b and w2 = w2a w2b)."""
+    4-D), "both_decomposed" (w1 = w1a w1b and w2 = w2a w2b), "tucker" (w2_decomposed, but the k×k convolutions'
+    w2 is a Tucker product, LyCORIS's use_tucker: einsum("i j h w, i p, j q -> p q h w", t2, w2_a, w2_b),
+    w2_a (r, c), w2_b (r, d))."""
     randn, tensors, delta = _gen(seed), {}, {}
     for component, module in _targets():
         shape, name = SHAPES[module], kohya_name(module, component)
@@ -130,6 +143,11 @@ def lokr(out: Path, variant: str, seed: int = 4, rank: int = 2, alpha: float = 3
         if variant == "full":
             w2 = tensors[f"{name}.lokr_w2"] = randn(c, d, *kernel)
             dim = rank if variant == "both_decomposed" else None
+        elif variant == "tucker" and kernel and kernel[0] > 1:
+            t2, w2a, w2b = randn(rank, rank, *kernel), randn(rank, c), randn(rank, d)
+            tensors.update({f"{name}.lokr_t2": t2, f"{name}.lokr_w2_a": w2a, f"{name}.lokr_w2_b": w2b})
+            w2 = torch.einsum("ijhw,ip,jq->pqhw", t2, w2a, w2b).contiguous()
+            dim = rank
         else:
             w2a, w2b = randn(c, rank), randn(rank, d * int(torch.tensor(kernel).prod()))
             tensors[f"{name}.lokr_w2_a"], tensors[f"{name}.lokr_w2_b"] = w2a, w2b
