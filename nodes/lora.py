@@ -39,8 +39,8 @@ class LoadLoRA(Node):
     version = "1.0.0"
     category = "lora"
     description = (
-        "Adds a LoRA (diffusers, PEFT, Kohya, LyCORIS LoCon/LoHa/LoKr, DoRA, ComfyUI; see the README's format table) to "
-        "the model in an adapter slot, with UNet and text-encoder strengths. Chain several to stack them."
+        "Adds a LoRA (diffusers, PEFT, Kohya, LyCORIS LoCon/LoHa/LoKr, DoRA, ComfyUI; see the README's format "
+        "table) to the model in an adapter slot, with UNet and text-encoder strengths. Chain several to stack them."
     )
     inputs = (
         Input("model", "MODEL"),
