@@ -90,11 +90,13 @@ class MergeLoRA(Node):
 
 def _merged_file(ctx: Context, model: ModelRecipe, sources: list[Any], method: str, density: float,
                  rank: int, seed: int) -> Path:
-    from nodes.engine import lora_merge
+    from nodes.engine import lora_merge, merged_files
 
-    cache = Path(ctx.settings.models_dirs[0]) / ".nodegraph-merged"
+    cache = merged_files.folder(ctx.settings.models_dirs[0])
     path = lora_merge.merged_path(cache, sources, method, density, rank, seed, model.fingerprint)
+    ctx.needs_file(path)  # pruned later: a cached output of this node is not reused, the merge runs again
     if path.exists():
+        merged_files.touch(path)
         return path
     try:
         models = lora_merge.adapter_layers(model.checkpoint, model.family, [s.path for s in sources])
@@ -106,6 +108,7 @@ def _merged_file(ctx: Context, model: ModelRecipe, sources: list[Any], method: s
         lora_merge.write_lora(path, tensors, metadata)
     except FileExistsError:
         pass  # another run wrote the same merge meanwhile: same inputs, same file
+    merged_files.prune(cache, merged_files.in_use(ctx.models) | {str(path)}, *merged_files.limits())
     return path
 
 
