@@ -118,6 +118,10 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
             shape = handle.get_slice(key).get_shape()
             # Alphas are read (the conversion folds them into per-layer values); the rest need shapes only.
             state[key] = handle.get_tensor(key) if key.endswith(".alpha") else torch.empty(shape, device="meta")
+    if family in ("sd3", "flux") and any(key.endswith(".dora_scale") for key in state):
+        # diffusers drops these magnitudes (with a warning) in its SD3/Flux conversions; lora_dora maps SD/SDXL's.
+        raise LoraFileError(f"{name}: DoRA in Kohya/LyCORIS form (dora_scale) loads on SD1.x and SDXL only, "
+                            f"not on {family}")
     if family not in ("sd3", "flux"):  # their Kohya layouts are diffusers' own to convert
         try:
             state = lora_convert.convert(state, unet_config)

@@ -169,3 +169,14 @@ def test_merge_and_save_refuse_a_dora_slot_naming_it(registry: Registry, demo_di
     assert [(e.node_id, e.input, e.code) for e in result.errors] == [("tool", input_name, "unsupported_format")]
     assert "dora.safetensors, a DoRA LoRA" in result.errors[0].message
     assert not (tmp_path / "loras" / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_kohya_dora_on_flux_or_sd3_is_refused_before_loading(tmp_path: Path, family: str) -> None:
+    """diffusers' own SD3/Flux conversions drop dora_scale: a validation error (LoadLoRA's fit check reads
+    `lora_files.layers`), not an image without magnitudes."""
+    path = lora_corpus.fake(tmp_path / "flux.safetensors", "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+                            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight",
+                            "lora_unet_double_blocks_0_img_attn_qkv.dora_scale")
+    with pytest.raises(lora_files.LoraFileError, match=f"flux.safetensors: DoRA .* SDXL only, not on {family}"):
+        lora_files.layers(str(path), "1", family)
