@@ -180,3 +180,16 @@ def test_kohya_dora_on_flux_or_sd3_is_refused_before_loading(tmp_path: Path, fam
                             "lora_unet_double_blocks_0_img_attn_qkv.dora_scale")
     with pytest.raises(lora_files.LoraFileError, match=f"flux.safetensors: DoRA .* SDXL only, not on {family}"):
         lora_files.layers(str(path), "1", family)
+
+
+def test_diffusers_cannot_hot_swap_dora_the_reason_hotswaplora_refuses_it(base: Any, tmp_path: Path) -> None:
+    """diffusers 0.42 maps only lora_A/lora_B keys to the adapter's name for PEFT's hot-swap, which then fails
+    on the first magnitude. If this starts passing, HotswapLoRA could accept DoRA (with a test of the result)."""
+    from safetensors.torch import load_file
+
+    pipe = copy.deepcopy(base)
+    files = [lora_corpus.peft_dora(tmp_path / f"{seed}.safetensors", seed=seed)[0] for seed in (1, 5)]
+    first, second = ({k: v for k, v in load_file(p).items() if k.startswith("unet.")} for p in files)
+    pipe.load_lora_into_unet(first, network_alphas=None, unet=pipe.unet, adapter_name="a")
+    with pytest.raises(KeyError, match="lora_magnitude_vector"):
+        pipe.load_lora_into_unet(second, network_alphas=None, unet=pipe.unet, adapter_name="a", hotswap=True)
