@@ -31,6 +31,7 @@ DORA: dict[str, tuple[str, Writer]] = {  # row of the README table -> (format in
     "DoRA, PEFT/diffusers keys": ("peft", lora_corpus.peft_dora),
     "DoRA, kohya/LyCORIS dora_scale": ("kohya", lambda p: lora_corpus.with_dora_scale(lora_corpus.lora(p))),
     "DoRA on LoHa (LyCORIS)": ("loha", lambda p: lora_corpus.with_dora_scale(lora_corpus.loha(p))),
+    "DoRA on LoKr (LyCORIS)": ("lokr", lambda p: lora_corpus.with_dora_scale(lora_corpus.lokr(p, "full"))),
 }
 
 
