@@ -87,6 +87,22 @@ def test_dora_computes_the_reference_formula(base: Any, demo_dir: Path, tmp_path
                                    msg=lambda m, key=(component, module): f"{key}: {m}")
 
 
+def test_a_strength_change_in_place_renormalises(base: Any, demo_dir: Path, tmp_path: Path) -> None:
+    """A new strength is written into the layers' scalings in place (no reload): DoRA's norm follows it."""
+    path, delta, magnitudes = lora_corpus.peft_dora(tmp_path / "dora.safetensors")
+    resident = _realized(base, demo_dir, path, 1.0)
+    recipe = ModelRecipe(str(demo_dir / "checkpoints" / "tiny-sd15"), "f", "sd15", "fp32").then(
+        adapter_at(path, "x", strength=0.3))
+    assert reconcile(resident, recipe) == ["scales"]
+    generator = torch.Generator().manual_seed(1)
+    for module in lora_corpus.UNET:
+        original = _module(base, "unet", module).weight.detach()
+        want = lora_corpus.dora_weight(original, delta[("unet", module)], magnitudes[("unet", module)], 0.3)
+        x = torch.randn(*((3, want.shape[1]) if want.dim() == 2 else (1, want.shape[1], 6, 6)), generator=generator)
+        layer = _module(resident.pipe, "unet", module)
+        torch.testing.assert_close(_output(layer, None, x), _output(layer, want, x), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("row", list(DORA))
 def test_dora_fuses_to_the_reference_and_unfuses_bitwise(base: Any, demo_dir: Path, tmp_path: Path,
                                                          row: str) -> None:
