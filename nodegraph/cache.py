@@ -24,6 +24,7 @@ DEFAULT_BUDGET = 2 * 1024**3
 class Entry:
     outputs: dict[str, Any]
     files: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()  # files the outputs refer to (`Context.needs_file`): gone, the entry is not used
 
 
 class OutputCache:
@@ -40,7 +41,7 @@ class OutputCache:
 
     def get(self, key: str) -> Entry | None:
         item = self._entries.get(key)
-        if item is None:
+        if item is None or (item[0].needs and not all(os.path.exists(p) for p in item[0].needs)):
             return None
         self._entries.move_to_end(key)
         return item[0]

@@ -51,6 +51,7 @@ class Context:
     emit: EventSink = ignore
     cancel_token: CancelToken = field(default_factory=CancelToken)
     files: list[str] = field(default_factory=list)
+    needs: list[str] = field(default_factory=list)
     workflow: dict[str, Any] = field(default_factory=dict)  # the workflow being run, to embed in outputs
     # Releases unused models and cached outputs: a node's last resort before giving up on out-of-memory.
     free_memory: Callable[[], None] = lambda: None
@@ -70,6 +71,11 @@ class Context:
     def add_file(self, path: Path) -> None:
         """Record a file this node wrote; it is listed in the run's result."""
         self.files.append(str(path))
+
+    def needs_file(self, path: Path) -> None:
+        """Record a file this node's outputs refer to (not listed): once it is gone (a cleanup removed it), a
+        cached output is not reused, and the node runs again."""
+        self.needs.append(str(path))
 
     @property
     def output_dir(self) -> Path:

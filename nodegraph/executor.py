@@ -135,7 +135,7 @@ class Executor:
                 self._fail(result, step, emit, exc, started, time.perf_counter() - t0)
                 break
             seconds = time.perf_counter() - t0
-            entry = Entry(outputs, tuple(ctx.files))
+            entry = Entry(outputs, tuple(ctx.files), tuple(ctx.needs))
             self.cache.put(key, entry)
             values[node_id] = outputs
             result.nodes[node_id] = NodeRecord(step.cls.type, "ran", seconds, outputs, entry.files)

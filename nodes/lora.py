@@ -39,8 +39,8 @@ class LoadLoRA(Node):
     version = "1.0.0"
     category = "lora"
     description = (
-        "Adds a LoRA (diffusers, PEFT, Kohya, LyCORIS LoCon/LoHa/LoKr, ComfyUI; see the README's format table) to "
-        "the model in an adapter slot, with UNet and text-encoder strengths. Chain several to stack them."
+        "Adds a LoRA (diffusers, PEFT, Kohya, LyCORIS LoCon/LoHa/LoKr, DoRA, ComfyUI; see the README's format "
+        "table) to the model in an adapter slot, with UNet and text-encoder strengths. Chain several to stack them."
     )
     inputs = (
         Input("model", "MODEL"),
@@ -243,6 +243,10 @@ class HotswapLoRA(Node):
             raise NodeFailure(f"no adapter in slot {slot!r} upstream (active: {', '.join(live) or 'none'}); "
                               "load one with LoadLoRA first", "slot", "unknown_slot")
         first = live[slot]
+        if lora_files.inspect(Path(first.path)).dora:
+            raise NodeFailure(f"slot {slot!r} holds {Path(first.path).name}, a DoRA file, which cannot be "
+                              "hot-swapped (diffusers cannot swap DoRA magnitudes); load the file with LoadLoRA",
+                              "slot", "not_swappable")
         path, info = lora_file(ctx.settings, lora)
         for input_name, problem in _file_problems(lora, info, hotswap_rank):
             raise NodeFailure(problem, input_name, "not_swappable")
@@ -273,6 +277,9 @@ def _file_problems(lora: str, info: lora_files.LoraInfo, hotswap_rank: int) -> l
     if info.format in _NOT_SWAPPABLE:
         problems.append(("lora", f"{lora} is a {_NOT_SWAPPABLE[info.format]} file, which cannot be hot-swapped "
                                  "(it loads as a LoRA of another shape); use LoadLoRA in another slot"))
+    if info.dora:
+        problems.append(("lora", f"{lora} is a DoRA file, which cannot be hot-swapped (diffusers cannot swap DoRA "
+                                 "magnitudes); use LoadLoRA in another slot"))
     if info.components != {"unet"}:
         problems.append(("lora", f"{lora} has text-encoder layers, which diffusers cannot hot-swap; "
                                  "use LoadLoRA in another slot"))

@@ -78,6 +78,8 @@ class MergeLoRA(Node):
 
         if slot in live and slot not in chosen:
             raise NodeFailure(f"slot {slot!r} already holds {Path(live[slot].path).name}", "slot", "slot_taken")
+        _refuse_dora([live[s] for s in chosen], "slots", "PEFT's weighted-adapter arithmetic has none for DoRA "
+                     "magnitudes")
         sources = [lora_merge.Source(live[s].path, live[s].fingerprint, w) for s, w in zip(chosen, values, strict=True)]
         path = _merged_file(ctx, model, sources, method, density, rank, seed)
         info = lora_files.inspect(path)
@@ -88,11 +90,13 @@ class MergeLoRA(Node):
 
 def _merged_file(ctx: Context, model: ModelRecipe, sources: list[Any], method: str, density: float,
                  rank: int, seed: int) -> Path:
-    from nodes.engine import lora_merge
+    from nodes.engine import lora_merge, merged_files
 
-    cache = Path(ctx.settings.models_dirs[0]) / ".nodegraph-merged"
+    cache = merged_files.folder(ctx.settings.models_dirs[0])
     path = lora_merge.merged_path(cache, sources, method, density, rank, seed, model.fingerprint)
+    ctx.needs_file(path)  # pruned later: a cached output of this node is not reused, the merge runs again
     if path.exists():
+        merged_files.touch(path)
         return path
     try:
         models = lora_merge.adapter_layers(model.checkpoint, model.family, [s.path for s in sources])
@@ -104,7 +108,15 @@ def _merged_file(ctx: Context, model: ModelRecipe, sources: list[Any], method: s
         lora_merge.write_lora(path, tensors, metadata)
     except FileExistsError:
         pass  # another run wrote the same merge meanwhile: same inputs, same file
+    merged_files.prune(cache, merged_files.in_use(ctx.models) | {str(path)}, *merged_files.limits())
     return path
+
+
+def _refuse_dora(adapters: list[Adapter], input_name: str, why: str) -> None:
+    for adapter in adapters:
+        if lora_files.inspect(Path(adapter.path)).dora:
+            raise NodeFailure(f"slot {adapter.slot!r} holds {Path(adapter.path).name}, a DoRA LoRA, which this node "
+                              f"cannot use: {why}", input_name, "unsupported_format")
 
 
 def without_slots(model: ModelRecipe, slots: set[str]) -> ModelRecipe:
@@ -156,6 +168,7 @@ class SaveLoRA(Node):
         if slot not in live:
             raise NodeFailure(f"no active adapter in slot {slot!r} (active: {', '.join(live) or 'none'})", "slot",
                               "unknown_slot")
+        _refuse_dora([live[slot]], "slot", "only plain LoRA layers are written")
         import torch
 
         from nodes.engine import lora_merge

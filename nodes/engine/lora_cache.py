@@ -158,14 +158,14 @@ class LoraCache:
         later hot-swap writes in place); False for a caller that only reads them. `rewrite` (a UNet config,
         JSON): first rewrite the formats diffusers does not load exactly (`lora_convert.convert`).
         """
-        from nodes.engine import lora_convert
+        from nodes.engine import lora_convert, lora_dora
 
         data = self.read(path, fingerprint)
         tensors = {k: v.clone() for k, v in data.state.items()} if own else dict(data.state)
         if rewrite is not None:
             tensors = lora_convert.convert(tensors, rewrite)
         # (diffusers' conversion pops keys from the dict it is given: never the cached one.)
-        state, alphas = pipeline.lora_state_dict(tensors, **kwargs)
+        state, alphas = lora_dora.lora_state_dict(pipeline, tensors, **kwargs)
         return state, alphas, data.metadata
 
     def slot_ready(self, key: tuple[Any, ...]) -> SlotReady | None | bool:

@@ -17,8 +17,13 @@ Formats and the exact rewrite (ΔW as LyCORIS and kohya define it; `scale` is al
   only in w2). With w1 = A1 A2 and w2 = B1 B2, kron(w1, w2) = kron(A1, B1) · kron(A2, B2): up and down.
   A full factor is split as (itself, I) or (I, itself), whichever gives the smaller rank.
 - LoCon with Tucker (`lora_mid`): a 1×1 down, a k×k mid and a 1×1 up; mid ∘ down is one k×k convolution.
-Refused by name: Tucker LoHa/LoKr (`hada_t1`, `lokr_t2`) and Kohya/LyCORIS DoRA (`dora_scale`), whose
-magnitudes PEFT's DoRA does not read in the same way.
+- LoHa with Tucker (`hada_t1`, `hada_t2`, k×k convolutions): each factor is W_n = t_n ×1 a_n ×2 b_n
+  (t_n (r_n, r_n, k, k), a_n (r_n, out), b_n (r_n, in)). Their Hadamard product is a Tucker tensor of rank
+  r1·r2 (core: the product of the cores over both rank modes), which is a LoCon-Tucker layer; with its core
+  folded into down: up = row-wise Khatri–Rao of a1ᵀ, a2ᵀ, down[(i, i')] = (t1 ×2 b1)[i] ⊙ (t2 ×2 b2)[i'].
+- LoKr with Tucker (`lokr_t2`): w2 = t2 ×1 w2_a ×2 w2_b = (w2_aᵀ) ∘ (t2 ×2 w2_b), a rank-r factor pair.
+- DoRA (`dora_scale`, on any of these): the magnitude is kept beside the layer, in PEFT's shape
+  (`lora_dora.magnitude`); `lora_dora.lora_state_dict` names it for PEFT's DoRA layers.
 """
 
 from __future__ import annotations
@@ -28,15 +33,12 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
+from nodes.engine import lora_dora
+
 if TYPE_CHECKING:  # torch is imported where it is used: node modules import this one, and the CLI starts fast
     from torch import Tensor
 
 _LYCORIS = (".hada_w1_a", ".lokr_w1", ".lokr_w2", ".lora_mid.")
-_REFUSED = (
-    (".hada_t1", "LyCORIS LoHa with Tucker decomposition (hada_t1)"),
-    (".lokr_t2", "LyCORIS LoKr with Tucker decomposition (lokr_t2)"),
-    (".dora_scale", "DoRA in Kohya/LyCORIS form (dora_scale), which diffusers would load without its magnitudes"),
-)
 _COMFY = re.compile(r"^diffusion_model\.(.+?)\.((?:lora_|hada_|lokr_|alpha|dora_).*)$")
 _LDM = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_")
 
@@ -47,10 +49,6 @@ class FormatError(ValueError):
 
 def format_of(keys: list[str]) -> str:
     """The file's format, from its key names: peft, kohya, kohya-ldm, loha, lokr or locon-tucker."""
-    for marker, name in _REFUSED:
-        key = next((k for k in keys if marker in k), None)
-        if key is not None:
-            raise FormatError(f"{name} is not supported (key {key!r})")
     if any(".hada_w1_a" in k for k in keys):
         return "loha"
     if any(".lokr_w1" in k or ".lokr_w2" in k for k in keys):
@@ -98,6 +96,11 @@ def convert(state: dict[str, Tensor], unet_config: str = "") -> dict[str, Tensor
             raise FormatError(f"layer {module!r} has no {exc.args[0]} (it has {', '.join(sorted(parts))})") from None
         except RuntimeError as exc:  # factors whose shapes do not multiply
             raise FormatError(f"layer {module!r} has matrices of inconsistent shapes ({exc})") from None
+        if "dora_scale" in parts:
+            try:
+                out[f"{name}.dora_scale"] = lora_dora.magnitude(module, parts["dora_scale"], down, up)
+            except lora_dora.DoraError as exc:
+                raise FormatError(str(exc)) from None
         out[f"{name}.lora_down.weight"] = down
         # The scale goes into `up`, and no layer gets an alpha: diffusers then gives every layer scale 1,
         # whatever its rank (its alpha_pattern for Kohya attention layers is keyed by names PEFT never matches).
@@ -126,6 +129,8 @@ def _as_lora(module: str, parts: dict[str, Tensor],
         down, mid, up = (parts[f"lora_{p}.weight"].float() for p in ("down", "mid", "up"))
         merged = torch.einsum("ijkl,jr->irkl", mid, down.flatten(1))
         return merged, up, _rank_scale(alpha_value, down.shape[0])
+    if "hada_t1" in parts:
+        return _loha_tucker(parts, alpha_value)
     if "hada_w1_a" in parts:
         w1a, w1b, w2a, w2b = (parts[f"hada_{p}"].float() for p in ("w1_a", "w1_b", "w2_a", "w2_b"))
         rank = w1a.shape[1] * w2a.shape[1]
@@ -147,6 +152,9 @@ def _lokr(module: str, parts: dict[str, Tensor], alpha: float | None,
         return None
 
     w1, w2 = factors("w1"), factors("w2")
+    if "lokr_t2" in parts:  # w2 = t2 ×1 w2_a ×2 w2_b, w2_a (r, c) and w2_b (r, d): up w2_aᵀ, down t2 ×2 w2_b
+        t2, w2_a, w2_b = parts["lokr_t2"].float(), parts["lokr_w2_a"].float(), parts["lokr_w2_b"].float()
+        w2 = (w2_a.T.contiguous(), torch.einsum("ijhw,jq->iqhw", t2, w2_b).contiguous())
     if w1 is None:
         full = parts["lokr_w1"].float()
         eye_a, eye_b = torch.eye(full.shape[0], device=full.device), torch.eye(full.shape[1], device=full.device)
@@ -173,6 +181,18 @@ def _lokr(module: str, parts: dict[str, Tensor], alpha: float | None,
         parts["lokr_w1_b"].shape[0] if "lokr_w1_b" in parts else None
     scale = alpha / dim if alpha is not None and dim is not None else 1.0
     return down, _conv_up(up, shape), scale
+
+
+def _loha_tucker(parts: dict[str, Tensor], alpha: float | None) -> tuple[Tensor, Tensor, float]:
+    """A Tucker LoHa convolution as one LoRA convolution of rank r1·r2 (see the module docstring)."""
+    import torch
+
+    t1, a1, b1, t2, a2, b2 = (parts[f"hada_{p}"].float() for p in ("t1", "w1_a", "w1_b", "t2", "w2_a", "w2_b"))
+    rank = a1.shape[0] * a2.shape[0]
+    folded1, folded2 = torch.einsum("ijhw,jq->iqhw", t1, b1), torch.einsum("ijhw,jq->iqhw", t2, b2)
+    down = torch.einsum("iqhw,jqhw->ijqhw", folded1, folded2).reshape(rank, *folded1.shape[1:])
+    up = torch.einsum("ip,jp->pij", a1, a2).reshape(a1.shape[1], rank, 1, 1)
+    return down, up, _fixed(alpha, b1.shape[0])
 
 
 def _rank_scale(alpha: float | None, rank: int) -> float | None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nodes.engine import lora_convert
+from nodes.engine import lora_convert, lora_dora
 from nodes.engine.checkpoints import CheckpointError, read_header
 
 # The "down" (A) matrix of each LoRA layer, in every layout diffusers converts; group 1 is the module.
@@ -41,6 +41,7 @@ class LoraInfo:
     format: str  # peft (any diffusers/PEFT layout), kohya, kohya-ldm, loha, lokr, locon-tucker (lora_convert)
     ranks: dict[str, int]  # module key (as written in the file) -> rank
     components: frozenset[str]  # unet (the denoiser, a transformer for SD3 and Flux), text_encoder, text_encoder_2
+    dora: bool = False  # DoRA magnitudes (lora_magnitude_vector or dora_scale): see lora_dora
 
     @property
     def max_rank(self) -> int:
@@ -54,9 +55,12 @@ def inspect(path: Path) -> LoraInfo:
         raise LoraFileError(str(exc)) from None
     try:
         kind = lora_convert.format_of(list(header.shapes))
-        # LyCORIS formats and ldm names: ranks and modules of the LoRA they are rewritten into (shapes only).
-        shapes = header.shapes if kind in ("peft", "kohya") else {key: tuple(value.shape) for key, value in
-                                                                  lora_convert.convert(_meta(header.shapes)).items()}
+        dora = lora_dora.is_dora(list(header.shapes))
+        # LyCORIS formats, ldm names, DoRA magnitudes: ranks and modules of the LoRA they are rewritten into
+        # (shapes only; a magnitude PEFT cannot use is refused here).
+        plain = kind == "peft" or (kind == "kohya" and not dora)
+        shapes = header.shapes if plain else {key: tuple(value.shape) for key, value in
+                                              lora_convert.convert(_meta(header.shapes)).items()}
     except lora_convert.FormatError as exc:
         raise LoraFileError(f"{path.name}: {exc}") from None
     ranks = {}
@@ -68,7 +72,7 @@ def inspect(path: Path) -> LoraInfo:
         raise LoraFileError(
             f"{path.name}: no LoRA layers in it (no lora_A/lora_down tensors); is it a checkpoint or an embedding?"
         )
-    return LoraInfo(kind, ranks, frozenset(map(_component, ranks)))
+    return LoraInfo(kind, ranks, frozenset(map(_component, ranks)), dora)
 
 
 def _meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -93,6 +97,7 @@ class Layer:
     in_features: int
     out_features: int
     conv: bool  # a LoCon convolution (4-D A/B matrices)
+    dora: bool = False  # with a DoRA magnitude vector
 
 
 @functools.lru_cache(maxsize=256)
@@ -113,6 +118,10 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
             shape = handle.get_slice(key).get_shape()
             # Alphas are read (the conversion folds them into per-layer values); the rest need shapes only.
             state[key] = handle.get_tensor(key) if key.endswith(".alpha") else torch.empty(shape, device="meta")
+    if family in ("sd3", "flux") and any(key.endswith(".dora_scale") for key in state):
+        # diffusers drops these magnitudes (with a warning) in its SD3/Flux conversions; lora_dora maps SD/SDXL's.
+        raise LoraFileError(f"{name}: DoRA in Kohya/LyCORIS form (dora_scale) loads on SD1.x and SDXL only, "
+                            f"not on {family}")
     if family not in ("sd3", "flux"):  # their Kohya layouts are diffusers' own to convert
         try:
             state = lora_convert.convert(state, unet_config)
@@ -126,9 +135,12 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
     else:
         pipeline = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}.get(family, StableDiffusionPipeline)
     try:
-        converted = pipeline.lora_state_dict(state, **kwargs)
-        if isinstance(converted, tuple):  # (state, alphas) for SD/SDXL; the state alone for SD3 and Flux
-            converted = converted[0]
+        if family in ("sd3", "flux"):
+            converted = pipeline.lora_state_dict(state, **kwargs)
+        else:
+            converted = lora_dora.lora_state_dict(pipeline, state, **kwargs)[0]
+    except lora_dora.DoraError as exc:
+        raise LoraFileError(f"{name}: {exc}") from None
     except Exception as exc:  # diffusers raises many types for layouts it does not know
         raise LoraFileError(f"{name}: diffusers cannot convert its keys ({type(exc).__name__}: {exc})") from None
     result: dict[str, dict[str, Layer]] = {}
@@ -141,7 +153,8 @@ def layers(path: str, fingerprint: str, family: str, unet_config: str = "") -> d
             up = peft.get(f"{module}.lora_B.weight")
             if up is None:
                 raise LoraFileError(f"{name}: layer {component}.{module} has a down matrix but no up matrix")
-            found[module] = Layer(down.shape[0], down.shape[1], up.shape[0], down.dim() == 4)
+            dora = any(f"{module}.{lora_dora.MAGNITUDE}{end}" in peft for end in ("", ".weight"))
+            found[module] = Layer(down.shape[0], down.shape[1], up.shape[0], down.dim() == 4, dora)
         result[component] = found
     return result
 

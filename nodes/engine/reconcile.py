@@ -161,12 +161,19 @@ def _swappable(resident: Resident, slot: str, adapter: Adapter) -> bool:
     """Can diffusers hot-swap this file into the slot without failing half way (see the notes)?
 
     Only a UNet-only file, of a rank within the preparation, whose layers are the slot's or a subset, as
-    diffusers' own key conversion names them.
+    diffusers' own key conversion names them, and no DoRA on either side (diffusers cannot swap magnitudes,
+    and the LoRA cache's in-place copy has none).
     """
     if not resident.hotswap_rank:
         return False
-    layers = lora_files.layers(adapter.path, adapter.fingerprint, resident.applied.family, resident.unet_config)
+    family, config = resident.applied.family, resident.unet_config
+    layers = lora_files.layers(adapter.path, adapter.fingerprint, family, config)
     unet = layers.get(resident.denoiser, {})
+    current = resident.parts["unet"].applied.live().get(slot)
+    for file in (adapter, current) if current is not None else (adapter,):
+        if any(layer.dora for part in lora_files.layers(file.path, file.fingerprint, family, config).values()
+               for layer in part.values()):
+            return False
     return (set(layers) == {resident.denoiser} and max(layer.rank for layer in unet.values()) <= resident.hotswap_rank
             and unet.keys() <= resident.parts["unet"].slot_targets.get(slot, frozenset()))
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from nodes.engine.demo_models import unet_key_to_ldm
 
@@ -96,11 +96,22 @@ def locon_tucker(out: Path, seed: int = 2, rank: int = 3, alpha: float = 1.5, te
 
 
 def loha(out: Path, seed: int = 3, r1: int = 3, r2: int = 2, alpha: float = 2.0,
-         dtype: torch.dtype = torch.float32) -> tuple[Path, Delta]:
-    """LyCORIS LoHa; convolutions store w1_b and w2_b flat, (rank, in · k · k), as LyCORIS does."""
+         dtype: torch.dtype = torch.float32, tucker: bool = False) -> tuple[Path, Delta]:
+    """LyCORIS LoHa; convolutions store w1_b and w2_b flat, (rank, in · k · k), as LyCORIS does. `tucker`: the
+    k×k convolutions as LyCORIS's use_tucker stores them, each factor t[i, j, kh, kw] with w_a (r, out) and
+    w_b (r, in): W = einsum("i j h w, j q, i p -> p q h w", t, w_b, w_a)."""
     randn, tensors, delta = _gen(seed), {}, {}
     for component, module in _targets():
         shape, name = SHAPES[module], kohya_name(module, component)
+        if tucker and len(shape) == 4 and shape[2] > 1:
+            rebuilt = []
+            for i, r in ((1, r1), (2, r2)):
+                t, wa, wb = randn(r, r, *shape[2:]), randn(r, shape[0]), randn(r, shape[1])
+                tensors.update({f"{name}.hada_t{i}": t, f"{name}.hada_w{i}_a": wa, f"{name}.hada_w{i}_b": wb})
+                rebuilt.append(torch.einsum("ijhw,jq,ip->pqhw", t, wb, wa))
+            tensors[f"{name}.alpha"] = torch.tensor(alpha)
+            delta[(component, module)] = rebuilt[0] * rebuilt[1] * alpha / r1
+            continue
         flat = int(torch.tensor(shape[1:]).prod())
         w1a, w1b, w2a, w2b = (t.to(dtype) for t in (randn(shape[0], r1), randn(r1, flat), randn(shape[0], r2),
                                                    randn(r2, flat)))
@@ -114,7 +125,9 @@ def loha(out: Path, seed: int = 3, r1: int = 3, r2: int = 2, alpha: float = 2.0,
 
 def lokr(out: Path, variant: str, seed: int = 4, rank: int = 2, alpha: float = 3.0) -> tuple[Path, Delta]:
     """LyCORIS LoKr. variant: "w2_decomposed" (full w1, w2 = w2a w2b), "full" (full w1 and w2; a conv's w2 is
-    4-D), "both_decomposed" (w1 = w1a w1b and w2 = w2a w2b)."""
+    4-D), "both_decomposed" (w1 = w1a w1b and w2 = w2a w2b), "tucker" (w2_decomposed, but the k×k convolutions'
+    w2 is a Tucker product, LyCORIS's use_tucker: einsum("i j h w, i p, j q -> p q h w", t2, w2_a, w2_b),
+    w2_a (r, c), w2_b (r, d))."""
     randn, tensors, delta = _gen(seed), {}, {}
     for component, module in _targets():
         shape, name = SHAPES[module], kohya_name(module, component)
@@ -130,6 +143,11 @@ def lokr(out: Path, variant: str, seed: int = 4, rank: int = 2, alpha: float = 3
         if variant == "full":
             w2 = tensors[f"{name}.lokr_w2"] = randn(c, d, *kernel)
             dim = rank if variant == "both_decomposed" else None
+        elif variant == "tucker" and kernel and kernel[0] > 1:
+            t2, w2a, w2b = randn(rank, rank, *kernel), randn(rank, c), randn(rank, d)
+            tensors.update({f"{name}.lokr_t2": t2, f"{name}.lokr_w2_a": w2a, f"{name}.lokr_w2_b": w2b})
+            w2 = torch.einsum("ijhw,ip,jq->pqhw", t2, w2a, w2b).contiguous()
+            dim = rank
         else:
             w2a, w2b = randn(c, rank), randn(rank, d * int(torch.tensor(kernel).prod()))
             tensors[f"{name}.lokr_w2_a"], tensors[f"{name}.lokr_w2_b"] = w2a, w2b
@@ -172,3 +190,54 @@ def sdxl_kohya_sgm(out: Path, seed: int = 9, rank: int = 4, alpha: float = 3.0) 
         delta[(component, module)] = (up.flatten(1) @ down.flatten(1)).reshape(shape) * alpha / rank
     save_file(tensors, out)
     return out, delta
+
+
+Magnitudes = dict[tuple[str, str], torch.Tensor]  # (component, module) -> DoRA magnitude, one per output channel
+
+
+def _magnitudes(seed: int, text: bool = True) -> Magnitudes:
+    randn = _gen(seed)
+    return {(c, m): randn(SHAPES[m][0]).abs() + 0.5 for c, m in _targets(text)}
+
+
+def with_dora_scale(written: tuple[Path, Delta], seed: int = 11, per_input: bool = False
+                    ) -> tuple[Path, Delta, Magnitudes]:
+    """A Kohya/LyCORIS file (LoRA, LoHa, LoKr) made DoRA: a `dora_scale` for every layer, as LyCORIS's
+    default (`wd_on_output`) stores it, (out, 1) or (out, 1, 1, 1); `per_input`: (1, in[, 1, 1]) as older
+    LyCORIS did."""
+    path, delta = written
+    tensors, metadata = load_file(path), None
+    magnitudes = {key: m for key, m in _magnitudes(seed).items() if key in delta}
+    for (component, module), m in magnitudes.items():
+        shape = SHAPES[module]
+        trail = [1] * (len(shape) - 2)
+        scale = m[:, None] if not per_input else torch.rand(1, shape[1]) + 0.5
+        tensors[f"{kohya_name(module, component)}.dora_scale"] = scale.reshape(*scale.shape, *trail)
+    save_file(tensors, path, metadata)
+    return path, delta, magnitudes
+
+
+def peft_dora(out: Path, seed: int = 12, rank: int = 4) -> tuple[Path, Delta, Magnitudes]:
+    """DoRA in PEFT/diffusers keys (`unet.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector`),
+    as diffusers' `save_lora_weights` writes PEFT's `get_peft_model_state_dict`: magnitude (out,) for a Linear
+    layer, (1, out, 1, 1) for a convolution; no alpha (scale 1)."""
+    randn, tensors, delta = _gen(seed), {}, {}
+    magnitudes = _magnitudes(seed + 1)
+    for component, module in _targets():
+        shape, prefix = SHAPES[module], f"{component}.{module}"
+        down = randn(rank, *shape[1:])
+        up = randn(shape[0], rank, *([1, 1] if len(shape) == 4 else []))
+        m = magnitudes[(component, module)]
+        tensors.update({f"{prefix}.lora_A.weight": down, f"{prefix}.lora_B.weight": up,
+                        f"{prefix}.lora_magnitude_vector": m.reshape(1, -1, 1, 1) if len(shape) == 4 else m})
+        delta[(component, module)] = (up.flatten(1) @ down.flatten(1)).reshape(shape)
+    save_file(tensors, out)
+    return out, delta, magnitudes
+
+
+def dora_weight(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, strength: float) -> torch.Tensor:
+    """The DoRA reference: m · (W + w·ΔW) / ||W + w·ΔW||, the norm of each output channel (over the input
+    channels and the kernel), w the strength (PEFT's semantics: it scales ΔW inside the norm)."""
+    direction = base.float() + strength * delta
+    norm = direction.flatten(1).norm(dim=1)
+    return direction * (magnitude / norm).reshape(-1, *[1] * (base.dim() - 1))
