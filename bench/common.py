@@ -196,7 +196,7 @@ def switch_floor(resident: Any, slot: str, files: list[str]) -> tuple[list[Any],
     targets = [t for _, down, up in layout.weights for t in (down, up)]
     sources = []
     for path in files:
-        found = [value for key, (value, _) in lora_cache.CACHE._entries.items()
+        found = [value for key, (value, *_) in lora_cache.CACHE._entries.items()
                  if key[0] == "slot" and key[1] == path and key[4] == peft_name(slot)]
         require(len(found) == 1, f"the LoRA cache holds {len(found)} slot-ready entries for {path}")
         sources.append([t for module, _, _ in layout.weights for t in found[0].tensors[module]])

@@ -255,10 +255,12 @@ class ModelManager:
     def _pool_bytes(pool: Pool, kind: str) -> int:
         return sum(n for device, n in pool.memory().items() if device_kind(device) == kind)
 
-    def add_pool(self, pool: Pool) -> None:
-        """Count `pool`'s bytes in the budgets from now on (replacing a pool of the same name)."""
+    def add_pool(self, pool: Pool) -> bool:
+        """Count `pool`'s bytes in the budgets from now on (replacing a pool of the same name); False if it was."""
         with self._lock:
+            known = self._pools.get(pool.name) is pool
             self._pools[pool.name] = pool
+        return not known
 
     def remove_pool(self, pool: Pool) -> None:
         with self._lock:

@@ -20,10 +20,10 @@ slot-ready entry (`None`): the reconciler swaps those through diffusers.
 Memory: attached to the model manager (`attach`, done by `materialize`), the cache is one of its pools: its
 bytes count in the same RAM and VRAM budgets as models (`nodegraph models status` lists them), an entry is kept
 only in room that models leave, and the manager drops the least recently used entries before evicting any
-model. With the compute device a CUDA GPU, files are read into pinned memory (copies to the GPU at full speed)
-and a slot-ready entry is kept on the GPU when the VRAM budget has room (a switch is then a GPU→GPU copy),
-else in pinned CPU memory. Without a manager (benchmarks, tests) the cache keeps to `DEFAULT_BYTES`;
-NODEGRAPH_LORA_CACHE_MB caps it in either case.
+model. For a slot on a CUDA GPU, a slot-ready entry is kept on the GPU when the VRAM budget has room (a switch is
+then a GPU→GPU copy), else in pinned CPU memory (copies at full speed that do not wait for the GPU). Files as
+read stay in pageable memory: they are converted, never copied to a GPU as they are. Without a manager
+(benchmarks, tests) the cache keeps to `DEFAULT_BYTES`; NODEGRAPH_LORA_CACHE_MB caps it in either case.
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ class LoraCache:
 
     def __init__(self, max_bytes: int | None = None) -> None:
         self.max_bytes = max_bytes  # a cap of its own (NODEGRAPH_LORA_CACHE_MB); None: the budgets alone
-        self.device = "cpu"  # the compute device (the manager's, once attached): CUDA pins files
         self._owner: weakref.ref[Any] | None = None
         self._entries: OrderedDict[tuple[Any, ...], tuple[Any, int, str]] = OrderedDict()  # value, bytes, device
         self._lock = threading.Lock()
@@ -87,16 +86,12 @@ class LoraCache:
     def attach(self, manager: Any) -> None:
         """Count in `manager`'s budgets (a `nodegraph.models.ModelManager`), and no longer in a previous one's."""
         previous = self.owner
-        if previous is manager:
-            return
-        if previous is not None:
+        if previous is not None and previous is not manager:
             previous.remove_pool(self)
         self._owner = weakref.ref(manager)
-        self.device = manager.device
-        manager.add_pool(self)
-        manager.room("cpu", 0)  # entries kept before it counted: back within the budget
-        if self.device != "cpu":
-            manager.room("gpu", 0)
+        if manager.add_pool(self):  # newly counted: entries kept before, back within the budgets
+            for kind in {_kind(device) for device in self.memory()}:
+                manager.room(kind, 0)
 
     @property
     def owner(self) -> Any:
@@ -184,8 +179,6 @@ class LoraCache:
         from safetensors.torch import load_file
 
         state = load_file(path, device="cpu")
-        if _pinnable(self.device):
-            state = {k: v.pin_memory() for k, v in state.items()}  # host → device copies at full speed
         data = FileData(state, _load_sft_state_dict_metadata(path))
         self.reads += 1
         self._put(key, data, _nbytes(state.values()))
