@@ -205,6 +205,38 @@ def switch_floor(resident: Any, slot: str, files: list[str]) -> tuple[list[Any],
     return targets, sources, keys
 
 
+_MANAGERS: dict[str, Any] = {}
+
+
+def lora_cache_on(device: str, cache: Any = None) -> Any:
+    """`cache` (default: a new, empty one) counted in a model manager for `device` with the default budgets, as a
+    server's is: for a slot on a GPU its entries live there when the VRAM budget has room, else in pinned memory."""
+    from nodegraph.models import ModelManager
+    from nodes.engine.lora_cache import LoraCache
+
+    manager = _MANAGERS.setdefault(device, ModelManager(device=device))  # kept: the cache holds it weakly
+    cache = cache if cache is not None else LoraCache()
+    cache.attach(manager)
+    return cache
+
+
+def synchronized(cases: dict[str, Callable[[], Any]], device: str) -> dict[str, Callable[[], Any]]:
+    """The cases, each waiting for the GPU's work to finish (so wall times include it) on a CUDA device."""
+    if not device.startswith("cuda"):
+        return cases
+    import torch
+
+    def wait(case: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            result = case()
+            torch.cuda.synchronize()
+            return result
+
+        return run
+
+    return {name: wait(case) for name, case in cases.items()}
+
+
 # ---------------------------------------------------------------------------------------------- timing
 
 

@@ -338,8 +338,11 @@ class ModelManager:
                 self._release(entry)
 
     def clear(self, report: Report = _quiet) -> None:
-        """Release every model not in use (`POST /api/free`, and before retrying after out of memory)."""
+        """Empty the pools and release every model not in use (`POST /api/free`, and before retrying after out of
+        memory)."""
         with self._work:
+            for kind in ("cpu", "gpu"):
+                self._shrink_pools(kind, self.used(kind))
             for entry in [e for e in self._entries.values() if not e.locks]:
                 self._evict(entry, report, demote=False)
 

@@ -309,3 +309,12 @@ def test_pool_entries_on_the_gpu_count_in_the_vram_budget() -> None:
     h.load("a", 500)
     h.load("b", 300)  # 800 of VRAM models: the GPU entry goes, the CPU one stays
     assert pool.entries == [("cpu", 300)] and h.resident() == {"a": "cuda:0", "b": "cuda:0"}
+
+
+def test_clear_empties_the_pools_too() -> None:
+    h = Harness(device="cuda:0", vram_budget=1000, ram_budget=1000)
+    pool = Pool(("cuda:0", 300), ("cpu", 300))
+    h.manager.add_pool(pool)
+    h.load("a", 100)
+    h.manager.clear()
+    assert pool.entries == [] and h.resident() == {}
