@@ -267,7 +267,7 @@ class ModelManager:
             if self._pools.get(pool.name) is pool:
                 del self._pools[pool.name]
 
-    def room(self, kind: str, size: int, report: Report = _quiet) -> bool:
+    def room(self, kind: str, size: int) -> bool:
         """Can a pool add `size` bytes on devices of `kind`? Pools' least recently used entries are dropped to
         make room; models never are (a pool takes only the room models leave)."""
         with self._work:

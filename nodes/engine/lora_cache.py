@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from nodegraph.models import device_kind
+
 DEFAULT_BYTES = 1 << 30  # the cap without a model manager
 
 
@@ -58,6 +60,9 @@ class SlotReady:
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     scaling: dict[str, float]  # module -> alpha/r as PEFT's hot-swap computes it
     config: Any  # the LoraConfig diffusers would build, for PEFT's hot-swap compatibility check
+
+
+Converted = tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]  # state, network alphas, metadata
 
 
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -90,7 +95,7 @@ class LoraCache:
             previous.remove_pool(self)
         self._owner = weakref.ref(manager)
         if manager.add_pool(self):  # newly counted: entries kept before, back within the budgets
-            for kind in {_kind(device) for device in self.memory()}:
+            for kind in {device_kind(device) for device in self.memory()}:
                 manager.room(kind, 0)
 
     @property
@@ -123,7 +128,7 @@ class LoraCache:
             for key, (_, held, device) in list(self._entries.items()):
                 if size <= 0:
                     return
-                if held and _kind(device) == kind:
+                if held and device_kind(device) == kind:
                     del self._entries[key]
                     size -= held
 
@@ -142,7 +147,7 @@ class LoraCache:
         if cap is not None and size > cap:
             return False
         owner = self.owner
-        return owner is None or not size or owner.room(_kind(device), size)
+        return owner is None or not size or owner.room(device_kind(device), size)
 
     def _put(self, key: tuple[Any, ...], value: Any, size: int, device: str = "cpu") -> None:
         if self._fits(size, device):  # else no room: used once, never kept
@@ -216,8 +221,7 @@ class LoraCache:
                 self._reading.pop(key, None)
 
     def converted(self, pipeline: Any, path: str, fingerprint: str, own: bool = True, rewrite: str | None = None,
-                  family: str = "sd15", **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any] | None,
-                                                             dict[str, Any] | None]:
+                  family: str = "sd15", **kwargs: Any) -> Converted:
         """`pipeline.lora_state_dict(path, ...)` as (state, network alphas, metadata), from the cached read.
 
         `own`: the tensors are copies the caller may keep (PEFT's loads assign them into the model, where a
@@ -234,8 +238,9 @@ class LoraCache:
         # (diffusers' conversion pops keys from the dict it is given: never the cached one.)
         if family == "sd3":
             return pipeline.lora_state_dict(tensors, **kwargs), None, data.metadata
-        state, alphas = pipeline.lora_state_dict(tensors, **kwargs, **({"return_alphas": True} if family == "flux"
-                                                                       else {}))
+        if family == "flux":
+            kwargs["return_alphas"] = True
+        state, alphas = pipeline.lora_state_dict(tensors, **kwargs)
         return state, alphas, data.metadata
 
     def slot_ready(self, key: tuple[Any, ...]) -> SlotReady | None | bool:
@@ -256,18 +261,13 @@ class LoraCache:
             self._put(key, False, 0)
             return None
         size = _nbytes(t for pair in ready.tensors.values() for t in pair)
-        if _kind(device) == "gpu" and self._fits(size, device):
+        if device_kind(device) == "gpu" and self._fits(size, device):
             ready = moved(ready, device)
             self._store(key, ready, size, device)
         else:
             ready = moved(ready, "cpu", pin=_pinnable(device))
             self._put(key, ready, size, "cpu")
         return ready
-
-
-def _kind(device: str) -> str:
-    """"cpu" or "gpu", as the model manager's budgets count devices."""
-    return "cpu" if device == "cpu" else "gpu"
 
 
 def _pinnable(device: str) -> bool:
@@ -293,9 +293,8 @@ def slot_key(path: str, fingerprint: str, conversion: tuple[Any, ...], name: str
     return ("slot", path, fingerprint, conversion, name, rank, str(dtype), str(device))
 
 
-def build_slot_ready(converted: tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None], name: str,
-                     rank: int, dtype: torch.dtype, device: torch.device | str, denoiser: str = "unet"
-                     ) -> SlotReady | None:
+def build_slot_ready(converted: Converted, name: str, rank: int, dtype: torch.dtype, device: torch.device | str,
+                     denoiser: str = "unet") -> SlotReady | None:
     """What diffusers' hot-swap into `denoiser` ("unet" or "transformer") would copy into slot `name` prepared
     to `rank`, ready to be copied there."""
     from diffusers.utils import convert_unet_state_dict_to_peft
