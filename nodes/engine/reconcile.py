@@ -13,8 +13,8 @@ pipeline built from the recipe alone, and exactly the recipe's live adapters exi
 Transitions, cheapest first:
 - a strength or block-scale change: new scales only, written in place into the layers found once per
   load (`Part.layouts`): no module walks, no `set_adapters`;
-- a new file in an existing slot: an in-place hot-swap (UNet) when the pipeline was prepared for it
-  and the file fits the slot (UNet only, rank within the target, a subset of the slot's layers),
+- a new file in an existing slot: an in-place hot-swap (the denoiser, UNet or transformer) when the pipeline was
+  prepared for it and the file fits the slot (denoiser only, rank within the target, a subset of its layers),
   else delete and load; a new adapter: a load; a removed one: a delete. A hot-swap copies the file's
   slot-ready tensors from the LoRA cache (`nodes/engine/lora_cache.py`) into the slot's padded weights
   in one batched copy; only files the cache cannot prepare go through diffusers' `hotswap=True`;
