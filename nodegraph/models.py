@@ -37,6 +37,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from nodegraph.sizes import OptionError as OptionError  # (re-exported: the manager's callers use them)
+from nodegraph.sizes import format_bytes as format_bytes
+from nodegraph.sizes import parse_size as parse_size
+
 DEFAULT_VRAM_BUDGET = "90%"
 DEFAULT_RAM_BUDGET = "50%"
 RESERVE = 0.1  # of each budget, kept free for inference
@@ -107,25 +111,6 @@ class ResidentModel:
                 "components": [dict(c) for c in self.components]}
 
 
-class OptionError(ValueError):
-    """A device or budget that cannot be understood (reported at start-up, before any job)."""
-
-
-def parse_size(text: str | int, total: Callable[[], int]) -> int:
-    """`8G`, `512M`, `1.5GiB`, `1073741824` or `50%` (of `total()`, asked only for percentages) as bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%|[kmgt]i?b?|b)?\s*", text.lower())
-    if not match:
-        raise OptionError(f"{text!r} is not a size: use bytes (8G, 512M, 1073741824) or a percentage (50%)")
-    number, unit = float(match.group(1)), match.group(2) or "b"
-    if unit == "%":
-        if number > 100:
-            raise OptionError(f"{text!r}: a percentage above 100")
-        return int(total() * number / 100)
-    return int(number * 1024 ** "bkmgt".index(unit[0]))
-
-
 def device_kind(device: str) -> str:
     return "cpu" if device == "cpu" else "gpu"
 
@@ -170,14 +155,6 @@ def _check_present(requested: str, option: str, flag: str) -> None:
     count = torch.cuda.device_count()
     if int(requested.partition(":")[2] or 0) >= count:
         raise OptionError(f"{option} {requested!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
-
-
-def format_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
 
 
 def _check_name(device: str, option: str) -> None:
