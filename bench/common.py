@@ -196,13 +196,45 @@ def switch_floor(resident: Any, slot: str, files: list[str]) -> tuple[list[Any],
     targets = [t for _, down, up in layout.weights for t in (down, up)]
     sources = []
     for path in files:
-        found = [value for key, (value, _) in lora_cache.CACHE._entries.items()
+        found = [value for key, (value, *_) in lora_cache.CACHE._entries.items()
                  if key[0] == "slot" and key[1] == path and key[4] == peft_name(slot)]
         require(len(found) == 1, f"the LoRA cache holds {len(found)} slot-ready entries for {path}")
         sources.append([t for module, _, _ in layout.weights for t in found[0].tensors[module]])
         require(all(s.shape == t.shape for s, t in zip(sources[-1], targets, strict=True)), "shapes differ")
     keys = [f"unet.{module}.lora_{ab}.weight" for module, _, _ in layout.weights for ab in "AB"]
     return targets, sources, keys
+
+
+_MANAGERS: dict[str, Any] = {}
+
+
+def lora_cache_on(device: str, cache: Any = None) -> Any:
+    """`cache` (default: a new, empty one) counted in a model manager for `device` with the default budgets, as a
+    server's is: for a slot on a GPU its entries live there when the VRAM budget has room, else in pinned memory."""
+    from nodegraph.models import ModelManager
+    from nodes.engine.lora_cache import LoraCache
+
+    manager = _MANAGERS.setdefault(device, ModelManager(device=device))  # kept: the cache holds it weakly
+    cache = cache if cache is not None else LoraCache()
+    cache.attach(manager)
+    return cache
+
+
+def synchronized(cases: dict[str, Callable[[], Any]], device: str) -> dict[str, Callable[[], Any]]:
+    """The cases, each waiting for the GPU's work to finish (so wall times include it) on a CUDA device."""
+    if not device.startswith("cuda"):
+        return cases
+    import torch
+
+    def wait(case: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            result = case()
+            torch.cuda.synchronize()
+            return result
+
+        return run
+
+    return {name: wait(case) for name, case in cases.items()}
 
 
 # ---------------------------------------------------------------------------------------------- timing

@@ -3,17 +3,20 @@
     python bench/hotswap.py                       # tiny demo SD1.5, all four parts: ≈3-5 min (cold compile 1-2 min)
     python bench/hotswap.py --size sd15           # full-size SD1.5 architecture, random weights: ≈4 min + build
     python bench/hotswap.py --size sd15 --compile # the same plus part 3 (a cold full-size compile: minutes more)
+    python bench/hotswap.py --device cuda         # the same with the pipelines on a GPU (timings synchronize)
 
 Options: `--repeats N` rounds (default 20 tiny, 6 sd15); `--models-dir DIR` keeps the generated models there and
 reuses them (default: a temp dir, removed at the end; sd15 writes ≈4 GB and takes ≈1-2 min to build);
 `--threads N` torch threads (default 1, see bench/common.py); `--no-compile` skips part 3 on tiny;
 `--inductor-cache DIR` compiles with that inductor cache (default: a fresh temp dir, so the first call is a
-cold compile); `--json` prints the figures as one JSON object on the last line.
+cold compile); `--device` where the pipelines live (default cpu; cuda, cuda:1, …): the LoRA cache is counted in a
+model manager for that device with the default budgets, as a server's is; `--json` prints the figures as one JSON
+object on the last line.
 
 Models: the size's checkpoint and attention LoRA from bench/common.py (tiny: tiny-sd15 + tiny-sd15-style,
 rank 4; sd15: the random full-size SD1.5 + a rank-8 LoRA on all 128 attention projections), and a second
 LoRA of the same layers, rank and alpha (other random tensors, `common.attention_lora` with another seed),
-written next to it. Pipelines come from `nodes.engine.checkpoints.load_pipeline` (fp32, CPU) and are held as
+written next to it. Pipelines come from `nodes.engine.checkpoints.load_pipeline` (fp32, on `--device`) and are held as
 reconciler `Resident`s; recipes are built by our LoadCheckpoint and LoadLoRA nodes, then
 `recipe.prepared_for_hotswap(rank)` (what HotswapLoRA and CompileModel do).
 
@@ -67,6 +70,7 @@ import torch
 from common import Models, interleaved, median, ms, require, table
 
 SLOT = "s"
+DEVICE = "cpu"  # --device
 STRENGTHS = (1.0, 0.5)
 GUIDANCE = 7.0
 PROMPT = "a red fox in the snow, watercolor"
@@ -155,7 +159,10 @@ class Setup:
 
         pipe = load_pipeline(self.models.checkpoint_path, torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        return Resident.fresh(pipe, self.bare, scheduler_config=dict(pipe.scheduler.config))
+        made = Resident.fresh(pipe, self.bare, scheduler_config=dict(pipe.scheduler.config))
+        if DEVICE != "cpu":
+            made.move(DEVICE)
+        return made
 
     def other(self, resident: Any) -> str:
         """The file not in the resident's slot now."""
@@ -182,11 +189,11 @@ def probe(pipe: Any, latent: int, batch: int = 1) -> torch.Tensor:
     """One UNet forward on fixed inputs (the shapes a CFG sample at `latent`² uses when batch is 2)."""
     unet = pipe.unet
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(batch, unet.config.in_channels, latent, latent, generator=generator)
-    text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator)
+    latents = torch.randn(batch, unet.config.in_channels, latent, latent, generator=generator).to(unet.device)
+    text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator).to(unet.device)
     with torch.inference_mode():
-        out: torch.Tensor = unet(latents, torch.tensor(500.0), encoder_hidden_states=text).sample
-    return out.clone()
+        out: torch.Tensor = unet(latents, torch.tensor(500.0, device=unet.device), encoder_hidden_states=text).sample
+    return out.cpu()  # (on a GPU: waits for it)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> float:
@@ -266,21 +273,21 @@ def measure_switch(s: Setup, size: Size, repeats: int) -> Switch:
 
     from nodes.engine import lora_cache
 
-    cache = lora_cache.CACHE
+    cache = common.lora_cache_on(DEVICE, lora_cache.CACHE)
     reconcile(s.hot, s.prepared[s.other(s.hot)], [f"hotswap:{SLOT}", "scales"])  # both files now in the cache
     targets, sources, keys = common.switch_floor(s.hot, SLOT, [s.path(a), s.path(b)])
 
     def uncached() -> None:
-        lora_cache.CACHE = lora_cache.LoraCache()  # empty; restored untimed after
+        lora_cache.CACHE = common.lora_cache_on(DEVICE)  # empty; restored untimed after
         hotswap()
 
     def restore() -> None:
-        lora_cache.CACHE = cache
+        lora_cache.CACHE = common.lora_cache_on(DEVICE, cache)
 
     def copy() -> None:
         state["copy"] = 1 - int(state.get("copy", 0))
         with torch.no_grad():
-            torch._foreach_copy_(targets, sources[state["copy"]])
+            torch._foreach_copy_(targets, sources[state["copy"]], non_blocking=True)
 
     def read_copy() -> None:
         state["read_copy"] = b if state.get("read_copy") == a else a
@@ -288,9 +295,10 @@ def measure_switch(s: Setup, size: Size, repeats: int) -> Switch:
         with torch.no_grad():
             torch._foreach_copy_(targets, [tensors[k] for k in keys])
 
-    t = interleaved({"hotswap": hotswap, "delete_load": delete_load, "reload": reload, "read": read,
-                     "scales": scales, "diffusers": diffusers, "uncached": uncached, "copy": copy,
-                     "read_copy": read_copy}, repeats, after={"uncached": restore})
+    t = interleaved(common.synchronized({
+        "hotswap": hotswap, "delete_load": delete_load, "reload": reload, "read": read, "scales": scales,
+        "diffusers": diffusers, "uncached": uncached, "copy": copy, "read_copy": read_copy}, DEVICE), repeats,
+        after={"uncached": restore})
     state["reloaded"] = None
     return Switch(t["hotswap"], t["delete_load"], t["reload"], t["read"], t["scales"], t["diffusers"],
                   t["uncached"], t["copy"], t["read_copy"])
@@ -383,6 +391,8 @@ def sample(pipe: Any, size: Size, before: Callable[[], None], each: Callable[[in
     spent: list[float] = []
 
     def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if DEVICE.startswith("cuda"):
+            torch.cuda.synchronize()  # the step's work done: stamps measure it
         t0 = time.perf_counter()
         each(step)
         t1 = time.perf_counter()
@@ -480,9 +490,12 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="run part 3 (compile) on sd15 too")
     parser.add_argument("--no-compile", action="store_true", help="skip part 3 (compile) on tiny")
     parser.add_argument("--inductor-cache", default=None, help="inductor cache dir (default: a fresh temp dir)")
+    parser.add_argument("--device", default="cpu", help="where the pipelines live: cpu (default), cuda, cuda:1, …")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     common.add_threads_option(parser)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     common.set_threads(args.threads)
     size = SIZES[args.size]
     repeats = args.repeats or size.repeats
@@ -516,7 +529,7 @@ def main() -> int:
     total = time.perf_counter() - started
 
     print(f"nodegraph hot-swap — {args.size}: {models.checkpoint}, slot {SLOT!r} alternating {models.lora} ↔ "
-          f"{swap.name} (rank {info.max_rank}, {len(info.ranks)} layers, {size_kb:,.0f} KiB each), fp32 CPU")
+          f"{swap.name} (rank {info.max_rank}, {len(info.ranks)} layers, {size_kb:,.0f} KiB each), fp32 {DEVICE}")
     print(common.machine())
     print(f"{repeats} interleaved rounds; ms are medians, × the median of per-round ratios; reconcile's actions "
           "asserted on every call; outputs checked before timing")
@@ -596,7 +609,7 @@ def main() -> int:
     print(f"total {total:.0f} s")
     if args.json:
         figures: dict[str, Any] = {
-            "size": args.size, "repeats": repeats, "hotswap_rank": setup.rank,
+            "size": args.size, "device": DEVICE, "repeats": repeats, "hotswap_rank": setup.rank,
             **{f"{name}_ms": median(getattr(switch, name)) * 1e3 for name in (
                 "hotswap", "delete_load", "reload", "read", "scales", "diffusers", "uncached", "copy", "read_copy")},
             "hotswap_x_copy": ratio(switch.hotswap, switch.copy),

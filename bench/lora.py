@@ -273,6 +273,7 @@ def measure_switches(bench: Bench, repeats: int) -> Switches:
     recipes = {(f.name, s): LoadLoRA().run(ctx, bench.bare, f.name, s, 1.0, SLOT, "")["model"]
                .prepared_for_hotswap(rank) for f in files for s in STRENGTHS}
     hot = resident(models, bench.bare, bench.device)
+    cache = common.lora_cache_on(bench.device, lora_cache.CACHE)  # under a manager's budgets, as a server's
     swap = [f"hotswap:{SLOT}", SCALES]
     reconcile(hot, recipes[(files[0].name, 1.0)], [f"prepare_hotswap:{rank}", f"load:{SLOT}", SCALES])
     reconcile(hot, recipes[(files[1].name, 1.0)], swap)  # uncached: the cache is empty
@@ -283,7 +284,6 @@ def measure_switches(bench: Bench, repeats: int) -> Switches:
 
     targets, sources, file_keys = common.switch_floor(hot, SLOT, [str(f) for f in files])
     layout = in_place.slot_layout(hot, "unet", SLOT)
-    cache = lora_cache.CACHE
 
     name = bench.adapter_name
     raw = bench.pipe  # (a) and (b) are done: diffusers alone, prepared by hand
@@ -302,15 +302,15 @@ def measure_switches(bench: Bench, repeats: int) -> Switches:
         reconcile(hot, recipes[(files[flip("at")].name, 1.0)], swap)
 
     def uncached() -> None:
-        lora_cache.CACHE = lora_cache.LoraCache()  # empty (restored untimed after)
+        lora_cache.CACHE = common.lora_cache_on(bench.device)  # empty (restored untimed after)
         cached()
 
     def restore() -> None:
-        lora_cache.CACHE = cache
+        lora_cache.CACHE = common.lora_cache_on(bench.device, cache)
 
     def copy() -> None:
         with torch.no_grad():
-            torch._foreach_copy_(targets, sources[flip("floor")])
+            torch._foreach_copy_(targets, sources[flip("floor")], non_blocking=True)
         sync()
 
     def read_copy() -> None:

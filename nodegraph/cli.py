@@ -375,6 +375,9 @@ def cmd_models_status(args: argparse.Namespace, registry: Registry, settings: Se
     for name, budget in status["budgets"].items():
         print(f"{name} budget on {budget['device']}: {format_bytes(budget['budget'])}, models up to "
               f"{format_bytes(budget['limit'])}, {format_bytes(budget['used'])} used")
+    for cache in status.get("caches", []):  # counted in the budgets above; dropped before any model
+        memory = ", ".join(f"{format_bytes(n)} {d}" for d, n in cache["bytes"].items()) or "0 B"
+        print(f"{cache['name']} cache: {cache['entries']} entries, {memory}")
     rows = [(r["name"], r["device"] + (" (offloaded)" if r["offloaded"] else ""),
              ", ".join(f"{format_bytes(n)} {d}" for d, n in r["bytes"].items()) or "0 B",
              "in use" if r["locked"] else f"idle {r['idle_seconds']:.0f} s") for r in status["residents"]]

@@ -9,7 +9,11 @@ of tensors it holds on each device, move itself to another device and release wh
 - what eviction means: a model on a GPU moves to the CPU when the RAM budget has room for it (a
   fast return later: "reload"), else it is released; a model on the CPU is released (the next use
   loads it again from its memory-mapped safetensors files);
-- that a model in use by a running node (locked) is never evicted.
+- that a model in use by a running node (locked) is never evicted;
+- what caches beside the models may hold (`Pool`, such as the node pack's LoRA cache): their bytes count
+  in the same budgets; they grow only into room that models leave (`room`, which never evicts a model),
+  and when a model needs room they are shrunk first, least recently used entries first, before any model
+  is evicted (an entry is refilled from a file in milliseconds, a model in seconds).
 
 `text_encoder_device` (default: the compute device) is where the node pack keeps a pipeline's text
 encoders (T5 is large and runs once per prompt); a resident that can say so (`component_memory`)
@@ -33,6 +37,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from nodegraph.sizes import OptionError as OptionError  # (re-exported: the manager's callers use them)
+from nodegraph.sizes import format_bytes as format_bytes
+from nodegraph.sizes import parse_size as parse_size
+
 DEFAULT_VRAM_BUDGET = "90%"
 DEFAULT_RAM_BUDGET = "50%"
 RESERVE = 0.1  # of each budget, kept free for inference
@@ -53,6 +61,21 @@ class Residency(Protocol):
 
     def release(self) -> None:
         """Free what is held outside Python's reach (offload files); called once, when evicted."""
+
+
+class Pool(Protocol):
+    """A cache beside the models whose bytes count in the budgets (the LoRA cache): every entry can go."""
+
+    name: str
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held on each device ("cpu", "cuda:0", ...)."""
+
+    def count(self) -> int:
+        """How many entries it holds (for `models status`)."""
+
+    def shrink(self, kind: str, size: int) -> None:
+        """Drop least recently used entries on devices of `kind` until `size` bytes are freed, or all of them."""
 
 
 @dataclass(frozen=True)
@@ -86,25 +109,6 @@ class ResidentModel:
                 "loaded_seconds_ago": round(now - self.loaded_at, 3),
                 "idle_seconds": 0.0 if self.locks else round(now - self.last_used, 3), "locked": self.locks > 0,
                 "components": [dict(c) for c in self.components]}
-
-
-class OptionError(ValueError):
-    """A device or budget that cannot be understood (reported at start-up, before any job)."""
-
-
-def parse_size(text: str | int, total: Callable[[], int]) -> int:
-    """`8G`, `512M`, `1.5GiB`, `1073741824` or `50%` (of `total()`, asked only for percentages) as bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%|[kmgt]i?b?|b)?\s*", text.lower())
-    if not match:
-        raise OptionError(f"{text!r} is not a size: use bytes (8G, 512M, 1073741824) or a percentage (50%)")
-    number, unit = float(match.group(1)), match.group(2) or "b"
-    if unit == "%":
-        if number > 100:
-            raise OptionError(f"{text!r}: a percentage above 100")
-        return int(total() * number / 100)
-    return int(number * 1024 ** "bkmgt".index(unit[0]))
 
 
 def device_kind(device: str) -> str:
@@ -153,14 +157,6 @@ def _check_present(requested: str, option: str, flag: str) -> None:
         raise OptionError(f"{option} {requested!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
 
 
-def format_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
-
-
 def _check_name(device: str, option: str) -> None:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
         raise OptionError(f"unknown {option} {device!r}: use auto, cpu, cuda, cuda:N or mps")
@@ -181,6 +177,7 @@ class ModelManager:
         self.reserve = reserve
         self._device: str | None = None
         self._entries: dict[Hashable, ResidentModel] = {}  # least recently used first
+        self._pools: dict[str, Pool] = {}
         self._lock = threading.Lock()  # the entries' bookkeeping (status() reads it from other threads)
         self._work = threading.RLock()  # one load, move or eviction at a time
 
@@ -222,8 +219,40 @@ class ModelManager:
         return int(self.budget(kind) * (1 - self.reserve))
 
     def used(self, kind: str) -> int:
+        """Bytes on devices of `kind` held by models and by pools."""
+        with self._lock:
+            pools = list(self._pools.values())
+        return self._models_used(kind) + sum(self._pool_bytes(pool, kind) for pool in pools)
+
+    def _models_used(self, kind: str) -> int:
         with self._lock:
             return sum(e.on(kind) for e in self._entries.values())
+
+    @staticmethod
+    def _pool_bytes(pool: Pool, kind: str) -> int:
+        return sum(n for device, n in pool.memory().items() if device_kind(device) == kind)
+
+    def add_pool(self, pool: Pool) -> bool:
+        """Count `pool`'s bytes in the budgets from now on (replacing a pool of the same name); False if it was."""
+        with self._lock:
+            known = self._pools.get(pool.name) is pool
+            self._pools[pool.name] = pool
+        return not known
+
+    def remove_pool(self, pool: Pool) -> None:
+        with self._lock:
+            if self._pools.get(pool.name) is pool:
+                del self._pools[pool.name]
+
+    def room(self, kind: str, size: int) -> bool:
+        """Can a pool add `size` bytes on devices of `kind`? Pools' least recently used entries are dropped to
+        make room; models never are (a pool takes only the room models leave)."""
+        with self._work:
+            limit = self.limit(kind)
+            if self._models_used(kind) + size > limit:
+                return False  # not even with every pool emptied: drop nothing
+            self._shrink_pools(kind, self.used(kind) + size - limit)
+            return self.used(kind) + size <= limit
 
     @contextmanager
     def use(self, key: Hashable, load: Callable[[Placement], Any], size: int = 0, name: str = "",
@@ -286,8 +315,11 @@ class ModelManager:
                 self._release(entry)
 
     def clear(self, report: Report = _quiet) -> None:
-        """Release every model not in use (`POST /api/free`, and before retrying after out of memory)."""
+        """Empty the pools and release every model not in use (`POST /api/free`, and before retrying after out of
+        memory)."""
         with self._work:
+            for kind in ("cpu", "gpu"):
+                self._shrink_pools(kind, self.used(kind))
             for entry in [e for e in self._entries.values() if not e.locks]:
                 self._evict(entry, report, demote=False)
 
@@ -304,8 +336,11 @@ class ModelManager:
             budgets["vram" if kind == "gpu" else "ram"] = {
                 "device": self.device if kind == "gpu" else "cpu", "budget": self.budget(kind),
                 "limit": self.limit(kind), "used": self.used(kind)}
+        with self._lock:
+            pools = list(self._pools.values())
         return {"device": self.device, "text_encoder_device": self.text_encoder_device or self.device,
-                "budgets": budgets, "residents": [e.to_json() for e in self.resident()]}
+                "budgets": budgets, "residents": [e.to_json() for e in self.resident()],
+                "caches": [{"name": p.name, "entries": p.count(), "bytes": p.memory()} for p in pools]}
 
     def _measure(self, entry: ResidentModel) -> None:
         memory = entry.value.memory()
@@ -314,11 +349,24 @@ class ModelManager:
         with self._lock:
             entry.memory, entry.components = memory, components
 
+    def _shrink_pools(self, kind: str, excess: int) -> None:
+        """Free `excess` bytes of `kind` from the pools, in the order they were added."""
+        with self._lock:
+            pools = list(self._pools.values())
+        for pool in pools:
+            if excess <= 0:
+                return
+            before = self._pool_bytes(pool, kind)
+            pool.shrink(kind, excess)
+            excess -= before - self._pool_bytes(pool, kind)
+
     def _make_room(self, kind: str, size: int, report: Report, keep: Hashable = None) -> bool:
-        """Evict least recently used unlocked models of `kind` until `size` more bytes fit the limit."""
+        """Shrink the pools, then evict least recently used unlocked models of `kind`, until `size` more bytes
+        fit the limit."""
         limit = self.limit(kind)
         if size > limit:
             return False
+        self._shrink_pools(kind, self.used(kind) + size - limit)
         for entry in self.resident():
             if self.used(kind) + size <= limit:
                 break

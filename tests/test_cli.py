@@ -211,3 +211,16 @@ def test_models_status_lists_components(capsys: pytest.CaptureFixture[str], monk
     row = next(i for i, line in enumerate(lines) if line.startswith("tiny-flux (bf16)"))
     assert code == 0 and lines[row + 1].split() == ["transformer", "(bfloat16)", "cpu", "300", "B", "cpu"]
     assert lines[row + 2].split() == ["text_encoder_2", "(float32)", "cpu", "70", "B", "cpu"]
+
+
+def test_models_status_lists_the_caches_counted_in_the_budgets(capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodegraph import cli
+    from tests.test_models import Pool
+
+    manager = cli.ModelManager(device="cpu", ram_budget=10_000)
+    manager.add_pool(Pool(("cpu", 1000), ("cpu", 500)))
+    monkeypatch.setattr(cli, "model_manager", lambda args: manager)
+    code, out, _ = run_cli(capsys, "models", "status", "--url", "http://127.0.0.1:1")
+    assert code == 0 and "fake cache: 2 entries, 1.5 KiB cpu" in out.splitlines()
+    assert "ram budget on cpu: 9.8 KiB, models up to 8.8 KiB, 1.5 KiB used" in out

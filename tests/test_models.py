@@ -235,3 +235,86 @@ def test_a_reload_makes_room_for_what_was_moved_not_for_text_encoders_kept_on_th
     with h.manager.use("flux", lambda placement: Parts("flux", 300, placement, h.log), 0, "flux"):
         pass  # 400 + 150 + 300 fit; counting its 70 bytes of text encoders too would not
     assert h.resident() == {"b": "cuda:0", "d": "cuda:0", "flux": "cuda:0"}
+
+
+class Pool:
+    """A cache beside the models (as the LoRA cache is): entries of (device, bytes), least recently used first."""
+
+    name = "fake"
+
+    def __init__(self, *entries: tuple[str, int]) -> None:
+        self.entries = list(entries)
+
+    def memory(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for device, size in self.entries:
+            totals[device] = totals.get(device, 0) + size
+        return totals
+
+    def count(self) -> int:
+        return len(self.entries)
+
+    def shrink(self, kind: str, size: int) -> None:
+        for entry in list(self.entries):
+            if size <= 0:
+                return
+            if (entry[0] == "cpu") == (kind == "cpu"):
+                self.entries.remove(entry)
+                size -= entry[1]
+
+
+def test_a_pools_bytes_count_in_the_budgets_and_are_listed() -> None:
+    h = Harness(device="cuda:0", vram_budget="1000", ram_budget="2000")
+    pool = Pool(("cpu", 70), ("cuda:0", 30), ("cpu", 5))
+    h.manager.add_pool(pool)
+    h.load("a", 300)
+    status = h.manager.status()
+    assert status["budgets"]["vram"]["used"] == 330 and status["budgets"]["ram"]["used"] == 75
+    assert status["caches"] == [{"name": "fake", "entries": 3, "bytes": {"cpu": 75, "cuda:0": 30}}]
+    h.manager.remove_pool(pool)
+    assert h.manager.used("gpu") == 300 and h.manager.status()["caches"] == []
+
+
+def test_a_pool_is_shrunk_least_recent_first_before_any_model_is_evicted() -> None:
+    h = Harness(device="cpu", ram_budget=1000)  # models and pools may use 900 bytes
+    pool = Pool(*[("cpu", 100)] * 4)
+    h.manager.add_pool(pool)
+    h.load("a", 400)  # 400 + 400: fits
+    assert pool.count() == 4
+    first = pool.entries[0]
+    pool.entries[0] = ("cpu", 99)  # to tell the oldest entry apart
+    h.load("b", 250)  # 250 more: two entries go (the oldest first), no model
+    assert pool.entries == [first, first] and h.resident() == {"a": "cpu", "b": "cpu"} and h.log == []
+    h.load("c", 300)  # the pool is emptied before a model is evicted
+    assert pool.entries == [] and h.log == ["release a"]
+
+
+def test_a_pool_grows_only_into_room_that_models_leave() -> None:
+    h = Harness(device="cpu", ram_budget=1000)  # 900 bytes
+    pool = Pool(("cpu", 100), ("cpu", 100))
+    h.manager.add_pool(pool)
+    h.load("a", 600)
+    assert h.manager.room("cpu", 100)  # 800 + 100: fits as it is
+    assert pool.count() == 2
+    assert h.manager.room("cpu", 150) and pool.count() == 1  # its own oldest entry made way
+    assert not h.manager.room("cpu", 400)  # only by evicting a model: refused, the model and the entry stay
+    assert h.resident() == {"a": "cpu"} and h.log == [] and pool.count() == 1
+    assert not h.manager.room("cpu", 901)  # larger than the whole budget
+
+
+def test_pool_entries_on_the_gpu_count_in_the_vram_budget() -> None:
+    h = Harness(device="cuda:0", vram_budget=1000, ram_budget=1000)
+    pool = Pool(("cuda:0", 300), ("cpu", 300))
+    h.manager.add_pool(pool)
+    h.load("a", 500)
+    h.load("b", 300)  # 800 of VRAM models: the GPU entry goes, the CPU one stays
+    assert pool.entries == [("cpu", 300)] and h.resident() == {"a": "cuda:0", "b": "cuda:0"}
+
+
+def test_clear_empties_the_pools_too() -> None:
+    h = Harness(device="cuda:0", vram_budget=1000, ram_budget=1000)
+    pool = Pool(("cuda:0", 300), ("cpu", 300))
+    h.manager.add_pool(pool)
+    h.load("a", 100)
+    h.manager.clear()
+    assert pool.entries == [] and h.resident() == {}

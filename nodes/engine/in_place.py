@@ -102,28 +102,27 @@ def _check_compatible(slot: Any, new: Any) -> None:
 
 
 def swap(resident: Resident, adapter: Adapter) -> None:
-    """Hot-swap a file into its (prepared) UNet slot: the cache's slot-ready tensors copied in one batch.
+    """Hot-swap a file into its (prepared) denoiser slot: the cache's slot-ready tensors copied in one batch.
 
-    What diffusers' `load_lora_into_unet(hotswap=True)` does, without its state-dict conversion, module walks
-    and per-tensor copies on every switch; files the cache cannot prepare (not plain LoRA) still go through it.
+    What diffusers' `load_lora_into_unet` / `load_lora_into_transformer` with `hotswap=True` does, without its
+    state-dict conversion, module walks and per-tensor copies on every switch; files the cache cannot prepare
+    (not plain LoRA) still go through it.
     """
-    pipe, part, name = resident.pipe, resident.parts["unet"], r.peft_name(adapter.slot)
+    pipe, part, name, denoiser = resident.pipe, resident.parts["unet"], r.peft_name(adapter.slot), resident.denoiser
     layout = slot_layout(resident, "unet", adapter.slot)
-    if not layout.weights or resident.denoiser != "unet":  # the cache prepares UNet files; diffusers swaps the rest
+    if not layout.weights:
         r._load(resident, "unet", adapter, hotswap=True)
         return
     down = layout.weights[0][1]
-    sdxl = resident.applied.family == "sdxl"
-    conversion = (resident.applied.family, resident.unet_config)
-    key = lora_cache.slot_key(adapter.path, adapter.fingerprint, conversion, name, down.shape[0], down.dtype,
-                              down.device)
+    family = resident.applied.family
+    key = lora_cache.slot_key(adapter.path, adapter.fingerprint, (family, resident.unet_config), name,
+                              down.shape[0], down.dtype, down.device)
     ready = lora_cache.CACHE.slot_ready(key)
     if ready is False:  # not cached: read (unless prewarmed) and convert, as strictly as a load
         file_name = adapter.path.rsplit("/", 1)[-1]
         try:
             with r._library_warnings() as warned:
-                ready = lora_cache.CACHE.build_slot_ready(key, type(pipe), rewrite=resident.unet_config,
-                                                          **({"unet_config": pipe.unet.config} if sdxl else {}))
+                ready = lora_cache.CACHE.build_slot_ready(key, type(pipe), denoiser, **r.conversion_kwargs(resident))
         except Exception as exc:
             raise r.ReconcileError(f"LoRA {file_name!r} (slot {adapter.slot!r}) cannot be loaded into this model: "
                                    f"{type(exc).__name__}: {exc}") from exc
@@ -133,7 +132,7 @@ def swap(resident: Resident, adapter: Adapter) -> None:
     if not isinstance(ready, lora_cache.SlotReady):
         r._load(resident, "unet", adapter, hotswap=True)
         return
-    _check_compatible(pipe.unet.peft_config[name], ready.config)
+    _check_compatible(getattr(pipe, denoiser).peft_config[name], ready.config)
     lora_cache.copy_into(layout.weights, ready)
     part.base_scaling[adapter.slot] = {**part.base_scaling[adapter.slot],
-                                       **{("unet", module): value for module, value in ready.scaling.items()}}
+                                       **{(denoiser, module): value for module, value in ready.scaling.items()}}

@@ -16,6 +16,14 @@ Entries are built the way `load_lora_into_unet(..., hotswap=True)` builds its st
 dict the reconciler's loads use, so a format conversion added there is cached here too. Files whose
 converted layers are anything but plain lora_A/lora_B weights (DoRA magnitudes, LoRA biases, LoKr) get no
 slot-ready entry (`None`): the reconciler swaps those through diffusers.
+
+Memory: attached to the model manager (`attach`, done by `materialize`), the cache is one of its pools: its
+bytes count in the same RAM and VRAM budgets as models (`nodegraph models status` lists them), an entry is kept
+only in room that models leave, and the manager drops the least recently used entries before evicting any
+model. For a slot on a CUDA GPU, a slot-ready entry is kept on the GPU when the VRAM budget has room (a switch is
+then a GPU→GPU copy), else in pinned CPU memory (copies at full speed that do not wait for the GPU). Files as
+read stay in pageable memory: they are converted, never copied to a GPU as they are. Without a manager
+(benchmarks, tests) the cache keeps to `DEFAULT_BYTES`; NODEGRAPH_LORA_CACHE_MB caps it in either case.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +40,9 @@ from typing import Any
 
 import torch
 
-DEFAULT_BYTES = 1 << 30  # NODEGRAPH_LORA_CACHE_MB overrides
+from nodegraph.models import device_kind
+
+DEFAULT_BYTES = 1 << 30  # the cap without a model manager
 
 
 @dataclass(frozen=True)
@@ -51,30 +62,75 @@ class SlotReady:
     config: Any  # the LoraConfig diffusers would build, for PEFT's hot-swap compatibility check
 
 
+Converted = tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]  # state, network alphas, metadata
+
+
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class LoraCache:
-    """Byte-bounded LRU of read files and slot-ready conversions; thread-safe (prewarming reads in a thread)."""
+    """Byte-bounded LRU of read files and slot-ready conversions; thread-safe (prewarming reads in a thread).
 
-    def __init__(self, max_bytes: int = DEFAULT_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[Any, ...], tuple[Any, int]] = OrderedDict()
+    A model manager's pool (`nodegraph.models.Pool`) once attached: it never calls the manager while holding its
+    own lock, so the manager may shrink it from any thread.
+    """
+
+    name = "lora"
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes  # a cap of its own (NODEGRAPH_LORA_CACHE_MB); None: the budgets alone
+        self._owner: weakref.ref[Any] | None = None
+        self._entries: OrderedDict[tuple[Any, ...], tuple[Any, int, str]] = OrderedDict()  # value, bytes, device
         self._lock = threading.Lock()
         self._reading: dict[tuple[Any, ...], Future[FileData]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.reads = 0  # files read from disk (tests, benchmarks)
         self.conversions = 0  # slot-ready entries built
 
+    def attach(self, manager: Any) -> None:
+        """Count in `manager`'s budgets (a `nodegraph.models.ModelManager`), and no longer in a previous one's."""
+        previous = self.owner
+        if previous is not None and previous is not manager:
+            previous.remove_pool(self)
+        self._owner = weakref.ref(manager)
+        if manager.add_pool(self):  # newly counted: entries kept before, back within the budgets
+            for kind in {device_kind(device) for device in self.memory()}:
+                manager.room(kind, 0)
+
+    @property
+    def owner(self) -> Any:
+        return None if self._owner is None else self._owner()
+
     @property
     def bytes(self) -> int:
+        return sum(self.memory().values())
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held per device (the manager's budgets count them)."""
+        totals: dict[str, int] = {}
         with self._lock:
-            return sum(size for _, size in self._entries.values())
+            for _, size, device in self._entries.values():
+                totals[device] = totals.get(device, 0) + size
+        return {device: n for device, n in totals.items() if n}
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._entries)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def shrink(self, kind: str, size: int) -> None:
+        """Drop least recently used entries on devices of `kind` ("cpu", "gpu") until `size` bytes are freed."""
+        with self._lock:
+            for key, (_, held, device) in list(self._entries.items()):
+                if size <= 0:
+                    return
+                if held and device_kind(device) == kind:
+                    del self._entries[key]
+                    size -= held
 
     def _get(self, key: tuple[Any, ...]) -> Any:
         with self._lock:
@@ -84,15 +140,31 @@ class LoraCache:
             self._entries.move_to_end(key)
             return hit[0]
 
-    def _put(self, key: tuple[Any, ...], value: Any, size: int) -> None:
+    def _fits(self, size: int, device: str) -> bool:
+        """Room for `size` more bytes on `device`: under the manager's budget if attached (it may drop other
+        entries of ours, never a model), and the cap. Asked without holding our lock (the manager takes it)."""
+        cap = self._cap()
+        if cap is not None and size > cap:
+            return False
+        owner = self.owner
+        return owner is None or not size or owner.room(device_kind(device), size)
+
+    def _put(self, key: tuple[Any, ...], value: Any, size: int, device: str = "cpu") -> None:
+        if self._fits(size, device):  # else no room: used once, never kept
+            self._store(key, value, size, device)
+
+    def _cap(self) -> int | None:
+        """The cap of its own: NODEGRAPH_LORA_CACHE_MB, else none under a manager (its budgets), else the default."""
+        return self.max_bytes if self.max_bytes is not None else (None if self.owner else DEFAULT_BYTES)
+
+    def _store(self, key: tuple[Any, ...], value: Any, size: int, device: str) -> None:
+        cap = self._cap()
         with self._lock:
-            if size > self.max_bytes:
-                return  # larger than the whole budget: used once, never kept
-            self._entries[key] = (value, size)
+            self._entries[key] = (value, size, device)
             self._entries.move_to_end(key)
-            total = sum(s for _, s in self._entries.values())
-            while total > self.max_bytes:
-                _, (_, dropped) = self._entries.popitem(last=False)
+            total = sum(s for _, s, _ in self._entries.values())
+            while cap is not None and total > cap:
+                _, (_, dropped, _) = self._entries.popitem(last=False)
                 total -= dropped
 
     def read(self, path: str, fingerprint: str) -> FileData:
@@ -112,8 +184,6 @@ class LoraCache:
         from safetensors.torch import load_file
 
         state = load_file(path, device="cpu")
-        if torch.cuda.is_available():
-            state = {k: v.pin_memory() for k, v in state.items()}  # host → device copies at full speed
         data = FileData(state, _load_sft_state_dict_metadata(path))
         self.reads += 1
         self._put(key, data, _nbytes(state.values()))
@@ -151,12 +221,13 @@ class LoraCache:
                 self._reading.pop(key, None)
 
     def converted(self, pipeline: Any, path: str, fingerprint: str, own: bool = True, rewrite: str | None = None,
-                  **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
-        """`pipeline.lora_state_dict(path, return_lora_metadata=True, **kwargs)`, from the cached read.
+                  family: str = "sd15", **kwargs: Any) -> Converted:
+        """`pipeline.lora_state_dict(path, ...)` as (state, network alphas, metadata), from the cached read.
 
         `own`: the tensors are copies the caller may keep (PEFT's loads assign them into the model, where a
         later hot-swap writes in place); False for a caller that only reads them. `rewrite` (a UNet config,
-        JSON): first rewrite the formats diffusers does not load exactly (`lora_convert.convert`).
+        JSON): first rewrite the formats diffusers does not load exactly (`lora_convert.convert`). `family`:
+        SD3's conversion returns no alphas (it folds them in), Flux's returns them when asked.
         """
         from nodes.engine import lora_convert, lora_dora
 
@@ -165,6 +236,10 @@ class LoraCache:
         if rewrite is not None:
             tensors = lora_convert.convert(tensors, rewrite)
         # (diffusers' conversion pops keys from the dict it is given: never the cached one.)
+        if family == "sd3":
+            return pipeline.lora_state_dict(tensors, **kwargs), None, data.metadata
+        if family == "flux":
+            kwargs["return_alphas"] = True
         state, alphas = lora_dora.lora_state_dict(pipeline, tensors, **kwargs)
         return state, alphas, data.metadata
 
@@ -173,36 +248,62 @@ class LoraCache:
         hit = self._get(key)
         return False if hit is None else (hit or None)
 
-    def build_slot_ready(self, key: tuple[Any, ...], pipeline: Any, **kwargs: Any) -> SlotReady | None:
-        """Convert the file of `key` for its slot (reading it if needed) and keep the result."""
+    def build_slot_ready(self, key: tuple[Any, ...], pipeline: Any, denoiser: str = "unet",
+                         **kwargs: Any) -> SlotReady | None:
+        """Convert the file of `key` for its slot in `denoiser` (reading it if needed) and keep it:
+        on the slot's GPU when the VRAM budget has room, else in (pinned, for a GPU) CPU memory."""
         _, path, fingerprint, _, name, rank, dtype, device = key
         converted = self.converted(pipeline, path, fingerprint, own=False, **kwargs)
-        ready = build_slot_ready(converted, name, rank, getattr(torch, dtype.removeprefix("torch.")), device)
+        ready = build_slot_ready(converted, name, rank, getattr(torch, dtype.removeprefix("torch.")), "cpu",
+                                 denoiser)
         self.conversions += 1
         if ready is None:
             self._put(key, False, 0)
+            return None
+        size = _nbytes(t for pair in ready.tensors.values() for t in pair)
+        if device_kind(device) == "gpu" and self._fits(size, device):
+            ready = moved(ready, device)
+            self._store(key, ready, size, device)
         else:
-            self._put(key, ready, _nbytes(t for pair in ready.tensors.values() for t in pair))
+            ready = moved(ready, "cpu", pin=_pinnable(device))
+            self._put(key, ready, size, "cpu")
         return ready
+
+
+def _pinnable(device: str) -> bool:
+    """Host memory for copies to `device` is best pinned (a CUDA GPU, with CUDA present: a manager's device is
+    only a name until used)."""
+    return device.startswith("cuda") and torch.cuda.is_available()
+
+
+def moved(ready: SlotReady, device: str, pin: bool = False) -> SlotReady:
+    """`ready` with its tensors on `device` (pinned CPU memory with `pin`, for copies to a GPU at full speed)."""
+    def place(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(device)
+        return tensor.pin_memory() if pin else tensor
+
+    tensors = {module: (place(down), place(up)) for module, (down, up) in ready.tensors.items()}
+    return SlotReady(tensors, ready.scaling, ready.config)
 
 
 def slot_key(path: str, fingerprint: str, conversion: tuple[Any, ...], name: str, rank: int, dtype: torch.dtype,
              device: torch.device | str) -> tuple[Any, ...]:
-    """The cache key of a file converted for a slot: the file, what its conversion depends on (family, UNet
+    """The cache key of a file converted for a slot: the file, what its conversion depends on (family, denoiser
     config), the slot's PEFT adapter name, its padded rank, dtype and device."""
     return ("slot", path, fingerprint, conversion, name, rank, str(dtype), str(device))
 
 
-def build_slot_ready(converted: tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None], name: str,
-                     rank: int, dtype: torch.dtype, device: torch.device | str) -> SlotReady | None:
-    """What diffusers' UNet hot-swap would copy into slot `name` prepared to `rank`, ready to be copied there."""
+def build_slot_ready(converted: Converted, name: str, rank: int, dtype: torch.dtype, device: torch.device | str,
+                     denoiser: str = "unet") -> SlotReady | None:
+    """What diffusers' hot-swap into `denoiser` ("unet" or "transformer") would copy into slot `name` prepared
+    to `rank`, ready to be copied there."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from diffusers.utils.peft_utils import _create_lora_config
     from peft.utils.other import get_pattern_key
 
     state, alphas, metadata = converted
-    prefix = "unet."
-    # As diffusers' load_lora_adapter(prefix="unet") does, step by step.
+    prefix = f"{denoiser}."
+    # As diffusers' load_lora_adapter(prefix=denoiser) does, step by step.
     unet = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     if metadata is not None:
         metadata = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)}
@@ -247,7 +348,8 @@ def _padded(tensor: torch.Tensor, dim: int, rank: int, dtype: torch.dtype, devic
 
 def copy_into(targets: list[tuple[str, torch.Tensor, torch.Tensor]], ready: SlotReady) -> None:
     """Switch a slot to `ready`: batched copies into its (module, lora_A, lora_B) tensors, zeros where it has
-    no layer (as PEFT's hot-swap zeroes the layers a smaller file lacks)."""
+    no layer (as PEFT's hot-swap zeroes the layers a smaller file lacks). From pinned CPU memory to a GPU the
+    copies do not wait for the GPU (the pinned source stays alive: the cache or the caching allocator keeps it)."""
     sources, destinations, zeros = [], [], []
     for module, down, up in targets:
         pair = ready.tensors.get(module)
@@ -258,18 +360,26 @@ def copy_into(targets: list[tuple[str, torch.Tensor, torch.Tensor]], ready: Slot
             sources += pair
     with torch.no_grad():
         if destinations:
-            torch._foreach_copy_(destinations, sources)
+            torch._foreach_copy_(destinations, sources, non_blocking=_pinned_to_gpu(sources[0], destinations[0]))
         if zeros:
             torch._foreach_zero_(zeros)
 
 
+def _pinned_to_gpu(source: torch.Tensor, destination: torch.Tensor) -> bool:
+    return source.is_pinned() and destination.device.type == "cuda"
+
+
 def write_scales(tensors: list[torch.Tensor], values: list[float]) -> None:
     """Set each 0-d scaling tensor to its value in place, batched: one small host tensor, one foreach copy
-    (bitwise what `fill_` writes; on a GPU two launches instead of one per layer)."""
+    (bitwise what `fill_` writes; on a GPU two launches instead of one per layer, and from pinned memory the
+    host does not wait for the sampling queued before)."""
     if tensors:
-        source = torch.tensor(values, dtype=tensors[0].dtype).to(tensors[0].device)
+        gpu = tensors[0].device.type == "cuda"
+        host = torch.tensor(values, dtype=tensors[0].dtype, pin_memory=gpu)
+        source = host.to(tensors[0].device, non_blocking=gpu)
         with torch.no_grad():
             torch._foreach_copy_(tensors, source.unbind())
 
 
-CACHE = LoraCache(int(os.environ.get("NODEGRAPH_LORA_CACHE_MB", DEFAULT_BYTES >> 20)) << 20)
+_CAP = os.environ.get("NODEGRAPH_LORA_CACHE_MB")
+CACHE = LoraCache(None if _CAP is None else int(_CAP) << 20)

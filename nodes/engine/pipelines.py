@@ -25,6 +25,7 @@ import torch
 
 from nodegraph.context import Context, NodeFailure
 from nodegraph.models import Placement, device_kind, format_bytes
+from nodes.engine import lora_cache
 from nodes.engine.checkpoints import TEXT_ENCODERS, CheckpointError, load_pipeline, read_header
 from nodes.engine.recipe import ModelRecipe
 from nodes.engine.reconcile import ReconcileError, reconcile
@@ -85,6 +86,7 @@ def materialize(ctx: Context, recipe: ModelRecipe, *more: ModelRecipe) -> Iterat
     """The resident pipeline for `recipe`'s checkpoint, with `recipe` and each of `more` (other parts of the same
     checkpoint, such as a CLIP recipe) reconciled, locked while the caller uses it."""
     manager = ctx.models
+    lora_cache.CACHE.attach(manager)  # its bytes count in this manager's budgets
     recipes = (recipe, *more)
     device, encoders = manager.device, manager.text_encoder_device
     dtype = resolve_dtype(recipe.dtype, device)

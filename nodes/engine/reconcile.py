@@ -13,8 +13,8 @@ pipeline built from the recipe alone, and exactly the recipe's live adapters exi
 Transitions, cheapest first:
 - a strength or block-scale change: new scales only, written in place into the layers found once per
   load (`Part.layouts`): no module walks, no `set_adapters`;
-- a new file in an existing slot: an in-place hot-swap (UNet) when the pipeline was prepared for it
-  and the file fits the slot (UNet only, rank within the target, a subset of the slot's layers),
+- a new file in an existing slot: an in-place hot-swap (the denoiser, UNet or transformer) when the pipeline was
+  prepared for it and the file fits the slot (denoiser only, rank within the target, a subset of its layers),
   else delete and load; a new adapter: a load; a removed one: a delete. A hot-swap copies the file's
   slot-ready tensors from the LoRA cache (`nodes/engine/lora_cache.py`) into the slot's padded weights
   in one batched copy; only files the cache cannot prepare go through diffusers' `hotswap=True`;
@@ -222,17 +222,19 @@ def _load(resident: Resident, which: str, adapter: Adapter, hotswap: bool = Fals
 
 
 def _state_dict(resident: Resident, adapter: Adapter) -> tuple[dict[str, Any], Any, Any]:
-    """diffusers' `lora_state_dict` (its key conversion) as (state, network alphas, metadata) for every family;
-    SD1.x/SDXL files come from the LoRA cache, the formats diffusers does not load rewritten (`lora_convert`)."""
-    pipe, family = resident.pipe, resident.applied.family
-    if family == "sd3":  # no alphas: folded into the converted tensors
-        state, metadata = pipe.lora_state_dict(adapter.path, return_lora_metadata=True)
-        return state, None, metadata
-    if family == "flux":
-        return pipe.lora_state_dict(adapter.path, return_lora_metadata=True, return_alphas=True)  # type: ignore[no-any-return]
-    kwargs: dict[str, Any] = {"unet_config": pipe.unet.config} if family == "sdxl" else {}
-    return lora_cache.CACHE.converted(type(pipe), adapter.path, adapter.fingerprint, rewrite=resident.unet_config,
-                                      **kwargs)
+    """diffusers' `lora_state_dict` (its key conversion) as (state, network alphas, metadata), from the LoRA cache's
+    read of the file; the SD1.x/SDXL formats diffusers does not load exactly rewritten first (`lora_convert`)."""
+    return lora_cache.CACHE.converted(type(resident.pipe), adapter.path, adapter.fingerprint,
+                                      **conversion_kwargs(resident))
+
+
+def conversion_kwargs(resident: Resident) -> dict[str, Any]:
+    """How this resident's family converts a file (`LoraCache.converted`'s arguments beside the file)."""
+    family = resident.applied.family
+    if family in ("sd3", "flux"):
+        return {"family": family}
+    return {"family": family, "rewrite": resident.unet_config,
+            **({"unet_config": resident.pipe.unet.config} if family == "sdxl" else {})}
 
 
 def _load_into_denoiser(resident: Resident, state: dict[str, Any], hotswap: bool, common: dict[str, Any]) -> None:

@@ -187,3 +187,63 @@ def test_a_lora_sweep_reads_its_files_into_the_cache_before_any_job_runs(demo_se
         path = demo_dir / "loras" / name
         cache.read(str(path), file_fingerprint(path))  # the key a recipe's adapter will have
     assert cache.reads == 3
+
+
+# ---------------------------------------------------------------------------------------------- SD3 and Flux slots
+
+def denoiser_slot_state(pipe: Any, slot: str) -> dict[str, torch.Tensor]:
+    """Every lora_A/lora_B tensor of a slot's adapter in the transformer, by name."""
+    name, out = peft_name(slot), {}
+    for module_name, module in pipe.transformer.named_modules():
+        if isinstance(module, LoraLayer) and name in module.lora_A:
+            out[f"{module_name}.A"] = module.lora_A[name].weight.detach().clone()
+            out[f"{module_name}.B"] = module.lora_B[name].weight.detach().clone()
+    return out
+
+
+def other_sd3_lora(demo_dir: Path, tmp_path: Path) -> Path:
+    """A second SD3 file for the slot: the demo's, its tensors changed (half its layers, the rest doubled)."""
+    tensors, metadata = lora_fixtures.read(demo_dir / "loras" / "tiny-sd3-style.safetensors")
+    kept = sorted({k.split(".lora_")[0] for k in tensors})[::2]
+    changed = {k: v * 2 for k, v in tensors.items() if k.split(".lora_")[0] in kept}
+    path = tmp_path / "tiny-sd3-other.safetensors"
+    lora_fixtures.save_file(changed, path, metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("family, first, second", [("flux", "tiny-flux-style", "tiny-flux-subset"),
+                                                   ("flux", "tiny-flux-rank8", "tiny-flux-style"),
+                                                   ("sd3", "tiny-sd3-style", "other")])
+def test_a_cached_transformer_switch_copies_what_diffusers_hot_swap_does_and_computes_a_fresh_load(
+        demo_dir: Path, cache: LoraCache, tmp_path: Path, family: str, first: str, second: str) -> None:
+    from tests.nodes.test_transformers import flux_fresh, flux_signature
+
+    pipe = load_pipeline(demo_dir / "checkpoints" / f"tiny-{family}")
+    pipe.set_progress_bar_config(disable=True)
+    root = ModelRecipe(str(demo_dir / "checkpoints" / f"tiny-{family}"), "f", family, "fp32")
+    ours = Resident.fresh(copy.deepcopy(pipe), root)
+    # (at 1.0: PEFT's hot-swap leaves the scaling of layers the new file lacks as it was, base × weight; ours keeps
+    # the base; both are zeroed layers, so the same only at 1.0)
+    reconcile.reconcile(ours, root.then(adapter(demo_dir, first, "s")).prepared_for_hotswap(8))
+    theirs = Resident.fresh(copy.deepcopy(ours.pipe), root)
+    theirs.parts, theirs.hotswap_rank = copy.deepcopy(ours.parts), ours.hotswap_rank
+    other = other_sd3_lora(demo_dir, tmp_path) if second == "other" else demo_dir / "loras" / f"{second}.safetensors"
+    target = root.then(adapter_at(other, "s", 0.8)).prepared_for_hotswap(8)
+    conversions = cache.conversions
+    assert reconcile.reconcile(ours, target) == ["hotswap:s", "scales"]
+    assert cache.conversions == conversions + 1  # the cache's slot-ready copy, not diffusers' hot-swap
+    reconcile._load(theirs, "unet", target.live()["s"], hotswap=True)  # diffusers' own
+    got, want = denoiser_slot_state(ours.pipe, "s"), denoiser_slot_state(theirs.pipe, "s")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert ours.parts["unet"].base_scaling["s"] == theirs.parts["unet"].base_scaling["s"]
+    if family == "flux":  # the output equals a fresh load's, and switching back reads and converts nothing
+        torch.testing.assert_close(flux_signature(ours.pipe), flux_signature(flux_fresh(pipe, target)), atol=1e-5,
+                                   rtol=0)
+        back = root.then(adapter(demo_dir, first, "s", 0.8)).prepared_for_hotswap(8)
+        reconcile.reconcile(ours, back)
+        reads, conversions = cache.reads, cache.conversions
+        for recipe in (target, back):
+            assert reconcile.reconcile(ours, recipe) == ["hotswap:s", "scales"]
+            torch.testing.assert_close(flux_signature(ours.pipe), flux_signature(flux_fresh(pipe, recipe)),
+                                       atol=1e-5, rtol=0)
+        assert (cache.reads, cache.conversions) == (reads, conversions)
