@@ -59,7 +59,7 @@ class Job:
     status: str
     client_id: str | None
     created: float
-    workflow_json: str  # the workflow as stored: JSON text, ASCII only
+    workflow_json: str  # the workflow as stored: JSON text (as an API client sent it, or encoded here)
     started: float | None = None
     finished: float | None = None
     seq: int = 0
@@ -149,10 +149,12 @@ class Store:
                 self._finish(db, job_id, "error", json.dumps({"nodes": {}, "files": [], "errors": [problem]}))
         return ids
 
-    def add(self, workflow: Any, client_id: str | None = None) -> Job:
+    def add(self, workflow: Any, client_id: str | None = None, text: str | None = None) -> Job:
+        """Queue `workflow`; `text`: its JSON text when the caller has it (as an API client sent it)."""
         # Encoded before taking the lock, so other threads' reads do not wait on it. A workflow parsed from JSON
         # cannot hold a cycle: skipping the check and the spaces makes a 10,000-node one 1.5× faster to encode.
-        text = json.dumps(workflow, separators=(",", ":"), check_circular=False)
+        if text is None:
+            text = json.dumps(workflow, separators=(",", ":"), check_circular=False)
         job = Job(uuid.uuid4().hex, PENDING, client_id, time.time(), text, _workflow=workflow)
         with self._write() as db:
             cursor = db.execute("INSERT INTO jobs (id, status, client_id, created, workflow) VALUES (?, ?, ?, ?, ?)",

@@ -163,3 +163,21 @@ def test_brackets_inside_strings_cannot_hide_nesting() -> None:
     with pytest.raises(wf.WorkflowError) as err:
         wf.parse(text)
     assert err.value.code == "too_deep"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_text, _values | _deep, max_size=4), st.booleans(), st.sampled_from(["", " ", "\n\t "]))
+def test_members_are_parsed_as_parse_does_and_their_texts_read_back_to_them(members: dict[str, Any],
+                                                                           ascii_only: bool, space: str) -> None:
+    text = "{" + space + ("," + space).join(f"{json.dumps(k, ensure_ascii=ascii_only)}{space}:{space}"
+                                            f"{_dump(v, ascii_only)}" for k, v in members.items()) + space + "}"
+    data = text.encode("utf-8")
+    expected = _outcome(lambda: wf.parse(data))
+    assert _outcome(lambda: wf.parse_members(data)) == expected
+    if expected == "ok":
+        value, texts = wf.parse_members(data)
+        assert value == wf.parse(data)
+        assert {k: json.loads(t) for k, t in texts.items()} == value
+    for broken in (text[:-1], text.replace("}", ",}", 1) if members else "{,}", "[" + text + "]"):
+        assert _outcome(lambda b=broken: wf.parse_members(b.encode("utf-8"))) == _outcome(  # type: ignore[misc]
+            lambda b=broken: wf.parse(b.encode("utf-8")))

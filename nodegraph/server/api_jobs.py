@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from nodegraph import workflow as wf
-from nodegraph.server.errors import ApiError, json_object, printable, problems
+from nodegraph.server.errors import ApiError, json_members, printable, problems
 from nodegraph.server.state import EXECUTOR, HUB, STORE, WORKER
 from nodegraph.store import FINISHED, Job
 from nodegraph.validate import validate
@@ -93,15 +93,18 @@ async def queue_job(request: web.Request) -> web.Response:
 
 
 async def _queue_job(request: web.Request) -> web.Response:
-    body = await json_object(request)
+    body, texts = await json_members(request)
     client_id = _client_id(body)
+    text = None
     if "from_history" in body:
         past = await asyncio.to_thread(request.app[STORE].get, str(body["from_history"]))
         if past is None:
             raise ApiError(404, "no_such_job", f"no job {str(body['from_history'])[:100]!r} in history")
-        workflow = await asyncio.to_thread(lambda: past.workflow)
+        workflow, text = await asyncio.to_thread(lambda: past.workflow), past.workflow_json
     elif "workflow" in body:
         workflow = wf.from_json(body["workflow"])
+        if workflow is body["workflow"]:  # not lowered from ComfyUI's API format: stored as it was sent
+            text = texts["workflow"]
     else:
         raise ApiError(400, "invalid_body", "expected {\"workflow\": {...}} or {\"from_history\": job_id}")
     executor = request.app[EXECUTOR]
@@ -109,10 +112,11 @@ async def _queue_job(request: web.Request) -> web.Response:
     _, found = await asyncio.to_thread(validate, workflow, executor.registry, executor.settings, executor.models)
     if found:
         raise problems(400, found)
-    job = await asyncio.to_thread(request.app[STORE].add, workflow, client_id)
+    job = await asyncio.to_thread(request.app[STORE].add, workflow, client_id, text)
     log.info("job %s queued (position %d, client %s)", job.id, job.position or 0,
              "-" if client_id is None else printable(client_id))
-    request.app[WORKER].wake()
+    # Woken on the loop's next turn, once this answer is written: the job's thread would hold the GIL meanwhile.
+    asyncio.get_running_loop().call_soon(request.app[WORKER].wake)
     request.app[HUB].publish(client_id, {"type": "job_queued", "job_id": job.id, "position": job.position,
                                          "client_id": client_id})
     return web.json_response({"job_id": job.id, "position": job.position}, status=201)

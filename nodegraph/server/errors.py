@@ -145,7 +145,17 @@ async def json_body(request: web.Request) -> Any:
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
-    body = await json_body(request)
+    return (await json_members(request))[0]
+
+
+async def json_members(request: web.Request) -> tuple[dict[str, Any], dict[str, str]]:
+    """The request's body as a JSON object, and each member's value as the text it was sent as."""
+    raw = await request.read()
+    try:
+        body, texts = (await asyncio.to_thread(wf.parse_members, raw) if len(raw) > LARGE_BODY
+                       else wf.parse_members(raw))
+    except wf.WorkflowError as exc:
+        raise ApiError(400, exc.code, f"the request body: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", "the request body must be a JSON object")
-    return body
+    return body, texts

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nodegraph.server import api_jobs
+from nodegraph.server.state import STORE
 from nodegraph.store import Job
 from nodegraph.validate import validate
 from tests.server.conftest import WAIT, Client, connect, finished, queue, show, slow, state, wf
@@ -229,3 +230,15 @@ async def test_queueing_pauses_the_collector_and_resumes_it_after_the_answer(cli
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+async def test_a_workflow_is_stored_as_the_client_sent_it(client: Client) -> None:
+    sent = '{\n  "format": "nodegraph/1",\n  "nodes": {"1": {"type": "Show", "inputs": {"value": "café ✓"}}}\n}'
+    response = await client.post("/api/jobs", data=f'{{"client_id": "me", "workflow": {sent}}}'.encode())
+    assert response.status == 201
+    job_id = (await response.json())["job_id"]
+    job = await finished(client, job_id)
+    assert job["status"] == "ok" and job["workflow"] == json.loads(sent)
+    assert client.server.app[STORE].get(job_id).workflow_json == sent  # not encoded again
+    again = await client.post("/api/jobs", json={"from_history": job_id})
+    assert client.server.app[STORE].get((await again.json())["job_id"]).workflow_json == sent
