@@ -9,7 +9,6 @@ SaveImage is a workflow file too: its `workflow` text chunk holds the workflow t
 from __future__ import annotations
 
 import json
-import json.scanner
 import math
 import re
 from pathlib import Path
@@ -77,13 +76,13 @@ def parse_members(data: bytes) -> tuple[Any, dict[str, str]]:
     """`parse(data)`, and for a JSON object the text of each member's value as written in `data`.
 
     An API request's workflow is stored as the client sent it rather than encoded again (13 ms for a
-    10,000-node workflow). The members are read by json's own scanner, one value at a time.
+    10,000-node workflow). The members are read one at a time by json's own decoder.
     """
     if len(data) <= MAX_BYTES:
         try:
             text = data.decode("utf-8-sig")
             found = _members(text)
-        except (ValueError, StopIteration, RecursionError, _NonFinite):
+        except (ValueError, RecursionError, _NonFinite):
             found = None  # parse() says what is wrong, the usual way
         if found is not None:
             if not _plain(data):
@@ -92,33 +91,40 @@ def parse_members(data: bytes) -> tuple[Any, dict[str, str]]:
     return parse(data), {}
 
 
-_SCAN = json.scanner.make_scanner(json.JSONDecoder(parse_constant=_refuse_constant))
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 _SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip(text: str, at: int) -> int:
+    """The index of the first character at or after `at` that is not JSON white space."""
+    match = _SPACE.match(text, at)
+    assert match is not None  # `*` matches the empty string too
+    return match.end()
 
 
 def _members(text: str) -> tuple[dict[str, Any], dict[str, str]] | None:
     """A top-level JSON object's members and each value's text; None when `text` is anything else."""
-    at = _SPACE.match(text).end()
+    at = _skip(text, 0)
     if text[at:at + 1] != "{":
         return None
     values: dict[str, Any] = {}
     texts: dict[str, str] = {}
-    at = _SPACE.match(text, at + 1).end()
+    at = _skip(text, at + 1)
     while text[at:at + 1] != "}" or values:
         if text[at:at + 1] != '"':
             return None
-        key, at = json.decoder.scanstring(text, at + 1)
-        at = _SPACE.match(text, at).end()
+        key, at = _DECODER.raw_decode(text, at)
+        at = _skip(text, at)
         if text[at:at + 1] != ":":
             return None
-        start = _SPACE.match(text, at + 1).end()
-        values[key], at = _SCAN(text, start)
+        start = _skip(text, at + 1)
+        values[key], at = _DECODER.raw_decode(text, start)
         texts[key] = text[start:at]
-        at = _SPACE.match(text, at).end()
+        at = _skip(text, at)
         if text[at:at + 1] != ",":
             break
-        at = _SPACE.match(text, at + 1).end()
-    if text[at:at + 1] != "}" or _SPACE.match(text, at + 1).end() != len(text):
+        at = _skip(text, at + 1)
+    if text[at:at + 1] != "}" or _skip(text, at + 1) != len(text):
         return None
     return values, texts
 
