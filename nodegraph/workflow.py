@@ -133,7 +133,6 @@ _ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 # A table for bytes.translate: digits → "0", e and E → "e", "+" kept, anything else → " ".
 _NUMBERS = bytes(48 if 48 <= c <= 57 else 101 if c in b"eE" else c if c == 43 else 32 for c in range(256))
 _NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
-_INNERMOST = re.compile(rb"\[\]|\{\}")
 
 
 def _plain(text: bytes | str) -> bool:
@@ -157,10 +156,13 @@ def _plain(text: bytes | str) -> bool:
     # Quotes and brackets only. Without escaped quotes, a string holding no bracket is two adjacent quotes,
     # dropped here; a quote left over (a string with a bracket in it) keeps the skeleton from emptying.
     skeleton = text.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
-    for _ in range(MAX_DEPTH):  # each pass removes exactly the innermost level of nesting
+    # Each pass takes away the innermost level of lists, then that of objects: at most two levels a pass, so
+    # a skeleton gone within MAX_DEPTH / 2 passes is no deeper than MAX_DEPTH. (A deeper single-kind nesting
+    # than MAX_DEPTH / 2 is left to the walk.)
+    for _ in range(MAX_DEPTH // 2):
         if not skeleton:
             return True
-        skeleton = _INNERMOST.sub(b"", skeleton)
+        skeleton = skeleton.replace(b"[]", b"").replace(b"{}", b"")
     return not skeleton
 
 

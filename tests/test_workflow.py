@@ -160,9 +160,12 @@ def test_brackets_inside_strings_cannot_hide_nesting() -> None:
     # 72 levels, but strings holding "]]]…" and "[[[…" halfway down make the brackets alone look 37 deep.
     half = "[" * 35
     text = '{"ui": ' + half + '"' + "]" * 35 + '", ' + half + "[]" + "]" * 35 + ', "' + "[" * 35 + '"' + "]" * 35 + "}"
-    with pytest.raises(wf.WorkflowError) as err:
-        wf.parse(text)
-    assert err.value.code == "too_deep"
+    # Lists and objects in turn, 82 deep: a pass over the skeleton takes two such levels away at a time.
+    alternating = '{"ui": ' + '[{"a": ' * 40 + "1" + "}]" * 40 + "}"
+    for deep in (text, alternating):
+        with pytest.raises(wf.WorkflowError) as err:
+            wf.parse(deep)
+        assert err.value.code == "too_deep"
 
 
 @settings(max_examples=300, deadline=None)
