@@ -14,6 +14,8 @@ import asyncio
 import logging
 import signal
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 
@@ -65,18 +67,20 @@ async def _close_websockets(app: web.Application) -> None:
     await app[HUB].close_all()
 
 
-def serve(executor: Executor, config: ServerConfig, host: str, port: int, runner: RunnerFactory | None = None) -> int:
-    """Serve until SIGINT or SIGTERM; prints the ready line (with the real port) to stdout.
+def serve(executor: Executor, config: ServerConfig, host: str, port: int, runner: RunnerFactory | None = None,
+          warm_up: Callable[[], None] | None = None) -> int:
+    """Serve until SIGINT or SIGTERM; prints the ready line (with the real port) to stdout, then starts
+    `warm_up` on a background thread (a daemon: it never holds up a stop).
 
     stderr gets a line per error answer and per job (queued, started, finished), with the time.
     """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("nodegraph.server").setLevel(logging.INFO)
-    asyncio.run(_serve(create_app(executor, config, runner), host, port))
+    asyncio.run(_serve(create_app(executor, config, runner), host, port, warm_up))
     return 0
 
 
-async def _serve(app: web.Application, host: str, port: int) -> None:
+async def _serve(app: web.Application, host: str, port: int, warm_up: Callable[[], None] | None = None) -> None:
     runner = web.AppRunner(app, access_log=None)  # stdout carries only the ready line
     await runner.setup()
     listening = None
@@ -86,6 +90,8 @@ async def _serve(app: web.Application, host: str, port: int) -> None:
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if sock.family == socket.AF_INET6 else bound_host
         print(READY.format(url=f"http://{shown}:{bound_port}"), flush=True)
+        if warm_up is not None:
+            threading.Thread(target=_warm_up, args=(warm_up,), name="nodegraph-warm-up", daemon=True).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -99,6 +105,12 @@ async def _serve(app: web.Application, host: str, port: int) -> None:
         if listening is not None:
             listening.close()
         await runner.cleanup()
+
+
+def _warm_up(warm_up: Callable[[], None]) -> None:
+    started = time.monotonic()
+    warm_up()
+    logging.getLogger("nodegraph.server").info("warmed up in %.2f s", time.monotonic() - started)
 
 
 async def listen(runner: web.AppRunner, sock: socket.socket) -> asyncio.Server:
