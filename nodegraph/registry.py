@@ -1,8 +1,8 @@
 """Node registration and discovery.
 
 A node pack is a Python module (or package) with a `NODES` list of `Node` subclasses, and optionally a
-`WARM_UP` function that `nodegraph serve` runs once in the background after it starts listening (the
-imports its first job would otherwise wait for). Packs come
+`WARM_UP` function that `nodegraph serve` runs once on its worker thread as it starts, while the server
+already answers (the imports its first job would otherwise wait for). Packs come
 from the `nodegraph.nodes` entry-point group (the built-in `nodes/` package registers itself there)
 and from extra folders (`--nodes-dir`), where every `*.py` file and every package is a pack.
 Each declaration is checked once, here, and a bad one fails loudly with the class and the reason.

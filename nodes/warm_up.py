@@ -2,8 +2,9 @@
 
 The server is ready in a fraction of a second because nothing heavy is imported at start; without this, the
 first prompt pays for importing torch, diffusers, transformers and peft (seconds on a small CPU). The built-in
-pack names `warm_up` as its `WARM_UP` (see nodegraph/registry.py); a job that arrives meanwhile waits only for
-what is still importing (Python's import locks). No model is loaded: which one a job wants is not known yet.
+pack names `warm_up` as its `WARM_UP` (see nodegraph/registry.py); the server runs it on its worker thread
+before the first job, so a job that arrives meanwhile waits for it rather than importing the same modules at
+the same time. No model is loaded: which one a job wants is not known yet.
 """
 
 from __future__ import annotations

@@ -14,8 +14,6 @@ import asyncio
 import logging
 import signal
 import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 
@@ -36,7 +34,8 @@ READY = "nodegraph: serving on {url}"
 RunnerFactory = Callable[[Store, Publish], Runner]  # what runs jobs instead of the one-process Worker
 
 
-def create_app(executor: Executor, config: ServerConfig, runner: RunnerFactory | None = None) -> web.Application:
+def create_app(executor: Executor, config: ServerConfig, runner: RunnerFactory | None = None,
+               warm_up: Callable[[], None] | None = None) -> web.Application:
     # json_errors is outermost so the host, token and cross-site refusals are JSON errors as well.
     app = web.Application(middlewares=[json_errors, check_host, require_token, refuse_cross_site],
                           client_max_size=config.max_body)
@@ -44,7 +43,7 @@ def create_app(executor: Executor, config: ServerConfig, runner: RunnerFactory |
     hub = Hub()
     app[CONFIG], app[EXECUTOR], app[STORE], app[HUB] = config, executor, store, hub
     publish = hub.publish_threadsafe
-    app[WORKER] = runner(store, publish) if runner else Worker(store, executor, publish)
+    app[WORKER] = runner(store, publish) if runner else Worker(store, executor, publish, warm_up)
     for group in (api_jobs.routes, api_info.routes, api_files.routes, api_uploads.routes, ws.routes,
                   static.routes):
         app.router.add_routes(group)
@@ -69,18 +68,18 @@ async def _close_websockets(app: web.Application) -> None:
 
 def serve(executor: Executor, config: ServerConfig, host: str, port: int, runner: RunnerFactory | None = None,
           warm_up: Callable[[], None] | None = None) -> int:
-    """Serve until SIGINT or SIGTERM; prints the ready line (with the real port) to stdout, then starts
-    `warm_up` on a background thread (a daemon: it never holds up a stop).
+    """Serve until SIGINT or SIGTERM; prints the ready line (with the real port) to stdout. `warm_up` runs on
+    the worker thread before its first job (see Worker).
 
     stderr gets a line per error answer and per job (queued, started, finished), with the time.
     """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("nodegraph.server").setLevel(logging.INFO)
-    asyncio.run(_serve(create_app(executor, config, runner), host, port, warm_up))
+    asyncio.run(_serve(create_app(executor, config, runner, warm_up), host, port))
     return 0
 
 
-async def _serve(app: web.Application, host: str, port: int, warm_up: Callable[[], None] | None = None) -> None:
+async def _serve(app: web.Application, host: str, port: int) -> None:
     runner = web.AppRunner(app, access_log=None)  # stdout carries only the ready line
     await runner.setup()
     listening = None
@@ -90,8 +89,7 @@ async def _serve(app: web.Application, host: str, port: int, warm_up: Callable[[
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if sock.family == socket.AF_INET6 else bound_host
         print(READY.format(url=f"http://{shown}:{bound_port}"), flush=True)
-        if warm_up is not None:
-            threading.Thread(target=_warm_up, args=(warm_up,), name="nodegraph-warm-up", daemon=True).start()
+        app[WORKER].wake()  # listening: the worker may warm up now
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -105,12 +103,6 @@ async def _serve(app: web.Application, host: str, port: int, warm_up: Callable[[
         if listening is not None:
             listening.close()
         await runner.cleanup()
-
-
-def _warm_up(warm_up: Callable[[], None]) -> None:
-    started = time.monotonic()
-    warm_up()
-    logging.getLogger("nodegraph.server").info("warmed up in %.2f s", time.monotonic() - started)
 
 
 async def listen(runner: web.AppRunner, sock: socket.socket) -> asyncio.Server:
