@@ -24,7 +24,7 @@ from nodes import (  # noqa: E402
     upscale,
     utility,
 )
-from nodes.warm_up import warm_up  # noqa: E402
+from nodes.warm import warm_up  # noqa: E402
 
 WARM_UP = warm_up
 
