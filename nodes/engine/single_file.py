@@ -2,13 +2,14 @@
 
     load_sd15_file(path, header, config_dir, dtype, encoders_dtype) -> a StableDiffusionPipeline, or None
 
-diffusers' `from_single_file` converts the whole ldm state dict (tens of thousands of string operations over
-every key, for each component, plus a check of the file's layout against every model family it knows), then
-loads it into modules built from the config. Here the modules are built on the meta device from the derived
-config folder (checkpoints.single_file_config_dir), each module's own parameter names are mapped to the file's
-by name once (ldm_keys: the mapping the single-file writer uses), and every tensor is taken from the
-memory-mapped file, cast once to its dtype when the file's differs, and assigned (`load_state_dict(assign=True)`):
-no copy of a tensor already in the right dtype, no second pass.
+diffusers' `from_single_file` converts the ldm state dict component by component (a check of the layout against
+every family it knows, then string rewriting of every key), building and loading each model in turn. Here the
+modules are built on the meta device from the derived config folder (checkpoints.single_file_config_dir), each
+module's own parameter names are mapped to the file's by name (ldm_keys: the mapping the single-file writer
+uses), and every tensor is taken from the memory-mapped file, cast once when the file's dtype differs, and
+assigned (`load_state_dict(assign=True)`): no copy of a tensor already in the load dtype. The read + cast, most
+of a load, runs on a second thread while this one builds the modules, tokenizer and scheduler (bench/cold.py:
+an SD1.5 fp16 file loads as fp32 in about the time of the read + cast alone).
 
 The result equals `from_single_file`'s bit for bit (tests/nodes/test_single_file.py): the same tensors cast the
 same way, the same configs, scheduler and tokenizer. Anything this path does not expect (a missing or
