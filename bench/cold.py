@@ -1,6 +1,9 @@
 """The cold path: a fresh process's first prompt on a full-size SD1.5 fp16 single file, against its floor.
 
-    python bench/cold.py [--keep DIR] [--repeats N] [--json] [--comfy DIR --comfy-python PY]
+    python bench/cold.py [--keep DIR] [--repeats N] [--json] [--comfy DIR --comfy-python PY [--comfy-pythonpath P]]
+
+ComfyUI (GPL) is never part of this project: point --comfy at a checkout elsewhere, run by the Python of its own
+environment (README, Benchmarks, says how it was set up for the figures there).
 
 The checkpoint is bench/load_models.py's random full-size SD1.5 (860 M-parameter UNet, SD VAE, CLIP ViT-L text
 tower), one ldm-layout file stored in float16 (2.1 GB), made once in `--keep DIR` (default: a temp dir). The
