@@ -64,6 +64,21 @@ def make(root: Path, seed: int = 0) -> None:
     marker.write_text(VERSION)
 
 
+def make_single_file(root: Path, storage: str = "fp16", seed: int = 0) -> Path:
+    """Write only the single-file checkpoint in `storage` dtype (and the BPE file), unless already there."""
+    path, marker = single_file(root, storage), root / f".version-{storage}-file"
+    if path.exists() and marker.is_file() and marker.read_text() == VERSION:
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"making the full-size random SD1.5 {storage} single file in {root} …", flush=True)
+    _write_fake_clip_bpe(bpe_path(root))
+    pipe = _random_pipeline(bpe_path(root), seed)
+    pipe.to(DTYPES[storage])
+    _write_single_file(pipe, path)
+    marker.write_text(VERSION)
+    return path
+
+
 def _write_fake_clip_bpe(path: Path) -> None:
     """OpenAI's BPE file format (a version line, then merges), with made-up merges filling CLIP's vocabulary."""
     from nodes.engine.clip_tokenizers import CLIP_VOCAB_SIZE, bytes_to_unicode

@@ -126,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="the folder the editor saves and opens workflows in (default ./workflows)")
     serve.add_argument("--token", default=os.environ.get("NODEGRAPH_TOKEN") or None, metavar="TOKEN",
                        help="require this token on every request (default $NODEGRAPH_TOKEN)")
+    serve.add_argument("--no-warm-up", action="store_true",
+                       help="do not import the node packs' libraries in the background once listening")
     add_ray_options(serve)
     serve.set_defaults(func=cmd_serve)
     return parser
@@ -337,7 +339,9 @@ def cmd_serve(args: argparse.Namespace, registry: Registry, settings: Settings) 
             from nodegraph.scale.options import ray_runner
 
             runner = ray_runner(args, registry, settings)
-        return serve(executor, config, args.host, args.port, runner)
+        # Jobs run in this process unless on Ray: then the libraries the first job needs are loaded meanwhile.
+        warm_up = None if args.no_warm_up or runner is not None else registry.warm_up
+        return serve(executor, config, args.host, args.port, runner, warm_up)
     except (StoreBusy, OSError, RayOptionError) as exc:  # the data folder in use, the port taken, an unknown host
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID

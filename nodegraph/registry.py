@@ -1,6 +1,8 @@
 """Node registration and discovery.
 
-A node pack is a Python module (or package) with a `NODES` list of `Node` subclasses. Packs come
+A node pack is a Python module (or package) with a `NODES` list of `Node` subclasses, and optionally a
+`WARM_UP` function that `nodegraph serve` runs once on its worker thread as it starts, while the server
+already answers (the imports its first job would otherwise wait for). Packs come
 from the `nodegraph.nodes` entry-point group (the built-in `nodes/` package registers itself there)
 and from extra folders (`--nodes-dir`), where every `*.py` file and every package is a pack.
 Each declaration is checked once, here, and a bad one fails loudly with the class and the reason.
@@ -10,9 +12,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +27,7 @@ ENTRY_POINT_GROUP = "nodegraph.nodes"
 _TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _SOCKET_TYPE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
+log = logging.getLogger("nodegraph.registry")
 
 
 class DeclarationError(Exception):
@@ -34,6 +38,7 @@ class Registry:
     def __init__(self, nodes: Iterable[type[Node]] = ()) -> None:
         self.nodes: dict[str, type[Node]] = {}
         self.origin: dict[str, str] = {}
+        self.warm_ups: list[tuple[str, Callable[[], object]]] = []
         for node in nodes:
             self.register(node)
 
@@ -53,8 +58,22 @@ class Registry:
         nodes = getattr(module, "NODES", None)
         if not isinstance(nodes, (list, tuple)):
             raise DeclarationError(f"node pack {origin}: it must define NODES, a list of Node classes")
+        warm_up = getattr(module, "WARM_UP", None)
+        if warm_up is not None and not callable(warm_up):
+            raise DeclarationError(f"node pack {origin}: WARM_UP must be a function taking no arguments")
         for node in nodes:
             self.register(node, origin)
+        if warm_up is not None:
+            self.warm_ups.append((origin, warm_up))
+
+    def warm_up(self) -> None:
+        """Run every pack's WARM_UP in turn. One that fails is logged and skipped: the job that needs what it
+        prepares meets the same error, reported as that job's."""
+        for origin, hook in self.warm_ups:
+            try:
+                hook()
+            except Exception:
+                log.warning("warm-up of node pack %s failed", origin, exc_info=True)
 
     def get(self, type_name: object) -> type[Node] | None:
         return self.nodes.get(type_name) if isinstance(type_name, str) else None

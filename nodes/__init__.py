@@ -25,6 +25,9 @@ from nodes import (  # noqa: E402
     upscale,
     utility,
 )
+from nodes.warm import warm_up  # noqa: E402
+
+WARM_UP = warm_up
 
 NODES = [*utility.NODES, *loaders.NODES, *lora.NODES, *lora_tools.NODES, *conditioning.NODES, *embedding.NODES,
          *latent.NODES, *controlnet.NODES, *sampling.NODES, *model_sampling.NODES, *load_image.NODES, *upscale.NODES,

@@ -139,3 +139,43 @@ def test_model_names_stay_inside_the_model_folders(tmp_path: Path) -> None:
     for name in ("../../secret.safetensors", str(tmp_path / "secret.safetensors"), "", "nope.safetensors"):
         with pytest.raises(FileNotFoundError):
             settings.resolve_model("loras", name)
+
+
+WARM_PACK = """
+from nodegraph.schema import Node, Output
+
+class Noop{n}(Node):
+    type = "Noop{n}"
+    version = "1.0.0"
+    outputs = (Output("value", "INT"),)
+
+    def run(self, ctx):
+        return {{"value": {n}}}
+
+NODES = [Noop{n}]
+{warm}
+"""
+
+
+def test_packs_warm_up_hooks_run_in_order_and_a_failing_one_is_skipped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ran = tmp_path / "ran.txt"
+    hook = "def WARM_UP():\n    open({path!r}, 'a').write('{n} ')\n"
+    (tmp_path / "a_first.py").write_text(WARM_PACK.format(n=1, warm=hook.format(path=str(ran), n=1)))
+    (tmp_path / "b_failing.py").write_text(WARM_PACK.format(n=2, warm="def WARM_UP():\n    raise RuntimeError('no')\n"))
+    (tmp_path / "c_last.py").write_text(WARM_PACK.format(n=3, warm=hook.format(path=str(ran), n=3)))
+    (tmp_path / "d_none.py").write_text(WARM_PACK.format(n=4, warm=""))
+    registry = load_registry([tmp_path])
+    assert [origin.rsplit("/", 1)[-1] for origin, _ in registry.warm_ups if "tmp" in origin] == [
+        "a_first.py", "b_failing.py", "c_last.py"]
+    assert not ran.exists()  # registering runs nothing
+    with caplog.at_level("WARNING", logger="nodegraph.registry"):
+        registry.warm_up()
+    assert ran.read_text() == "1 3 "
+    assert "b_failing.py failed" in caplog.text
+
+
+def test_a_warm_up_that_is_not_a_function_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "bad.py").write_text(WARM_PACK.format(n=1, warm="WARM_UP = 3"))
+    with pytest.raises(DeclarationError, match=r"bad\.py: WARM_UP must be a function"):
+        load_registry([tmp_path])

@@ -35,7 +35,8 @@ READY = "nodegraph: serving on {url}"
 RunnerFactory = Callable[[Store, Publish], Runner]  # what runs jobs instead of the one-process Worker
 
 
-def create_app(executor: Executor, config: ServerConfig, runner: RunnerFactory | None = None) -> web.Application:
+def create_app(executor: Executor, config: ServerConfig, runner: RunnerFactory | None = None,
+               warm_up: Callable[[], None] | None = None) -> web.Application:
     # json_errors is outermost so the host, token and cross-site refusals are JSON errors as well.
     app = web.Application(middlewares=[json_errors, check_host, require_token, refuse_cross_site],
                           client_max_size=config.max_body)
@@ -43,7 +44,7 @@ def create_app(executor: Executor, config: ServerConfig, runner: RunnerFactory |
     hub = Hub()
     app[CONFIG], app[EXECUTOR], app[STORE], app[HUB] = config, executor, store, hub
     publish = hub.publish_threadsafe
-    app[WORKER] = runner(store, publish) if runner else Worker(store, executor, publish)
+    app[WORKER] = runner(store, publish) if runner else Worker(store, executor, publish, warm_up)
     for group in (api_jobs.routes, api_info.routes, api_files.routes, api_uploads.routes, ws.routes,
                   static.routes):
         app.router.add_routes(group)
@@ -66,14 +67,16 @@ async def _close_websockets(app: web.Application) -> None:
     await app[HUB].close_all()
 
 
-def serve(executor: Executor, config: ServerConfig, host: str, port: int, runner: RunnerFactory | None = None) -> int:
-    """Serve until SIGINT or SIGTERM; prints the ready line (with the real port) to stdout.
+def serve(executor: Executor, config: ServerConfig, host: str, port: int, runner: RunnerFactory | None = None,
+          warm_up: Callable[[], None] | None = None) -> int:
+    """Serve until SIGINT or SIGTERM; prints the ready line (with the real port) to stdout. `warm_up` runs on
+    the worker thread before its first job (see Worker).
 
     stderr gets a line per error answer and per job (queued, started, finished), with the time.
     """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("nodegraph.server").setLevel(logging.INFO)
-    asyncio.run(_serve(create_app(executor, config, runner), host, port))
+    asyncio.run(_serve(create_app(executor, config, runner, warm_up), host, port))
     return 0
 
 
@@ -88,6 +91,7 @@ async def _serve(app: web.Application, host: str, port: int) -> None:
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if sock.family == socket.AF_INET6 else bound_host
         print(READY.format(url=f"http://{shown}:{bound_port}"), flush=True)
+        app[WORKER].wake()  # listening: the worker may warm up now
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

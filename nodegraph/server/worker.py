@@ -4,7 +4,8 @@ Jobs run off the event loop, so the API answers while a job samples. There is on
 the life of the server, so its output cache and resident models carry over between jobs.
 A job is claimed atomically (`Store.claim`), re-validated by `Executor.run` (model files may
 have changed since it was queued) and recorded before `job_finished` is published, so a client
-that sees `job_finished` finds the final job in the API.
+that sees `job_finished` finds the final job in the API. Before its first job the thread runs the node
+packs' warm-up (`nodegraph serve`: the imports a first diffusion job would otherwise wait for).
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def output_name(path: str, output_dir: Path) -> str:
 
 
 class Worker:
-    def __init__(self, store: Store, executor: Executor, publish: Publish) -> None:
+    def __init__(self, store: Store, executor: Executor, publish: Publish,
+                 warm_up: Callable[[], None] | None = None) -> None:
         self.store, self.executor, self.publish = store, executor, publish
+        self._warm_up = warm_up
         self._wake = threading.Event()
         self._lock = threading.Lock()  # claiming vs cancelling: a job is never both
         self._busy = threading.Lock()  # held while a job runs; /api/free frees between jobs
@@ -94,6 +97,14 @@ class Worker:
         self.executor.free_memory()
 
     def _loop(self) -> None:
+        if self._warm_up is not None:
+            # On this thread, before any job: imports racing with a job's own (two threads importing diffusers
+            # and peft at once) can meet half-initialised modules. A job queued meanwhile waits for it. It starts
+            # at the first wake (the server listening, or a job queued): it would slow the start if it ran sooner.
+            self._wake.wait()
+            started = time.monotonic()
+            self._warm_up()
+            log.info("warmed up in %.2f s", time.monotonic() - started)
         while not self._stopping:
             self._wake.clear()  # before claiming: a job queued after the claim sets it again
             with self._busy:

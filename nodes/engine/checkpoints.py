@@ -299,6 +299,12 @@ def load_pipeline(
 
         return cast("DiffusionPipeline", load_transformer_file(path, family, dtype))
     config_dir = single_file_config_dir(path, header, family, cache_dir)
+    if family == "sd15":
+        from nodes.engine.single_file import load_sd15_file
+
+        direct = load_sd15_file(path, header, config_dir, dtype, encoders)
+        if direct is not None:
+            return cast("DiffusionPipeline", direct)
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     try:
         with _skip_init_on_meta():

@@ -54,7 +54,7 @@ def serving(tmp_path: Path, *extra: str) -> Iterator[Server]:
     command = [sys.executable, "-c", "from nodegraph.cli import main; raise SystemExit(main())", "serve",
                "--port", "0", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"),
                "--workflows-dir", str(tmp_path / "wf"), "--models-dir", str(tmp_path / "models"),
-               "--nodes-dir", str(ROOT / "tests" / "packs"), *extra]
+               "--nodes-dir", str(ROOT / "tests" / "packs"), *(extra or ("--no-warm-up",))]
     with open(tmp_path / "stderr.txt", "a") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=tmp_path,
                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -107,6 +107,21 @@ def test_a_killed_server_loses_no_job_and_runs_none_twice(tmp_path: Path) -> Non
         assert store.counts() == {"pending": 0, "running": 0}
     finally:
         store.close()
+
+
+def test_once_listening_the_server_runs_the_packs_warm_up_in_the_background(tmp_path: Path) -> None:
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    marker = tmp_path / "warmed"
+    (packs / "warm.py").write_text(
+        "import time\nNODES = []\n"
+        f"def WARM_UP():\n    time.sleep(0.5)\n    open({str(marker)!r}, 'w').write('done')\n")
+    with serving(tmp_path, "--nodes-dir", str(packs)) as server:
+        assert server.api("GET", "/api/system")[0] == 200  # answering while the warm-up still runs
+        deadline = time.monotonic() + WAIT
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the warm-up never ran"
+            time.sleep(0.05)
 
 
 def test_serving_beyond_loopback_needs_a_token(capsys: pytest.CaptureFixture[str]) -> None:

@@ -86,3 +86,36 @@ def test_output_names_are_relative_to_the_output_folder(tmp_path: Path, monkeypa
     assert output_name(str(tmp_path / "out" / ".temp" / "p.png"), Path("out")) == ".temp/p.png"
     assert output_name(os.path.join("out", "sub", "x.png"), tmp_path / "out") == "sub/x.png"
     assert output_name("elsewhere/x.png", Path("out")) == "elsewhere/x.png"  # left as recorded
+
+
+def test_the_warm_up_runs_on_the_worker_thread_at_the_first_wake_before_any_job(
+        store: Store, registry: Registry, settings: Settings) -> None:
+    """A job queued while the packs warm up waits for it: never two threads importing the same libraries."""
+    log: list[tuple[str, str]] = []
+    release = threading.Event()
+
+    def warm_up() -> None:
+        log.append(("warm-up", threading.current_thread().name))
+        assert release.wait(WAIT)
+        log.append(("warmed", threading.current_thread().name))
+
+    class Recording(Executor):
+        def run(self, *args: Any, **kwargs: Any) -> RunResult:
+            log.append(("job", threading.current_thread().name))
+            return super().run(*args, **kwargs)
+
+    published = Finished()
+    worker = Worker(store, Recording(registry, settings), published, warm_up)
+    job = store.add(show(1))  # pending from before the start, as after a restart
+    worker.start()
+    try:
+        assert not published.done.get(job.id) and log == []  # nothing until the first wake (the server listening)
+        worker.wake()
+        while not log:
+            threading.Event().wait(0.01)
+        release.set()
+        assert published.wait(job.id)["status"] == "ok"
+    finally:
+        release.set()
+        worker.stop()
+    assert log == [("warm-up", "nodegraph-worker"), ("warmed", "nodegraph-worker"), ("job", "nodegraph-worker")]
