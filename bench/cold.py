@@ -131,12 +131,12 @@ def child_breakdown(path: str, models_dir: str, out: str, marks: dict[str, float
 
     mark(marks, "import peft")
     import nodes.engine.pipelines as pipelines
-    from nodes.engine import checkpoints, single_file
+    from nodes.engine import checkpoints, single_file, single_file_configs
 
     executor = _executor(models_dir, out)
     mark(marks, "import nodegraph + nodes, registry")
     header = checkpoints.read_header(path)
-    checkpoints.single_file_config_dir(Path(path), header, "sd15")
+    single_file_configs.single_file_config_dir(Path(path), header, "sd15")
     mark(marks, "config folder (header, configs, tokenizer)")
     if diffusers_path:
         single_file.load_sd15_file = lambda *args: None  # type: ignore[assignment]

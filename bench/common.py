@@ -96,8 +96,8 @@ def build_sd15(root: Path, seed: int = 0) -> None:
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from nodes.engine.checkpoints import scheduler_config
     from nodes.engine.clip_tokenizers import demo_clip_tokenizer
+    from nodes.engine.single_file_configs import scheduler_config
 
     folder, lora = root / "checkpoints" / SD15_FOLDER, root / "loras" / SD15_LORA
     marker = folder / ".bench-version"

@@ -97,8 +97,8 @@ def _random_pipeline(bpe: Path, seed: int) -> Any:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from nodes.engine.checkpoints import scheduler_config
     from nodes.engine.clip_tokenizers import clip_tokenizer_from_bpe
+    from nodes.engine.single_file_configs import scheduler_config
 
     tokenizer = clip_tokenizer_from_bpe(bpe, "<|endoftext|>")
     with torch.device("meta"):

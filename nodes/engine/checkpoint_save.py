@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from nodes.engine.checkpoints import _HINTABLE, CONFIG_HINTS_KEY
+from nodes.engine.checkpoints import CONFIG_HINTS_KEY
+from nodes.engine.single_file_configs import _HINTABLE
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

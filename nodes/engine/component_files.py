@@ -27,14 +27,11 @@ from nodes.engine.checkpoints import (
     CorruptCheckpointError,
     MissingTokenizerError,
     NotADiffusionCheckpointError,
-    _clip_config,
-    _indices,
-    _shape,
     build_once,
-    default_cache_dir,
     read_header,
 )
 from nodes.engine.clip_tokenizers import hf_cache_snapshots, tokenizer_for
+from nodes.engine.single_file_configs import _clip_config, _indices, _shape, default_cache_dir
 
 _VERSION = "1"
 T5_VOCAB_SIZE = 32128

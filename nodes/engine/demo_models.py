@@ -37,11 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nodes.engine.checkpoints import CONFIG_HINTS_KEY, scheduler_config
+from nodes.engine.checkpoints import CONFIG_HINTS_KEY
 from nodes.engine.clip_tokenizers import demo_clip_tokenizer
 from nodes.engine.demo_ipadapter import demo_ipadapter_paths, write_demo_ipadapter
 from nodes.engine.demo_transformers import demo_transformer_paths, write_demo_transformers
 from nodes.engine.ldm_keys import _with_text_model_level, unet_key_to_ldm, vae_key_to_ldm  # noqa: F401 (re-exported)
+from nodes.engine.single_file_configs import scheduler_config
 
 if TYPE_CHECKING:
     import torch

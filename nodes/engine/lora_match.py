@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from nodes.engine import lora_files
-from nodes.engine.checkpoints import detect_family, read_header, single_file_config_dir
+from nodes.engine.checkpoints import detect_family, read_header
+from nodes.engine.single_file_configs import single_file_config_dir
 from nodes.engine.transformer_checkpoints import TRANSFORMER_FAMILIES
 
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")

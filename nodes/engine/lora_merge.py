@@ -42,7 +42,8 @@ def meta_models(checkpoint: str) -> dict[str, Any]:
     import transformers
     from diffusers import UNet2DConditionModel
 
-    from nodes.engine.checkpoints import detect_family, read_header, single_file_config_dir
+    from nodes.engine.checkpoints import detect_family, read_header
+    from nodes.engine.single_file_configs import single_file_config_dir
 
     path = Path(checkpoint)
     family = detect_family(path)

@@ -4,7 +4,7 @@
 
 diffusers' `from_single_file` converts the ldm state dict component by component (a check of the layout against
 every family it knows, then string rewriting of every key), building and loading each model in turn. Here the
-modules are built on the meta device from the derived config folder (checkpoints.single_file_config_dir), each
+modules are built on the meta device from the derived config folder (single_file_configs.single_file_config_dir), each
 module's own parameter names are mapped to the file's by name (ldm_keys: the mapping the single-file writer
 uses), and every tensor is taken from the memory-mapped file, cast once when the file's dtype differs, and
 assigned (`load_state_dict(assign=True)`): no copy of a tensor already in the load dtype. The read + cast, most

@@ -37,7 +37,6 @@ from nodes.engine.checkpoints import (
     detect_family,
     load_pipeline,
     read_header,
-    single_file_config_dir,
 )
 from nodes.engine.clip_tokenizers import clip_tokenizer_from_bpe
 from nodes.engine.demo_models import (
@@ -46,6 +45,7 @@ from nodes.engine.demo_models import (
     make_demo_models,
     write_single_file,
 )
+from nodes.engine.single_file_configs import single_file_config_dir
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nodes.engine import single_file
-from nodes.engine.checkpoints import load_pipeline, read_header, single_file_config_dir
+from nodes.engine.checkpoints import load_pipeline, read_header
 from nodes.engine.demo_models import build_sd15_pipeline, write_single_file
+from nodes.engine.single_file_configs import single_file_config_dir
 
 
 @pytest.fixture(scope="module")
