@@ -266,10 +266,13 @@ def measure_switch(s: Setup, size: Size, repeats: int) -> Switch:
         state["raw"] = b if state["raw"] == a else a
         raw.load_lora_weights(s.path(state["raw"]), adapter_name=SLOT, hotswap=True)
 
+    # The recipes a strength change goes between, built once (a node builds its recipe before the reconciler).
+    at_strength = {(f, v): with_strength(s.prepared[f], v) for f in s.files for v in STRENGTHS}
+
     def scales() -> None:
         state["strength"] = STRENGTHS[1] if state["strength"] == STRENGTHS[0] else STRENGTHS[0]
         current = Path(s.hot.applied.live()[SLOT].path).name
-        reconcile(s.hot, with_strength(s.prepared[current], state["strength"]), ["scales"])
+        reconcile(s.hot, at_strength[current, state["strength"]], ["scales"])
 
     from nodes.engine import lora_cache
 

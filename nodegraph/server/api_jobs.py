@@ -88,6 +88,7 @@ def _resume() -> None:
 
 @routes.post("/api/jobs")
 async def queue_job(request: web.Request) -> web.Response:
+    await request.read()  # the upload, however slow, before the pause (aiohttp keeps the bytes for json_members)
     with collector_paused():
         return await _queue_job(request)
 
