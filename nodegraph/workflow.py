@@ -40,6 +40,15 @@ def parse(data: bytes | str) -> Any:
     Python's json reads more than JSON allows: NaN, Infinity, 1e400 (infinite), lone surrogates
     ("\\ud800", which no file or database can store). `check_values` refuses those.
     """
+    return parse_members(data)[0]
+
+
+def parse_members(data: bytes | str) -> tuple[Any, dict[str, str]]:
+    """`parse(data)`, and for a JSON object the text of each member's value as written in `data`.
+
+    An API request's workflow is stored as the client sent it rather than encoded again (13 ms for a
+    10,000-node workflow). An object's members are read one at a time by json's own decoder.
+    """
     raw = data
     if isinstance(data, bytes):
         if len(data) > MAX_BYTES:
@@ -49,9 +58,11 @@ def parse(data: bytes | str) -> Any:
         except UnicodeDecodeError as exc:
             raise WorkflowError(f"not UTF-8 text (byte {exc.start})") from None
     try:
-        value = json.loads(data, parse_constant=_refuse_constant)
+        found = _members(data)
+        if found is None:  # not an object, or one json.loads should name the fault of
+            found = json.loads(data, parse_constant=_refuse_constant), {}
         if not _plain(raw):
-            check_values(value)
+            check_values(found[0])
     except _NonFinite:
         check_values(json.loads(data))  # parsed the lenient way, so that the walk says where the constant is
         raise AssertionError("unreachable: check_values refuses NaN and Infinity") from None
@@ -61,7 +72,7 @@ def parse(data: bytes | str) -> Any:
         raise WorkflowError("malformed JSON: nested too deeply") from None
     except ValueError as exc:  # e.g. an integer with more digits than Python will convert
         raise WorkflowError(f"malformed JSON: {exc}") from None
-    return value
+    return found
 
 
 class _NonFinite(Exception):
@@ -70,25 +81,6 @@ class _NonFinite(Exception):
 
 def _refuse_constant(name: str) -> Any:
     raise _NonFinite(name)
-
-
-def parse_members(data: bytes) -> tuple[Any, dict[str, str]]:
-    """`parse(data)`, and for a JSON object the text of each member's value as written in `data`.
-
-    An API request's workflow is stored as the client sent it rather than encoded again (13 ms for a
-    10,000-node workflow). The members are read one at a time by json's own decoder.
-    """
-    if len(data) <= MAX_BYTES:
-        try:
-            text = data.decode("utf-8-sig")
-            found = _members(text)
-        except (ValueError, RecursionError, _NonFinite):
-            found = None  # parse() says what is wrong, the usual way
-        if found is not None:
-            if not _plain(data):
-                check_values(found[0])
-            return found
-    return parse(data), {}
 
 
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)

@@ -137,11 +137,7 @@ async def json_body(request: web.Request) -> Any:
 
     A large body is parsed and checked (`wf.parse`) in a thread, so the event loop keeps answering.
     """
-    raw = await request.read()
-    try:
-        return await asyncio.to_thread(wf.parse, raw) if len(raw) > LARGE_BODY else wf.parse(raw)
-    except wf.WorkflowError as exc:
-        raise ApiError(400, exc.code, f"the request body: {exc}") from None
+    return (await _parsed(request))[0]
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
@@ -150,12 +146,15 @@ async def json_object(request: web.Request) -> dict[str, Any]:
 
 async def json_members(request: web.Request) -> tuple[dict[str, Any], dict[str, str]]:
     """The request's body as a JSON object, and each member's value as the text it was sent as."""
-    raw = await request.read()
-    try:
-        body, texts = (await asyncio.to_thread(wf.parse_members, raw) if len(raw) > LARGE_BODY
-                       else wf.parse_members(raw))
-    except wf.WorkflowError as exc:
-        raise ApiError(400, exc.code, f"the request body: {exc}") from None
+    body, texts = await _parsed(request)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", "the request body must be a JSON object")
     return body, texts
+
+
+async def _parsed(request: web.Request) -> tuple[Any, dict[str, str]]:
+    raw = await request.read()
+    try:
+        return await asyncio.to_thread(wf.parse_members, raw) if len(raw) > LARGE_BODY else wf.parse_members(raw)
+    except wf.WorkflowError as exc:
+        raise ApiError(400, exc.code, f"the request body: {exc}") from None
