@@ -16,6 +16,9 @@ from tests.browser.test_editor import JOB_TIMEOUT, graph_workflow, open_workflow
 
 def widget_point(page: Any, node_id: int, name: str, dx: float | None = None) -> tuple[float, float]:
     """A widget on the screen: its middle, or `dx` graph units from the node's left edge."""
+    # `last_y` is set when the canvas first draws the widget: a node just added may not be drawn yet.
+    page.wait_for_function("""([id, name]) => typeof window.nodegraph.graph.getNodeById(id)
+        ?.widgets?.find(w => w.name === name)?.last_y === 'number'""", arg=[node_id, name])
     x, y = page.evaluate("""([id, name, dx]) => {
         const node = window.nodegraph.graph.getNodeById(id);
         const w = node.widgets.find(w => w.name === name);
