@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `auto` dtype is fp32 on every CPU in tests (bf16 where the CPU has bf16 units otherwise): references are fp32,
+# and a result must not depend on which CPU runs the suite. Tests of the bf16 policy patch `cpu_has_bf16`.
+os.environ.setdefault("NODEGRAPH_CPU_BF16", "0")
 
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402

@@ -20,7 +20,7 @@ from nodegraph.executor import Executor
 from nodegraph.registry import Registry
 from nodegraph.settings import Settings
 from nodes.engine.checkpoints import load_pipeline
-from tests.nodes.test_ipadapter import ADAPTER, graph, latent, reference
+from tests.nodes.test_ipadapter import ADAPTER, graph, reference, run
 
 ROOT = Path(__file__).parents[2]
 PLUS, FULL = "tiny-sd15-plus.safetensors", "tiny-sd15-full.safetensors"
@@ -77,8 +77,9 @@ def batched(wf: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("adapter", [PLUS, FULL])
 def test_ipadapter_plus_and_full_sample_as_diffusers(shared: Executor, demo_dir: Path, models: Path, inputs: Path,
                                                      adapter: str) -> None:
-    want = reference(demo_dir, inputs, 0.8, adapters=models / "ipadapter", adapter=adapter)
-    torch.testing.assert_close(latent(shared, 0.8, adapter=adapter), want, atol=1e-5, rtol=1e-5)
+    ours = run(shared, 0.8, adapter=adapter)
+    want = reference(demo_dir, inputs, 0.8, adapters=models / "ipadapter", adapter=adapter, ours=ours)
+    torch.testing.assert_close(ours.nodes["show"].outputs["value"].samples, want, atol=1e-5, rtol=1e-5)
     assert (want - reference(demo_dir, inputs, None)).abs().mean() > 0.05  # the image prompt counts
     # The recipe carries the penultimate hidden states (images, tokens, width) and a blank image's, not zeros.
     result = shared.run(graph(0.8, adapter=adapter))
@@ -90,9 +91,10 @@ def test_ipadapter_plus_and_full_sample_as_diffusers(shared: Executor, demo_dir:
 def test_a_batch_of_images_concatenates_their_tokens_as_diffusers_does(
         shared: Executor, demo_dir: Path, models: Path, inputs: Path, adapter: str) -> None:
     folder = models / "ipadapter" if adapter == PLUS else None
-    want = reference(demo_dir, inputs, 0.8, adapters=folder, adapter=adapter, pictures=("face.png", "other.png"))
     result = shared.run(batched(graph(0.8, adapter=adapter)))
     assert result.status == "ok", result.errors
+    want = reference(demo_dir, inputs, 0.8, adapters=folder, adapter=adapter, pictures=("face.png", "other.png"),
+                     ours=result)
     torch.testing.assert_close(result.nodes["show"].outputs["value"].samples, want, atol=1e-5, rtol=1e-5)
     one = reference(demo_dir, inputs, 0.8, adapters=folder, adapter=adapter)
     assert (want - one).abs().mean() > 0.01  # the second image counts
