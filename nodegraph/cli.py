@@ -38,6 +38,7 @@ from nodegraph.registry import DeclarationError, Registry, load_registry
 from nodegraph.scale.options import RayOptionError, add_ray_options
 from nodegraph.settings import ConfigError, Settings
 from nodegraph.sweep import Axis, Job, SweepResult, run_sweep
+from nodegraph.threads import parse_threads
 from nodegraph.validate import Problem, validate
 
 EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
@@ -145,12 +146,15 @@ def model_options() -> argparse.ArgumentParser:
                          help="main memory models may use: bytes or a percentage of the RAM (default 50%%)")
     options.add_argument("--text-encoder-device", metavar="DEVICE",
                          help="where pipelines' text encoders live (default: --device's); cpu keeps T5 off the GPU")
+    options.add_argument("--threads", default=os.environ.get("NODEGRAPH_THREADS", "auto"), metavar="N",
+                         help="torch's intra-op threads: auto (default: 1 for small models, every core for large "
+                              "ones) or N")
     return options
 
 
 def model_manager(args: argparse.Namespace) -> ModelManager:
     return ModelManager(device=args.device, vram_budget=args.vram_budget, ram_budget=args.ram_budget,
-                        text_encoder_device=args.text_encoder_device)
+                        text_encoder_device=args.text_encoder_device, threads=parse_threads(args.threads))
 
 
 def load_workflow(path: str, overrides: Sequence[str] = ()) -> tuple[Any, list[Problem]]:

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from nodegraph.sizes import OptionError as OptionError  # (re-exported: the manager's callers use them)
 from nodegraph.sizes import format_bytes as format_bytes
 from nodegraph.sizes import parse_size as parse_size
+from nodegraph.threads import ThreadPolicy
 
 DEFAULT_VRAM_BUDGET = "90%"
 DEFAULT_RAM_BUDGET = "50%"
@@ -165,7 +166,7 @@ def _check_name(device: str, option: str) -> None:
 class ModelManager:
     def __init__(self, device: str = "auto", vram_budget: str | int | None = None,
                  ram_budget: str | int | None = None, reserve: float = RESERVE,
-                 text_encoder_device: str | None = None) -> None:
+                 text_encoder_device: str | None = None, threads: int | None = None) -> None:
         _check_name(device, "device")
         if text_encoder_device is not None:
             _check_name(text_encoder_device, "text_encoder_device (--text-encoder-device)")
@@ -180,6 +181,7 @@ class ModelManager:
         self._pools: dict[str, Pool] = {}
         self._lock = threading.Lock()  # the entries' bookkeeping (status() reads it from other threads)
         self._work = threading.RLock()  # one load, move or eviction at a time
+        self.threads = ThreadPolicy(threads)  # torch's threads for the largest model in use
 
     def check_device(self) -> None:
         """Fail now, with what to do instead, when a requested device is not on this machine.
@@ -254,6 +256,13 @@ class ModelManager:
             self._shrink_pools(kind, self.used(kind) + size - limit)
             return self.used(kind) + size <= limit
 
+    def _apply_threads(self) -> None:
+        """Set torch's threads for the largest model in use (nodegraph/threads.py); none in use: left as is."""
+        with self._lock:
+            sizes = [sum(e.memory.values()) for e in self._entries.values() if e.locks]
+        if sizes:
+            self.threads.apply(max(sizes))
+
     @contextmanager
     def use(self, key: Hashable, load: Callable[[Placement], Any], size: int = 0, name: str = "",
             report: Report = _quiet) -> Iterator[Any]:
@@ -288,12 +297,14 @@ class ModelManager:
             with self._lock:
                 entry.locks += 1
                 self._entries[key] = self._entries.pop(key)  # most recently used last
+        self._apply_threads()
         try:
             yield entry.value
         finally:
             with self._lock:
                 entry.locks -= 1
                 entry.last_used = time.monotonic()
+            self._apply_threads()
             with self._work:
                 if key in self._entries:
                     self._measure(entry)  # adapters loaded or fused change the size

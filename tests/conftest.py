@@ -8,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # `auto` dtype is fp32 on every CPU in tests (bf16 where the CPU has bf16 units otherwise): references are fp32,
 # and a result must not depend on which CPU runs the suite. Tests of the bf16 policy patch `cpu_has_bf16`.
 os.environ.setdefault("NODEGRAPH_CPU_BF16", "0")
+# One torch thread (nodegraph/threads.py's choice for the tiny demo models, made here for the references computed
+# outside the runtime and for subprocesses too): on a busy 2-core machine two threads wait at every op's barrier.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402

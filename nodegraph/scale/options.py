@@ -16,6 +16,7 @@ from nodegraph.registry import Registry
 from nodegraph.server.worker import Publish
 from nodegraph.settings import Settings
 from nodegraph.store import Store
+from nodegraph.threads import parse_threads
 
 DEFAULT_JOB_TIMEOUT = 1800.0
 
@@ -60,7 +61,7 @@ def ray_runner(args: argparse.Namespace, registry: Registry, settings: Settings)
     if local and 0 < gpus < workers:
         raise RayOptionError(f"--workers {workers}: this machine has {gpus} GPU(s), one per worker")
     models = {"device": args.device, "vram_budget": args.vram_budget, "ram_budget": args.ram_budget,
-              "text_encoder_device": args.text_encoder_device}
+              "text_encoder_device": args.text_encoder_device, "threads": parse_threads(args.threads)}
     try:
         actors = cluster.spawn(workers, settings, list(settings.nodes_dirs), models, args.worker_cpus)
     except ray.exceptions.GetTimeoutError:
