@@ -20,7 +20,8 @@ from nodegraph.validate import validate
 routes = web.RouteTableDef()
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
                ".gif": "image/gif"}
-WORKFLOW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]*\.json")
+PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]*")  # a folder's or a file's name: nothing hidden
+WORKFLOW_NAME = re.compile(rf"(?:{PART.pattern}/)*{PART.pattern}\.json")
 
 
 @routes.get("/api/outputs/{name:.+}")
@@ -35,55 +36,80 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
 
 
-def _workflow_path(request: web.Request) -> Path:
-    name = request.match_info["name"]
+def resolve_workflow(folder: Path, name: str) -> Path:
+    """The file a workflow name (`lora.json`, `comfyui/txt2img.json`) stands for, inside `folder` only."""
     if not WORKFLOW_NAME.fullmatch(name) or ".." in name:
-        raise ApiError(400, "bad_name", f"{name[:200]!r} is not a workflow name (letters, digits, ' _.-', ending "
-                                        "in .json)")
-    return confined(request.app[CONFIG].workflows_dir, name)
+        raise ApiError(400, "bad_name", f"{name[:200]!r} is not a workflow name (folders and a file name of "
+                                        "letters, digits, ' _.-', joined by '/', ending in .json)")
+    return confined(folder, name)
+
+
+def _workflow_path(request: web.Request) -> tuple[str, Path]:
+    name = request.match_info["name"]
+    return name, resolve_workflow(request.app[CONFIG].workflows_dir, name)
+
+
+def workflow_names(folder: Path) -> list[str]:
+    """Every name GET would serve, subfolders included: a folder's files first, then its subfolders'."""
+    names = []
+    # Symlinked folders are not walked into; a symlinked file is listed when it resolves inside.
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if PART.fullmatch(d)]  # hidden folders (.git) hold no workflows
+        for file in files:
+            name = Path(top, file).relative_to(folder).as_posix()
+            try:
+                if resolve_workflow(folder, name).is_file():
+                    names.append(name)
+            except ApiError:
+                continue
+    return sorted(names, key=lambda name: (name.split("/")[:-1], name.rsplit("/", 1)[-1]))
 
 
 @routes.get("/api/workflows")
 async def list_workflows(request: web.Request) -> web.Response:
-    folder = request.app[CONFIG].workflows_dir
-    root = os.path.realpath(folder)
-    # Only the names GET would serve: symlinks out of the folder are left out.
-    names = sorted(p.name for p in folder.glob("*.json") if p.is_file() and WORKFLOW_NAME.fullmatch(p.name)
-                   and os.path.dirname(os.path.realpath(p)) == root) if folder.is_dir() else []
+    names = await asyncio.to_thread(workflow_names, request.app[CONFIG].workflows_dir)
     return web.json_response({"workflows": names})
 
 
-@routes.get("/api/workflows/{name}")
+@routes.get("/api/workflows/{name:.+}")
 async def get_workflow(request: web.Request) -> web.StreamResponse:
-    path = _workflow_path(request)
+    name, path = _workflow_path(request)
     if not path.is_file():
-        raise ApiError(404, "no_such_workflow", f"no workflow {path.name!r}")
+        raise ApiError(404, "no_such_workflow", f"no workflow {name!r}")
     return web.FileResponse(path, headers={"Content-Type": "application/json", "Cache-Control": "no-cache"})
 
 
-@routes.put("/api/workflows/{name}")
+@routes.put("/api/workflows/{name:.+}")
 async def put_workflow(request: web.Request) -> web.Response:
-    path = _workflow_path(request)
+    name, path = _workflow_path(request)
     workflow = await json_body(request)
     if not (isinstance(workflow, dict) and workflow.get("format") == wf.FORMAT and isinstance(workflow.get("nodes"),
                                                                                               dict)):
         raise ApiError(400, "invalid_shape", f'a workflow is {{"format": "{wf.FORMAT}", "nodes": {{...}}}}')
-    existed = path.exists()
-    await asyncio.to_thread(lambda: write_atomically(path, wf.dumps(workflow)))  # encoding is slow on a big graph
-    return web.json_response({"name": path.name}, status=200 if existed else 201)
+    # Encoding is slow on a big graph; "created" comes from the file system, so one PUT of many says 201.
+    try:
+        created = await asyncio.to_thread(lambda: write_atomically(path, wf.dumps(workflow)))
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
+        raise ApiError(409, "not_a_file", f"{name!r} is, or is inside, something that is not a workflow file") from None
+    return web.json_response({"name": name}, status=201 if created else 200)
 
 
-@routes.delete("/api/workflows/{name}")
+@routes.delete("/api/workflows/{name:.+}")
 async def delete_workflow(request: web.Request) -> web.Response:
-    path = _workflow_path(request)
+    name, path = _workflow_path(request)
     if not path.is_file():
-        raise ApiError(404, "no_such_workflow", f"no workflow {path.name!r}")
+        raise ApiError(404, "no_such_workflow", f"no workflow {name!r}")
     path.unlink()
-    return web.json_response({"deleted": path.name})
+    return web.json_response({"deleted": name})
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename it over: readers see old or new, never half."""
+def write_atomically(path: Path, text: str) -> bool:
+    """Write to a temporary file beside `path`, then move it in: readers see old or new, never half.
+
+    Returns whether this call created `path`. A new file is linked in (`os.link` fails when the
+    name exists, atomically), so of concurrent writers of one new name exactly one creates it and
+    the others replace it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
     try:
@@ -91,7 +117,17 @@ def write_atomically(path: Path, text: str) -> None:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temp, path)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            os.replace(temp, path)
+            return False
+        except OSError:  # a file system without hard links (FAT, some shares): no atomic create there
+            existed = path.exists()
+            os.replace(temp, path)
+            return not existed
+        os.unlink(temp)
+        return True
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise

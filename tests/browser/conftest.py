@@ -4,8 +4,9 @@
                                      # `npm ci --prefix web` (litegraph.js)
 
 The server runs once per session (for every module) with the demo models; each test gets a fresh browser context
-(empty localStorage) whose console errors, failed requests and requests to any other host fail
-the test. A screenshot of every test's last state goes to tests/browser/artifacts/.
+(empty localStorage: a first visit, which opens workflows/lora.json; `page` then clicks New for an empty
+canvas) whose console errors, failed requests and requests to any other host fail the test. A screenshot of
+every test's last state goes to tests/browser/artifacts/.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,9 +143,12 @@ class Watch:
             self.problems.append(f"HTTP {response.status}: {response.url}")
 
 
-@pytest.fixture
-def page(browser: Any, server: Server, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """The editor, loaded and connected, on a fresh browser context."""
+@contextmanager
+def open_editor(browser: Any, server: Server, shot: str, blank: bool = True) -> Iterator[Any]:
+    """The editor, loaded and connected, on a fresh browser context (a first visit).
+
+    A first visit opens workflows/lora.json; `blank` starts from an empty canvas instead (New).
+    """
     context = browser.new_context(viewport={"width": 1400, "height": 820})
     page = context.new_page()
     page.set_default_timeout(15_000)
@@ -161,7 +166,17 @@ def page(browser: Any, server: Server, request: pytest.FixtureRequest) -> Iterat
     page.goto(server.url + "/")
     page.wait_for_selector("body[data-ready=true]")
     page.wait_for_selector("#status-conn[data-state=connected]")
+    if blank:
+        page.click("#btn-new")
+        page.wait_for_function("() => !window.nodegraph.graph._nodes.length && !window.nodegraph.files.name")
     yield page
-    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"))
+    page.screenshot(path=str(ARTIFACTS / f"{shot}.png"))
     context.close()
     assert not watch.problems, "\n".join(watch.problems)
+
+
+@pytest.fixture
+def page(browser: Any, server: Server, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The editor on an empty canvas (New after a first visit's default workflow)."""
+    with open_editor(browser, server, request.node.name) as page:
+        yield page

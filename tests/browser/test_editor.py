@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -266,4 +267,5 @@ def test_dropping_a_png_written_by_save_image_opens_its_workflow(page: Any, serv
     shown = graph_workflow(page)["nodes"]
     assert {k: (n["type"], n["inputs"]) for k, n in shown.items()} == \
         {k: (n["type"], n["inputs"]) for k, n in workflow["nodes"].items()}
-    assert page.text_content("#workflow-name").startswith("untitled")
+    # Named as the image (a workflow name: ".json"), not saved yet.
+    assert page.text_content("#workflow-name") == Path(record["files"][0]).stem + ".json ●"

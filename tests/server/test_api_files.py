@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -76,7 +77,7 @@ async def test_workflows_round_trip_and_run_unchanged_from_the_command_line(
 async def test_workflow_names_and_bodies_are_checked(client: Client, config: ServerConfig, tmp_path: Path) -> None:
     for name in ("..json", ".hidden.json", "a.txt", "..%2Fx.json", "x%00.json", "-x.json"):
         response = await client.put(f"/api/workflows/{name}", json=show(1))
-        assert response.status in (400, 404), name  # 404: a name with a slash is no route at all
+        assert response.status == 400, name
     config.workflows_dir.mkdir()
     (tmp_path / "outside.json").write_text("{}")
     os.symlink(tmp_path / "outside.json", config.workflows_dir / "link.json")
@@ -88,6 +89,54 @@ async def test_workflow_names_and_bodies_are_checked(client: Client, config: Ser
     for body in ([1], {"nodes": {}}, {"format": "nodegraph/1", "nodes": []}):
         response = await client.put("/api/workflows/x.json", json=body)
         assert response.status == 400 and (await response.json())["errors"][0]["code"] == "invalid_shape"
+
+
+async def test_workflows_in_subfolders_are_listed_opened_and_saved(client: Client, config: ServerConfig,
+                                                                  tmp_path: Path) -> None:
+    folder = config.workflows_dir
+    for name in ("top.json", "comfyui/a.json", "comfyui/deep/b.json", "zoo/c.json", ".git/x.json", "comfyui/.d.json",
+                 "comfyui/notes.txt", "comfyui/-x.json"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(show(name)))
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "o.json").write_text(json.dumps(show("outside")))
+    os.symlink(tmp_path / "outside", folder / "out")  # a folder that leads out
+    os.symlink(tmp_path / "outside" / "o.json", folder / "comfyui" / "link.json")  # a file that does
+    os.symlink(folder / "zoo" / "c.json", folder / "comfyui" / "inside.json")  # one that stays inside
+    listed = (await (await client.get("/api/workflows")).json())["workflows"]
+    assert listed == ["top.json", "comfyui/a.json", "comfyui/inside.json", "comfyui/deep/b.json", "zoo/c.json"]
+    for name in listed:  # every name listed opens
+        response = await client.get(f"/api/workflows/{name}")
+        assert response.status == 200 and (await response.json())["nodes"], name
+    assert (await (await client.get("/api/workflows/comfyui/a.json")).json()) == show("comfyui/a.json")
+
+    response = await client.put("/api/workflows/comfyui/new.json", json=show("new"))
+    assert response.status == 201 and await response.json() == {"name": "comfyui/new.json"}
+    assert (await client.put("/api/workflows/comfyui/new.json", json=show("again"))).status == 200
+    assert json.loads((folder / "comfyui" / "new.json").read_text()) == show("again")
+    assert "comfyui/new.json" in (await (await client.get("/api/workflows")).json())["workflows"]
+    assert (await client.delete("/api/workflows/comfyui/new.json")).status == 200
+    assert not (folder / "comfyui" / "new.json").exists()
+
+    for name, status in [("out/o.json", 403), ("comfyui/link.json", 403), ("comfyui%2F..%2F..%2Fx.json", 400),
+                         ("%2Fetc%2Fx.json", 400), ("comfyui//a.json", 400),
+                         (".git/x.json", 400), ("comfyui/.d.json", 400), ("comfyui%5C..%5Cx.json", 400)]:
+        for method in ("get", "put", "delete"):
+            response = await client.request(method, f"/api/workflows/{name}", json=show(1))
+            assert response.status == status, (method, name, response.status)
+    assert (tmp_path / "outside" / "o.json").read_text() == json.dumps(show("outside"))
+    assert not (tmp_path / "x.json").exists()
+    response = await client.put("/api/workflows/top.json/x.json", json=show(1))  # a file is no folder
+    assert response.status == 409 and (await response.json())["errors"][0]["code"] == "not_a_file"
+
+
+async def test_concurrent_puts_of_one_new_name_create_it_once(client: Client, config: ServerConfig) -> None:
+    bodies = [show("x" * 20_000 + str(i)) for i in range(20)]
+    responses = await asyncio.gather(*(client.put("/api/workflows/race.json", json=body) for body in bodies))
+    statuses = sorted(response.status for response in responses)
+    assert statuses == [200] * 19 + [201]
+    assert json.loads((config.workflows_dir / "race.json").read_text()) in bodies  # one whole body, never a mix
+    assert [p.name for p in config.workflows_dir.iterdir()] == ["race.json"]  # no temporary file left
 
 
 async def test_import_accepts_workflows_comfyui_api_json_and_pngs(client: Client) -> None:

@@ -66,14 +66,19 @@ export const api = {
   cancel: (jobId) => json("DELETE", `/api/jobs/${enc(jobId)}`),
   history: (limit) => json("GET", `/api/history?limit=${limit}`),
   workflows: () => json("GET", "/api/workflows"),
-  openWorkflow: (name) => json("GET", `/api/workflows/${enc(name)}`),
-  saveWorkflow: (name, workflow) => json("PUT", `/api/workflows/${enc(name)}`, workflow),
-  deleteWorkflow: (name) => json("DELETE", `/api/workflows/${enc(name)}`),
+  // Workflow names may contain folders ("comfyui/txt2img_lora.json").
+  openWorkflow: (name) => json("GET", workflowURL(name)),
+  saveWorkflow: (name, workflow) => json("PUT", workflowURL(name), workflow),
+  deleteWorkflow: (name) => json("DELETE", workflowURL(name)),
   // Raw bytes of a dropped file (workflow JSON, ComfyUI API JSON or a PNG written by SaveImage).
   importFile: (file) => request("POST", "/api/import", file, { quiet4xx: true }),
   // LoadImage's upload button: a multipart form with the image → {name, subfolder, type}.
   upload: (form) => json("POST", "/api/upload/image", form),
 };
+
+function workflowURL(name) {
+  return "/api/workflows/" + name.split("/").map(enc).join("/");
+}
 
 // Output names may contain folders (".temp/preview.png", "portraits/cat_00001_.png").
 export function outputURL(name) {

@@ -227,6 +227,8 @@ async function boot() {
   $("btn-new").addEventListener("click", () => files.newGraph());
   $("btn-save").addEventListener("click", () => files.save());
   $("btn-save-as").addEventListener("click", () => files.saveAs());
+  $("btn-import").addEventListener("click", () => pickFile(".json,application/json,.png,image/png",
+    (file) => files.importFile(file)));
   $("btn-queue").addEventListener("click", () => queue());
   $("btn-cancel").addEventListener("click", () => tracker.jobId && api.cancel(tracker.jobId).catch(() => {}));
   $("btn-gallery").addEventListener("click", (e) => {
@@ -244,7 +246,7 @@ async function boot() {
   installDrop((file) => files.importFile(file));
 
   await files.refreshList();
-  if (!files.restore()) files.newGraph();
+  if (!files.restore()) await files.openDefault();
   gallery.load().catch(() => {});
   window.nodegraph = {
     graph, canvas, files, tracker, gallery, panels, history, models, search, queue, createNode,
@@ -253,7 +255,7 @@ async function boot() {
   document.body.dataset.ready = "true";
 }
 
-// The browser's file picker (LoadImage's upload button): calls `use` with the chosen file.
+// The browser's file picker (Import…, LoadImage's upload button): calls `use` with the chosen file.
 function pickFile(accept, use) {
   const input = $("file-input");
   input.accept = accept;
