@@ -208,7 +208,7 @@ def cmd_run(args: argparse.Namespace, registry: Registry, settings: Settings) ->
         result = RunResult("", "invalid", errors=problems)
     else:
         cancel = CancelToken()
-        progress = ProgressPrinter(sys.stderr, enabled=not args.json and sys.stderr.isatty())
+        progress = ProgressPrinter(sys.stderr, as_json=args.json)
         try:
             with ctrl_c_cancels(cancel):
                 result = Executor(registry, settings, models=model_manager(args)).run(workflow, progress, cancel)
@@ -239,7 +239,7 @@ def cmd_sweep(args: argparse.Namespace, registry: Registry, settings: Settings, 
         result = SweepResult("invalid", axes, errors=problems)
     else:
         cancel = CancelToken()
-        progress = ProgressPrinter(sys.stderr, enabled=not args.json and sys.stderr.isatty())
+        progress = ProgressPrinter(sys.stderr, as_json=args.json)
         total = math.prod(len(axis.values) for axis in axes)
         done: list[Job] = []
 

@@ -14,16 +14,25 @@ from nodegraph.validate import Problem
 
 
 class ProgressPrinter:
-    """Turns events into a one-line progress bar on a terminal."""
+    """Turns events into what `run` prints on stderr while it works.
 
-    def __init__(self, stream: TextIO, enabled: bool, width: int = 30) -> None:
-        self.stream, self.enabled, self.width = stream, enabled, width
+    On a terminal: a one-line progress bar, and a line for each node's news (a model loading, a compile).
+    Into a pipe or file: the news lines only. With `--json`: the news and the progress events as JSON
+    objects, one per line (`{"type": "node_info", "kind": "compiling", …}`), so a script sees a long compile
+    or load as it happens; stdout keeps the result. (Not every event: a 10,000-node graph would pay for it.)
+    """
+
+    def __init__(self, stream: TextIO, as_json: bool = False, width: int = 30) -> None:
+        self.stream, self.as_json, self.width = stream, as_json, width
+        self.bar = not as_json and stream.isatty()
         self.shown = False
 
     def __call__(self, event: ev.Event) -> None:
-        if not self.enabled:
-            return
-        if isinstance(event, ev.Progress) and event.total > 0:
+        if self.as_json:
+            if isinstance(event, ev.NodeInfo | ev.Progress):
+                self.stream.write(json.dumps(event.to_json()) + "\n")
+                self.stream.flush()
+        elif isinstance(event, ev.Progress) and event.total > 0 and self.bar:
             filled = self.width * event.step // event.total
             bar = "█" * filled + "·" * (self.width - filled)
             self.stream.write(f"\rnode {event.node_id} {bar} {event.step}/{event.total}")
@@ -33,6 +42,7 @@ class ProgressPrinter:
             self.clear()
             took = f" ({event.seconds:.1f} s)" if event.seconds is not None else ""
             self.stream.write(f"node {event.node_id}: {event.message}{took}\n")
+            self.stream.flush()
 
     def clear(self) -> None:
         if self.shown:

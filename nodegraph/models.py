@@ -46,10 +46,10 @@ DEFAULT_VRAM_BUDGET = "90%"
 DEFAULT_RAM_BUDGET = "50%"
 RESERVE = 0.1  # of each budget, kept free for inference
 
-Report = Callable[[str, str, float], None]  # kind (load, offload, evict, reload), message, seconds
+Report = Callable[[str, str, float | None], None]  # kind (loading, load, offload, evict, reload), message, seconds
 
 
-def _quiet(kind: str, message: str, seconds: float) -> None:
+def _quiet(kind: str, message: str, seconds: float | None) -> None:
     """The default report: nobody is listening."""
 
 
@@ -278,6 +278,7 @@ class ModelManager:
             if entry is None:
                 offload = not self._make_room(kind, size, report)
                 started = time.perf_counter()
+                report("loading", f"loading {name} on {self.device}", None)
                 value = load(Placement(self.device, offload))
                 now = time.monotonic()
                 entry = ResidentModel(key, name, value, self.device, offload, now, now)

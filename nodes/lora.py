@@ -293,7 +293,9 @@ class CompileModel(Node):
     version = "1.0.0"
     category = "model"
     description = ("torch.compile the denoiser (in place, so adapters keep working). Hot-swaps, strengths and "
-                   "schedules after this never recompile; a new resolution or batch size does unless dynamic.")
+                   "schedules after this never recompile; a new resolution or batch size does unless dynamic. "
+                   "The first sampling compiles: minutes on a CPU (about one for the demo model on 2 cores), "
+                   "where a compiled model is rarely faster; it pays off on GPUs.")
     inputs = (Input("model", "MODEL"),
               Input("mode", "COMBO", default="default", choices=("default", "reduce-overhead", "max-autotune")),
               Input("fullgraph", "BOOLEAN", default=False),

@@ -104,7 +104,7 @@ def test_gpu_models_move_to_the_cpu_and_back() -> None:
     h.load("a", 60)  # back from the CPU: no load, b makes room the same way
     assert h.resident() == {"b": "cpu", "a": "cuda:0"}
     assert h.log == ["move a cpu", "move b cpu", "move a cuda:0"]
-    assert [kind for kind, _ in h.reports] == ["load", "offload", "load", "offload", "reload"]
+    assert [kind for kind, _ in h.reports] == ["loading", "load", "offload", "loading", "load", "offload", "reload"]
 
 
 def test_gpu_models_are_released_when_the_ram_budget_has_no_room() -> None:

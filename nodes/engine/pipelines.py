@@ -233,6 +233,10 @@ def watch_compile(ctx: Context, resident: Resident) -> Iterator[None]:
 
     before = counters["stats"]["unique_graphs"]
     started = time.perf_counter()
+    if not resident.compile_seen:
+        where = "a CPU: expect minutes (about one for the demo model on 2 cores)" if resident.device == "cpu" else (
+            "a GPU: expect up to a minute or two")
+        ctx.info("compiling", f"compiling the denoiser (torch.compile) on its first call, on {where}")
     yield
     graphs = counters["stats"]["unique_graphs"] - before
     if graphs:

@@ -283,3 +283,20 @@ def test_example_workflows_run_headless(name: str, demo_dir: Path, tmp_path: Pat
         with Image.open(path) as image:
             assert image.size == (64, 64)
             assert json.loads(image.text["workflow"])["nodes"]
+
+
+def test_a_run_says_what_takes_time_as_it_happens(demo_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A model's first load is announced before it starts, on stderr: a line each, or JSON lines with --json."""
+    args = ["run", str(ROOT / "workflows" / "lora.json"), "--models-dir", str(demo_dir), "--output-dir",
+            str(tmp_path)]
+    assert main([*args, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["status"] == "ok"
+    news = [json.loads(line) for line in err.splitlines()]
+    kinds = [event["kind"] for event in news if event["type"] == "node_info"]
+    assert kinds.index("loading") < kinds.index("load")
+    assert any(event["type"] == "progress" for event in news)
+    assert main(args) == 0
+    err = capsys.readouterr().err  # not a terminal: no progress bar, the news lines still
+    assert "loading tiny-sd15" in err and "\r" not in err

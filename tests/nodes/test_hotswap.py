@@ -195,7 +195,9 @@ def test_compiled_model_never_recompiles_across_swaps_strengths_and_schedules(
     compiled = Executor(registry, Settings(models_dirs=(demo_dir,), output_dir=tmp_path))
     events = Recorder()
     pixels(compiled, graph(swap="tiny-sd15-style", rank=8, compile=True), events)  # compiles once
-    assert [e.kind for e in events.of(ev.NodeInfo)].count("compile") == 1
+    kinds = [e.kind for e in events.of(ev.NodeInfo)]
+    assert kinds.count("compile") == 1 and kinds.index("compiling") < kinds.index("compile")  # said before, too
+    assert "expect minutes" in next(e.message for e in events.of(ev.NodeInfo) if e.kind == "compiling")
     cases = [("tiny-sd15-alpha", 1.0, None), ("tiny-sd15-rank2", 0.7, None), ("tiny-sd15-rank8", 1.2, None),
              ("tiny-sd15-subset", 1.0, None), ("tiny-sd15-kohya", 0.5, None),
              ("tiny-sd15-alpha", 1.0, {"kind": "linear", "start": 1.5, "end": 0.2, "ramp_steps": 3})]
@@ -204,7 +206,7 @@ def test_compiled_model_never_recompiles_across_swaps_strengths_and_schedules(
             events = Recorder()
             got = pixels(compiled, graph(swap=lora, strength=strength, rank=8, compile=True, schedule=schedule),
                          events)
-            assert "compile" not in [e.kind for e in events.of(ev.NodeInfo)]
+            assert not {"compile", "compiling"} & {e.kind for e in events.of(ev.NodeInfo)}
             assert all("load:" not in m and "delete:" not in m for m in reconciled(events))
             want = pixels(eager, graph(lora, strength=strength, schedule=schedule))
             assert_close(got, want)
