@@ -16,12 +16,14 @@ error, 130 interrupted, 141 when the reader of the output went away (`nodegraph 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
 import re
 import signal
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -358,9 +360,18 @@ def cmd_models_demo(args: argparse.Namespace, registry: Registry, settings: Sett
         print("error: no installed node pack provides the demo models", file=sys.stderr)
         return EXIT_INVALID
     root = Path(args.dir) if args.dir else settings.models_dirs[0]
-    # The maker takes the input folder too, for its demo input image (LoadImage's `demo.png`).
-    for path in makers["demo"].load()(root, args.seed, input_dir=settings.input_dir):
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"writing the demo models into {root}: {message}", file=sys.stderr, flush=True)
+
+    # The maker takes the input folder too, for its demo input image (LoadImage's `demo.png`), and hears
+    # `say` if it takes one (the first write takes 10-40 s on 2 cores; later calls find the files there).
+    maker = makers["demo"].load()
+    takes_say = "say" in inspect.signature(maker).parameters
+    for path in maker(root, args.seed, input_dir=settings.input_dir, **({"say": say} if takes_say else {})):
         print(path)
+    print(f"demo models ready in {root} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -31,7 +31,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,16 +104,18 @@ _SDXL_HINTS = {
 }
 
 
-def make_demo_models(root: Path, seed: int = 0, input_dir: Path | None = None) -> list[Path]:
+def make_demo_models(root: Path, seed: int = 0, input_dir: Path | None = None,
+                     say: Callable[[str], None] = lambda message: None) -> list[Path]:
     """Write the demo checkpoints and LoRAs into `root` (once per seed and version), and the demo input
-    image (`nodes.engine.demo_input`) into `input_dir` when one is given; return their paths."""
+    image (`nodes.engine.demo_input`) into `input_dir` when one is given; return their paths. `say` hears what
+    is being written as it starts (nothing when they are there already)."""
     from nodes.engine.demo_input import make_demo_input
 
-    outputs = _write_demo_models(Path(root), seed)
+    outputs = _write_demo_models(Path(root), seed, say)
     return outputs if input_dir is None else [*outputs, make_demo_input(Path(input_dir))]
 
 
-def _write_demo_models(root: Path, seed: int) -> list[Path]:
+def _write_demo_models(root: Path, seed: int, say: Callable[[str], None]) -> list[Path]:
     outputs = demo_model_paths(root)
     if _manifest_matches(root, seed, outputs):
         return outputs
@@ -123,7 +125,7 @@ def _write_demo_models(root: Path, seed: int) -> list[Path]:
             return outputs
         staging = Path(tempfile.mkdtemp(prefix=".demo-staging-", dir=root))
         try:
-            _generate(staging, seed)
+            _generate(staging, seed, say)
             # Move into place item by item; the manifest goes last, so an interrupted run starts over.
             (root / MANIFEST_NAME).unlink(missing_ok=True)
             for output in outputs:
@@ -208,21 +210,26 @@ def _exclusive(root: Path) -> Iterator[None]:
         yield
 
 
-def _generate(folder: Path, seed: int) -> None:
+def _generate(folder: Path, seed: int, say: Callable[[str], None]) -> None:
     from safetensors.torch import save_file
 
     checkpoints, loras = folder / "checkpoints", folder / "loras"
     loras.mkdir(parents=True)
+    say("1/5 tiny SD1.5 and SDXL checkpoints (folders, and SD1.5 as a single file)")
     pipelines: dict[str, DemoPipeline] = {"sd15": build_sd15_pipeline(seed), "sdxl": build_sdxl_pipeline(seed)}
     for family, pipe in pipelines.items():
         pipe.save_pretrained(checkpoints / f"tiny-{family}", safe_serialization=True)
     # SDXL's single file is left out to keep the folder small; write_single_file makes it on demand.
     write_single_file(pipelines["sd15"], checkpoints / "tiny-sd15.safetensors")
+    say(f"2/5 {len(DEMO_LORAS)} LoRAs")
     for name, spec in DEMO_LORAS.items():
         tensors, metadata = make_lora(pipelines[spec.model], name, seed)
         save_file(tensors, loras / f"{name}.safetensors", metadata=metadata)
+    say("3/5 ControlNets")
     write_demo_controlnets(folder, seed, pipelines)
+    say("4/5 tiny SD3 and Flux (folders and ComfyUI's split files)")
     write_demo_transformers(folder, seed)
+    say("5/5 embeddings, IP-Adapters and a CLIP vision encoder")
     write_demo_embeddings(folder, seed, pipelines)
     write_demo_ipadapter(folder, seed, {family: pipe.unet for family, pipe in pipelines.items()})
 
