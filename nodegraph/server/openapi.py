@@ -43,7 +43,8 @@ _OBJECT = {"type": "object"}
 _WORKFLOW_BODY = {"application/json": {"schema": {"type": "object", "properties": {"workflow": _ref("Workflow")},
                                                   "required": ["workflow"]}}}
 _JOB_ID = _path_param("job_id", "a job id")
-_WORKFLOW_NAME = _path_param("name", "a file name: [A-Za-z0-9][A-Za-z0-9 _.-]*\\.json")
+_WORKFLOW_NAME = _path_param("name", "a file name ([A-Za-z0-9][A-Za-z0-9 _.-]*.json), "
+                                      "in folders joined by '/' (comfyui/a.json)")
 
 _SCHEMAS: dict[str, Any] = {
     "Workflow": {"type": "object", "description": "a nodegraph/1 workflow (ComfyUI's API format is accepted "
