@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,15 @@ def png(width: int = 4, height: int = 4, colour: tuple[int, ...] = (0, 0, 0, 0),
     buffer = io.BytesIO()
     Image.new(mode, (width, height), colour).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def claimed_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width`×`height` pixels (what a decompression bomb looks like)."""
+    data = bytearray(png(1, 1, (0,), mode="L"))
+    ihdr = 12  # signature (8), then the IHDR chunk's length (4) and type (4): its width and height follow
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)
 
 
 def form(data: bytes, filename: str = "photo.png", **fields: str) -> FormData:
@@ -105,6 +116,8 @@ async def test_unsafe_names_are_refused_and_leave_nothing(client: Client, settin
     (png(64, 64, (1, 2, 3), mode="RGB")[:100], "not_an_image"),  # truncated
     (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not_an_image"),
     (png(16385, 1, (0,), mode="L"), "too_large"),
+    (claimed_png(15_000, 15_000), "too_large"),  # 225 megapixels: past Pillow's own bomb limit
+    (claimed_png(10_000, 10_000), "too_large"),  # 100 megapixels: past ours, under Pillow's
 ])
 async def test_files_that_are_not_usable_images_are_refused(client: Client, settings: Settings, tmp_path: Path,
                                                             data: bytes, code: str) -> None:
