@@ -24,6 +24,7 @@ from nodegraph.executor import Executor
 from nodegraph.server import api_files, api_info, api_jobs, api_uploads, static, ws
 from nodegraph.server.errors import json_errors, json_protocol
 from nodegraph.server.hub import Hub
+from nodegraph.server.redact import AccessLog
 from nodegraph.server.security import check_host, refuse_cross_site, require_token, security_headers
 from nodegraph.server.state import CONFIG, EXECUTOR, HUB, STORE, WORKER, Runner, ServerConfig
 from nodegraph.server.worker import Publish, Worker
@@ -39,7 +40,8 @@ def create_app(executor: Executor, config: ServerConfig, runner: RunnerFactory |
                warm_up: Callable[[], None] | None = None) -> web.Application:
     # json_errors is outermost so the host, token and cross-site refusals are JSON errors as well.
     app = web.Application(middlewares=[json_errors, check_host, require_token, refuse_cross_site],
-                          client_max_size=config.max_body)
+                          client_max_size=config.max_body,
+                          handler_args={"access_log_class": AccessLog})  # if an access log is kept: no token
     store = Store(config.data_dir)
     hub = Hub()
     app[CONFIG], app[EXECUTOR], app[STORE], app[HUB] = config, executor, store, hub

@@ -20,6 +20,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
 from nodegraph import workflow as wf
+from nodegraph.server.redact import redact_target
 from nodegraph.validate import Problem
 
 log = logging.getLogger("nodegraph.server")
@@ -121,9 +122,11 @@ def _reason(exc: BaseException) -> str:
 
 
 def log_error(method: str, path: str, status: int, error: dict[str, Any], crash: BaseException | None = None) -> None:
-    """One line per error answer, like a server's error log (a 500 adds its traceback)."""
+    """One line per error answer, like a server's error log (a 500 adds its traceback); a token in the query is
+    hidden (`redact`)."""
     log.log(logging.ERROR if status >= 500 else logging.INFO, "%s %s -> %d %s: %s", printable(method),
-            printable(path), status, error.get("code"), printable(str(error.get("message", ""))), exc_info=crash)
+            printable(redact_target(path)), status, error.get("code"), printable(str(error.get("message", ""))),
+            exc_info=crash)
 
 
 def printable(text: str, limit: int = 300) -> str:
