@@ -26,6 +26,7 @@ from nodegraph.server.errors import ApiError
 from nodegraph.server.security import confined
 from nodegraph.server.state import EXECUTOR
 from nodegraph.settings import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+from nodegraph.store import StorageFull, storage_full
 
 routes = web.RouteTableDef()
 FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"})
@@ -118,5 +119,10 @@ async def upload_image(request: web.Request) -> web.Response:
     path = confined(folder, f"{subfolder}/{filename}" if subfolder else filename)
     data = image.file.read()
     await asyncio.to_thread(check_image, data, filename)
-    stored = await asyncio.to_thread(store, path, data, overwrite)
+    try:
+        stored = await asyncio.to_thread(store, path, data, overwrite)
+    except OSError as exc:
+        if storage_full(exc):
+            raise StorageFull(folder.name or folder.as_posix(), "input folder") from exc
+        raise
     return web.json_response({"name": stored.name, "subfolder": subfolder, "type": "input"})

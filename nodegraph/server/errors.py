@@ -21,6 +21,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from nodegraph import workflow as wf
 from nodegraph.server.redact import redact_target
+from nodegraph.store import StorageFull, storage_full
 from nodegraph.validate import Problem
 
 log = logging.getLogger("nodegraph.server")
@@ -66,10 +67,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except (RequestPayloadError, HttpProcessingError) as exc:
         # aiohttp could not read the body (bad gzip, broken chunks): the connection is out of step.
         status, errors, close = 400, [{"code": "unreadable_body", "message": _reason(exc)}], True
-    except ConnectionError as exc:
-        if _hung_up(request):
+    except StorageFull as exc:  # the server stays up; the same request succeeds once there is space again
+        status, errors = 507, [{"code": "storage_full", "message": str(exc), "folder": exc.folder}]
+    except OSError as exc:  # ConnectionError included
+        if isinstance(exc, ConnectionError) and _hung_up(request):
             return _client_gone(request)
-        status, errors, crash = 500, [_INTERNAL], exc
+        status, errors, crash = _os_error(exc)
     except Exception as exc:
         status, errors, crash = 500, [_INTERNAL], exc
     log_error(request.method, request.raw_path, status, errors[0], crash)
@@ -77,6 +80,13 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     if close:
         response.force_close()
     return response
+
+
+def _os_error(exc: OSError) -> tuple[int, list[dict[str, Any]], BaseException | None]:
+    """A full disk somewhere unnamed (the message would show an absolute path: it is not repeated), else a bug."""
+    if storage_full(exc):
+        return 507, [{"code": "storage_full", "message": "no space left on the disk: free some space and retry"}], None
+    return 500, [_INTERNAL], exc
 
 
 def _hung_up(request: web.Request) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import json
 import os
 import struct
 import zlib
@@ -13,6 +15,7 @@ import pytest
 from aiohttp import FormData
 from PIL import Image
 
+from nodegraph.server import api_uploads
 from nodegraph.settings import Settings
 from tests.server.conftest import Client, MakeClient, finished, queue, state, wf
 
@@ -141,3 +144,17 @@ async def test_missing_file_field_too_large_body_and_cross_site_are_refused(make
         response = await client.post("/api/upload/image", data=form(png()), headers=headers)
         assert (response.status, (await response.json())["errors"][0]["code"]) == (403, "cross_site")
     assert not settings.input_dir.exists()
+
+
+async def test_an_upload_onto_a_full_disk_is_507_naming_the_folder_not_its_path(
+        client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(path: Path, data: bytes, overwrite: bool) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(api_uploads, "store", full)
+    status, body = await upload(client, png())
+    error = body["errors"][0]
+    assert (status, error["code"], error["folder"]) == (507, "storage_full", "input")
+    assert str(tmp_path) not in json.dumps(body)
+    monkeypatch.undo()  # room again
+    assert (await upload(client, png()))[0] == 200
