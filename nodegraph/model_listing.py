@@ -15,8 +15,10 @@ per request. So a walk
 
 A listing is kept with the device, inode and modification time of every folder it read: the next call
 stats those folders again (microseconds each) and walks only when one changed (a file added, removed
-or renamed changes its folder's mtime; a link retargeted changes its parent's). A folder changed in the
-last two seconds is not trusted (mtimes may be that coarse), so such a listing is walked again next time.
+or renamed changes its folder's mtime; a link retargeted changes its parent's; the ctime is compared
+too, which a chmod changes). A folder modified in the last two seconds is not trusted (mtimes may be that
+coarse), so such a listing is walked again next time. A listing that stopped at a bound is served for
+RECHECK_TRUNCATED seconds before it is checked at all.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +45,7 @@ PSEUDO_TYPES = frozenset({"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgro
                           "binfmt_misc", "efivarfs", "selinuxfs", "autofs", "rpc_pipefs", "nsfs"})
 TRUNCATED_CODE = "listing_truncated"
 
-Stamp = tuple[str, int, int, int]  # a folder read: (path, device, inode, mtime in ns)
+Stamp = tuple[str, int, int, int, int]  # a folder read: (path, device, inode, mtime and ctime in ns)
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,8 @@ def list_folder(base: Path, suffixes: Sequence[str] = (".safetensors",),
         cached = _cache.get(key)
     # A listing that stopped early has read a huge tree (often one that changes all the time, as / does): it is
     # served for a while before being checked, so that each request does not walk it again.
-    if cached is not None and (_unchanged(cached) or cached.truncated is not None
-                               and time.monotonic() - cached.walked < RECHECK_TRUNCATED):
+    if cached is not None and (cached.truncated is not None and time.monotonic() - cached.walked < RECHECK_TRUNCATED
+                               or _unchanged(cached)):
         return list(cached.names), cached.truncated
     if not os.path.isdir(folder):
         with _lock:
@@ -116,9 +119,9 @@ def _unchanged(listing: _Listing) -> bool:
     if not listing.trusted:
         return False
     try:
-        for path, device, inode, mtime in listing.stamps:
+        for path, *stamp in listing.stamps:
             stat = os.stat(path)
-            if (stat.st_dev, stat.st_ino, stat.st_mtime_ns) != (device, inode, mtime):
+            if [stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns] != stamp:
                 return False
     except OSError:
         return False
@@ -134,12 +137,16 @@ def _walk(base: str, suffixes: tuple[str, ...], marker: str | None) -> _Listing:
     seen: set[tuple[int, int]] = set()
     entries = 0
     why: str | None = None
-    stack = [] if _pseudo_path(base) else [("", 0)]  # (path relative to base, depth): depth first, in name order
-    while stack:
+    # Breadth first, the folder's own tree before what links lead to: a link to a huge tree cannot use up the
+    # bounds before the models that are really here are listed.
+    own: deque[tuple[str, int]] = deque([] if _pseudo_path(base) else [("", 0)])  # (path below base, depth)
+    linked: deque[tuple[str, int]] = deque()
+    while own or linked:
         if time.monotonic() > deadline:
             why = f"stopped after {MAX_SECONDS:g} s"
             break
-        relative, depth = stack.pop()
+        through_link = not own
+        relative, depth = (linked if through_link else own).popleft()
         path = os.path.join(base, relative) if relative else base
         try:
             stat = os.stat(path)
@@ -148,7 +155,7 @@ def _walk(base: str, suffixes: tuple[str, ...], marker: str | None) -> _Listing:
         if (stat.st_dev, stat.st_ino) in seen or stat.st_dev in pseudo:
             continue
         seen.add((stat.st_dev, stat.st_ino))
-        stamps.append((path, stat.st_dev, stat.st_ino, stat.st_mtime_ns))
+        stamps.append((path, stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns))
         try:
             with os.scandir(path) as found:
                 children = sorted(found, key=lambda entry: entry.name)
@@ -158,7 +165,6 @@ def _walk(base: str, suffixes: tuple[str, ...], marker: str | None) -> _Listing:
         if marker is not None and relative and any(child.name == marker and _is_file(child) for child in children):
             names.append(relative)  # one model; its parts are not models
             continue
-        folders = []
         for child in children:
             if child.name.startswith("."):
                 continue
@@ -166,15 +172,18 @@ def _walk(base: str, suffixes: tuple[str, ...], marker: str | None) -> _Listing:
             if _is_folder(child, dangling):
                 if depth >= MAX_DEPTH:
                     why = why or f"deeper than {MAX_DEPTH} folders"
-                elif not (child.is_symlink() and _pseudo_path(child.path)):
-                    folders.append(name)
+                elif _leads_to_pseudo(child):
+                    continue
+                elif through_link or child.is_symlink():
+                    linked.append((name, depth + 1))
+                else:
+                    own.append((name, depth + 1))
             elif os.path.splitext(child.name)[1].lower() in suffixes:
                 names.append(name)
-        stack.extend((name, depth + 1) for name in reversed(folders))
-        if entries >= MAX_ENTRIES and stack:  # folders left unread
+        if entries >= MAX_ENTRIES and (own or linked):  # folders left unread
             why = f"over {MAX_ENTRIES:,} entries"
             break
-    trusted = all(mtime < started - RACY_NS for _, _, _, mtime in stamps)
+    trusted = all(mtime < started - RACY_NS for _, _, _, mtime, _ in stamps)
     return _Listing(tuple(sorted(names)), tuple(stamps), tuple(dangling), why, trusted, time.monotonic())
 
 
@@ -194,6 +203,14 @@ def _is_file(entry: os.DirEntry[str]) -> bool:
         return entry.is_file()
     except OSError:
         return False
+
+
+def _leads_to_pseudo(entry: os.DirEntry[str]) -> bool:
+    """Whether a folder entry is /proc, /sys or /dev or inside one (by path: where devices cannot tell).
+
+    Only a link, or a folder of that name (in `/`, reached through a link to it), can be: the walk is never inside.
+    """
+    return (entry.is_symlink() or entry.name in ("proc", "sys", "dev")) and _pseudo_path(entry.path)
 
 
 def _pseudo_path(path: str) -> bool:

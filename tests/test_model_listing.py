@@ -59,10 +59,11 @@ def _outside(paths: list[str], tops: tuple[str, ...] = ("/proc", "/sys", "/dev")
 def test_a_link_to_the_root_is_walked_within_bounds_and_reported_once(
         tmp_path: Path, scanned: list[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(model_listing, "MAX_ENTRIES", 2_000)  # the real bound, scaled down for a test
-    base = _tree(tmp_path / "models" / "loras", "mine.safetensors")
+    base = _tree(tmp_path / "models" / "loras", "mine.safetensors", "z/deeper/mine.safetensors")
     (base / "everything").symlink_to("/", target_is_directory=True)
     names, note = list_folder(base)
-    assert "mine.safetensors" in names and note == "over 2,000 entries"
+    # The folder's own tree is listed before what links lead to, whatever the names' order.
+    assert {"mine.safetensors", "z/deeper/mine.safetensors"} <= set(names) and note == "over 2,000 entries"
     assert not _outside(scanned)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and str(base) in warnings[0] and "listing_truncated" in warnings[0]
@@ -72,7 +73,7 @@ def test_a_link_to_the_root_is_walked_within_bounds_and_reported_once(
     assert scanned == [] and len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     (base / "everything").unlink()  # the bad link removed: the next listing is whole, and the report goes
     model_listing._cache.clear()
-    assert list_folder(base) == (["mine.safetensors"], None) and truncated() == []
+    assert list_folder(base) == (["mine.safetensors", "z/deeper/mine.safetensors"], None) and truncated() == []
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, /sys and /dev as Linux has them")
