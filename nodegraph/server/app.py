@@ -28,9 +28,10 @@ from nodegraph.server.redact import AccessLog
 from nodegraph.server.security import check_host, refuse_cross_site, require_token, security_headers
 from nodegraph.server.state import CONFIG, EXECUTOR, HUB, STORE, WORKER, Runner, ServerConfig
 from nodegraph.server.worker import Publish, Worker
-from nodegraph.store import Store
+from nodegraph.store import StorageFull, Store
 
 READY = "nodegraph: serving on {url}"
+log = logging.getLogger("nodegraph.server")
 
 
 RunnerFactory = Callable[[Store, Publish], Runner]  # what runs jobs instead of the one-process Worker
@@ -58,7 +59,10 @@ def create_app(executor: Executor, config: ServerConfig, runner: RunnerFactory |
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[HUB].bind(asyncio.get_running_loop())
-    app[STORE].recover()
+    try:
+        app[STORE].recover()
+    except StorageFull as exc:  # serve anyway: the cut-off job is marked at the next start with room to write
+        log.error("%s (a job cut off by the last shutdown stays 'running' until then)", exc)
     app[WORKER].start()
     yield
     await asyncio.to_thread(app[WORKER].stop)

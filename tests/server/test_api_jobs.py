@@ -16,7 +16,7 @@ import pytest
 from nodegraph.server import api_jobs
 from nodegraph.server.state import STORE
 from nodegraph.server.worker import Worker
-from nodegraph.store import Job
+from nodegraph.store import Job, StorageFull, Store
 from nodegraph.validate import validate
 from tests.server.conftest import WAIT, Client, connect, finished, queue, show, slow, state, wf
 
@@ -292,3 +292,12 @@ async def test_a_full_disk_is_507_storage_full_and_the_server_recovers_by_itself
     assert len([line for line in lines if "no space left" in line and "jobs wait" in line]) == 1  # once an outage
     assert "storage is back: jobs run again" in lines
     assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_the_server_starts_on_a_full_disk(make_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(self: Store) -> list[str]:
+        raise StorageFull("data")
+
+    monkeypatch.setattr(Store, "recover", full)  # a job cut off by a crash could not be marked
+    client = await make_client()
+    assert (await finished(client, await queue(client, show(1))))["status"] == "ok"
