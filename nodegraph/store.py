@@ -190,14 +190,19 @@ class Store:
         if text is None:
             text = json.dumps(workflow, separators=(",", ":"), check_circular=False)
         job = Job(uuid.uuid4().hex, PENDING, client_id, time.time(), text, _workflow=workflow)
-        with self._write() as db:
-            cursor = db.execute("INSERT INTO jobs (id, status, client_id, created, workflow) VALUES (?, ?, ?, ?, ?)",
-                                (job.id, PENDING, client_id, job.created, job.workflow_json))
-            job.seq = cursor.lastrowid or 0
-            # In the same transaction: the worker may claim the job as soon as it is committed.
-            (job.position,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?",
-                                         (PENDING, job.seq)).fetchone()
-            self._queued[job.id] = workflow  # the worker runs it without parsing it again
+        try:
+            with self._write() as db:
+                cursor = db.execute("INSERT INTO jobs (id, status, client_id, created, workflow) "
+                                    "VALUES (?, ?, ?, ?, ?)", (job.id, PENDING, client_id, job.created,
+                                                               job.workflow_json))
+                job.seq = cursor.lastrowid or 0
+                # In the same transaction: the worker may claim the job as soon as it is committed.
+                (job.position,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?",
+                                             (PENDING, job.seq)).fetchone()
+                self._queued[job.id] = workflow  # the worker runs it without parsing it again
+        except BaseException:
+            self._queued.pop(job.id, None)  # not committed (a full disk): no such job
+            raise
         return job
 
     def claim(self, job_id: str | None = None) -> Job | None:

@@ -146,6 +146,7 @@ def test_a_full_disk_is_a_storage_error_that_loses_nothing_and_passes_once_there
         store.add(big)
     assert caught.value.folder == "data" and "'data'" in str(caught.value) and "/" not in str(caught.value)
     assert [job.id for job in store.queue()[1]] == [first.id]  # nothing half-written, nothing lost
+    assert list(store._queued) == [first.id]
     store._db.execute("PRAGMA max_page_count = 1073741823")  # space is back
     second = store.add(big)
     assert [job.id for job in store.queue()[1]] == [first.id, second.id]
