@@ -13,7 +13,7 @@ import pytest
 
 from nodegraph import model_listing
 from nodegraph.model_listing import list_folder, truncated
-from nodegraph.settings import Settings
+from nodegraph.settings import ModelChoices, Settings
 
 PAST = 1_600_000_000  # an mtime long ago: a folder not changed since is trusted by the cache
 
@@ -136,3 +136,17 @@ def test_a_folder_changed_a_moment_ago_is_read_again(tmp_path: Path, scanned: li
     scanned.clear()
     list_folder(base)
     assert scanned == [str(base.resolve())]
+
+
+def test_model_files_of_an_unchanged_tree_are_not_read_again_and_never_from_proc(
+        tmp_path: Path, scanned: list[str]) -> None:
+    base = _tree(tmp_path / "models" / "loras", "sub/x.safetensors")
+    if os.path.isdir("/proc/self/fdinfo"):
+        (base / "proc").symlink_to("/proc/self/fdinfo", target_is_directory=True)
+    _age(base)
+    settings = Settings(models_dirs=(tmp_path / "models",))
+    assert settings.model_files("loras") == ["sub/x.safetensors"]  # Settings lists through this module
+    assert not _outside(scanned)
+    scanned.clear()
+    assert settings.model_files("loras") == ModelChoices("loras")(settings) == ["sub/x.safetensors"]
+    assert scanned == []  # served from the cache: the folders' mtimes are unchanged

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-import pytest
 
 from nodegraph.settings import ModelChoices, Settings
 
@@ -41,23 +38,3 @@ def test_model_choices_list_afresh_and_say_where_they_looked(tmp_path: Path) -> 
     (tmp_path / "b" / "loras" / "x.safetensors").write_bytes(b"")
     assert choices(settings) == ["x.safetensors"]
     assert choices.searched(settings) == f"{tmp_path / 'a' / 'loras'}, {tmp_path / 'b' / 'loras'}"
-
-
-def test_model_files_of_an_unchanged_tree_are_not_read_again_and_never_from_proc(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    base = tmp_path / "models" / "loras"
-    (base / "sub").mkdir(parents=True)
-    (base / "sub" / "x.safetensors").write_bytes(b"")
-    if os.path.isdir("/proc/self/fdinfo"):
-        (base / "proc").symlink_to("/proc/self/fdinfo", target_is_directory=True)
-    for folder in (base, base / "sub"):
-        os.utime(folder, (1_600_000_000, 1_600_000_000))  # not changed for a while
-    read: list[str] = []
-    scandir = os.scandir
-    monkeypatch.setattr(os, "scandir", lambda path: read.append(os.path.realpath(path)) or scandir(path))
-    settings = Settings(models_dirs=(tmp_path / "models",))
-    assert settings.model_files("loras") == ["sub/x.safetensors"]
-    assert not [path for path in read if path.startswith("/proc/")]
-    read.clear()
-    assert settings.model_files("loras") == ModelChoices("loras")(settings) == ["sub/x.safetensors"]
-    assert read == []  # served from the cache: the folders' mtimes are unchanged
