@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodegraph.model_listing import list_folder
+
 DEFAULT_MODELS_DIR = Path("models")
 DEFAULT_OUTPUT_DIR = Path("outputs")
 DEFAULT_INPUT_DIR = Path("input")
@@ -50,32 +52,17 @@ class Settings:
                    nodes_dirs=tuple(Path(p) for p in nodes_dirs), input_dir=inputs)
 
     def model_files(self, kind: str, suffixes: Sequence[str] = (".safetensors",),
-                    folders: bool = False) -> list[str]:
+                    folders: bool | str = False) -> list[str]:
         """Names of the models of one kind ("checkpoints", "loras") across every root, sorted.
 
-        Listed from disk at every call, so files added or removed show at once. With `folders`, a
-        diffusers folder (one with `model_index.json`) is one model and the files inside it are its parts.
+        Files added or removed show at once (each folder's listing is cached until its mtime changes:
+        `model_listing`, which also bounds a walk through linked folders). With `folders`, a diffusers folder
+        (one with `model_index.json`, or the file `folders` names) is one model and the files inside are its parts.
         """
+        marker = folders if isinstance(folders, str) else "model_index.json" if folders else None
         names: set[str] = set()
         for root in self.models_dirs:
-            base = root / kind
-            if not base.is_dir():
-                continue
-            seen: set[str] = set()  # real paths walked: linked folders are followed, link cycles are not
-            for folder, subfolders, files in os.walk(base, followlinks=True):
-                here = Path(folder)
-                real = os.path.realpath(folder)
-                if real in seen:
-                    subfolders.clear()
-                    continue
-                seen.add(real)
-                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-                if folders and here != base and (here / "model_index.json").is_file():
-                    names.add(here.relative_to(base).as_posix())
-                    subfolders.clear()  # its unet/, vae/ … are parts, not models
-                    continue
-                names.update((here / f).relative_to(base).as_posix() for f in files
-                             if not f.startswith(".") and Path(f).suffix.lower() in suffixes)
+            names.update(list_folder(root / kind, suffixes, marker)[0])
         return sorted(names)
 
     def searched(self, kind: str) -> str:

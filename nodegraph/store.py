@@ -17,6 +17,7 @@ into an answer: reading a job back never parses or re-encodes its workflow, whic
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -24,7 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ PENDING, RUNNING = "pending", "running"
 FINISHED = ("ok", "error", "interrupted", "cancelled")
 SHUTDOWN_CODE = "interrupted_by_shutdown"
 SHUTDOWN_MESSAGE = "interrupted by shutdown; queue it again from history"
+SQLITE_FULL = 13  # "database or disk is full" (sqlite3.SQLITE_FULL from Python 3.11)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -99,6 +101,29 @@ class StoreBusy(Exception):
     """Another process has the data folder open."""
 
 
+class StorageFull(Exception):
+    """A write failed for want of space (ENOSPC, EDQUOT, SQLite's "database or disk is full").
+
+    Names the folder (`folder`: its name, never its absolute path, which answers must not show). Nothing
+    was written: the transaction is rolled back, and the same call succeeds once there is space again.
+    """
+
+    def __init__(self, folder: str, what: str = "data folder") -> None:
+        super().__init__(f"no space left for the {what} {folder!r}: free some disk space (or raise the quota); "
+                         "nothing was lost, and it works again by itself once there is room")
+        self.folder, self.what = folder, what
+
+
+def storage_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk (or the user's quota) is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+        return code == SQLITE_FULL if code is not None else "database or disk is full" in str(exc)
+    return False
+
+
 class Store:
     """SQLite in WAL mode; one connection shared by the server's threads behind a lock.
 
@@ -131,14 +156,23 @@ class Store:
     def _write(self) -> Iterator[sqlite3.Connection]:
         # BEGIN IMMEDIATE takes SQLite's write lock at once, so a read-then-update (claim, finish)
         # cannot interleave with another writer, even one in another process.
+        # A failed write (the disk full, most often) rolls back, so the next one starts afresh: a transaction left
+        # open would refuse every later BEGIN.
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL can)
+                        with suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    raise
+            except (OSError, sqlite3.Error) as exc:
+                if storage_full(exc):
+                    raise StorageFull(self.path.parent.name or self.path.parent.as_posix()) from exc
                 raise
-            self._db.execute("COMMIT")
 
     def recover(self) -> list[str]:
         """Mark the jobs left `running` by a process that died as errors; their ids."""
@@ -156,14 +190,19 @@ class Store:
         if text is None:
             text = json.dumps(workflow, separators=(",", ":"), check_circular=False)
         job = Job(uuid.uuid4().hex, PENDING, client_id, time.time(), text, _workflow=workflow)
-        with self._write() as db:
-            cursor = db.execute("INSERT INTO jobs (id, status, client_id, created, workflow) VALUES (?, ?, ?, ?, ?)",
-                                (job.id, PENDING, client_id, job.created, job.workflow_json))
-            job.seq = cursor.lastrowid or 0
-            # In the same transaction: the worker may claim the job as soon as it is committed.
-            (job.position,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?",
-                                         (PENDING, job.seq)).fetchone()
-            self._queued[job.id] = workflow  # the worker runs it without parsing it again
+        try:
+            with self._write() as db:
+                cursor = db.execute("INSERT INTO jobs (id, status, client_id, created, workflow) "
+                                    "VALUES (?, ?, ?, ?, ?)", (job.id, PENDING, client_id, job.created,
+                                                               job.workflow_json))
+                job.seq = cursor.lastrowid or 0
+                # In the same transaction: the worker may claim the job as soon as it is committed.
+                (job.position,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?",
+                                             (PENDING, job.seq)).fetchone()
+                self._queued[job.id] = workflow  # the worker runs it without parsing it again
+        except BaseException:
+            self._queued.pop(job.id, None)  # not committed (a full disk): no such job
+            raise
         return job
 
     def claim(self, job_id: str | None = None) -> Job | None:

@@ -32,18 +32,7 @@ KIND = "controlnet"  # the models folder's subfolder, as ComfyUI's
 
 def controlnet_names(settings: Settings) -> list[str]:
     """ControlNets in the models folders: `.safetensors` files, and diffusers folders (with a config.json)."""
-    names: set[str] = set()
-    for root in settings.models_dirs:
-        base = root / KIND
-        if not base.is_dir():
-            continue
-        folders = sorted(p for p in base.rglob(CONFIG) if not p.parent.name.startswith("."))
-        inside = [f.parent for f in folders]
-        names.update(f.parent.relative_to(base).as_posix() for f in folders if f.parent != base)
-        for path in base.rglob("*.safetensors"):
-            if not path.name.startswith(".") and not any(d in path.parents for d in inside):
-                names.add(path.relative_to(base).as_posix())
-    return sorted(names)
+    return settings.model_files(KIND, folders=CONFIG)
 
 
 def _resolve(settings: Settings, name: str) -> Path:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from nodegraph.store import SHUTDOWN_CODE, Store, StoreBusy
+from nodegraph.store import SHUTDOWN_CODE, StorageFull, Store, StoreBusy, storage_full
 
 WORKFLOW = {"format": "nodegraph/1", "nodes": {}}
 
@@ -127,3 +130,62 @@ def test_a_router_claims_a_given_pending_job_and_a_dead_workers_job_goes_back_in
     requeued = store.get(second.id)
     assert requeued is not None and requeued.status == "pending" and requeued.started is None
     assert [job.id for job in store.pending(5)] == [first.id, second.id, third.id]
+
+
+def _fill(store: Store) -> None:
+    """The database may not grow: SQLite answers "database or disk is full", as on a full disk."""
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_full_disk_is_a_storage_error_that_loses_nothing_and_passes_once_there_is_room(store: Store) -> None:
+    first = store.add(WORKFLOW)
+    _fill(store)
+    big = {"format": "nodegraph/1", "nodes": {}, "ui": {"note": "x" * 200_000}}  # needs new pages
+    with pytest.raises(StorageFull) as caught:
+        store.add(big)
+    assert caught.value.folder == "data" and "'data'" in str(caught.value) and "/" not in str(caught.value)
+    assert [job.id for job in store.queue()[1]] == [first.id]  # nothing half-written, nothing lost
+    assert list(store._queued) == [first.id]
+    store._db.execute("PRAGMA max_page_count = 1073741823")  # space is back
+    second = store.add(big)
+    assert [job.id for job in store.queue()[1]] == [first.id, second.id]
+
+
+class _FailingCommits:
+    """The store's connection, with its next `failures` COMMITs failing as a full disk makes them fail."""
+
+    def __init__(self, real: sqlite3.Connection, failures: int) -> None:
+        self.real, self.failures = real, failures
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.real.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_commit_that_fails_for_want_of_space_is_rolled_back_and_the_store_goes_on(store: Store) -> None:
+    first = store.add(WORKFLOW)
+    store._db = _FailingCommits(store._db, failures=2)  # type: ignore[assignment]
+    with pytest.raises(StorageFull):
+        store.add(WORKFLOW)
+    with pytest.raises(StorageFull):
+        store.claim()  # a claim's commit fails too: the job stays pending
+    running, pending = store.queue()
+    assert running == [] and [job.id for job in pending] == [first.id]
+    claimed = store.claim()  # the disk has room again: everything works, in order
+    assert claimed is not None and claimed.id == first.id
+    store.finish(first.id, "ok", {"nodes": {}, "files": [], "errors": []})
+    assert store.get(first.id).status == "ok"  # type: ignore[union-attr]
+
+
+def test_storage_errors_are_told_apart_from_other_failures() -> None:
+    assert storage_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert storage_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert storage_full(sqlite3.OperationalError("database or disk is full"))
+    assert not storage_full(OSError(errno.EACCES, "Permission denied"))
+    assert not storage_full(sqlite3.OperationalError("database is locked"))

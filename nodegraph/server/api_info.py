@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 import aiohttp
 from aiohttp import web
 
+from nodegraph import model_listing
 from nodegraph import workflow as wf
 from nodegraph.server.errors import ApiError, json_object
 from nodegraph.server.openapi import document
@@ -67,7 +68,8 @@ async def system(request: web.Request) -> web.Response:
         versions["torch"] = str(getattr(torch, "__version__", "unknown"))
     answer = {"versions": versions, "models": models, "queue": store.counts(),
               "cache": {"entries": len(executor.cache), "bytes": executor.cache.bytes,
-                        "max_bytes": executor.cache.max_bytes}}
+                        "max_bytes": executor.cache.max_bytes},
+              "model_folders": {"truncated": model_listing.truncated()}}  # listings that stopped at a bound
     workers = await asyncio.to_thread(request.app[WORKER].workers)  # with --ray: each worker's own status
     if workers is not None:
         answer["workers"] = workers

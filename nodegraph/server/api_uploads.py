@@ -26,6 +26,7 @@ from nodegraph.server.errors import ApiError
 from nodegraph.server.security import confined
 from nodegraph.server.state import EXECUTOR
 from nodegraph.settings import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+from nodegraph.store import StorageFull, storage_full
 
 routes = web.RouteTableDef()
 FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"})
@@ -46,14 +47,22 @@ def check_image(data: bytes, filename: str) -> None:
         with Image.open(io.BytesIO(data)) as image:
             kind, width, height = image.format, image.width, image.height
             image.verify()  # reads the whole file: a truncated or corrupt one fails here
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError:
+        # Pillow refuses a header claiming over twice its MAX_IMAGE_PIXELS (≈179 megapixels) before we see the
+        # size: far past our own limit, so it is the same refusal.
+        raise _too_large(filename, "over 179 megapixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ApiError(400, "not_an_image", f"{filename[:200]!r} is not an image file ({exc})") from None
     if kind not in FORMATS:
         raise ApiError(400, "not_an_image", f"{filename[:200]!r} is a {kind} image; uploads are "
                                             + ", ".join(sorted(FORMATS)))
     if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
-        raise ApiError(400, "too_large", f"{filename[:200]!r} is {width}×{height}: too large (at most "
-                                         f"{MAX_IMAGE_SIDE} pixels a side and {MAX_IMAGE_PIXELS // 2**20} megapixels)")
+        raise _too_large(filename, f"{width}×{height}")
+
+
+def _too_large(filename: str, size: str) -> ApiError:
+    return ApiError(400, "too_large", f"{filename[:200]!r} is {size}: too large (at most {MAX_IMAGE_SIDE} "
+                                      f"pixels a side and {MAX_IMAGE_PIXELS // 2**20} megapixels)")
 
 
 def store(path: Path, data: bytes, overwrite: bool) -> Path:
@@ -110,5 +119,10 @@ async def upload_image(request: web.Request) -> web.Response:
     path = confined(folder, f"{subfolder}/{filename}" if subfolder else filename)
     data = image.file.read()
     await asyncio.to_thread(check_image, data, filename)
-    stored = await asyncio.to_thread(store, path, data, overwrite)
+    try:
+        stored = await asyncio.to_thread(store, path, data, overwrite)
+    except OSError as exc:
+        if storage_full(exc):
+            raise StorageFull(folder.name or folder.as_posix(), "input folder") from exc
+        raise
     return web.json_response({"name": stored.name, "subfolder": subfolder, "type": "input"})

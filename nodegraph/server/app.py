@@ -24,12 +24,14 @@ from nodegraph.executor import Executor
 from nodegraph.server import api_files, api_info, api_jobs, api_uploads, static, ws
 from nodegraph.server.errors import json_errors, json_protocol
 from nodegraph.server.hub import Hub
+from nodegraph.server.redact import AccessLog
 from nodegraph.server.security import check_host, refuse_cross_site, require_token, security_headers
 from nodegraph.server.state import CONFIG, EXECUTOR, HUB, STORE, WORKER, Runner, ServerConfig
 from nodegraph.server.worker import Publish, Worker
-from nodegraph.store import Store
+from nodegraph.store import StorageFull, Store
 
 READY = "nodegraph: serving on {url}"
+log = logging.getLogger("nodegraph.server")
 
 
 RunnerFactory = Callable[[Store, Publish], Runner]  # what runs jobs instead of the one-process Worker
@@ -39,7 +41,8 @@ def create_app(executor: Executor, config: ServerConfig, runner: RunnerFactory |
                warm_up: Callable[[], None] | None = None) -> web.Application:
     # json_errors is outermost so the host, token and cross-site refusals are JSON errors as well.
     app = web.Application(middlewares=[json_errors, check_host, require_token, refuse_cross_site],
-                          client_max_size=config.max_body)
+                          client_max_size=config.max_body,
+                          handler_args={"access_log_class": AccessLog})  # if an access log is kept: no token
     store = Store(config.data_dir)
     hub = Hub()
     app[CONFIG], app[EXECUTOR], app[STORE], app[HUB] = config, executor, store, hub
@@ -56,7 +59,10 @@ def create_app(executor: Executor, config: ServerConfig, runner: RunnerFactory |
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[HUB].bind(asyncio.get_running_loop())
-    app[STORE].recover()
+    try:
+        app[STORE].recover()
+    except StorageFull as exc:  # serve anyway: the cut-off job is marked at the next start with room to write
+        log.error("%s (a job cut off by the last shutdown stays 'running' until then)", exc)
     app[WORKER].start()
     yield
     await asyncio.to_thread(app[WORKER].stop)

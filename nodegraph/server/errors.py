@@ -20,10 +20,14 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
 from nodegraph import workflow as wf
+from nodegraph.server.redact import redact_target
+from nodegraph.store import StorageFull, storage_full
 from nodegraph.validate import Problem
 
 log = logging.getLogger("nodegraph.server")
 LARGE_BODY = 64 * 1024
+CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection; never seen by a client
+_INTERNAL = {"code": "internal_error", "message": "internal server error (see the log)"}
 
 # aiohttp's own refusals (no such route, wrong method, body too large) get stable codes too.
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -50,7 +54,8 @@ def error_response(status: int, errors: list[dict[str, Any]]) -> web.Response:
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    close, crash = False, None
+    close = False
+    crash: BaseException | None = None
     try:
         return await handler(request)
     except ApiError as exc:
@@ -62,13 +67,40 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except (RequestPayloadError, HttpProcessingError) as exc:
         # aiohttp could not read the body (bad gzip, broken chunks): the connection is out of step.
         status, errors, close = 400, [{"code": "unreadable_body", "message": _reason(exc)}], True
+    except StorageFull as exc:  # the server stays up; the same request succeeds once there is space again
+        status, errors = 507, [{"code": "storage_full", "message": str(exc), "folder": exc.folder}]
+    except OSError as exc:  # ConnectionError included
+        if isinstance(exc, ConnectionError) and _hung_up(request):
+            return _client_gone(request)
+        status, errors, crash = _os_error(exc)
     except Exception as exc:
-        status, errors, crash = 500, [{"code": "internal_error", "message": "internal server error (see the log)"}], exc
+        status, errors, crash = 500, [_INTERNAL], exc
     log_error(request.method, request.raw_path, status, errors[0], crash)
     response = error_response(status, errors)
     if close:
         response.force_close()
     return response
+
+
+def _os_error(exc: OSError) -> tuple[int, list[dict[str, Any]], BaseException | None]:
+    """A full disk somewhere unnamed (the message would show an absolute path: it is not repeated), else a bug."""
+    if storage_full(exc):
+        return 507, [{"code": "storage_full", "message": "no space left on the disk: free some space and retry"}], None
+    return 500, [_INTERNAL], exc
+
+
+def _hung_up(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _client_gone(request: web.Request) -> web.Response:
+    """The client went away mid-request (mid-body, most often): one line, no traceback, nothing to answer."""
+    log.info("%s %s: the client disconnected mid-request", printable(request.method),
+             printable(redact_target(request.raw_path)))
+    response = error_response(CLIENT_GONE, [{"code": "client_disconnected", "message": "client disconnected"}])
+    response.force_close()
+    return response  # aiohttp's attempt to write it fails quietly (its access log records the status)
 
 
 def json_protocol(server: web.Server) -> Callable[[], web.RequestHandler]:
@@ -96,7 +128,7 @@ class _JsonErrorsHandler(web.RequestHandler):
         if request.writer.output_size > 0:  # as aiohttp does: an answer has begun, only closing is left
             raise ConnectionError("the response is partly sent; cannot send an error")
         if status >= 500:
-            error = {"code": "internal_error", "message": "internal server error (see the log)"}
+            error = _INTERNAL
         else:
             error = {"code": _CODES.get(status, "bad_request"), "message": _reason(exc) if exc else message or ""}
         # The request line is what could not be read: there is no method or path to show.
@@ -121,9 +153,11 @@ def _reason(exc: BaseException) -> str:
 
 
 def log_error(method: str, path: str, status: int, error: dict[str, Any], crash: BaseException | None = None) -> None:
-    """One line per error answer, like a server's error log (a 500 adds its traceback)."""
+    """One line per error answer, like a server's error log (a 500 adds its traceback); a token in the query is
+    hidden (`redact`)."""
     log.log(logging.ERROR if status >= 500 else logging.INFO, "%s %s -> %d %s: %s", printable(method),
-            printable(path), status, error.get("code"), printable(str(error.get("message", ""))), exc_info=crash)
+            printable(redact_target(path)), status, error.get("code"), printable(str(error.get("message", ""))),
+            exc_info=crash)
 
 
 def printable(text: str, limit: int = 300) -> str:

@@ -1,7 +1,7 @@
 """The API as an OpenAPI 3 document, written by hand (`GET /api/openapi.json`).
 
 A test checks that every route of the app is described here and that nothing here is missing
-from the app. Every 4xx/5xx answer is an `Errors` object.
+from the app. Every 4xx/5xx answer is an `Errors` object (507 `storage_full`: the disk under a folder is full).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ _PATHS: dict[str, Any] = {
         "post": _op("queue a workflow, or a past job's workflow again", {
             "201": _json({"type": "object", "properties": {"job_id": {"type": "string"},
                                                            "position": {"type": "integer"}}}, "queued"),
-            **_errors(400, 403, 404, 413)},
+            **_errors(400, 403, 404, 413, 507)},
             body={"application/json": {"schema": {"type": "object", "properties": {
                 "workflow": _ref("Workflow"), "from_history": {"type": "string"},
                 "client_id": {"type": "string"}}}}}),
@@ -102,7 +102,7 @@ _PATHS: dict[str, Any] = {
         "get": _op("one job", {"200": _json(_ref("Job")), **_errors(404)}, params=[_JOB_ID]),
         "delete": _op("cancel a pending job (200) or interrupt the running one (202)", {
             "200": _json(_ref("Job"), "cancelled"), "202": _json(_ref("Job"), "interrupting"),
-            **_errors(403, 404, 409)}, params=[_JOB_ID])},
+            **_errors(403, 404, 409, 507)}, params=[_JOB_ID])},
     "/api/history": {"get": _op("finished jobs, most recently finished first", {
         "200": _json({"type": "object", "properties": {"jobs": {"type": "array", "items": _ref("Job")},
                                                        "next": {"type": ["integer", "null"]}}}),
@@ -110,7 +110,7 @@ _PATHS: dict[str, Any] = {
                                  _query("before", "the `next` cursor of the previous page", {"type": "integer"})])},
     "/api/history/{job_id}": {"delete": _op("delete a finished job from history", {
         "200": _json({"type": "object", "properties": {"deleted": {"type": "string"}}}),
-        **_errors(403, 404, 409)}, params=[_JOB_ID])},
+        **_errors(403, 404, 409, 507)}, params=[_JOB_ID])},
     "/api/outputs/{name}": {"get": _op("a generated image (also .temp/ previews)", {
         "200": {"description": "the image", "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
         **_errors(400, 403, 404)}, params=[_path_param("name", "relative to the output folder")])},
@@ -131,7 +131,7 @@ _PATHS: dict[str, Any] = {
         "store an image in the input folder (for LoadImage); an existing name gets ' (1)' unless overwrite", {
             "200": _json({"type": "object", "required": ["name", "subfolder", "type"], "properties": {
                 "name": {"type": "string"}, "subfolder": {"type": "string"}, "type": {"const": "input"}}}),
-            **_errors(400, 403, 409, 413)},
+            **_errors(400, 403, 409, 413, 507)},
         body={"multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
             "image": {"type": "string", "format": "binary", "description": "the file (PNG, JPEG, WebP, GIF, BMP, "
                                                                               "TIFF)"},
@@ -143,7 +143,12 @@ _PATHS: dict[str, Any] = {
                                                        "deferred": {"type": "boolean"}}}), **_errors(403)})},
     "/api/system": {"get": _op("versions, models, queue and cache", {"200": _json({"type": "object", "properties": {
         "versions": _OBJECT, "models": _OBJECT, "queue": _OBJECT, "cache": _OBJECT,
-        "workers": {"type": "array", "items": _OBJECT}}})})},
+        "workers": {"type": "array", "items": _OBJECT},
+        "model_folders": {"type": "object", "properties": {"truncated": {
+            "type": "array", "description": "models folders whose latest listing stopped at a bound",
+            "items": {"type": "object", "properties": {"code": {"const": "listing_truncated"},
+                                                       "folder": {"type": "string"},
+                                                       "reason": {"type": "string"}}}}}}}})})},
     "/api/ws": {"get": _op("websocket of job events (JSON messages, each with a `type`)", {
         "101": {"description": "switching protocols"}, **_errors(400, 401, 403)}, params=[
         _query("client_id", "this connection's client id (made up when absent)", {"type": "string"}),

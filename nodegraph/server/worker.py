@@ -21,7 +21,7 @@ from typing import Any
 from nodegraph import events as ev
 from nodegraph.context import CancelToken
 from nodegraph.executor import Executor, RunResult
-from nodegraph.store import SHUTDOWN_CODE, SHUTDOWN_MESSAGE, Job, Store
+from nodegraph.store import SHUTDOWN_CODE, SHUTDOWN_MESSAGE, Job, StorageFull, Store
 
 log = logging.getLogger("nodegraph.server")
 Publish = Callable[[str | None, dict[str, Any]], None]
@@ -37,6 +37,8 @@ def output_name(path: str, output_dir: Path) -> str:
 
 
 class Worker:
+    storage_retry = 5.0  # seconds between tries while the disk is full (a new job tries at once)
+
     def __init__(self, store: Store, executor: Executor, publish: Publish,
                  warm_up: Callable[[], None] | None = None) -> None:
         self.store, self.executor, self.publish = store, executor, publish
@@ -47,6 +49,8 @@ class Worker:
         self._current: tuple[str, CancelToken] | None = None
         self._stopping = False
         self._free_requested = False
+        self._halt = threading.Event()  # set by stop()
+        self._storage_error: str | None = None  # while the data folder's disk is full
         self._thread = threading.Thread(target=self._loop, name="nodegraph-worker", daemon=True)
 
     def start(self) -> None:
@@ -55,6 +59,7 @@ class Worker:
     def stop(self) -> None:
         """Interrupt the running job (recorded as cut off by the shutdown) and wait for the thread."""
         self._stopping = True
+        self._halt.set()
         with self._lock:
             if self._current is not None:
                 self._current[1].cancel()
@@ -111,7 +116,7 @@ class Worker:
                 if self._free_requested:
                     self._free()
                 with self._lock:
-                    job = None if self._stopping else self.store.claim()
+                    job = None if self._stopping else self._claim()
                     token = CancelToken()
                     self._current = (job.id, token) if job else None
                 if job is not None:
@@ -123,13 +128,47 @@ class Worker:
                         with self._lock:
                             self._current = None
             if job is None:
-                self._wake.wait()
+                self._wake.wait(self.storage_retry if self._storage_error else None)
                 continue
             # Recorded once the worker is idle, so a client that sees the job finished can free at once.
-            self.store.finish(job.id, status, record)
+            if not self._finish(job, status, record):
+                return  # stopping with the disk still full: the job is marked cut off at the next start
             log.info("job %s finished: %s in %.2f s", job.id, status, time.monotonic() - started)
             self.publish(job.client_id, {"type": "job_finished", "job_id": job.id, "status": status,
                                          "files": record["files"], "errors": record["errors"]})
+
+    def _claim(self) -> Job | None:
+        """The next job; None while the disk is full (the job stays queued, tried again every `storage_retry`)."""
+        try:
+            job = self.store.claim()
+        except StorageFull as exc:
+            self._storage_failed(exc)
+            return None
+        self._storage_back()
+        return job
+
+    def _finish(self, job: Job, status: str, record: dict[str, Any]) -> bool:
+        """Record the job's end, trying again while the disk is full; False if the server stops first."""
+        while True:
+            try:
+                self.store.finish(job.id, status, record)
+            except StorageFull as exc:
+                self._storage_failed(exc)
+                if self._halt.wait(self.storage_retry):
+                    return False
+                continue
+            self._storage_back()
+            return True
+
+    def _storage_failed(self, exc: StorageFull) -> None:
+        if self._storage_error is None:  # once per outage, not once per retry
+            log.error("%s (jobs wait until it is back)", exc)
+        self._storage_error = str(exc)
+
+    def _storage_back(self) -> None:
+        if self._storage_error is not None:
+            log.info("storage is back: jobs run again")
+        self._storage_error = None
 
     def _run(self, job: Job, token: CancelToken) -> tuple[str, dict[str, Any]]:
         output_dir = self.executor.settings.output_dir

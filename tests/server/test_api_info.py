@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from nodegraph import model_listing
 from nodegraph.executor import Executor
 from nodegraph.registry import Registry
 from nodegraph.server.app import create_app
@@ -66,6 +69,23 @@ async def test_system_reports_versions_models_and_queue(client: Client) -> None:
     assert {"python", "nodegraph", "aiohttp"} <= set(system["versions"])
     assert system["queue"] == {"pending": 0, "running": 0}
     assert isinstance(system["models"], dict) and system["cache"]["entries"] == 1
+
+
+async def test_a_models_folder_past_the_listing_bound_is_reported_in_system(
+        client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_listing, "MAX_ENTRIES", 10)
+    loras = settings.models_dirs[0] / "loras"
+    for name in [f"a/{i:02}.safetensors" for i in range(20)] + ["b/never-read.safetensors"]:
+        (loras / name).parent.mkdir(parents=True, exist_ok=True)
+        (loras / name).write_bytes(b"")
+    try:
+        assert (await (await client.get("/api/system")).json())["model_folders"] == {"truncated": []}
+        files = (await (await client.get("/api/models/loras")).json())["files"]
+        assert len(files) == 20 and "b/never-read.safetensors" not in files  # a/ read whole, then the bound
+        report = (await (await client.get("/api/system")).json())["model_folders"]["truncated"]
+        assert report == [{"code": "listing_truncated", "folder": str(loras), "reason": "over 10 entries"}]
+    finally:
+        model_listing.forget()
 
 
 async def test_free_clears_the_cache_now_when_idle_and_after_the_running_job_otherwise(client: Client) -> None:

@@ -6,14 +6,17 @@ import asyncio
 import gc
 import json
 import logging
+import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from nodegraph.server import api_jobs
 from nodegraph.server.state import STORE
-from nodegraph.store import Job
+from nodegraph.server.worker import Worker
+from nodegraph.store import Job, StorageFull, Store
 from nodegraph.validate import validate
 from tests.server.conftest import WAIT, Client, connect, finished, queue, show, slow, state, wf
 
@@ -242,3 +245,59 @@ async def test_a_workflow_is_stored_as_the_client_sent_it(client: Client) -> Non
     assert client.server.app[STORE].get(job_id).workflow_json == sent  # not encoded again
     again = await client.post("/api/jobs", json={"from_history": job_id})
     assert client.server.app[STORE].get((await again.json())["job_id"]).workflow_json == sent
+
+
+class FullDisk:
+    """The store's connection on a disk that may fill up: while `full`, every row written fails as SQLite fails
+    when the disk (or the user's quota) is full."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self.real, self.full = real, False
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if self.full and sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.real.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def test_a_full_disk_is_507_storage_full_and_the_server_recovers_by_itself_losing_nothing(
+        client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nodegraph.server")
+    monkeypatch.setattr(Worker, "storage_retry", 0.05)
+    store = client.server.app[STORE]
+    disk = FullDisk(store._db)
+    store._db = disk  # type: ignore[assignment]
+    running = await queue(client, slow())
+    while (await (await client.get(f"/api/jobs/{running}")).json())["status"] != "running":
+        await asyncio.sleep(0.01)
+    waiting = await queue(client, show(1))
+    disk.full = True
+    response = await client.post("/api/jobs", json={"workflow": show(2)})
+    assert response.status == 507
+    error = (await response.json())["errors"][0]
+    assert error["code"] == "storage_full" and error["folder"] == "data" and "'data'" in error["message"]
+    assert str(tmp_path) not in error["message"]
+    assert (await client.delete(f"/api/jobs/{running}")).status == 202  # it stops, but cannot be recorded yet
+    await asyncio.sleep(0.3)  # the worker tries to record it, again and again
+    jobs = await (await client.get("/api/jobs")).json()  # the server still answers, and the queue is intact
+    assert [j["job_id"] for j in jobs["running"]] == [running] and [j["job_id"] for j in jobs["pending"]] == [waiting]
+    disk.full = False  # space is back: nothing to restart
+    assert (await finished(client, running))["status"] == "interrupted"
+    assert (await finished(client, waiting))["status"] == "ok"
+    assert (await finished(client, await queue(client, show(3))))["status"] == "ok"
+    lines = [r.getMessage() for r in caplog.records if r.name == "nodegraph.server"]
+    assert len([line for line in lines if "no space left" in line and "jobs wait" in line]) == 1  # once an outage
+    assert "storage is back: jobs run again" in lines
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_the_server_starts_on_a_full_disk(make_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(self: Store) -> list[str]:
+        raise StorageFull("data")
+
+    monkeypatch.setattr(Store, "recover", full)  # a job cut off by a crash could not be marked
+    client = await make_client()
+    assert (await finished(client, await queue(client, show(1))))["status"] == "ok"

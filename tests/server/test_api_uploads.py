@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import json
 import os
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,7 @@ import pytest
 from aiohttp import FormData
 from PIL import Image
 
+from nodegraph.server import api_uploads
 from nodegraph.settings import Settings
 from tests.server.conftest import Client, MakeClient, finished, queue, state, wf
 
@@ -19,6 +24,15 @@ def png(width: int = 4, height: int = 4, colour: tuple[int, ...] = (0, 0, 0, 0),
     buffer = io.BytesIO()
     Image.new(mode, (width, height), colour).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def claimed_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width`×`height` pixels (what a decompression bomb looks like)."""
+    data = bytearray(png(1, 1, (0,), mode="L"))
+    ihdr = 12  # signature (8), then the IHDR chunk's length (4) and type (4): its width and height follow
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)
 
 
 def form(data: bytes, filename: str = "photo.png", **fields: str) -> FormData:
@@ -105,6 +119,8 @@ async def test_unsafe_names_are_refused_and_leave_nothing(client: Client, settin
     (png(64, 64, (1, 2, 3), mode="RGB")[:100], "not_an_image"),  # truncated
     (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not_an_image"),
     (png(16385, 1, (0,), mode="L"), "too_large"),
+    (claimed_png(15_000, 15_000), "too_large"),  # 225 megapixels: past Pillow's own bomb limit
+    (claimed_png(10_000, 10_000), "too_large"),  # 100 megapixels: past ours, under Pillow's
 ])
 async def test_files_that_are_not_usable_images_are_refused(client: Client, settings: Settings, tmp_path: Path,
                                                             data: bytes, code: str) -> None:
@@ -128,3 +144,17 @@ async def test_missing_file_field_too_large_body_and_cross_site_are_refused(make
         response = await client.post("/api/upload/image", data=form(png()), headers=headers)
         assert (response.status, (await response.json())["errors"][0]["code"]) == (403, "cross_site")
     assert not settings.input_dir.exists()
+
+
+async def test_an_upload_onto_a_full_disk_is_507_naming_the_folder_not_its_path(
+        client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(path: Path, data: bytes, overwrite: bool) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(api_uploads, "store", full)
+    status, body = await upload(client, png())
+    error = body["errors"][0]
+    assert (status, error["code"], error["folder"]) == (507, "storage_full", "input")
+    assert str(tmp_path) not in json.dumps(body)
+    monkeypatch.undo()  # room again
+    assert (await upload(client, png()))[0] == 200

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 from aiohttp import WSServerHandshakeError
 
 from nodegraph.server.errors import ApiError
+from nodegraph.server.redact import redact_target
 from nodegraph.server.security import confined, content_security_policy, host_name, is_loopback, same_origin
 from tests.server.conftest import Client, MakeClient, connect, raw, show, state
 
@@ -67,6 +69,42 @@ async def test_the_token_in_the_address_sets_a_strict_cookie_for_the_browser(mak
     assert cookie.value == "s3cret" and cookie["httponly"] and cookie["samesite"] == "Strict"
     assert (await client.get("/api/nodes")).status == 200  # the client's cookie jar now holds it
     await connect(client)
+
+
+async def test_the_token_never_reaches_a_log_line(make_client: MakeClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)  # aiohttp's access log (aiohttp.access) as well as ours
+    client = await make_client(token="s3cret")
+    for path in ("/api/nodes?token=s3cret", "/api/jobs/x?a=1&token=s3cret", "/api/nodes?%74oken=s3cret",
+                 "/?token=s3cret", "/?token=s3cretX"):
+        await client.get(path, allow_redirects=False)
+    await client.get("/api/jobs/nope", headers={"Authorization": "Bearer s3cret"})
+    await client.get("/api/jobs/nope", headers={"Cookie": "nodegraph_token=s3cret"})
+    await client.post("/api/jobs?token=s3cret", json={"workflow": show(1)}, headers={"Authorization": "Bearer s3cret"})
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("/api/nodes?token=[redacted] -> 401" in line for line in lines), lines
+    assert not [line for line in lines if "s3cret" in line]
+    assert any(r.name == "aiohttp.access" and "[redacted]" in r.getMessage() for r in caplog.records)
+    # aiohttp's access log, with a format that prints the credentials' headers and the cookie set
+    from nodegraph.server.redact import AccessLog
+
+    class Request:
+        method, path_qs, version, remote = "GET", "/?token=s3cret", type("V", (), {"major": 1, "minor": 1}), "::1"
+        headers = {"Authorization": "Bearer s3cret", "Cookie": "nodegraph_token=s3cret", "User-Agent": "t"}
+
+    class Response:
+        status, body_length, headers = 302, 0, {"Set-Cookie": "nodegraph_token=s3cret"}
+
+    access = logging.getLogger("test.access")
+    AccessLog(access, '"%r" %{Authorization}i %{Cookie}i %{Set-Cookie}o %{User-Agent}i').log(
+        Request(), Response(), 0.1)  # type: ignore[arg-type]
+    line = [r.getMessage() for r in caplog.records if r.name == "test.access"][0]
+    assert line == '"GET /?token=[redacted] HTTP/1.1" [redacted] [redacted] [redacted] t'
+
+
+def test_only_the_token_parameter_is_redacted() -> None:
+    assert redact_target("/a?x=1&token=T&y=2") == "/a?x=1&token=[redacted]&y=2"
+    assert redact_target("/a?TOKEN=T&tokens=2&token") == "/a?TOKEN=[redacted]&tokens=2&token"
+    assert redact_target("/a/token=T") == "/a/token=T"
 
 
 async def test_without_a_token_only_loopback_host_names_are_answered(client: Client) -> None:
