@@ -220,7 +220,7 @@ class _Refused(WorkflowError):
 def _located(exc: WorkflowError, root: Any) -> WorkflowError:
     """The refusal with the node and input the refused value sits in: `nodes/<id>/inputs/<input>/…`, in an API
     request's `workflow` too, or `<id>/inputs/<input>/…` in ComfyUI's API format."""
-    path = getattr(exc, "path", ())
+    path: tuple[Any, ...] = getattr(exc, "path", ())
     if path[:1] == ("workflow",) and isinstance(root, dict):
         path, root = path[1:], root["workflow"]
     node_id: Any = None
