@@ -143,6 +143,17 @@ def test_saved_lora_loads_back_to_the_same_image(executor: Executor, tmp_path: P
     assert np.array_equal(pixels(executor, graph(None, extra="mix_00001_.safetensors")), merged)
 
 
+def test_a_later_node_loads_the_saved_lora_by_its_name_output(executor: Executor) -> None:
+    wf = graph(None, {"slot": "a", "filename_prefix": "linked"})
+    wf["nodes"]["c"] = {"type": "LoadLoRA", "inputs": {"model": ["ckpt", 0], "lora": ["save", "name"], "slot": "c",
+                                                       "strength": 0.7}}
+    wf["nodes"]["sample"]["inputs"]["model"] = ["c", 0]
+    result = executor.run(wf)
+    assert result.status == "ok", result.errors
+    assert list(result.nodes["c"].outputs["model"].live()) == ["c"]
+    assert result.nodes["c"].outputs["model"].live()["c"].path.endswith("linked_00001_.safetensors")
+
+
 def test_saved_loras_are_numbered_and_never_overwrite(executor: Executor, tmp_path: Path) -> None:
     loras = tmp_path / "models" / "loras"
     (loras / "sub").mkdir()
