@@ -20,7 +20,7 @@ from typing import Any
 from nodegraph.cache import file_fingerprint
 from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output, Upstream
-from nodegraph.settings import ModelChoices, Settings
+from nodegraph.settings import FitHint, ModelChoices, Settings
 from nodes.engine import lora_files
 from nodes.engine.recipe import Adapter, ModelRecipe
 
@@ -28,7 +28,7 @@ _SLOT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
 _checkpoints = ModelChoices("checkpoints", folders=True)
-_loras = ModelChoices("loras", hint=lambda settings, upstream: lora_fit_hint(settings, upstream))
+_loras = ModelChoices("loras", hint=lambda settings, upstream: fit_hint("loras", _lora_fits)(settings, upstream))
 _diffusion_models = ModelChoices("diffusion_models", folders=True)
 _text_encoders = ModelChoices("text_encoders")
 _vaes = ModelChoices("vae")
@@ -104,33 +104,41 @@ def upstream_checkpoint(settings: Settings, upstream: Callable[[str], Upstream |
     return settings.resolve_model("diffusion_models" if source.type == "UNETLoader" else "checkpoints", checkpoint)
 
 
-MAX_FIT_HINTS = 256  # LoRA files checked against the model for a misspelt name's message; more: listed unsorted
+MAX_FIT_HINTS = 256  # files checked against the model for a misspelt name's message; more: listed unsorted
 
 
-def lora_fit_hint(settings: Settings | None, upstream: Callable[[str], Upstream | None],
-                  ) -> tuple[Callable[[str], bool], str] | None:
-    """Which LoRA files fit the checkpoint the node's MODEL (or CLIP) comes from, and its family: so a misspelt
-    `lora` lists the LoRAs for that model first (`ModelChoices.hint`; headers only, on the error path alone)."""
-    from nodes.engine.checkpoints import detect_family
+def fit_hint(kind: str, fits: Callable[[Path, str, Path], bool]) -> FitHint:
+    """A `ModelChoices` hint: which files of `kind` fit the checkpoint the node's MODEL (or CLIP) comes from, by
+    `fits(checkpoint, its fingerprint, file)`, and its family; so a misspelt name lists the files for that model
+    first. Headers only, and on the error path alone."""
 
-    if settings is None or len(_loras(settings)) > MAX_FIT_HINTS:
-        return None
-    try:
-        ckpt = upstream_checkpoint(settings, upstream)
-        if ckpt is None:
+    def hint(settings: Settings | None, upstream: Callable[[str], Upstream | None],
+             ) -> tuple[Callable[[str], bool], str] | None:
+        from nodes.engine.checkpoints import detect_family
+
+        if settings is None or len(settings.model_files(kind)) > MAX_FIT_HINTS:
             return None
-        family, fingerprint = detect_family(ckpt), file_fingerprint(ckpt)
-    except Exception:  # a missing or unreadable checkpoint: its own loader reports it
-        return None
-
-    def fits(name: str) -> bool:
         try:
-            path = settings.resolve_model("loras", name)
-            return fit_problem(str(ckpt), fingerprint, path, file_fingerprint(path)) is None
-        except Exception:  # an unreadable LoRA fits nothing
-            return False
+            ckpt = upstream_checkpoint(settings, upstream)
+            if ckpt is None:
+                return None
+            family, fingerprint = detect_family(ckpt), file_fingerprint(ckpt)
+        except Exception:  # a missing or unreadable checkpoint: its own loader reports it
+            return None
 
-    return fits, family
+        def check(name: str) -> bool:
+            try:
+                return fits(ckpt, fingerprint, settings.resolve_model(kind, name))
+            except Exception:  # an unreadable file fits nothing
+                return False
+
+        return check, family
+
+    return hint
+
+
+def _lora_fits(checkpoint: Path, fingerprint: str, path: Path) -> bool:
+    return fit_problem(str(checkpoint), fingerprint, path, file_fingerprint(path)) is None
 
 
 def _model_file(settings: Settings, kind: str, name: str, input_name: str) -> Path:
