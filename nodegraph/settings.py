@@ -131,7 +131,8 @@ class Settings:
                     return candidate
             except OSError as exc:  # e.g. a whole path too long: told without the server's folders
                 raise ModelNameError(f"{name[:60]!r} cannot be looked up: {exc.strerror or exc}") from None
-        raise FileNotFoundError(f"no {kind} model named {name!r} in {self.searched(kind)}")
+        # The folders are not named: this message reaches API clients (validation says where it looked).
+        raise FileNotFoundError(f"no {kind} model named {name[:200]!r} in the models folders' {kind}/")
 
     def input_files(self, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
         """Names of the files in the input folder (subfolders included, hidden ones not), sorted."""

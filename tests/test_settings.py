@@ -53,3 +53,6 @@ def test_a_model_name_no_file_can_have_is_a_bad_name_without_the_folders(tmp_pat
     with pytest.raises(ModelNameError) as refused:  # each part fits, the whole path does not
         settings.resolve_model("loras", "/".join(["c" * 250] * 20))
     assert refused.value.code == "bad_name" and str(tmp_path) not in str(refused.value)
+    with pytest.raises(FileNotFoundError) as missing:
+        settings.resolve_model("loras", "absent.safetensors")
+    assert not isinstance(missing.value, ModelNameError) and str(tmp_path) not in str(missing.value)
