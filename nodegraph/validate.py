@@ -225,14 +225,14 @@ def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Regis
                 literals[name] = spec.default
             continue
         value = given[name]
-        if spec.type == "COMBO" and id(spec) not in choices:
-            choices[id(spec)] = spec.resolve_choices(settings)
+        constant = _constant(value, nodes, registry) if spec.type == "COMBO" and is_link(value) else value
+        if spec.type == "COMBO" and id(spec) not in choices and not is_link(constant):
+            choices[id(spec)] = spec.resolve_choices(settings)  # once per spec; not for a link it cannot see through
         if is_link(value):
             link = _check_link(spec, accepts, value, nodes, registry, node_id, problems)
             if link is not None:
                 links[name] = link
-                constant = _constant(value, nodes, registry) if spec.type == "COMBO" else None
-                if isinstance(constant, str) and constant not in choices[id(spec)]:
+                if isinstance(constant, str) and constant not in choices[id(spec)]:  # a primitive's value
                     code, message = _not_a_choice(spec, constant, choices[id(spec)], given, nodes, settings)
                     _fail(problems, node_id, name, code, f"from node {value[0]}: {message}")
         elif accepts == "link":
@@ -353,14 +353,15 @@ def _check_link(spec: Input, accepts: str, value: list[Any], nodes: dict[str, An
 
 
 def _constant(link: list[Any], nodes: dict[str, Any], registry: Registry) -> Any:
-    """The value a link carries when validation can see it: a primitive's literal (`Node.constant_input`)."""
+    """The value a link carries when validation can see it (a primitive's literal, `Node.constant_input`), else the
+    link itself."""
     source = nodes.get(link[0])
     cls = registry.get(source.get("type")) if isinstance(source, dict) else None
     inputs = source.get("inputs") if isinstance(source, dict) else None
     if cls is None or cls.constant_input is None or not isinstance(inputs, dict):
-        return None
-    value = inputs.get(cls.constant_input)
-    return None if is_link(value) else value
+        return link
+    value = inputs.get(cls.constant_input, link)
+    return link if is_link(value) else value
 
 
 def _not_a_choice(spec: Input, value: str, choices: Sequence[str], given: dict[str, Any], nodes: dict[str, Any],
