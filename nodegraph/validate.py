@@ -355,7 +355,7 @@ def _check_link(spec: Input, accepts: str, value: list[Any], nodes: dict[str, An
 def _constant(link: list[Any], nodes: dict[str, Any], registry: Registry) -> Any:
     """The value a link carries when validation can see it (a primitive's literal, `Node.constant_input`), else the
     link itself."""
-    source = nodes.get(link[0])
+    source = nodes.get(link[0]) if isinstance(link[0], str) else None  # a bad link is reported by _check_link
     cls = registry.get(source.get("type")) if isinstance(source, dict) else None
     inputs = source.get("inputs") if isinstance(source, dict) else None
     if cls is None or cls.constant_input is None or not isinstance(inputs, dict):

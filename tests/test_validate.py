@@ -180,6 +180,10 @@ def test_a_model_name_no_file_can_have_is_a_bad_name_written_or_linked(registry:
     assert "from node s" in problem.message and str(tmp_path) not in problem.message
 
 
+def test_a_link_of_the_wrong_shape_into_a_model_file_is_a_bad_link(registry: Registry, tmp_path: Path) -> None:
+    assert codes(registry, loader([["s"], 0])) == [("1", "checkpoint", "bad_link")]
+
+
 def test_a_misspelt_name_from_a_string_node_is_refused_before_running(registry: Registry, tmp_path: Path) -> None:
     wf = loader(["s", "value"])
     wf["nodes"]["s"] = {"type": "String", "inputs": {"value": "b.safetensor"}}
