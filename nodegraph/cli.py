@@ -164,7 +164,7 @@ def load_workflow(path: str, overrides: Sequence[str] = ()) -> tuple[Any, list[P
     try:
         workflow = wf.load(path)
     except wf.WorkflowError as exc:
-        return None, [Problem(None, None, exc.code, str(exc))]
+        return None, [Problem(exc.node_id, exc.input, exc.code, str(exc))]
     problems = []
     for item in overrides:
         target, eq, text = item.partition("=")

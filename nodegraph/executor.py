@@ -21,7 +21,7 @@ from nodegraph.cache import Entry, OutputCache, key_prefix, keyed
 from nodegraph.context import CancelToken, Context, Interrupted, NodeFailure
 from nodegraph.models import ModelManager
 from nodegraph.registry import Registry
-from nodegraph.schema import Node
+from nodegraph.schema import Node, not_a_choice
 from nodegraph.settings import Settings
 from nodegraph.validate import Graph, Problem, Step, validate
 
@@ -204,7 +204,7 @@ def _check_linked_choices(step: Step, inputs: dict[str, Any], settings: Settings
         if spec.type == "COMBO" and spec.name in step.links:
             choices = spec.resolve_choices(settings)
             if inputs[spec.name] not in choices:
-                raise NodeFailure(f"{inputs[spec.name]!r} is not one of the choices", spec.name, "not_a_choice")
+                raise NodeFailure(not_a_choice(inputs[spec.name], choices), spec.name, "not_a_choice")
 
 
 def _checked_outputs(cls: type[Node], outputs: Any) -> dict[str, Any]:

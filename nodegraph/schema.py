@@ -7,6 +7,7 @@ declared inputs and outputs, and a `run` method that is a pure function of its i
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,12 @@ class Node:
     inputs: ClassVar[tuple[Input, ...]] = ()
     outputs: ClassVar[tuple[Output, ...]] = ()
     output_node: ClassVar[bool] = False
+    # The input whose literal value every output is (the primitives: Int, String, …), so validation checks a
+    # linked value as it checks one written in place (a model name from a String node, say).
+    constant_input: ClassVar[str | None] = None
+    # Inputs renamed since an earlier version: old name -> (new name, why), for a validation error that says
+    # exactly what to change in a workflow that still uses the old name.
+    renamed_inputs: ClassVar[dict[str, tuple[str, str]]] = {}
 
     def run(self, ctx: Context, **inputs: Any) -> dict[str, Any]:
         raise NotImplementedError
@@ -196,8 +203,7 @@ def check_literal(spec: Input, value: Any, choices: Sequence[str] = ()) -> tuple
             return "wrong_type", f"expected a string, got {describe(value)}"
         if kind == "COMBO":
             if value not in choices:
-                shown = ", ".join(repr(c) for c in choices[:10]) + (" …" if len(choices) > 10 else "")
-                return "not_a_choice", f"{describe(value)} is not one of: {shown or '(none available)'}"
+                return "not_a_choice", not_a_choice(value, choices)
     elif kind == ANY:
         if not (value is None or isinstance(value, (str, int, float, bool))):
             return "wrong_type", f"expected a plain value, got {describe(value)}"
@@ -209,6 +215,40 @@ def check_literal(spec: Input, value: Any, choices: Sequence[str] = ()) -> tuple
         if spec.max is not None and value > spec.max:
             return "out_of_range", f"{value} is above the maximum {spec.max:g}"
     return None
+
+
+SHOWN_CHOICES = 10
+
+
+def not_a_choice(value: Any, choices: Sequence[str], fits: Callable[[str], bool] | None = None,
+                 family: str = "") -> str:
+    """The message for a value that is not among `choices`: the closest choice, and the choices.
+
+    With `fits` (which choices suit the connected model, of `family`), those that fit come first and the
+    suggestion is taken from them where one is close.
+    """
+    if fits is None:
+        return f"{describe(value)} is not one of: {_listed(choices, SHOWN_CHOICES) or '(none available)'}" \
+            + suggest(value, choices)
+    fitting, others = [c for c in choices if fits(c)], [c for c in choices if not fits(c)]
+    close = suggest(value, fitting) or suggest(value, others)
+    parts = [f"this {family} model: {_listed(fitting, SHOWN_CHOICES) or '(none available)'}"]
+    if others:
+        parts.append(f"for other models: {_listed(others, max(SHOWN_CHOICES - len(fitting), 3))}")
+    return f"{describe(value)} is not one of the choices{close + ' For' if close else '; for'} {'; '.join(parts)}"
+
+
+def _listed(names: Sequence[str], limit: int) -> str:
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def suggest(name: str, known: Sequence[str] | dict[str, Any]) -> str:
+    """'; did you mean …?' with the closest of `known` (difflib), or '' when none is close."""
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name[:100], list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def describe(value: Any, limit: int = 60) -> str:

@@ -13,10 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nodegraph.schema import Upstream
+
+# Which of a kind's files fit the model a node is connected to: (fits(name), the model's family), or None
+# when that is not known. Given by the node pack (nodegraph knows no model families).
+FitHint = Callable[["Settings | None", "Callable[[str], Upstream | None]"],
+                   "tuple[Callable[[str], bool], str] | None"]
 
 from nodegraph.model_listing import list_folder
 
@@ -25,6 +33,30 @@ DEFAULT_OUTPUT_DIR = Path("outputs")
 DEFAULT_INPUT_DIR = Path("input")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MAX_IMAGE_SIDE, MAX_IMAGE_PIXELS = 16384, 1 << 26  # input images: ComfyUI's largest side; 64 megapixels a frame
+MAX_PART_BYTES = 255  # a file or folder name, on common file systems
+
+
+class ModelNameError(FileNotFoundError):
+    """A model name no file can have (absolute, `..`, a part over 255 bytes, not text): error code `bad_name`."""
+
+    code = "bad_name"
+
+
+def model_name_problem(name: str, kind: str) -> str | None:
+    """Why `name` cannot name a model of `kind` (never naming a folder of the server); None when it can."""
+    shown = repr(name if len(name) <= 60 else name[:60] + "…")
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts:
+        return f"{shown} is not a model name (a path relative to the {kind} folder)"
+    if "\x00" in name:
+        return f"{shown} is not a model name (it holds a NUL character)"
+    try:
+        sizes = [len(os.fsencode(part)) for part in parts]
+    except UnicodeEncodeError:
+        return f"{shown} is not a model name (it is not valid Unicode text)"
+    if max(sizes) > MAX_PART_BYTES:
+        return f"{shown} is not a model name: a file name has at most {MAX_PART_BYTES} bytes per folder or file part"
+    return None
 
 
 @dataclass(frozen=True)
@@ -74,15 +106,20 @@ class Settings:
 
         Names are relative paths without `..`; symlinks inside a models folder are followed, since
         linking models in from another disk is how many people share them between tools.
+        Every model name is resolved here; a name no file can have is a `ModelNameError` (`bad_name`).
         """
-        parts = Path(name).parts
-        if not name or Path(name).is_absolute() or ".." in parts:
-            raise FileNotFoundError(f"{name!r} is not a model name (a path relative to the {kind} folder)")
+        problem = model_name_problem(name, kind)
+        if problem is not None:
+            raise ModelNameError(problem)
         for root in self.models_dirs:
             candidate = Path(os.path.abspath(root / kind / name))
-            if candidate.exists():
-                return candidate
-        raise FileNotFoundError(f"no {kind} model named {name!r} in {self.searched(kind)}")
+            try:
+                if candidate.exists():
+                    return candidate
+            except OSError as exc:  # e.g. a whole path too long: told without the server's folders
+                raise ModelNameError(f"{name[:60]!r} cannot be looked up: {exc.strerror or exc}") from None
+        # The folders are not named: this message reaches API clients (validation says where it looked).
+        raise FileNotFoundError(f"no {kind} model named {name[:200]!r} in the models folders' {kind}/")
 
     def input_files(self, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
         """Names of the files in the input folder (subfolders included, hidden ones not), sorted."""
@@ -108,18 +145,27 @@ class Settings:
 class ModelChoices:
     """A COMBO's choices that are model files: `Input("checkpoint", "COMBO", choices=ModelChoices("checkpoints"))`.
 
-    Called with the settings, it lists the models afresh; validation names the folders it searched
-    when a name is not among them.
+    Called with the settings, it lists the models afresh. When a name is not among them, validation
+    (one way for every model-file input) offers the closest name, lists those that fit the connected
+    model first (`hint`), names the folders it searched, and calls a name no file can have `bad_name`.
     """
 
     kind: str
     folders: bool = False  # diffusers folders count as models too
+    hint: FitHint | None = field(default=None, compare=False)
+    listing: Callable[[Settings], list[str]] | None = field(default=None, compare=False)  # a kind's own layout
 
     def __call__(self, settings: Settings | None) -> list[str]:
+        if self.listing is not None:
+            return self.listing(settings or Settings())
         return (settings or Settings()).model_files(self.kind, folders=self.folders)
 
     def searched(self, settings: Settings | None) -> str:
         return (settings or Settings()).searched(self.kind)
+
+    def name_problem(self, name: str) -> str | None:
+        """Why `name` can be no model file at all (validation reports it as `bad_name`)."""
+        return model_name_problem(name, self.kind)
 
 
 class ConfigError(ValueError):

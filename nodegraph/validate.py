@@ -7,7 +7,6 @@ stable code (documented in the README) and a human message.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -16,7 +15,18 @@ from typing import Any
 from nodegraph.cache import canonical_json
 from nodegraph.modes import lower_modes
 from nodegraph.registry import Registry
-from nodegraph.schema import REQUIRED, Input, Node, Output, Upstream, check_literal, describe, link_compatible
+from nodegraph.schema import (
+    REQUIRED,
+    Input,
+    Node,
+    Output,
+    Upstream,
+    check_literal,
+    describe,
+    link_compatible,
+    not_a_choice,
+    suggest,
+)
 from nodegraph.workflow import FORMAT, is_link
 
 MAX_SHOWN = 100  # problems reported per workflow; a 10,000-node mess need not print 10,000 lines
@@ -186,7 +196,7 @@ def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Regis
     cls = registry.get(entry["type"])
     if cls is None:
         _fail(problems, node_id, None, "unknown_node_type", f"unknown node type {describe(entry['type'])}"
-              + _suggest(entry["type"], registry.nodes))
+              + suggest(entry["type"], registry.nodes))
         return None
     given = entry.get("inputs", {})
     if not isinstance(given, dict):
@@ -196,9 +206,15 @@ def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Regis
     specs = shape.specs
     before = len(problems)
     for name in given:
-        if name not in specs:
+        if name in specs:
+            continue
+        if name in cls.renamed_inputs:
+            new, why = cls.renamed_inputs[name]
+            _fail(problems, node_id, name, "unknown_input", f"{cls.type}'s input {name!r} is now {new!r} ({why}): "
+                  f"rename {name!r} to {new!r} in the workflow")
+        else:
             _fail(problems, node_id, name, "unknown_input",
-                  f"{cls.type} has no input {describe(name)}" + _suggest(name, specs))
+                  f"{cls.type} has no input {describe(name)}" + suggest(name, specs))
     literals: dict[str, Any] = {}
     links: dict[str, tuple[str, str]] = {}
     for name, spec, required, accepts in shape.fields:
@@ -209,20 +225,25 @@ def _check_node(node_id: str, entry: Any, nodes: dict[str, Any], registry: Regis
                 literals[name] = spec.default
             continue
         value = given[name]
+        constant = _constant(value, nodes, registry) if spec.type == "COMBO" and is_link(value) else value
+        if spec.type == "COMBO" and id(spec) not in choices and not is_link(constant):
+            choices[id(spec)] = spec.resolve_choices(settings)  # once per spec; not for a link it cannot see through
         if is_link(value):
             link = _check_link(spec, accepts, value, nodes, registry, node_id, problems)
             if link is not None:
                 links[name] = link
+                if isinstance(constant, str) and constant not in choices[id(spec)]:  # a primitive's value
+                    code, message = _not_a_choice(spec, constant, choices[id(spec)], given, nodes, settings)
+                    _fail(problems, node_id, name, code, f"from node {value[0]}: {message}")
         elif accepts == "link":
             _fail(problems, node_id, name, "link_required", f"{name!r} must be connected to a {spec.type} output, "
                   f"not written as {describe(value)}")
         else:
-            if spec.type == "COMBO" and id(spec) not in choices:
-                choices[id(spec)] = spec.resolve_choices(settings)
             wrong = check_literal(spec, value, choices.get(id(spec), ()))
+            if wrong and wrong[0] == "not_a_choice":
+                wrong = _not_a_choice(spec, value, choices[id(spec)], given, nodes, settings)
             if wrong:
-                _fail(problems, node_id, name, wrong[0], wrong[1] + _searched(
-                    spec, value, choices[id(spec)] if id(spec) in choices else (), settings))
+                _fail(problems, node_id, name, *wrong)
             else:
                 literals[name] = value
     # The node's own checks see the literals that passed, so every problem of a node shows at once.
@@ -331,14 +352,32 @@ def _check_link(spec: Input, accepts: str, value: list[Any], nodes: dict[str, An
     return source_id, found.name
 
 
-def _searched(spec: Input, value: Any, choices: Sequence[str], settings: Any) -> str:
-    """For a choice of files that is not there: where they were looked for."""
+def _constant(link: list[Any], nodes: dict[str, Any], registry: Registry) -> Any:
+    """The value a link carries when validation can see it (a primitive's literal, `Node.constant_input`), else the
+    link itself."""
+    source = nodes.get(link[0]) if isinstance(link[0], str) else None  # a bad link is reported by _check_link
+    cls = registry.get(source.get("type")) if isinstance(source, dict) else None
+    inputs = source.get("inputs") if isinstance(source, dict) else None
+    if cls is None or cls.constant_input is None or not isinstance(inputs, dict):
+        return link
+    value = inputs.get(cls.constant_input, link)
+    return link if is_link(value) else value
+
+
+def _not_a_choice(spec: Input, value: str, choices: Sequence[str], given: dict[str, Any], nodes: dict[str, Any],
+                  settings: Any) -> tuple[str, str]:
+    """(code, message) for a value not among a COMBO's choices, one way for every input.
+
+    For model files (`ModelChoices`): a name no file can have is `bad_name`; otherwise the closest name, the
+    choices that fit the connected model first (the choices' `hint`, from the node pack), and where the files
+    were looked for.
+    """
+    name_problem = getattr(spec.choices, "name_problem", None)
+    problem = name_problem(value) if name_problem is not None else None
+    if problem is not None:
+        return "bad_name", problem
+    hint = getattr(spec.choices, "hint", None)
+    found = hint(settings, _upstream(given, nodes)) if hint is not None else None
+    message = not_a_choice(value, choices, *found) if found is not None else not_a_choice(value, choices)
     where = getattr(spec.choices, "searched", None)
-    if where is None or not isinstance(value, str) or value in choices:
-        return ""
-    return f" (looked in {where(settings)})"
-
-
-def _suggest(name: str, known: Sequence[str] | dict[str, Any]) -> str:
-    close = difflib.get_close_matches(name[:100], list(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return "not_a_choice", message + (f" (looked in {where(settings)})" if where is not None else "")

@@ -22,11 +22,21 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class WorkflowError(Exception):
-    """The file is not a workflow at all (unreadable, not JSON); `code` is a stable error code."""
+    """The file is not a workflow at all (unreadable, not JSON); `code` is a stable error code.
 
-    def __init__(self, message: str, code: str = "invalid_json") -> None:
+    `node_id` and `input` say where a refused value sits, when it is inside a node (its inputs).
+    """
+
+    def __init__(self, message: str, code: str = "invalid_json", node_id: str | None = None,
+                 input: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.node_id = node_id
+        self.input = input
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape of a validation problem: node_id, input, code, message."""
+        return {"node_id": self.node_id, "input": self.input, "code": self.code, "message": str(self)}
 
 
 def is_link(value: Any) -> bool:
@@ -162,14 +172,22 @@ def check_values(value: Any) -> None:
     """Refuse nesting deeper than MAX_DEPTH, non-finite numbers and lone surrogates, naming where.
 
     Iterative, so a deep value cannot exhaust the stack; strings are only encoded when not ASCII.
+    Only once a value is refused is its place worked out (`_located`): the node and input it sits in.
     """
+    try:
+        _check_values(value)
+    except WorkflowError as exc:
+        raise _located(exc, value) from None
+
+
+def _check_values(value: Any) -> None:
     _check_scalar(value, ())
     stack: list[tuple[Any, tuple[Any, ...]]] = [(value, ())] if isinstance(value, (dict, list)) else []
     push, isfinite = stack.append, math.isfinite
     while stack:
         item, path = stack.pop()
         if len(path) >= MAX_DEPTH:
-            raise WorkflowError(f"nested deeper than {MAX_DEPTH} levels at {where(path)}", "too_deep")
+            raise _Refused(f"nested deeper than {MAX_DEPTH} levels at {where(path)}", "too_deep", path)
         is_dict = type(item) is dict
         for key, child in item.items() if is_dict else enumerate(item):
             kind = type(child)
@@ -183,14 +201,44 @@ def check_values(value: Any) -> None:
 
 def _check_scalar(value: Any, path: tuple[Any, ...]) -> None:
     if type(value) is float and not math.isfinite(value):
-        raise WorkflowError(f"{where(path)}: {value} is not a finite number (JSON has no NaN or Infinity, "
-                            "and 1e400 is out of range)", "non_finite_number")
+        raise _Refused(f"{where(path)}: {value} is not a finite number (JSON has no NaN or Infinity, "
+                            "and 1e400 is out of range)", "non_finite_number", path)
     if type(value) is str and not value.isascii():
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise WorkflowError(f"{where(path)}: the text holds a lone surrogate (such as \\ud800), which is "
-                                "not Unicode text", "invalid_text") from None
+            raise _Refused(f"{where(path)}: the text holds a lone surrogate (such as \\ud800), which is "
+                           "not Unicode text", "invalid_text", path) from None
+
+
+class _Refused(WorkflowError):
+    def __init__(self, message: str, code: str, path: tuple[Any, ...]) -> None:
+        super().__init__(message, code)
+        self.path = path
+
+
+def _located(exc: WorkflowError, root: Any) -> WorkflowError:
+    """The refusal with the node and input the refused value sits in: `nodes/<id>/inputs/<input>/…`, in an API
+    request's `workflow` too, or `<id>/inputs/<input>/…` in ComfyUI's API format."""
+    path: tuple[Any, ...] = getattr(exc, "path", ())
+    if path[:1] == ("workflow",) and isinstance(root, dict):
+        path, root = path[1:], root["workflow"]
+    node_id: Any = None
+    inside: tuple[Any, ...] = ()
+    if len(path) >= 2 and path[0] == "nodes":
+        node_id, inside = path[1], path[2:]
+    elif len(path) >= 2 and isinstance(root, dict) and isinstance(root.get(path[0]), dict) \
+            and "class_type" in root[path[0]] and "format" not in root:
+        node_id, inside = path[0], path[1:]
+    if node_id is None:
+        return WorkflowError(str(exc), exc.code)
+    input_name = _printable(inside[1]) if len(inside) >= 2 and inside[0] == "inputs" else None
+    return WorkflowError(str(exc), exc.code, _printable(node_id), input_name)
+
+
+def _printable(key: Any) -> str:
+    """A key as JSON can carry it: lone surrogates escaped (a refused key may hold one)."""
+    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def where(path: tuple[Any, ...]) -> str:
@@ -239,7 +287,8 @@ def parse_png(raw: bytes, path: str | Path = "the PNG") -> Any:
                 return value
         return parse(chunks["prompt"])
     except WorkflowError as exc:
-        raise WorkflowError(f"{path}: the workflow embedded in the PNG: {exc}", exc.code) from None
+        raise WorkflowError(f"{path}: the workflow embedded in the PNG: {exc}", exc.code, exc.node_id,
+                            exc.input) from None
 
 
 def png_text(raw: bytes, path: str | Path = "the PNG") -> dict[str, str]:

@@ -22,7 +22,7 @@ from typing import Any
 from nodegraph.cache import file_fingerprint
 from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
-from nodegraph.settings import Settings
+from nodegraph.settings import ModelChoices, Settings
 from nodes.engine.controlnet_model import CONFIG, ControlNetFileError, ControlNetRef, mismatch, read_config
 from nodes.engine.images import ImageBatch
 from nodes.engine.values import Conditioning
@@ -38,8 +38,8 @@ def controlnet_names(settings: Settings) -> list[str]:
 def _resolve(settings: Settings, name: str) -> Path:
     try:
         return settings.resolve_model(KIND, name)
-    except FileNotFoundError as exc:
-        raise NodeFailure(str(exc), "control_net_name", "file_not_found") from None
+    except FileNotFoundError as exc:  # ModelNameError (a name no file can have) too: its code is bad_name
+        raise NodeFailure(str(exc), "control_net_name", getattr(exc, "code", "file_not_found")) from None
 
 
 class ControlNetLoader(Node):
@@ -48,7 +48,7 @@ class ControlNetLoader(Node):
     category = "loaders"
     description = ("A ControlNet from the models folder's controlnet/ (a diffusers folder, or one .safetensors file "
                    "in diffusers' layout). A reference only: the weights load when a sampler needs them.")
-    inputs = (Input("control_net_name", "COMBO", choices=controlnet_names),)
+    inputs = (Input("control_net_name", "COMBO", choices=ModelChoices(KIND, listing=controlnet_names)),)
     outputs = (Output("CONTROL_NET", "CONTROL_NET"),)
 
     @classmethod

@@ -17,9 +17,25 @@ from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
 from nodegraph.settings import ModelChoices
 from nodes.engine.recipe import Embedding, ModelRecipe
-from nodes.loaders import _model_file
+from nodes.loaders import _model_file, fit_hint
 
-_embeddings = ModelChoices("embeddings")
+
+def _widths(checkpoint: str, fingerprint: str) -> dict[str, int]:
+    """Each text encoder's width: the input size of its attention projections."""
+    from nodes.engine import lora_match
+
+    modules = lora_match.model_layers(checkpoint, fingerprint).modules
+    return {c: next(size[0] for m, size in modules[c].items() if m.endswith("self_attn.q_proj"))
+            for c in ("text_encoder", "text_encoder_2") if c in modules}
+
+
+def _fits(checkpoint: Path, fingerprint: str, path: Path) -> bool:
+    from nodes.engine import embeddings
+
+    return embeddings.problem(embeddings.read(path), _widths(str(checkpoint), fingerprint), path.name) is None
+
+
+_embeddings = ModelChoices("embeddings", hint=fit_hint("embeddings", _fits))
 _NAME = re.compile(r"^[\w.-]{1,64}$")
 
 
@@ -46,7 +62,7 @@ class LoadEmbedding(Node):
         return [_model_file(settings, "embeddings", inputs["embedding"], "embedding")]
 
     def run(self, ctx: Context, clip: ModelRecipe, embedding: str, name: str) -> dict[str, Any]:
-        from nodes.engine import embeddings, lora_match  # here: they need torch, and the CLI must start fast
+        from nodes.engine import embeddings  # here: it needs torch, and the CLI must start fast
 
         for input_name, message in self.check({"name": name}, ctx.settings):
             raise NodeFailure(message, input_name, "invalid_value")
@@ -56,11 +72,7 @@ class LoadEmbedding(Node):
             vectors = embeddings.read(path)
         except embeddings.EmbeddingError as exc:
             raise NodeFailure(str(exc), "embedding", "bad_embedding") from None
-        modules = lora_match.model_layers(clip.checkpoint, clip.fingerprint).modules
-        # A text encoder's width: the input size of its attention projections.
-        widths = {c: next(size[0] for m, size in modules[c].items() if m.endswith("self_attn.q_proj"))
-                  for c in ("text_encoder", "text_encoder_2") if c in modules}
-        problem = embeddings.problem(vectors, widths, path.name)
+        problem = embeddings.problem(vectors, _widths(clip.checkpoint, clip.fingerprint), path.name)
         if problem:
             raise NodeFailure(problem, "embedding", "wrong_model")
         others = tuple(e for e in clip.embeddings if e.name != name)

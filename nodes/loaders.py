@@ -20,7 +20,7 @@ from typing import Any
 from nodegraph.cache import file_fingerprint
 from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output, Upstream
-from nodegraph.settings import ModelChoices, Settings
+from nodegraph.settings import FitHint, ModelChoices, Settings
 from nodes.engine import lora_files
 from nodes.engine.recipe import Adapter, ModelRecipe
 
@@ -28,7 +28,7 @@ _SLOT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
 _checkpoints = ModelChoices("checkpoints", folders=True)
-_loras = ModelChoices("loras")
+_loras = ModelChoices("loras", hint=lambda settings, upstream: fit_hint("loras", _lora_fits)(settings, upstream))
 _diffusion_models = ModelChoices("diffusion_models", folders=True)
 _text_encoders = ModelChoices("text_encoders")
 _vaes = ModelChoices("vae")
@@ -77,16 +77,12 @@ def fit_upstream(literals: dict[str, Any], upstream: Callable[[str], Upstream | 
                  lora_input: str, block_scales: str = "") -> list[tuple[str | None, str, str]]:
     """`fit_problem` at validation, when the checkpoint the MODEL or CLIP comes from is written in the workflow."""
     name = literals.get(lora_input)
-    source = upstream("model") or upstream("clip")
-    for _ in range(256):  # back through the MODEL/CLIP chain to its checkpoint loader
-        if source is None or source.type in ("LoadCheckpoint", "CheckpointLoaderSimple", "UNETLoader"):
-            break
-        source = source.input("model") or source.input("clip")
-    if settings is None or not isinstance(name, str) or source is None:
+    if settings is None or not isinstance(name, str):
         return []
-    checkpoint = source.literals.get("checkpoint", source.literals.get("ckpt_name", source.literals.get("unet_name")))
     try:
-        ckpt = settings.resolve_model("diffusion_models" if source.type == "UNETLoader" else "checkpoints", checkpoint)
+        ckpt = upstream_checkpoint(settings, upstream)
+        if ckpt is None:
+            return []
         path = settings.resolve_model("loras", name)
         problem = fit_problem(str(ckpt), file_fingerprint(ckpt), path, file_fingerprint(path), block_scales,
                               lora_input)
@@ -95,11 +91,61 @@ def fit_upstream(literals: dict[str, Any], upstream: Callable[[str], Upstream | 
     return [problem] if problem else []
 
 
+def upstream_checkpoint(settings: Settings, upstream: Callable[[str], Upstream | None]) -> Path | None:
+    """The checkpoint file the MODEL or CLIP comes from, when its loader is written in the workflow (or an error)."""
+    source = upstream("model") or upstream("clip")
+    for _ in range(256):  # back through the MODEL/CLIP chain to its checkpoint loader
+        if source is None or source.type in ("LoadCheckpoint", "CheckpointLoaderSimple", "UNETLoader"):
+            break
+        source = source.input("model") or source.input("clip")
+    if source is None:
+        return None
+    checkpoint = source.literals.get("checkpoint", source.literals.get("ckpt_name", source.literals.get("unet_name")))
+    return settings.resolve_model("diffusion_models" if source.type == "UNETLoader" else "checkpoints", checkpoint)
+
+
+MAX_FIT_HINTS = 256  # files checked against the model for a misspelt name's message; more: listed unsorted
+
+
+def fit_hint(kind: str, fits: Callable[[Path, str, Path], bool]) -> FitHint:
+    """A `ModelChoices` hint: which files of `kind` fit the checkpoint the node's MODEL (or CLIP) comes from, by
+    `fits(checkpoint, its fingerprint, file)`, and its family; so a misspelt name lists the files for that model
+    first. Headers only, and on the error path alone."""
+
+    def hint(settings: Settings | None, upstream: Callable[[str], Upstream | None],
+             ) -> tuple[Callable[[str], bool], str] | None:
+        from nodes.engine.checkpoints import detect_family
+
+        if settings is None or len(settings.model_files(kind)) > MAX_FIT_HINTS:
+            return None
+        try:
+            ckpt = upstream_checkpoint(settings, upstream)
+            if ckpt is None:
+                return None
+            family, fingerprint = detect_family(ckpt), file_fingerprint(ckpt)
+        except Exception:  # a missing or unreadable checkpoint: its own loader reports it
+            return None
+
+        def check(name: str) -> bool:
+            try:
+                return fits(ckpt, fingerprint, settings.resolve_model(kind, name))
+            except Exception:  # an unreadable file fits nothing
+                return False
+
+        return check, family
+
+    return hint
+
+
+def _lora_fits(checkpoint: Path, fingerprint: str, path: Path) -> bool:
+    return fit_problem(str(checkpoint), fingerprint, path, file_fingerprint(path)) is None
+
+
 def _model_file(settings: Settings, kind: str, name: str, input_name: str) -> Path:
     try:
         return settings.resolve_model(kind, name)
-    except FileNotFoundError as exc:
-        raise NodeFailure(str(exc), input_name, "file_not_found") from None
+    except FileNotFoundError as exc:  # ModelNameError (a name no file can have) too: its code is bad_name
+        raise NodeFailure(str(exc), input_name, getattr(exc, "code", "file_not_found")) from None
 
 
 

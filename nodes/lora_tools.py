@@ -10,7 +10,6 @@ from scratch like any file.
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from nodegraph.schema import Input, Node, Output
 from nodes.engine import lora_files
 from nodes.engine.recipe import Adapter, Fuse, ModelRecipe
 from nodes.loaders import slot_problems
+from nodes.output import prefix_problem
 
-_NAME = re.compile(r"^[\w.-]{1,100}$")
 # PEFT's add_weighted_adapter methods; nodes/engine/lora_merge.py (imported when a node runs: it needs torch,
 # and node modules load with the CLI, which must start fast).
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "svd")
@@ -132,33 +131,65 @@ def without_slots(model: ModelRecipe, slots: set[str]) -> ModelRecipe:
     return replace(model, ops=ops, schedules=tuple((s, v) for s, v in model.schedules if s not in slots))
 
 
+# The old exact-name input: a validation error that says what to write instead (SaveImage's numbering now).
+_RENAMED = {"filename": ("filename_prefix", "saved files are numbered now and never overwritten, as SaveImage's: "
+                                            "'x' writes x_00001_.safetensors, then x_00002_…")}
+
+
+def prefix_target(settings: Any, kind: str, prefix: str) -> tuple[Path, str]:
+    """The folder and the name stem that `prefix` names in the first models folder's `kind/` (checkpoints, loras),
+    or a NodeFailure. As ComfyUI's CheckpointSave and LoraSave prefixes, which are relative to its output folder
+    and begin with `checkpoints/` or `loras/`: here that first folder may be written or left out."""
+    problem = _prefix_problem(settings, kind, prefix)
+    if problem is not None:
+        raise NodeFailure(problem, "filename_prefix", "invalid_value")
+    *folders, name = _inside(kind, prefix).split("/")
+    return Path(settings.models_dirs[0], kind, *folders), name
+
+
+def _inside(kind: str, prefix: str) -> str:
+    prefix = prefix.replace("\\", "/")
+    return prefix[len(kind) + 1:] if prefix.startswith(f"{kind}/") else prefix
+
+
+def _prefix_problem(settings: Any, kind: str, prefix: Any) -> str | None:
+    if not isinstance(prefix, str):  # linked: checked when it runs
+        return None
+    root = Path(settings.models_dirs[0], kind) if settings is not None else None
+    return prefix_problem(_inside(kind, prefix), root, f"the models folder's {kind}/")
+
+
+def model_name(settings: Any, kind: str, path: Path) -> str:
+    """The name LoadCheckpoint or LoadLoRA takes for a file just saved (a path relative to `kind/`)."""
+    return path.relative_to(Path(settings.models_dirs[0], kind)).as_posix()
+
+
 class SaveLoRA(Node):
     type = "SaveLoRA"
-    version = "1.0.0"
+    version = "2.0.0"
     category = "lora"
     description = ("Saves the LoRA in a slot (a merge included) as a diffusers/PEFT .safetensors file in the models "
-                   "folder's loras/, with its alphas in lora_adapter_metadata. Never overwrites a file.")
+                   "folder's loras/, with its alphas in lora_adapter_metadata: {prefix}_00001_.safetensors, numbered "
+                   "as SaveImage numbers PNGs. Never overwrites a file.")
     inputs = (Input("model", "MODEL"),
               Input("slot", "STRING", default="", description="the slot to save; empty: the only one"),
-              Input("filename", "STRING", default="my-lora", description="name in loras/, without .safetensors"),
+              Input("filename_prefix", "STRING", default="loras/nodegraph_lora",
+                    description="file name start in loras/ (may include subfolders; a leading 'loras/' is optional)"),
               Input("dtype", "COMBO", default="fp32", choices=("fp32", "fp16", "bf16")))
-    outputs = (Output("path", "STRING"),)
+    outputs = (Output("path", "STRING"), Output("name", "STRING", "the file's name as LoadLoRA takes it"))
     output_node = True
+    renamed_inputs = _RENAMED
 
     @classmethod
     def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
         problems = slot_problems(literals.get("slot", ""))
-        name = literals.get("filename")
-        if isinstance(name, str):
-            if not _NAME.match(name) or name.startswith("."):
-                problems.append(("filename", f"{name[:40]!r} is not a file name (letters, digits, _ . -)"))
-            elif settings is not None and _target(settings, name).exists():
-                problems.append(("filename", f"loras/{name}.safetensors already exists; choose another name"))
-        return problems
+        problem = _prefix_problem(settings, "loras", literals.get("filename_prefix"))
+        return problems + ([("filename_prefix", problem)] if problem else [])
 
-    def run(self, ctx: Context, model: ModelRecipe, slot: str, filename: str, dtype: str) -> dict[str, Any]:
-        for name, problem in self.check({"slot": slot, "filename": filename}, ctx.settings):
+    def run(self, ctx: Context, model: ModelRecipe, slot: str, filename_prefix: str, dtype: str) -> dict[str, Any]:
+        for name, problem in slot_problems(slot):
             raise NodeFailure(problem, name, "invalid_value")
+        folder, stem = prefix_target(ctx.settings, "loras", filename_prefix)
         live = model.live()
         if not slot:
             if len(live) != 1:
@@ -175,52 +206,41 @@ class SaveLoRA(Node):
 
         models = lora_merge.adapter_layers(model.checkpoint, model.family, [live[slot].path])
         tensors, metadata = lora_merge.saved_state(models)
-        path = _target(ctx.settings, filename)
-        try:
-            lora_merge.write_lora(path, tensors, metadata, {"fp32": torch.float32, "fp16": torch.float16,
-                                                            "bf16": torch.bfloat16}[dtype])
-        except FileExistsError as exc:
-            raise NodeFailure(str(exc), "filename", "file_exists") from None
-        return {"path": str(path)}
-
-
-def _target(settings: Any, name: str) -> Path:
-    return Path(settings.models_dirs[0]) / "loras" / f"{name}.safetensors"
+        path = lora_merge.write_numbered_lora(folder, stem, tensors, metadata, {
+            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+        ctx.needs_file(path)  # deleted later: a cached output naming it is not reused, the node saves again
+        return {"path": str(path), "name": model_name(ctx.settings, "loras", path)}
 
 
 class SaveCheckpoint(Node):
     type = "SaveCheckpoint"
-    version = "1.0.0"
+    version = "2.0.0"
     category = "model"
     description = ("Saves the model with its fused LoRAs (FuseLoRA) as a new checkpoint in the models folder's "
-                   "checkpoints/: a diffusers folder or one ldm-layout .safetensors file. Never overwrites.")
+                   "checkpoints/: one ldm-layout {prefix}_00001_.safetensors file or a diffusers folder "
+                   "{prefix}_00001_, numbered as SaveImage numbers PNGs. Never overwrites.")
     inputs = (Input("model", "MODEL"),
               Input("clip", "CLIP", optional=True, description="the text encoders' recipe; empty: the model's"),
-              Input("filename", "STRING", default="my-checkpoint", description="name in checkpoints/"),
+              Input("filename_prefix", "STRING", default="checkpoints/nodegraph",
+                    description="name start in checkpoints/ (may include subfolders; a leading 'checkpoints/' "
+                                "is optional)"),
               Input("format", "COMBO", default="single_file", choices=("single_file", "diffusers")),
               Input("dtype", "COMBO", default="fp16", choices=("fp16", "bf16", "fp32")))
-    outputs = (Output("path", "STRING"),)
+    outputs = (Output("path", "STRING"), Output("name", "STRING", "the checkpoint's name as LoadCheckpoint takes it"))
     output_node = True
+    renamed_inputs = _RENAMED
 
     @classmethod
     def check(cls, literals: dict[str, Any], settings: Any) -> list[tuple[str | None, str]]:
-        name = literals.get("filename")
-        if not isinstance(name, str):
-            return []
-        if not _NAME.match(name) or name.startswith("."):
-            return [("filename", f"{name[:40]!r} is not a file name (letters, digits, _ . -)")]
-        target = _checkpoint(settings, name, literals.get("format", "single_file")) if settings is not None else None
-        if target is not None and target.exists():
-            return [("filename", f"checkpoints/{target.name} already exists; choose another name")]
-        return []
+        problem = _prefix_problem(settings, "checkpoints", literals.get("filename_prefix"))
+        return [("filename_prefix", problem)] if problem else []
 
-    def run(self, ctx: Context, model: ModelRecipe, filename: str, format: str, dtype: str,
+    def run(self, ctx: Context, model: ModelRecipe, filename_prefix: str, format: str, dtype: str,
             clip: ModelRecipe | None = None) -> dict[str, Any]:
         from nodes.engine import checkpoint_save
         from nodes.engine.pipelines import materialize
 
-        for name, problem in self.check({"filename": filename, "format": format}, ctx.settings):
-            raise NodeFailure(problem, name, "invalid_value")
+        folder, stem = prefix_target(ctx.settings, "checkpoints", filename_prefix)
         clip = clip or model.clip()
         if clip.base != model.base:
             raise NodeFailure("the CLIP comes from another checkpoint than the MODEL", "clip", "invalid_value")
@@ -229,19 +249,11 @@ class SaveCheckpoint(Node):
                 raise NodeFailure(f"the {input_name} has LoRAs that are not fused ({', '.join(recipe.live())}); "
                                   "fuse them with FuseLoRA first: a checkpoint holds fused weights only",
                                   input_name, "not_fused")
-        path = _checkpoint(ctx.settings, filename, format)
         with materialize(ctx, model, clip) as resident:
-            try:
-                save = checkpoint_save.save_folder if format == "diffusers" else checkpoint_save.save_single_file
-                save(resident.pipe, path, dtype)
-            except FileExistsError as exc:
-                raise NodeFailure(str(exc), "filename", "file_exists") from None
-        return {"path": str(path)}
-
-
-def _checkpoint(settings: Any, name: str, format: str) -> Path:
-    folder = Path(settings.models_dirs[0]) / "checkpoints"
-    return folder / name if format == "diffusers" else folder / f"{name}.safetensors"
+            save = checkpoint_save.save_folder if format == "diffusers" else checkpoint_save.save_single_file
+            path = save(resident.pipe, folder, stem, dtype)
+        ctx.needs_file(path)  # deleted later: a cached output naming it is not reused, the node saves again
+        return {"path": str(path), "name": model_name(ctx.settings, "checkpoints", path)}
 
 
 NODES: list[type[Node]] = [MergeLoRA, SaveLoRA, SaveCheckpoint]

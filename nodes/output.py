@@ -26,8 +26,8 @@ MAX_NAME_BYTES = 200
 PREVIEW_NAME = "preview"
 
 
-def prefix_problem(prefix: str, output_dir: Path | None = None) -> str | None:
-    """Why `prefix` cannot name files inside the output folder; None when it can.
+def prefix_problem(prefix: str, output_dir: Path | None = None, where: str = "the output folder") -> str | None:
+    """Why `prefix` cannot name files inside the output folder (or another, `where` in messages); None when it can.
 
     Without `output_dir` (validation without settings) only the text of the prefix is checked;
     with it, the folder part must also resolve (symbolic links followed) inside `output_dir`.
@@ -36,16 +36,16 @@ def prefix_problem(prefix: str, output_dir: Path | None = None) -> str | None:
         return f"{describe(prefix)} contains control characters"
     # Both kinds of absolute path are refused on every OS, so a workflow behaves the same everywhere.
     if PurePosixPath(prefix).is_absolute() or PureWindowsPath(prefix).anchor:
-        return f"{describe(prefix)} is an absolute path; give a path inside the output folder, such as 'portraits/cat'"
+        return f"{describe(prefix)} is an absolute path; give a path inside {where}, such as 'portraits/cat'"
     *folders, name = _parts(prefix)
     if ".." in folders or name == "..":
-        return f"{describe(prefix)} contains '..'; the prefix must stay inside the output folder"
+        return f"{describe(prefix)} contains '..'; the prefix must stay inside {where}"
     if name in ("", "."):
         return f"{describe(prefix)} has no file name after its folder, such as 'portraits/cat'"
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         return f"the file name part of the prefix is longer than {MAX_NAME_BYTES} bytes"
     if output_dir is not None and not inside(Path(output_dir, *folders), output_dir):
-        return f"{describe(prefix)} leads outside the output folder (through a symbolic link)"
+        return f"{describe(prefix)} leads outside {where} (through a symbolic link)"
     return None
 
 

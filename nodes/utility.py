@@ -30,6 +30,7 @@ def _primitive(name: str, kind: str, noun: str, default: Any, **spec: Any) -> ty
             "__module__": __name__,
             "description": f"{noun}, to feed the inputs of several nodes at once.",
             "inputs": (Input("value", kind, default=default, mode="literal", **spec),),
+            "constant_input": "value",
             "outputs": (Output("value", kind),),
             "run": run,
         },

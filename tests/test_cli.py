@@ -224,3 +224,14 @@ def test_models_status_lists_the_caches_counted_in_the_budgets(capsys: pytest.Ca
     code, out, _ = run_cli(capsys, "models", "status", "--url", "http://127.0.0.1:1")
     assert code == 0 and "fake cache: 2 entries, 1.5 KiB cpu" in out.splitlines()
     assert "ram budget on cpu: 9.8 KiB, models up to 8.8 KiB, 1.5 KiB used" in out
+
+
+def test_validate_names_the_node_and_input_of_a_non_finite_literal(capsys: pytest.CaptureFixture[str],
+                                                                  tmp_path: Path) -> None:
+    path = tmp_path / "inf.json"
+    path.write_text('{"format": "nodegraph/1", "nodes": {"1": {"type": "Float", "inputs": {"value": 1e400}}, '
+                    '"2": {"type": "Show", "inputs": {"value": ["1", 0]}}}}')
+    for command in ("validate", "run"):
+        assert main([command, str(path), "--json"]) != 0
+        error = json.loads(capsys.readouterr().out)["errors"][0]
+        assert (error["node_id"], error["input"], error["code"]) == ("1", "value", "non_finite_number")

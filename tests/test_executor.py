@@ -289,3 +289,19 @@ def test_cached_runs_key_nodes_exactly_as_node_key_does(executor: Executor) -> N
         upstream = {name: f"{keys[source]}/{output}" for name, (source, output) in step.links.items()}
         keys[node_id] = node_key(step.cls.type, step.cls.version, step.literals_json, upstream)
     assert set(keys.values()) <= set(executor.cache._entries)
+
+
+def test_a_linked_model_name_no_file_can_have_fails_as_bad_name_without_server_paths(registry: Registry,
+                                                                                      tmp_path: Path) -> None:
+    from nodegraph.settings import Settings
+
+    settings = Settings(models_dirs=(tmp_path / "models",), output_dir=tmp_path / "out")
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    wf = workflow({"name": {"type": "Format", "inputs": {"template": "x" * 300}},  # known only once it runs
+                   "1": {"type": "LoadCheckpoint", "inputs": {"checkpoint": ["name", 0]}},
+                   "2": {"type": "Show", "inputs": {"value": ["1", 0]}}})
+    result = Executor(registry, settings).run(wf)
+    assert result.status == "error"
+    [error] = result.errors
+    assert (error.node_id, error.input, error.code) == ("1", "checkpoint", "bad_name")
+    assert str(tmp_path) not in error.message

@@ -38,3 +38,21 @@ def test_model_choices_list_afresh_and_say_where_they_looked(tmp_path: Path) -> 
     (tmp_path / "b" / "loras" / "x.safetensors").write_bytes(b"")
     assert choices(settings) == ["x.safetensors"]
     assert choices.searched(settings) == f"{tmp_path / 'a' / 'loras'}, {tmp_path / 'b' / 'loras'}"
+
+
+def test_a_model_name_no_file_can_have_is_a_bad_name_without_the_folders(tmp_path: Path) -> None:
+    import pytest
+
+    from nodegraph.settings import ModelNameError
+
+    settings = Settings(models_dirs=(tmp_path / "models",))
+    for name in ("a" * 256, "x/" + "b" * 300, "/etc/passwd", "../up", "nul\x00", "x\ud800"):
+        with pytest.raises(ModelNameError) as refused:
+            settings.resolve_model("loras", name)
+        assert refused.value.code == "bad_name" and str(tmp_path) not in str(refused.value)
+    with pytest.raises(ModelNameError) as refused:  # each part fits, the whole path does not
+        settings.resolve_model("loras", "/".join(["c" * 250] * 20))
+    assert refused.value.code == "bad_name" and str(tmp_path) not in str(refused.value)
+    with pytest.raises(FileNotFoundError) as missing:
+        settings.resolve_model("loras", "absent.safetensors")
+    assert not isinstance(missing.value, ModelNameError) and str(tmp_path) not in str(missing.value)

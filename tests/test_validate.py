@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nodegraph.registry import Registry
+from nodegraph.settings import Settings
 from nodegraph.validate import validate
 from tests.conftest import workflow
 
@@ -137,3 +139,54 @@ def test_any_json_gives_problems_or_a_graph_never_an_exception(registry: Registr
     assert (graph is None) != (problems == [])
     for p in problems:
         assert p.code and p.message
+
+
+def model_settings(tmp_path: Path, names: list[str]) -> Settings:
+    for name in names:
+        (tmp_path / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "models" / "checkpoints" / name).write_bytes(b"")
+    return Settings(models_dirs=(tmp_path / "models",))
+
+
+def loader(name: Any) -> dict[str, Any]:
+    return workflow({"1": {"type": "LoadCheckpoint", "inputs": {"checkpoint": name}},
+                     "2": {"type": "Show", "inputs": {"value": ["1", 0]}}})
+
+
+def test_a_misspelt_model_file_gets_the_closest_name(registry: Registry, tmp_path: Path) -> None:
+    names = [f"a{i:02}.safetensors" for i in range(20)] + ["zebra-xl.safetensors"]
+    _, [problem] = validate(loader("zebra_xl.safetensors"), registry, model_settings(tmp_path, names))
+    assert (problem.input, problem.code) == ("checkpoint", "not_a_choice")
+    assert "did you mean 'zebra-xl.safetensors'?" in problem.message  # though not among the ten listed
+    assert "(21 in all)" in problem.message
+
+
+def test_other_choices_offer_the_closest_too(registry: Registry) -> None:
+    _, [problem] = validate(workflow({"1": {"type": "Math", "inputs": {"op": "substract"}},
+                                      "2": {"type": "Show", "inputs": {"value": ["1", 0]}}}), registry)
+    assert problem.code == "not_a_choice" and "did you mean 'subtract'?" in problem.message
+
+
+@pytest.mark.parametrize("name", ["a" * 256, "sub/" + "é" * 128 + ".safetensors", "x\udc80\ud800"])
+def test_a_model_name_no_file_can_have_is_a_bad_name_written_or_linked(registry: Registry, tmp_path: Path,
+                                                                        name: str) -> None:
+    settings = model_settings(tmp_path, ["a.safetensors"])
+    _, [problem] = validate(loader(name), settings=settings, registry=registry)
+    assert (problem.node_id, problem.input, problem.code) == ("1", "checkpoint", "bad_name")
+    wf = loader(["s", 0])
+    wf["nodes"]["s"] = {"type": "String", "inputs": {"value": name}}
+    _, [problem] = validate(wf, registry, settings)
+    assert (problem.node_id, problem.input, problem.code) == ("1", "checkpoint", "bad_name")
+    assert "from node s" in problem.message and str(tmp_path) not in problem.message
+
+
+def test_a_link_of_the_wrong_shape_into_a_model_file_is_a_bad_link(registry: Registry, tmp_path: Path) -> None:
+    assert codes(registry, loader([["s"], 0])) == [("1", "checkpoint", "bad_link")]
+
+
+def test_a_misspelt_name_from_a_string_node_is_refused_before_running(registry: Registry, tmp_path: Path) -> None:
+    wf = loader(["s", "value"])
+    wf["nodes"]["s"] = {"type": "String", "inputs": {"value": "b.safetensor"}}
+    _, [problem] = validate(wf, registry, model_settings(tmp_path, ["b.safetensors"]))
+    assert (problem.node_id, problem.input, problem.code) == ("1", "checkpoint", "not_a_choice")
+    assert "did you mean 'b.safetensors'?" in problem.message

@@ -184,3 +184,22 @@ def test_members_are_parsed_as_parse_does_and_their_texts_read_back_to_them(memb
     for broken in (text[:-1], text.replace("}", ",}", 1) if members else "{,}", "[" + text + "]"):
         assert _outcome(lambda b=broken: wf.parse_members(b.encode("utf-8"))) == _outcome(  # type: ignore[misc]
             lambda b=broken: wf.parse(b.encode("utf-8")))
+
+
+@pytest.mark.parametrize("text, node_id, input_name", [
+    ('{"format": "nodegraph/1", "nodes": {"3": {"inputs": {"b": 1e400}}}}', "3", "b"),
+    ('{"nodes": {"1": {"type": "Int", "inputs": {"value": NaN}}}}', "1", "value"),
+    ('{"nodes": {"1": {"inputs": {"s": ["x", "\\ud800"]}}}}', "1", "s"),
+    ('{"nodes": {"1": {"inputs": {"\\ud800": 1}}}}', "1", "\\ud800"),
+    ('{"nodes": {"2": {"inputs": {"v": ' + "[" * 70 + "]" * 70 + "}}}}", "2", "v"),
+    ('{"workflow": {"nodes": {"7": {"inputs": {"s": 1e999}}}}}', "7", "s"),  # an API request's body
+    ('{"5": {"class_type": "KSampler", "inputs": {"cfg": 1e400}}}', "5", "cfg"),  # ComfyUI's API format
+    ('{"nodes": {"1": {"ui": {"x": -Infinity}}}}', "1", None),
+    ('{"nodes": {}, "ui": {"x": NaN}}', None, None),
+])
+def test_a_refused_value_names_its_node_and_input(text: str, node_id: str | None, input_name: str | None) -> None:
+    for data in (text, text.encode()):
+        with pytest.raises(wf.WorkflowError) as err:
+            wf.parse(data)
+        assert (err.value.node_id, err.value.input) == (node_id, input_name)
+        assert err.value.to_json()["node_id"] == node_id

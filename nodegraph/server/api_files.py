@@ -139,7 +139,7 @@ async def import_workflow(request: web.Request) -> web.Response:
     try:
         workflow: Any = await asyncio.to_thread(wf.loads, raw, "the upload")
     except wf.WorkflowError as exc:
-        raise ApiError(400, exc.code, str(exc)) from None
+        raise ApiError(400, exc.code, str(exc), [exc.to_json()]) from None
     executor = request.app[EXECUTOR]
     # Only the shape matters here: the editor shows a graph with unknown nodes or bad values as is.
     _, found = await asyncio.to_thread(validate, workflow, executor.registry, executor.settings)

@@ -191,4 +191,5 @@ async def _parsed(request: web.Request) -> tuple[Any, dict[str, str]]:
     try:
         return await asyncio.to_thread(wf.parse_members, raw) if len(raw) > LARGE_BODY else wf.parse_members(raw)
     except wf.WorkflowError as exc:
-        raise ApiError(400, exc.code, f"the request body: {exc}") from None
+        error = {**exc.to_json(), "message": f"the request body: {exc}"}
+        raise ApiError(400, exc.code, error["message"], [error]) from None

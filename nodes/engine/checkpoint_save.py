@@ -3,8 +3,9 @@
 Two layouts: a diffusers folder (`save_pretrained`, then every tensor file rewritten in the chosen dtype)
 or one safetensors file in the original ldm/SGM key layout that `LoadCheckpoint` reads, with the config
 values no tensor shape records (`checkpoints.CONFIG_HINTS_KEY`), so it loads back offline to the same
-configs. A folder is built under a temporary name and renamed into place; a file is written to a
-temporary name and linked into place: a reader never sees half a checkpoint, and nothing is replaced.
+configs. Names are numbered as SaveImage numbers PNGs (`nodegraph.naming`): `{name}_{counter:05}_.safetensors`
+or a folder `{name}_{counter:05}_`. A folder is built under a temporary name and renamed into place; a file is
+written to a temporary name and linked into place: a reader never sees half a checkpoint, and nothing is replaced.
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ from typing import Any
 
 import torch
 
+from nodegraph.naming import link_numbered, move_numbered
 from nodes.engine.checkpoints import CONFIG_HINTS_KEY
 from nodes.engine.single_file_configs import _HINTABLE
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def save_folder(pipe: Any, target: Path, dtype: str) -> None:
+def save_folder(pipe: Any, folder: Path, name: str, dtype: str) -> Path:
+    """A diffusers folder `folder/{name}_{counter:05}_`; returns its path."""
     from safetensors.torch import load_file, save_file
 
-    if target.exists():
-        raise FileExistsError(f"{target.name} already exists in {target.parent}; choose another name")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    folder.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder))
     try:
         pipe.save_pretrained(temp, safe_serialization=True)
         for file in temp.rglob("*.safetensors"):
@@ -40,28 +41,26 @@ def save_folder(pipe: Any, target: Path, dtype: str) -> None:
                 metadata = handle.metadata()
             tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in load_file(file).items()}
             save_file(tensors, file, metadata=metadata)
-        os.mkdir(target)  # the reservation: fails if the name was taken meanwhile
-        os.rename(temp, target)  # replaces only the empty folder just made
+        return move_numbered(temp, folder, name)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def save_single_file(pipe: Any, target: Path, dtype: str) -> None:
+def save_single_file(pipe: Any, folder: Path, name: str, dtype: str) -> Path:
+    """One ldm-layout file `folder/{name}_{counter:05}_.safetensors`; returns its path."""
     from safetensors.torch import save_file
 
     from nodes.engine.demo_models import to_ldm_state_dict
 
-    if target.exists():
-        raise FileExistsError(f"{target.name} already exists in {target.parent}; choose another name")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in to_ldm_state_dict(pipe).items()}
     hints = {component: _hints(getattr(pipe, component).config, keys)
              for component, keys in _HINTABLE.items() if getattr(pipe, component, None) is not None}
-    handle, temp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".tmp", dir=target.parent)
+    handle, temp = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=folder)
     os.close(handle)
     try:
         save_file(state, temp, metadata={CONFIG_HINTS_KEY: json.dumps(hints, sort_keys=True)})
-        os.link(temp, target)  # fails if the name appeared meanwhile: a file is never replaced
+        return link_numbered(Path(temp), folder, name, ".safetensors")
     finally:
         os.unlink(temp)
 

@@ -19,13 +19,16 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from nodes.engine import lora_convert, lora_files
+
+T = TypeVar("T")
 
 _TEXT = ("text_encoder", "text_encoder_2")
 
@@ -187,17 +190,32 @@ def layers_to_state(layers: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor
 
 def write_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                dtype: torch.dtype | None = None) -> None:
-    """Write a safetensors file atomically (a temp file in the same folder, then a rename); never over a file."""
+    """Write a safetensors file atomically (a temp file in the same folder, then a link); never over a file."""
+    if path.exists():
+        raise FileExistsError(f"{path.name} already exists; choose another name")
+    _write_then(path.parent, path.stem, tensors, metadata, dtype, lambda temp: os.link(temp, path))
+
+
+def write_numbered_lora(folder: Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                        dtype: torch.dtype | None = None) -> Path:
+    """`write_lora` to `folder/{name}_{counter:05}_.safetensors`, numbered as SaveImage's PNGs; returns the path."""
+    from nodegraph.naming import link_numbered
+
+    return _write_then(folder, name, tensors, metadata, dtype,
+                       lambda temp: link_numbered(temp, folder, name, ".safetensors"))
+
+
+def _write_then(folder: Path, stem: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                dtype: torch.dtype | None, place: Callable[[Path], T]) -> T:
+    """Write the file under a temporary name in `folder`, then `place` it (a link that never replaces a file)."""
     from safetensors.torch import save_file
 
-    if path.exists():
-        raise FileExistsError(f"{path.name} already exists in {path.parent}; choose another name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".tmp", dir=folder)
     os.close(handle)
     try:
         save_file({k: v.to(dtype) if dtype else v for k, v in tensors.items()}, temp, metadata=metadata)
-        os.link(temp, path)  # fails if the name appeared meanwhile: a file is never replaced
+        return place(Path(temp))
     finally:
         os.unlink(temp)
 

@@ -114,3 +114,17 @@ def test_a_missing_model_says_which_folders_were_searched(capsys: pytest.Capture
     [error] = [e for e in result["errors"] if e["input"] == "checkpoint"]
     assert error["code"] == "not_a_choice" and "(none available)" in error["message"]
     assert f"looked in {first / 'checkpoints'}, {second / 'checkpoints'}" in error["message"]
+
+
+def test_a_misspelt_lora_lists_the_loras_for_the_models_family_first(registry: Registry, demo_dir: Path) -> None:
+    from nodegraph.validate import validate
+
+    _, found = validate(graph(loras=({"lora": "tiny-sd15-styel.safetensors"},)), registry,
+                        Settings(models_dirs=(demo_dir,)))
+    [problem] = found
+    assert (problem.node_id, problem.input, problem.code) == ("lora0", "lora", "not_a_choice")
+    message = problem.message
+    assert "did you mean 'tiny-sd15-style.safetensors'?" in message and "this sd15 model: " in message
+    sd15 = [message.index(f"'{p.name}'") for p in (demo_dir / "loras").glob("tiny-sd15-*.safetensors")]
+    others = [message.find(f"'{p.name}'") for p in (demo_dir / "loras").glob("tiny-flux-*.safetensors")]
+    assert sd15 and max(sd15) < min(i for i in others if i >= 0)

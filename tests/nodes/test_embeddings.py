@@ -95,3 +95,16 @@ def test_embedding_workflow_runs_headless(demo_dir: Path, tmp_path: Path, capsys
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["status"] == "ok", result["errors"]
     assert result["files"]
+
+
+@pytest.mark.parametrize("checkpoint, family", [("tiny-sd15", "sd15"), ("tiny-sdxl", "sdxl")])
+def test_a_misspelt_embedding_lists_those_for_the_clips_model_first(registry: Registry, demo_dir: Path,
+                                                                    checkpoint: str, family: str) -> None:
+    from nodegraph.validate import validate
+
+    wf = workflow({"c": {"type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+                   "e": {"type": "LoadEmbedding", "inputs": {"clip": ["c", 1], "embedding": "tiny.safetensors"}},
+                   "s": {"type": "Show", "inputs": {"value": ["e", 0]}}})
+    _, [problem] = validate(wf, registry, Settings(models_dirs=(demo_dir,)))
+    assert (problem.node_id, problem.input, problem.code) == ("e", "embedding", "not_a_choice")
+    assert f"this {family} model: '{checkpoint}-embedding.safetensors'; for other models: " in problem.message

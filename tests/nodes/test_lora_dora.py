@@ -170,7 +170,7 @@ def test_a_prepared_slot_switches_to_and_from_dora_by_a_load_not_a_swap(registry
 
 
 @pytest.mark.parametrize("node, inputs, input_name", [("MergeLoRA", {"method": "cat", "slot": "ab"}, "slots"),
-                                                      ("SaveLoRA", {"slot": "s", "filename": "out"}, "slot")])
+                                                      ("SaveLoRA", {"slot": "s", "filename_prefix": "out"}, "slot")])
 def test_merge_and_save_refuse_a_dora_slot_naming_it(registry: Registry, demo_dir: Path, tmp_path: Path, node: str,
                                                      inputs: dict[str, Any], input_name: str) -> None:
     """Both write plain LoRA layers: a DoRA slot would lose its magnitudes, so it is refused."""

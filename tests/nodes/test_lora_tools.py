@@ -133,22 +133,68 @@ def test_a_cat_merge_at_the_slots_strengths_equals_the_stack_it_replaces(executo
 
 
 def test_saved_lora_loads_back_to_the_same_image(executor: Executor, tmp_path: Path) -> None:
-    result = executor.run(graph({"method": "ties", "density": 0.7, "slot": "ab"}, {"slot": "ab", "filename": "mix"}))
+    result = executor.run(graph({"method": "ties", "density": 0.7, "slot": "ab"},
+                                {"slot": "ab", "filename_prefix": "mix"}))
     assert result.status == "ok", result.errors
-    saved = tmp_path / "models" / "loras" / "mix.safetensors"
-    assert result.nodes["save"].outputs["path"] == str(saved) and saved.exists()
-    assert [p.name for p in saved.parent.iterdir()] == ["mix.safetensors"]  # no temp file left
+    saved = tmp_path / "models" / "loras" / "mix_00001_.safetensors"
+    assert result.nodes["save"].outputs == {"path": str(saved), "name": "mix_00001_.safetensors"} and saved.exists()
+    assert [p.name for p in saved.parent.iterdir()] == ["mix_00001_.safetensors"]  # no temp file left
     merged = pixels(executor, graph({"method": "ties", "density": 0.7, "slot": "ab"}))
-    assert np.array_equal(pixels(executor, graph(None, extra="mix.safetensors")), merged)
+    assert np.array_equal(pixels(executor, graph(None, extra="mix_00001_.safetensors")), merged)
 
 
-def test_save_refuses_to_overwrite_at_validation(executor: Executor, tmp_path: Path) -> None:
-    target = tmp_path / "models" / "loras" / "taken.safetensors"
-    target.write_bytes(b"keep me")
-    result = executor.run(graph(None, {"slot": "a", "filename": "taken"}))
+def test_a_later_node_loads_the_saved_lora_by_its_name_output(executor: Executor) -> None:
+    wf = graph(None, {"slot": "a", "filename_prefix": "linked"})
+    wf["nodes"]["c"] = {"type": "LoadLoRA", "inputs": {"model": ["ckpt", 0], "lora": ["save", "name"], "slot": "c",
+                                                       "strength": 0.7}}
+    wf["nodes"]["sample"]["inputs"]["model"] = ["c", 0]
+    result = executor.run(wf)
+    assert result.status == "ok", result.errors
+    assert list(result.nodes["c"].outputs["model"].live()) == ["c"]
+    assert result.nodes["c"].outputs["model"].live()["c"].path.endswith("linked_00001_.safetensors")
+
+
+def test_saved_loras_are_numbered_and_never_overwrite(executor: Executor, tmp_path: Path) -> None:
+    loras = tmp_path / "models" / "loras"
+    (loras / "sub").mkdir()
+    (loras / "sub" / "mine_00001_.safetensors").write_bytes(b"keep me")
+    for prefix in ("sub/mine", "loras/sub/mine"):  # ComfyUI's LoraSave prefixes start with loras/: the same folder
+        result = executor.run(graph(None, {"slot": "a", "filename_prefix": prefix}))
+        assert result.status == "ok", result.errors
+    assert sorted(p.name for p in (loras / "sub").iterdir()) == [
+        "mine_00001_.safetensors", "mine_00002_.safetensors", "mine_00003_.safetensors"]
+    assert (loras / "sub" / "mine_00001_.safetensors").read_bytes() == b"keep me"
+    assert result.nodes["save"].outputs["name"] == "sub/mine_00003_.safetensors"
+
+
+def test_an_identical_run_reuses_the_saved_file_until_it_is_deleted(executor: Executor, tmp_path: Path) -> None:
+    wf = graph(None, {"slot": "a", "filename_prefix": "again"})
+    saved = tmp_path / "models" / "loras" / "again_00001_.safetensors"
+    assert executor.run(wf).nodes["save"].status == "ran" and saved.exists()
+    assert executor.run(wf).nodes["save"].status == "cached" and len(list(saved.parent.iterdir())) == 1
+    saved.unlink()
+    result = executor.run(wf)  # the cached output names a file that is gone: saved again
+    assert result.nodes["save"].status == "ran" and saved.exists()
+
+
+@pytest.mark.parametrize("node, save", [("SaveLoRA", {"slot": "a", "filename": "mix"}),
+                                        ("SaveCheckpoint", {"filename": "mine", "format": "single_file"})])
+def test_the_old_filename_input_says_what_to_write_instead(executor: Executor, node: str, save: dict[str, Any]) -> None:
+    wf = graph(None, save) if node == "SaveLoRA" else checkpoint_graph("tiny-sd15", True, save)
+    result = executor.run(wf)
     assert result.status == "invalid" and not result.nodes
-    assert [(p.node_id, p.input) for p in result.errors] == [("save", "filename")]
-    assert target.read_bytes() == b"keep me"
+    [error] = result.errors
+    assert (error.node_id, error.input, error.code) == ("save", "filename", "unknown_input")
+    assert "rename 'filename' to 'filename_prefix'" in error.message and "_00001_.safetensors" in error.message
+
+
+@pytest.mark.parametrize("prefix", ["../out", "/abs/x", "sub/", "a\x00b"])
+def test_a_prefix_outside_the_folder_is_refused_at_validation(executor: Executor, prefix: str) -> None:
+    for wf in (graph(None, {"slot": "a", "filename_prefix": prefix}),
+               checkpoint_graph("tiny-sd15", True, {"filename_prefix": prefix})):
+        result = executor.run(wf)
+        assert result.status == "invalid" and [(e.node_id, e.input, e.code) for e in result.errors] == [
+            ("save", "filename_prefix", "invalid_value")]
 
 
 def test_write_lora_never_replaces_a_file(tmp_path: Path) -> None:
@@ -166,19 +212,18 @@ def test_merge_errors_name_the_input(executor: Executor) -> None:
     assert result.status == "invalid" and [(e.node_id, e.input) for e in result.errors] == [("merge", "weights")]
 
 
-@pytest.mark.parametrize("name, written", [("merge.json", "loras/style-detail-mix.safetensors"),
-                                           ("save_checkpoint.json", "checkpoints/tiny-sd15-styled.safetensors")])
-def test_workflows_run_headless_and_a_second_run_refuses_to_overwrite(
+@pytest.mark.parametrize("name, written", [
+    ("merge.json", "loras/style-detail-mix_0000{}_.safetensors"),
+    ("save_checkpoint.json", "checkpoints/tiny-sd15-styled_0000{}_.safetensors")])
+def test_workflows_run_headless_and_a_second_run_writes_the_next_file(
         demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, written: str) -> None:
     args = ["run", str(Path(__file__).parents[2] / "workflows" / name), "--models-dir",
             str(tmp_path / "models"), "--models-dir", str(demo_dir), "--output-dir", str(tmp_path / "out"), "--json"]
-    assert main(args) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["status"] == "ok" and result["files"]
-    assert (tmp_path / "models" / written).exists()
-    assert main(args) != 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["status"] == "invalid" and "already exists" in result["errors"][0]["message"]
+    for run in (1, 2):
+        assert main(args) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["status"] == "ok" and result["files"]
+        assert (tmp_path / "models" / written.format(run)).exists()
 
 
 def checkpoint_graph(checkpoint: str, fused: bool, save: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -197,28 +242,25 @@ def checkpoint_graph(checkpoint: str, fused: bool, save: dict[str, Any] | None =
     return workflow(nodes)
 
 
-@pytest.mark.parametrize("layout, name", [("single_file", "fused.safetensors"), ("diffusers", "fused")])
+@pytest.mark.parametrize("layout, name", [("single_file", "fused_00001_.safetensors"), ("diffusers", "fused_00001_")])
 def test_saved_checkpoint_loads_back_to_the_fused_image(executor: Executor, tmp_path: Path, layout: str,
                                                         name: str) -> None:
-    save = {"filename": "fused", "format": layout, "dtype": "fp32"}
-    fused = pixels(executor, checkpoint_graph("tiny-sd15", True, save))
-    assert (tmp_path / "models" / "checkpoints" / name).exists()
+    save = {"filename_prefix": "checkpoints/fused", "format": layout, "dtype": "fp32"}
+    result = executor.run(checkpoint_graph("tiny-sd15", True, save))
+    assert result.status == "ok", result.errors
+    assert result.nodes["save"].outputs["name"] == name and (tmp_path / "models" / "checkpoints" / name).exists()
     assert not [p for p in (tmp_path / "models" / "checkpoints").iterdir() if p.name.startswith(".")]
+    fused = result.nodes["show"].outputs["value"].pixels.astype(np.int16)
     reloaded = pixels(executor, checkpoint_graph(name, False))
     assert np.abs(reloaded - fused).max() <= 1
     assert np.abs(reloaded - pixels(executor, checkpoint_graph("tiny-sd15", False))).mean() > 1  # the LoRA is in it
 
 
-def test_save_checkpoint_refuses_live_loras_and_existing_names(executor: Executor, tmp_path: Path) -> None:
-    wf = checkpoint_graph("tiny-sd15", True, {"filename": "x", "format": "single_file"})
+def test_save_checkpoint_refuses_live_loras(executor: Executor) -> None:
+    wf = checkpoint_graph("tiny-sd15", True, {"filename_prefix": "x", "format": "single_file"})
     wf["nodes"]["save"]["inputs"]["model"] = ["lora", 0]  # not fused
     result = executor.run(wf)
     assert [(e.node_id, e.input, e.code) for e in result.errors] == [("save", "model", "not_fused")]
-    (tmp_path / "models" / "checkpoints").mkdir()
-    (tmp_path / "models" / "checkpoints" / "x.safetensors").write_bytes(b"keep")
-    result = executor.run(checkpoint_graph("tiny-sd15", True, {"filename": "x", "format": "single_file"}))
-    assert result.status == "invalid" and [(e.node_id, e.input) for e in result.errors] == [("save", "filename")]
-    assert (tmp_path / "models" / "checkpoints" / "x.safetensors").read_bytes() == b"keep"
 
 
 def test_text_encoder_layers_merge_too(base: Any, demo_dir: Path, tmp_path: Path) -> None:

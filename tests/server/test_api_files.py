@@ -196,6 +196,18 @@ async def test_workflows_that_cannot_be_stored_are_refused_everywhere(client: Cl
     assert await state(client, tmp_path) == before
 
 
+@pytest.mark.parametrize("value, code", [(b"1e400", "non_finite_number"), (b"NaN", "non_finite_number"),
+                                         (b'"\\ud800"', "invalid_text"), (b"[" * 70 + b"]" * 70, "too_deep")])
+async def test_a_refused_literal_names_its_node_and_input(client: Client, value: bytes, code: str) -> None:
+    body = b'{"format": "nodegraph/1", "nodes": {"1": {"type": "Show", "inputs": {"value": ' + value + b"}}}}"
+    for method, path, data in [("put", "/api/workflows/w.json", body), ("post", "/api/import", body),
+                               ("post", "/api/jobs", b'{"workflow": ' + body + b"}"),
+                               ("post", "/api/validate", b'{"workflow": ' + body + b"}")]:
+        response = await client.request(method, path, data=data)
+        error = (await response.json())["errors"][0]
+        assert response.status == 400 and (error["node_id"], error["input"], error["code"]) == ("1", "value", code)
+
+
 async def test_an_import_nested_too_deep_to_answer_is_refused(client: Client) -> None:
     body = '{"format": "nodegraph/1", "nodes": {}, "ui": ' + "[" * 980 + "]" * 980 + "}"
     response = await client.post("/api/import", data=body)
