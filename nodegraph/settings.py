@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nodegraph.model_listing import list_folder
+
 if TYPE_CHECKING:
     from nodegraph.schema import Upstream
 
@@ -25,8 +27,6 @@ if TYPE_CHECKING:
 # when that is not known. Given by the node pack (nodegraph knows no model families).
 FitHint = Callable[["Settings | None", "Callable[[str], Upstream | None]"],
                    "tuple[Callable[[str], bool], str] | None"]
-
-from nodegraph.model_listing import list_folder
 
 DEFAULT_MODELS_DIR = Path("models")
 DEFAULT_OUTPUT_DIR = Path("outputs")
