@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 from nodegraph.sizes import OptionError
+
+# Without any of these (NVIDIA's driver and devices, ROCm's, WSL's GPU) torch finds no GPU on Linux either.
+_GPU_DRIVER_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
 
 
 def device_kind(device: str) -> str:
@@ -16,24 +20,32 @@ def device_kind(device: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """`auto`: the first CUDA GPU, else Apple's MPS, else the CPU; `cuda` means `cuda:0`."""
+    """`auto`: the first CUDA GPU, else Apple's MPS, else the CPU; `cuda` means `cuda:0`.
+
+    Only `auto` asks torch (seconds to import), and not on Linux with no GPU driver at all: there it is the
+    CPU, so that `nodegraph validate` never needs torch.
+    """
+    if device != "auto":
+        return "cuda:0" if device == "cuda" else device
+    if sys.platform.startswith("linux") and not any(map(os.path.exists, _GPU_DRIVER_FILES)):
+        return "cpu"
     import torch
 
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda:0"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
-    return "cuda:0" if device == "cuda" else device
+    if torch.cuda.is_available():
+        return "cuda:0"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
 
 
 def device_memory(device: str) -> int:
     """Total memory of a device in bytes (RAM for the CPU)."""
-    import torch
-
     if device.startswith("cuda"):
+        import torch
+
         return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
     if device == "mps":
+        import torch
+
         return int(torch.mps.recommended_max_memory())
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
