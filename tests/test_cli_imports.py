@@ -41,6 +41,13 @@ def test_validating_a_lora_workflow_imports_no_diffusion_library(demo_dir: Path)
     assert code == 0 and heavy == []  # nor torch, when the device is the CPU
 
 
+def test_nor_does_comfyuis_graph_on_a_single_file_once_its_configs_are_derived(demo_dir: Path) -> None:
+    workflow = str(ROOT / "workflows" / "comfyui" / "txt2img_lora.json")  # tiny-sd15.safetensors + a LoRA
+    loaded_by("validate", workflow, "--models-dir", str(demo_dir))  # derives the config folder, once per file
+    code, heavy, out = loaded_by("validate", workflow, "--models-dir", str(demo_dir), "--device", "cpu")
+    assert code == 0 and out.endswith("valid") and heavy == [], out
+
+
 def test_listing_the_nodes_imports_none_of_them() -> None:
     code, heavy, out = loaded_by("nodes")
     assert code == 0 and "LoadLoRA" in out and heavy == []

@@ -8,9 +8,9 @@ same input and output size.
 
 Both readings need torch and diffusers (seconds to import), so `nodegraph validate` first tries a proof from
 the safetensors headers alone: a PEFT-layout LoRA (the keys diffusers' conversion leaves as they are) on a
-diffusers folder, whose weight files name every module with its shape. A fit found that way is a fit; a
-misfit, or a file either reading cannot take (Kohya keys, alphas, DoRA, sharded weights, single files),
-goes to the exact reading, so every message stays the one it gives.
+diffusers folder, whose weight files name every module with its shape, or on an SD1.x single file, looked up
+by ldm name. A fit found that way is a fit; a misfit, or a file the headers cannot settle (Kohya keys, alphas,
+DoRA, sharded weights, SDXL single files), goes to the exact reading, so every message stays the one it gives.
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ from typing import Any, TypeVar
 
 from nodes.engine import lora_files
 from nodes.engine.checkpoints import detect_family, read_header
+from nodes.engine.ldm_keys import unet_key_to_ldm
+from nodes.engine.single_file import TEXT_ENCODER, UNET
 from nodes.engine.single_file_configs import single_file_config_dir
 from nodes.engine.transformer_checkpoints import TRANSFORMER_FAMILIES
 
 _T = TypeVar("_T")
+_A = TypeVar("_A")
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # A PEFT-layout key as diffusers saves it; group 1 the component, 2 the module, 3 the matrix.
 _PEFT_KEY = re.compile(r"^(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
@@ -116,9 +119,7 @@ def mismatch(lora: str, lora_fingerprint: str, checkpoint: str, fingerprint: str
 
     Raises `lora_files.LoraFileError` for a file whose keys diffusers cannot convert.
     """
-    quick = _headers(checkpoint, fingerprint)
-    layers = _quietly(peft_layers, lora, lora_fingerprint)
-    if quick is not None and layers is not None and _first_misfit(quick, layers) is None:
+    if fits_by_headers(lora, lora_fingerprint, checkpoint, fingerprint):
         return None
     model = model_layers(checkpoint, fingerprint)
     exact = lora_files.layers(lora, lora_fingerprint, model.family, model.unet_config)
@@ -222,13 +223,47 @@ def peft_layers(path: str, fingerprint: str) -> dict[str, dict[str, tuple[int, i
     return layers or None
 
 
+def fits_by_headers(lora: str, lora_fingerprint: str, checkpoint: str, fingerprint: str) -> bool:
+    """True when the safetensors headers alone show that the LoRA fits; False when they cannot tell."""
+    layers = _quietly(peft_layers, lora, lora_fingerprint)
+    if layers is None:
+        return False
+    folder = _headers(checkpoint, fingerprint)
+    if folder is not None:
+        return _first_misfit(folder, layers) is None
+    return bool(_quietly(_fits_single_file, checkpoint, layers))
+
+
+def _fits_single_file(checkpoint: str, layers: dict[str, dict[str, tuple[int, int]]]) -> bool:
+    """Whether an SD1.x single file has every layer, looked up in its header by the ldm name single_file.py
+    loads it from. Its derived config folder (cached; built once per file) gives the UNet's block layout."""
+    path = Path(checkpoint)
+    if path.is_dir() or detect_family(path) != "sd15":
+        return False
+    header = read_header(path)
+    config = json.loads((single_file_config_dir(path, header, "sd15") / "unet" / "config.json").read_text())
+    up_attention = ["CrossAttn" in kind for kind in config["up_block_types"]]
+    for component, found in layers.items():
+        for module, size in found.items():
+            if component == "unet":
+                key = UNET + unet_key_to_ldm(module + ".weight", config["layers_per_block"], up_attention)
+            elif component == "text_encoder":
+                key = TEXT_ENCODER + ("" if module.startswith("text_model.") else "text_model.") + module + ".weight"
+            else:
+                return False
+            shape = header.shapes.get(key)
+            if shape is None or len(shape) not in (2, 4) or (shape[1], shape[0]) != size:
+                return False
+    return True
+
+
 def _headers(checkpoint: str, fingerprint: str) -> ModelLayers | None:
     return _quietly(header_layers, checkpoint, fingerprint)
 
 
-def _quietly(read: Callable[[str, str], _T], path: str, fingerprint: str) -> _T | None:
+def _quietly(read: Callable[[str, _A], _T], path: str, arg: _A) -> _T | None:
     """The header reading, or None where it fails: the exact reading then decides, and reports the error."""
     try:
-        return read(path, fingerprint)
+        return read(path, arg)
     except Exception:
         return None

@@ -44,3 +44,26 @@ def test_a_misfit_found_in_the_headers_gets_the_exact_message(demo_dir: Path) ->
     assert lora_match.mismatch(lora, "1", ckpt, "1") == (
         "layer unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k is 96→64 in the LoRA and 32→64 in "
         "tiny-sd15 (sd15)")
+
+
+def exact_fit(lora: str, checkpoint: str) -> bool:
+    """The torch + diffusers reading: every layer diffusers makes of the file is a module of the meta-built model."""
+    model = lora_match.model_layers(checkpoint, "1")
+    for component, found in lora_files.layers(lora, "1", model.family, model.unet_config).items():
+        have = model.modules.get(component, {})
+        for module, layer in found.items():
+            size = have.get(module, have.get(module.removeprefix("text_model.")))
+            if size != (layer.in_features, layer.out_features):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("checkpoint", [*FOLDERS, "tiny-sd15.safetensors"])
+def test_what_the_headers_call_a_fit_is_one(demo_dir: Path, checkpoint: str) -> None:
+    ckpt = str(demo_dir / "checkpoints" / checkpoint)
+    settled = 0
+    for lora in sorted((demo_dir / "loras").iterdir()):
+        if lora_match.fits_by_headers(str(lora), "1", ckpt, "1"):
+            assert exact_fit(str(lora), ckpt), lora.name
+            settled += 1
+    assert settled  # at least its own PEFT LoRA (the SD1.5 file: read by their ldm names)
