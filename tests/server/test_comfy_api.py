@@ -100,7 +100,7 @@ async def test_the_prompt_id_given_is_the_jobs_and_cached_nodes_are_reported(cli
     seen: list[dict[str, Any]] = []
     await until(ws, seen, "executing", node=None, prompt_id="my-id-1")
     job = await (await client.get("/api/jobs/my-id-1")).json()
-    assert job["status"] == "ok" and job["workflow"]["comfy"]["extra_data"] == {"x": 1}
+    assert job["status"] == "ok" and job["workflow"]["comfy"]["extra_data"] == {"x": 1, "client_id": "front"}
     again = await prompt(client, show(7), client_id="front")
     await until(ws, seen, "execution_cached", nodes=["1"], prompt_id=again["prompt_id"])
     await until(ws, seen, "executing", node=None, prompt_id=again["prompt_id"])

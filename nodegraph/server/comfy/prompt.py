@@ -115,6 +115,8 @@ async def _queue_prompt(request: web.Request) -> web.Response:
     _, found = await asyncio.to_thread(validate, workflow, executor.registry, executor.settings, executor.models)
     if found:
         raise Refused(validation_answer(found, kept, executor.registry))
+    if client_id is not None:
+        extra_data = {**extra_data, "client_id": client_id}  # where ComfyUI keeps it (its frontend reads it there)
     workflow["comfy"] = {"extra_data": extra_data, "warnings": warnings,
                          **({"number": number} if number is not None else {})}
     try:
