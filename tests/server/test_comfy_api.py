@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientWebSocketResponse, FormData
+import pytest
+from aiohttp import ClientWebSocketResponse, FormData, WSServerHandshakeError
 from PIL import Image
 
 from nodegraph.settings import Settings
@@ -274,3 +275,44 @@ async def test_system_stats_features_free_and_upload(client: Client, settings: S
     assert uploaded == {"name": "mask.png", "subfolder": "sub", "type": "input"}
     view = await client.get("/view", params={**uploaded, "filename": uploaded["name"]})
     assert view.status == 200 and await view.read() == buffer.getvalue()
+
+
+def png(size: tuple[int, int], mode: str = "RGB", color: Any = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def test_upload_mask_puts_the_masks_alpha_on_the_original(client: Client, settings: Settings) -> None:
+    settings.input_dir.mkdir(parents=True)
+    (settings.input_dir / "photo.png").write_bytes(png((8, 8), "RGB", (200, 10, 10)))
+    form = FormData()
+    form.add_field("image", png((8, 8), "RGBA", (0, 0, 0, 77)), filename="clipspace-mask.png",
+                   content_type="image/png")
+    form.add_field("original_ref", json.dumps({"filename": "photo.png", "subfolder": "", "type": "input"}))
+    form.add_field("subfolder", "clipspace")
+    answer = await (await client.post("/upload/mask", data=form)).json()
+    assert answer == {"name": "clipspace-mask.png", "subfolder": "clipspace", "type": "input"}
+    stored = Image.open(settings.input_dir / "clipspace" / "clipspace-mask.png")
+    assert stored.mode == "RGBA" and stored.getpixel((3, 3)) == (200, 10, 10, 77)
+    for ref in ({"filename": "../photo.png"}, {"filename": "missing.png"}, {"filename": "photo.png", "type": "x"}):
+        form = FormData()
+        form.add_field("image", png((8, 8), "RGBA"), filename="m.png", content_type="image/png")
+        form.add_field("original_ref", json.dumps(ref))
+        response = await client.post("/upload/mask", data=form)
+        assert 400 <= response.status < 500 and "errors" in await response.json(), ref
+
+
+async def test_comfy_routes_refuse_cross_site_requests_and_ours_keep_their_paths(client: Client) -> None:
+    for path in ("/prompt", "/api/prompt", "/queue", "/interrupt", "/history", "/free", "/upload/image"):
+        response = await client.post(path, json={"prompt": show(1)}, headers={"Origin": "http://evil.example"})
+        assert response.status == 403, path
+    for path in ("/ws?clientId=x", "/api/ws?clientId=x"):
+        with pytest.raises(WSServerHandshakeError) as caught:
+            await client.ws_connect(path, headers={"Origin": "http://evil.example"})
+        assert caught.value.status == 403
+    assert (await (await client.get("/api/prompt")).json()) == {"exec_info": {"queue_remaining": 0}}
+    assert set(await (await client.get("/api/models/checkpoints")).json()) == {"kind", "files"}  # ours
+    assert (await client.post("/api/free")).status == 200 and "freed" in await (await client.post("/api/free")).json()
+    ws = await client.ws_connect("/api/ws?client_id=mine")  # ours: our messages
+    assert (await ws.receive_json())["type"] == "hello"

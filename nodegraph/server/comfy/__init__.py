@@ -30,6 +30,7 @@ SUMMARIES = {
     ("post", "/history"): "delete finished prompts ({delete: [ids]} or {clear: true})",
     ("get", "/view"): "an image: filename, subfolder, type (output, input, temp)",
     ("post", "/upload/image"): "store an image in the input folder",
+    ("post", "/upload/mask"): "store an input image with a mask's alpha (original_ref)",
     ("get", "/object_info"): "every node type in ComfyUI's shape", ("get", "/object_info/{node_class}"): "one",
     ("get", "/embeddings"): "embedding names", ("get", "/models"): "model folders",
     ("get", "/models/{folder}"): "the models in a folder", ("get", "/system_stats"): "system and devices",
