@@ -147,6 +147,23 @@ async def test_inputs_the_node_type_does_not_declare_are_dropped_with_a_warning(
     assert strict.status == 400 and strict.reason
 
 
+async def test_literals_of_the_wrong_json_type_are_converted_as_comfyui_does(client: Client) -> None:
+    graph = {"1": {"class_type": "Slow", "inputs": {"steps": 3.0, "delay": "0", "marker": ""}},
+             "2": {"class_type": "Format", "inputs": {"template": 12, "a": ["1", 0]}},
+             "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}}}
+    response = await client.post("/prompt", json={"prompt": graph})
+    answer = await response.json()
+    assert response.status == 200, answer
+    assert [(w["node_id"], w["input"], w["code"]) for w in answer["warnings"]] == [
+        ("1", "steps", "value_converted"), ("1", "delay", "value_converted"), ("2", "template", "value_converted")]
+    entry = await done(client, answer["prompt_id"])
+    assert entry["prompt"][2]["1"]["inputs"] == {"steps": 3, "delay": 0.0, "marker": ""}
+    for wrong in ({"steps": 2.5}, {"steps": "three"}, {"steps": True}):
+        response = await client.post("/prompt", json={"prompt": {**graph, "1": {"class_type": "Slow",
+                                                                                "inputs": wrong}}})
+        assert response.status == 400 and "1" in (await response.json())["node_errors"], wrong
+
+
 async def test_object_info_is_comfyuis_shape(make_client: MakeClient, demo_settings: Settings) -> None:
     client = await make_client(settings=demo_settings)
     everything = await (await client.get("/object_info")).json()

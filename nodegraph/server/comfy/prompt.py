@@ -5,9 +5,10 @@
 
 The prompt is lowered to our workflow (`workflow.lower_comfy_api`: ComfyUI's node ids are kept), validated as
 any job is, stored and run by the one worker. Where ComfyUI is lenient, so is this route: an input the node type
-does not declare (LoadImage's `upload`, a widget of a newer ComfyUI) is dropped and reported in `warnings`, in the
-answer and in the stored workflow's `comfy.warnings`; our own format stays strict. A refusal is ComfyUI's
-`{"error": {...}, "node_errors": {...}}` with status 400.
+does not declare (LoadImage's `upload`, a widget of a newer ComfyUI) is dropped, a literal of the wrong JSON
+type is converted where ComfyUI converts it without loss (`"steps": 20.0`, `"seed": "5"`), and each is reported
+in `warnings`, in the answer and in the stored workflow's `comfy.warnings`; our own format stays strict. A refusal
+is ComfyUI's `{"error": {...}, "node_errors": {...}}` with status 400.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ routes = web.RouteTableDef()
 log = logging.getLogger("nodegraph.server")
 MAX_CLIENT_ID = 200
 PROMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+NUMBER = re.compile(r"[+-]?([0-9]{1,300}(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,3})?")
 
 
 class Refused(Exception):
@@ -42,9 +45,26 @@ class Refused(Exception):
         self.body = body
 
 
+def converted(kind: str, value: Any) -> Any:
+    """A literal of the wrong JSON type as ComfyUI converts it (`int()`, `float()`, `str()`), where that loses
+    nothing: 20.0 or "20" for an INT, "7.5" for a FLOAT, a number for a STRING. `value` itself otherwise."""
+    if isinstance(value, bool) or kind not in ("INT", "FLOAT", "STRING"):
+        return value
+    if kind == "INT" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind == "INT" and isinstance(value, str) and INTEGER.fullmatch(value.strip()):
+        return int(value)
+    if kind == "FLOAT" and isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if kind == "STRING" and isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
 def lenient(prompt: dict[str, Any], registry: Registry) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The prompt with the inputs its node types do not declare dropped (renamed ones kept: validation says what
-    to rename them to), and a warning per input dropped."""
+    """The prompt as ComfyUI would take it: inputs its node types do not declare dropped (renamed ones kept:
+    validation says what to rename them to), literals of the wrong JSON type converted (`converted`); a warning
+    for each."""
     kept: dict[str, Any] = {}
     warnings: list[dict[str, Any]] = []
     for node_id, node in prompt.items():
@@ -53,14 +73,21 @@ def lenient(prompt: dict[str, Any], registry: Registry) -> tuple[dict[str, Any],
         if cls is None or not isinstance(inputs, dict):
             kept[node_id] = node
             continue
-        declared = {spec.name for spec in cls.inputs} | set(cls.renamed_inputs)
-        dropped = [name for name in inputs if name not in declared]
-        if dropped:
-            node = {**node, "inputs": {k: v for k, v in inputs.items() if k in declared}}
-            warnings.extend({"node_id": str(node_id), "input": name, "code": "unknown_input_dropped",
-                             "message": f"{cls.type} has no input {name!r}: ignored, as ComfyUI does"}
-                            for name in dropped)
-        kept[node_id] = node
+        specs = {spec.name: spec for spec in cls.inputs}
+        new: dict[str, Any] = {}
+        for name, value in inputs.items():
+            spec = specs.get(name)
+            if spec is None and name not in cls.renamed_inputs:
+                warnings.append({"node_id": str(node_id), "input": name, "code": "unknown_input_dropped",
+                                 "message": f"{cls.type} has no input {name!r}: ignored, as ComfyUI does"})
+                continue
+            if spec is not None and not wf.is_link(value):
+                value = converted(spec.type, value)
+                if value is not inputs[name]:
+                    warnings.append({"node_id": str(node_id), "input": name, "code": "value_converted",
+                                     "message": f"{inputs[name]!r} taken as {value!r} ({spec.type}), as ComfyUI does"})
+            new[name] = value
+        kept[node_id] = {**node, "inputs": new} if new != inputs or len(new) != len(inputs) else node
     return kept, warnings
 
 
