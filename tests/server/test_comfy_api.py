@@ -333,3 +333,23 @@ async def test_comfy_routes_refuse_cross_site_requests_and_ours_keep_their_paths
     assert (await client.post("/api/free")).status == 200 and "freed" in await (await client.post("/api/free")).json()
     ws = await client.ws_connect("/api/ws?client_id=mine")  # ours: our messages
     assert (await ws.receive_json())["type"] == "hello"
+
+
+async def test_odd_prompts_are_refused_never_a_server_error(client: Client) -> None:
+    odd: list[Any] = [
+        {"1": {"class_type": ["Show"], "inputs": {}}}, {"1": {"class_type": "Show", "inputs": [1, 2]}},
+        {"": {"class_type": "Show", "inputs": {"value": 1}}},
+        {"1": {"class_type": "Show", "inputs": {"value": ["9", 0]}}},
+        {"1": {"class_type": "Show", "inputs": {"value": ["1", 0]}}}, {"1": {"class_type": "Show", "_meta": 5}},
+        {"1": {"class_type": "Show", "inputs": {"value": [{"x": 1}, "y"]}}},
+        {"1": {"class_type": "Slow", "inputs": {"steps": "1e999"}}, "2": {"class_type": "Show",
+                                                                          "inputs": {"value": ["1", 0]}}},
+    ]
+    for prompt_body in odd:
+        response = await client.post("/prompt", json={"prompt": prompt_body})
+        assert response.status == 400, (prompt_body, await response.text())
+        assert set(await response.json()) == {"error", "node_errors"}, prompt_body
+    for body in ({"prompt": show(1), "extra_data": []}, {"prompt": show(1), "prompt_id": "../x"},
+                 {"prompt": show(1), "number": "1"}, {"prompt": show(1), "extra_data": {"client_id": 3}}):
+        response = await client.post("/prompt", json=body)
+        assert response.status == 400 and (await response.json())["error"]["type"] == "invalid_prompt", body

@@ -21,13 +21,14 @@ from typing import Any
 from aiohttp import web
 
 from nodegraph import workflow as wf
+from nodegraph.executor import Executor
 from nodegraph.registry import Registry
 from nodegraph.server.api_jobs import collector_paused
 from nodegraph.server.comfy.shapes import error_answer, validation_answer
 from nodegraph.server.errors import ApiError, json_object, log_error, printable
 from nodegraph.server.state import EXECUTOR, HUB, STORE, WORKER
 from nodegraph.store import JobExists
-from nodegraph.validate import validate
+from nodegraph.validate import Problem, validate
 
 routes = web.RouteTableDef()
 log = logging.getLogger("nodegraph.server")
@@ -91,6 +92,21 @@ def lenient(prompt: dict[str, Any], registry: Registry) -> tuple[dict[str, Any],
     return kept, warnings
 
 
+def _checked(prompt: dict[str, Any], executor: Executor
+             ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
+    """The prompt made lenient and lowered, its warnings, and ComfyUI's refusal of it (None when valid)."""
+    kept, warnings = lenient(prompt, executor.registry)
+    unhashable = [Problem(str(node_id), str(name), "bad_link", "a link is [node_id, output] with a string node id")
+                  for node_id, node in kept.items() if isinstance(node.get("inputs"), dict)
+                  for name, value in node["inputs"].items()
+                  if wf.is_link(value) and isinstance(value[0], (dict, list))]
+    if unhashable:  # which `lower_comfy_api` cannot look up
+        return {}, warnings, validation_answer(unhashable, kept, executor.registry)
+    workflow = wf.lower_comfy_api(kept)
+    _, found = validate(workflow, executor.registry, executor.settings, executor.models)
+    return workflow, warnings, validation_answer(found, kept, executor.registry) if found else None
+
+
 def _text(body: dict[str, Any], name: str, limit: int) -> str | None:
     value = body.get(name)
     if value is None or value == "":
@@ -133,15 +149,13 @@ async def _queue_prompt(request: web.Request) -> web.Response:
     if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))):
         raise Refused(error_answer("invalid_prompt", "'number' must be a number"))
     executor = request.app[EXECUTOR]
-    kept, warnings = lenient(prompt, executor.registry)
+    # Lowering and validation take a moment on a large graph (and list model folders): off the loop.
+    workflow, warnings, refusal = await asyncio.to_thread(_checked, prompt, executor)
+    if refusal is not None:
+        raise Refused(refusal)
     if body.get("front"):
         warnings.append({"node_id": None, "input": None, "code": "front_ignored",
                          "message": "'front' is not supported: the prompt is queued at the back"})
-    workflow = wf.lower_comfy_api(kept)
-    # Validation can take a moment on a large graph (and lists model folders): off the loop.
-    _, found = await asyncio.to_thread(validate, workflow, executor.registry, executor.settings, executor.models)
-    if found:
-        raise Refused(validation_answer(found, kept, executor.registry))
     if client_id is not None:
         extra_data = {**extra_data, "client_id": client_id}  # where ComfyUI keeps it (its frontend reads it there)
     workflow["comfy"] = {"extra_data": extra_data, "warnings": warnings,

@@ -126,12 +126,15 @@ def validation_answer(found: Sequence[Problem], prompt: dict[str, Any], registry
     """Our validation problems in ComfyUI's shape: those of a node under `node_errors` by the prompt's node id,
     each with the output nodes that depend on it; those of the whole prompt as the `error`."""
     node_errors: dict[str, Any] = {}
+    consumers = _consumers(prompt)
     for problem in found:
         if problem.node_id is None or problem.node_id not in prompt:
             continue
-        entry = node_errors.setdefault(problem.node_id, {
-            "errors": [], "dependent_outputs": _dependent_outputs(problem.node_id, prompt, registry),
-            "class_type": prompt[problem.node_id].get("class_type")})
+        entry = node_errors.get(problem.node_id)
+        if entry is None:
+            entry = node_errors[problem.node_id] = {
+                "errors": [], "dependent_outputs": _dependent_outputs(problem.node_id, prompt, consumers, registry),
+                "class_type": prompt[problem.node_id].get("class_type")}
         entry["errors"].append({"type": problem.code, "message": problem.message,
                                 "details": f"{problem.input}: {problem.message}" if problem.input else problem.message,
                                 "extra_info": {"input_name": problem.input} if problem.input else {}})
@@ -144,19 +147,29 @@ def validation_answer(found: Sequence[Problem], prompt: dict[str, Any], registry
     return error_answer("prompt_outputs_failed_validation", "Prompt outputs failed validation", details, node_errors)
 
 
-def _dependent_outputs(node_id: str, prompt: dict[str, Any], registry: Registry) -> list[str]:
-    """The output nodes that `node_id` feeds, directly or not (itself when it is one)."""
+def _consumers(prompt: dict[str, Any]) -> dict[str, list[str]]:
+    """Per node id, the nodes linked to one of its outputs."""
     consumers: dict[str, list[str]] = {}
     for target, node in prompt.items():
         inputs = node.get("inputs") if isinstance(node, dict) else None
-        for value in (inputs or {}).values() if isinstance(inputs, dict) else ():
+        for value in inputs.values() if isinstance(inputs, dict) else ():
             if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
                 consumers.setdefault(value[0], []).append(target)
+    return consumers
+
+
+def _dependent_outputs(node_id: str, prompt: dict[str, Any], consumers: dict[str, list[str]],
+                       registry: Registry) -> list[str]:
+    """The output nodes that `node_id` feeds, directly or not (itself when it is one)."""
     seen, stack = {node_id}, [node_id]
     while stack:
         for target in consumers.get(stack.pop(), []):
             if target not in seen:
                 seen.add(target)
                 stack.append(target)
-    return [n for n in prompt if n in seen and isinstance(prompt[n], dict)
-            and getattr(registry.get(prompt[n].get("class_type")), "output_node", False)]
+    found = [n for n in seen if n in prompt and isinstance(prompt[n], dict)
+             and getattr(registry.get(prompt[n].get("class_type")), "output_node", False)]
+    if len(found) < 2:
+        return found
+    order = list(prompt)  # the prompt's order, for a stable answer (output nodes are few: index() is cheap)
+    return sorted(found, key=order.index)
