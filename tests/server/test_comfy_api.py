@@ -353,3 +353,22 @@ async def test_odd_prompts_are_refused_never_a_server_error(client: Client) -> N
                  {"prompt": show(1), "number": "1"}, {"prompt": show(1), "extra_data": {"client_id": 3}}):
         response = await client.post("/prompt", json=body)
         assert response.status == 400 and (await response.json())["error"]["type"] == "invalid_prompt", body
+
+
+async def test_one_queue_for_both_apis_and_front_is_a_warning(client: Client) -> None:
+    ours = await client.post("/api/jobs", json={"workflow": {"format": "nodegraph/1", "nodes": {
+        "1": {"type": "Slow", "inputs": {"steps": 10_000, "delay": 0.01}},
+        "2": {"type": "Show", "inputs": {"value": ["1", "value"]}}}}})
+    job_id = (await ours.json())["job_id"]
+    answer = await prompt(client, show(1), front=True, number=7)
+    assert answer["number"] == 7 and [w["code"] for w in answer["warnings"]] == ["front_ignored"]
+    queue = await (await client.get("/queue")).json()
+    items = queue["queue_running"] + queue["queue_pending"]
+    assert [item[1] for item in items] == [job_id, answer["prompt_id"]]
+    assert items[0][2] == {"1": {"inputs": {"steps": 10_000, "delay": 0.01}, "class_type": "Slow",
+                                 "_meta": {"title": "Slow"}},
+                           "2": {"inputs": {"value": ["1", 0]}, "class_type": "Show", "_meta": {"title": "Show"}}}
+    assert items[1][0] == 7 and items[1][3] == {"client_id": "me"} and items[1][4] == ["1"]
+    await client.post("/interrupt", json={"prompt_id": job_id})
+    assert (await done(client, job_id))["status"]["status_str"] == "error"
+    assert (await done(client, answer["prompt_id"]))["status"]["status_str"] == "success"

@@ -28,17 +28,30 @@ def meta(job: Job) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def api_prompt(workflow: Any) -> dict[str, Any]:
-    """Our workflow in ComfyUI's API format: `{id: {"class_type", "inputs", "_meta": {"title"}}}`."""
-    nodes = workflow.get("nodes") if isinstance(workflow, dict) else None
+def api_prompt(workflow: Any, registry: Registry) -> dict[str, Any]:
+    """Our workflow in ComfyUI's API format: `{id: {"inputs", "class_type", "_meta": {"title"}}}`, a link to an
+    output by name given as its index, as ComfyUI's links are."""
+    found = workflow.get("nodes") if isinstance(workflow, dict) else None
+    nodes: dict[str, Any] = found if isinstance(found, dict) else {}
     prompt: dict[str, Any] = {}
-    for node_id, node in (nodes or {}).items():
+    for node_id, node in nodes.items():
         if not isinstance(node, dict):
             continue
-        entry: dict[str, Any] = {"inputs": node.get("inputs", {}), "class_type": node.get("type")}
-        entry["_meta"] = {"title": node.get("title", node.get("type"))}
-        prompt[node_id] = entry
+        inputs = node.get("inputs", {})
+        if isinstance(inputs, dict):
+            inputs = {name: _indexed(value, nodes, registry) for name, value in inputs.items()}
+        prompt[node_id] = {"inputs": inputs, "class_type": node.get("type"),
+                           "_meta": {"title": node.get("title", node.get("type"))}}
     return prompt
+
+
+def _indexed(value: Any, nodes: dict[str, Any], registry: Registry) -> Any:
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], str) and isinstance(value[0], str)):
+        return value
+    source = nodes.get(value[0])
+    cls = registry.get(source.get("type")) if isinstance(source, dict) else None
+    names = [output.name for output in cls.outputs] if cls is not None else []
+    return [value[0], names.index(value[1])] if value[1] in names else value
 
 
 def output_nodes(workflow: Any, registry: Registry) -> list[str]:
@@ -49,7 +62,7 @@ def output_nodes(workflow: Any, registry: Registry) -> list[str]:
 
 def queue_item(job: Job, registry: Registry) -> list[Any]:
     extra = meta(job)
-    return [extra.get("number", job.seq), job.id, api_prompt(job.workflow), extra.get("extra_data", {}),
+    return [extra.get("number", job.seq), job.id, api_prompt(job.workflow, registry), extra.get("extra_data", {}),
             output_nodes(job.workflow, registry)]
 
 
