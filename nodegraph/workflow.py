@@ -359,7 +359,8 @@ def _depths(nodes: dict[str, Any]) -> dict[str, int]:
         changed = False
         for node_id, entry in nodes.items():
             inputs = entry["inputs"] if isinstance(entry["inputs"], dict) else {}
-            sources = [v[0] for v in inputs.values() if isinstance(v, list) and len(v) == 2 and v[0] in nodes]
+            sources = [v[0] for v in inputs.values()
+                       if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and v[0] in nodes]
             new = min(len(nodes), max((depth.get(str(src), 0) + 1 for src in sources), default=0))
             if depth.get(node_id) != new:
                 depth[node_id], changed = new, True

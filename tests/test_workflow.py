@@ -56,6 +56,15 @@ def test_lowered_comfy_workflows_are_laid_out_left_to_right() -> None:
                     assert nodes[value[0]]["ui"]["pos"][0] < node["ui"]["pos"][0], path.name
 
 
+def test_a_link_to_a_node_id_that_is_not_text_is_left_to_validation(registry: Any) -> None:
+    from nodegraph.validate import validate
+
+    for source in ({"x": 1}, ["a"], 3):
+        graph = wf.lower_comfy_api({"1": {"class_type": "Show", "inputs": {"value": [source, 0]}}})
+        _, problems = validate(graph, registry)
+        assert [(p.node_id, p.input) for p in problems] == [("1", "value")], source
+
+
 @pytest.mark.parametrize("content, message", [
     (b"\xff\xfe\x00garbage\x81", "not UTF-8"),
     (b"{\"nodes\": ", "malformed JSON"),
