@@ -168,7 +168,9 @@ class LoraCache:
                 total -= dropped
 
     def read(self, path: str, fingerprint: str) -> FileData:
-        """The file's tensors and metadata, from the cache or disk (waiting for a prewarm already reading it)."""
+        """The file's tensors and metadata, from the cache or disk (waiting for a prewarm already reading it).
+
+        A file with a NaN or Inf tensor is a `lora_files.LoraFileError` naming it and its first such tensor."""
         key = ("file", path, fingerprint)
         hit = self._get(key)
         if hit is not None:
@@ -183,7 +185,14 @@ class LoraCache:
         from diffusers.loaders.lora_base import _load_sft_state_dict_metadata
         from safetensors.torch import load_file
 
+        from nodes.engine.finite import first_non_finite
+        from nodes.engine.lora_files import LoraFileError
+
         state = load_file(path, device="cpu")
+        bad = first_non_finite(state.items())  # one reduction per tensor, before anything is kept or loaded
+        if bad is not None:
+            raise LoraFileError(f"{os.path.basename(path)}: tensor {bad!r} holds NaN or Inf values (a damaged file, "
+                                "or one saved from a diverged training run); it would sample black images")
         data = FileData(state, _load_sft_state_dict_metadata(path))
         self.reads += 1
         self._put(key, data, _nbytes(state.values()))
