@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nodegraph import workflow as wf
-from nodegraph.cli_output import ProgressPrinter, print_job, print_problems, print_summary, print_table
+from nodegraph.cli_output import ProgressPrinter, print_job, print_problems, print_summary, print_table, run_json
 from nodegraph.context import CancelToken
 from nodegraph.executor import Executor, RunResult
 from nodegraph.models import ModelManager, OptionError, format_bytes
@@ -219,7 +219,7 @@ def cmd_run(args: argparse.Namespace, registry: Registry, settings: Settings) ->
         finally:
             progress.clear()
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(run_json(result.to_json()))
     else:
         print_summary(result)
         if args.debug and result.traceback:
