@@ -91,7 +91,12 @@ class UnknownFamilyError(CheckpointError):
 
 
 class MissingTokenizerError(CheckpointError):
-    """The checkpoint needs tokenizer files that are not available offline."""
+    """The checkpoint needs tokenizer files that are not available offline. Its message names the file, not its
+    folders: it is what a user reads (code `missing_tokenizer`), about a file they chose from a list."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.args = (f"{self.path.name}: {reason}",)
 
 
 # ---------------------------------------------------------------------------------------------- header

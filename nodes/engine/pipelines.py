@@ -27,7 +27,13 @@ import torch
 from nodegraph.context import Context, NodeFailure
 from nodegraph.models import Placement, device_kind, format_bytes
 from nodes.engine import lora_cache, lora_files
-from nodes.engine.checkpoints import TEXT_ENCODERS, CheckpointError, load_pipeline, read_header
+from nodes.engine.checkpoints import (
+    TEXT_ENCODERS,
+    CheckpointError,
+    MissingTokenizerError,
+    load_pipeline,
+    read_header,
+)
 from nodes.engine.recipe import Adapter, ModelRecipe
 from nodes.engine.reconcile import ReconcileError, reconcile
 from nodes.engine.resident import Resident
@@ -116,6 +122,8 @@ def materialize(ctx: Context, recipe: ModelRecipe, *more: ModelRecipe) -> Iterat
     def load(placement: Placement) -> Resident:
         try:
             pipe = load_pipeline(recipe.checkpoint, dtype, text_encoder_dtype=encoders_dtype)
+        except MissingTokenizerError as exc:
+            raise NodeFailure(str(exc), "clip" if recipe.part == "clip" else "model", "missing_tokenizer") from exc
         except CheckpointError as exc:
             raise NodeFailure(str(exc), "model", "bad_checkpoint") from exc
         pipe.set_progress_bar_config(disable=True)
