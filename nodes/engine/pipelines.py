@@ -169,7 +169,7 @@ def read_lora_files(recipes: tuple[ModelRecipe, ...], current: Resident | None) 
         for op in recipe.ops:
             if isinstance(op, Adapter) and (op.path, op.fingerprint) not in applied:
                 try:
-                    lora_cache.CACHE.read(op.path, op.fingerprint)
+                    lora_cache.CACHE.check(op.path, op.fingerprint)
                 except lora_files.LoraFileError as exc:
                     raise NodeFailure(str(exc), "model" if recipe.part == "unet" else "clip", "bad_lora") from None
 
