@@ -179,35 +179,40 @@ def _keying(graph: Graph) -> dict[str, Keying]:
     and its linked COMBO inputs (checked once their values exist)."""
     if graph.keying is None:
         shared: dict[tuple[Any, ...], str] = {}
-        graph.keying = {node_id: (key_prefix(step.cls.type, step.cls.version, _literals_json(step, shared)),
-                                  [(name, *step.links[name]) for name in sorted(step.links)],
-                                  _reads_files(step.cls),
-                                  _linked_combos(step))
-                        for node_id, step in graph.steps.items()}
-    keying: dict[str, Keying] = graph.keying
-    return keying
+        classes: dict[type[Node], tuple[bool, tuple[Input, ...]]] = {}
+        keying: dict[str, Keying] = {}
+        for node_id, step in graph.steps.items():
+            cls, links = step.cls, step.links
+            known = classes.get(cls)
+            if known is None:
+                known = classes[cls] = (_reads_files(cls), tuple(s for s in cls.inputs if s.type == "COMBO"))
+            reads_files, combos = known
+            # A STRING output may feed a COMBO; its value can only be checked once it exists.
+            linked_combos = tuple([s for s in combos if s.name in links]) if combos and links else ()
+            keying[node_id] = (_prefix(step, shared), [(name, *links[name]) for name in sorted(links)], reads_files,
+                               linked_combos)
+        graph.keying = keying
+    return graph.keying  # type: ignore[no-any-return]
 
 
-_PLAIN = (str, int, float, bool, type(None))
+_PLAIN = frozenset((str, int, float, bool, type(None)))
 
 
-def _literals_json(step: Step, shared: dict[tuple[Any, ...], str]) -> str:
-    """`step.literals_json`, encoded once per distinct set of plain literals in a graph (a chain of 10,000 Math
-    nodes has one): steps whose literals have the same names, types and values share one encoding. Float zeros
-    are left out (0.0 == -0.0, but their JSON differs), as is anything but str, int, float, bool and None."""
-    literals = step.literals
-    if any(v.__class__ not in _PLAIN or (v.__class__ is float and v == 0) for v in literals.values()):
-        return step.literals_json
-    signature = (*literals, *map(type, literals.values()), *literals.values())
-    text = shared.get(signature)
-    if text is None:
-        text = shared[signature] = step.literals_json
-    return text
-
-
-def _linked_combos(step: Step) -> tuple[Input, ...]:
-    # A STRING output may feed a COMBO; its value can only be checked once it exists.
-    return tuple(spec for spec in step.cls.inputs if spec.type == "COMBO" and spec.name in step.links)
+def _prefix(step: Step, shared: dict[tuple[Any, ...], str]) -> str:
+    """The step's key prefix (`key_prefix`: type, version and the literals' canonical JSON), made once per distinct
+    class and plain literals in a graph (a chain of 10,000 Math nodes has one): steps of one class whose literals
+    have the same names, types and values share it. Float zeros are left out (0.0 == -0.0, but their JSON
+    differs), as is anything but str, int, float, bool and None."""
+    cls, literals = step.cls, step.literals
+    values = literals.values()
+    types = tuple(map(type, values))
+    if not _PLAIN.issuperset(types) or (float in types and 0.0 in values):
+        return key_prefix(cls.type, cls.version, step.literals_json)
+    signature = (cls, *literals, *types, *values)
+    prefix = shared.get(signature)
+    if prefix is None:
+        prefix = shared[signature] = key_prefix(cls.type, cls.version, step.literals_json)
+    return prefix
 
 
 def _needed_in_order(graph: Graph) -> list[str]:
