@@ -125,3 +125,21 @@ def test_a_diverging_model_is_a_non_finite_error_not_a_black_image(
     assert (error.node_id, error.input, error.code) == ("sample", None, "non_finite")
     assert "after step 1 of 3" in error.message
     assert not list((settings.output_dir).rglob("*.png"))
+
+
+def test_on_a_gpu_a_steps_check_is_read_one_step_late_and_still_names_it() -> None:
+    """With `lag` (a GPU: no host sync per step), step i's flag is read when step i + 1 is done, or at the end."""
+    from nodes.engine.finite import FiniteWatch
+
+    good, bad = torch.zeros(2), torch.tensor([0.0, math.nan])
+    watch = FiniteWatch("euler", 4, lag=True)
+    watch.after(0, good)
+    watch.after(1, bad)  # not read yet
+    with pytest.raises(NodeFailure, match="after step 2 of 4") as caught:
+        watch.after(2, bad)
+    assert caught.value.code == "non_finite"
+    last = FiniteWatch("euler", 2, lag=True)
+    last.after(0, good)
+    last.after(1, bad)
+    with pytest.raises(NodeFailure, match="after step 2 of 2"):
+        last.done()
