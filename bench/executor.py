@@ -13,8 +13,9 @@ Phases, each the best of 3 to 15 runs (`time.perf_counter`, garbage collected be
   validate  `nodegraph.validate.validate` alone.
   cold      a fresh `Executor` with an empty cache executing a freshly validated graph (`execute()`: its
             per-graph work, the steps' key parts and the plan, included, as every job pays it).
-  cached    `execute()` again on the same executor, a freshly validated graph of the same workflow (as a
-            re-queued job is): every node must come back cached.
+  cached    `execute()` again on the same executor and graph: every node must come back cached.
+  requeued  the same on a freshly validated graph of the workflow, as a re-queued job gets one (its keying
+            and plan made again).
             (`run()` is validate + execute; the server validates once when a job is queued.)
   end to end  what `nodegraph run --json` does with the file's bytes once started: parse, validate,
             execute on a fresh executor, the run's JSON and its text (`cli_output.run_json`).
@@ -142,6 +143,7 @@ class Row:
     cold_s: float
     cold_cpu_s: float
     cached_s: float
+    requeued_s: float
     end_to_end_s: float
     direct_s: float
 
@@ -162,19 +164,22 @@ def measure(shape: str, workflow: Workflow, registry: Registry) -> Row:
         assert again is not None
         return again
 
-    def execute(prepared: tuple[Executor, Graph]) -> tuple[Executor, RunResult]:
+    def execute(prepared: tuple[Executor, Graph]) -> tuple[Executor, Graph, RunResult]:
         ex, job_graph = prepared
-        return ex, ex.execute(job_graph, ignore, CancelToken(), "bench")
+        return ex, job_graph, ex.execute(job_graph, ignore, CancelToken(), "bench")
 
-    cold_s, (executor, result) = best_of(lambda: (Executor(registry), fresh()), execute)
+    cold_s, (executor, ran, result) = best_of(lambda: (Executor(registry), fresh()), execute)
     require(result.status == "ok" and len(result.nodes) == n and statuses(result) == {"ran"},
             f"{shape} {n}: the cold run did not run every node: {result.status}, {statuses(result)}")
 
     cold_cpu_s, _ = best_of(lambda: (Executor(registry), fresh()), execute, time.process_time)
 
-    cached_s, (_, result) = best_of(lambda: (executor, fresh()), execute)
+    cached_s, (_, _, result) = best_of(lambda: (executor, ran), execute)
     require(result.status == "ok" and len(result.nodes) == n and statuses(result) == {"cached"},
             f"{shape} {n}: the re-run was not fully cached: {result.status}, {statuses(result)}")
+
+    requeued_s, (_, _, again) = best_of(lambda: (executor, fresh()), execute)
+    require(statuses(again) == {"cached"}, f"{shape} {n}: the re-queued run was not fully cached")
 
     text = json.dumps(workflow).encode()
 
@@ -190,7 +195,7 @@ def measure(shape: str, workflow: Workflow, registry: Registry) -> Row:
     for node_id in graph.outputs:  # same answers, so both sides measured the same computation
         require(values[node_id] == result.nodes[node_id].outputs, f"{shape} {n}: node {node_id} differs")
 
-    return Row(shape, n, validate_s, cold_s, cold_cpu_s, cached_s, end_to_end_s, direct_s)
+    return Row(shape, n, validate_s, cold_s, cold_cpu_s, cached_s, requeued_s, end_to_end_s, direct_s)
 
 
 def verdict(ok: bool) -> str:
@@ -199,7 +204,7 @@ def verdict(ok: bool) -> str:
 
 def table(rows: list[Row]) -> list[str]:
     header = ("shape", "nodes", "validate ms", "validate µs/node", "cold µs/node", "cold cpu", "cached µs/node",
-              "end to end", "direct µs/node", "cold ×", "cached ×")
+              "requeued", "end to end", "direct µs/node", "cold ×", "cached ×")
     lines = [header]
     for r in rows:
         validate_ok = r.nodes < 10_000 or r.validate_s <= VALIDATE_10K_SECONDS
@@ -211,6 +216,7 @@ def table(rows: list[Row]) -> list[str]:
             f"{cold:.1f} {verdict(cold <= COLD_US_PER_NODE)}",
             f"{r.per_node(r.cold_cpu_s):.1f}",
             f"{cached:.2f} {verdict(cached <= CACHED_US_PER_NODE)}",
+            f"{r.per_node(r.requeued_s):.2f}",
             f"{r.per_node(r.end_to_end_s):.1f}",
             f"{direct:.2f}",
             f"{cold / direct:.0f}×",
@@ -228,7 +234,7 @@ def as_json(rows: list[Row]) -> dict[str, Any]:
     for r in rows:
         direct = r.per_node(r.direct_s)
         figures = {phase: round(r.per_node(getattr(r, f"{phase}_s")), 3)
-                   for phase in ("validate", "cold", "cold_cpu", "cached", "end_to_end", "direct")}
+                   for phase in ("validate", "cold", "cold_cpu", "cached", "requeued", "end_to_end", "direct")}
         out.append({"shape": r.shape, "nodes": r.nodes, "us_per_node": figures,
                     "ratio_to_direct": {p: round(v / direct, 2) for p, v in figures.items() if p != "direct"},
                     "validate_s": round(r.validate_s, 4)})

@@ -179,16 +179,17 @@ def _keying(graph: Graph) -> dict[str, Keying]:
     and its linked COMBO inputs (checked once their values exist)."""
     if graph.keying is None:
         shared: dict[tuple[Any, ...], str] = {}
-        classes: dict[type[Node], tuple[bool, tuple[Input, ...]]] = {}
+        classes: dict[type[Node], tuple[bool, tuple[Input, ...], frozenset[str]]] = {}
         keying: dict[str, Keying] = {}
         for node_id, step in graph.steps.items():
             cls, links = step.cls, step.links
             known = classes.get(cls)
             if known is None:
-                known = classes[cls] = (_reads_files(cls), tuple(s for s in cls.inputs if s.type == "COMBO"))
-            reads_files, combos = known
+                combos = tuple(s for s in cls.inputs if s.type == "COMBO")
+                known = classes[cls] = (_reads_files(cls), combos, frozenset(s.name for s in combos))
+            reads_files, combos, combo_names = known
             # A STRING output may feed a COMBO; its value can only be checked once it exists.
-            linked_combos = tuple([s for s in combos if s.name in links]) if combos and links else ()
+            linked_combos = () if combo_names.isdisjoint(links) else tuple(s for s in combos if s.name in links)
             keying[node_id] = (_prefix(step, shared), [(name, *links[name]) for name in sorted(links)], reads_files,
                                linked_combos)
         graph.keying = keying
@@ -204,6 +205,8 @@ def _prefix(step: Step, shared: dict[tuple[Any, ...], str]) -> str:
     have the same names, types and values share it. Float zeros are left out (0.0 == -0.0, but their JSON
     differs), as is anything but str, int, float, bool and None."""
     cls, literals = step.cls, step.literals
+    if not literals:
+        return key_prefix(cls.type, cls.version, "{}")
     values = literals.values()
     types = tuple(map(type, values))
     if not _PLAIN.issuperset(types) or (float in types and 0.0 in values):
