@@ -1,6 +1,7 @@
 """Executor overhead per node, on generated graphs of utility nodes.
 
-    python bench/executor.py
+    python bench/executor.py          # a table
+    python bench/executor.py --json   # the same figures as JSON
 
 Two shapes, each at 1,000 and 10,000 nodes:
   chain  Int → Math → Math → … → Show, each Math taking the previous node's result
@@ -10,13 +11,19 @@ Two shapes, each at 1,000 and 10,000 nodes:
 
 Phases, each the best of 3 to 15 runs (`time.perf_counter`, garbage collected before each):
   validate  `nodegraph.validate.validate` alone.
-  cold      a fresh `Executor` with an empty cache executing the validated graph (`execute()`).
+  cold      a fresh `Executor` with an empty cache executing a freshly validated graph (`execute()`: its
+            per-graph work, the steps' key parts and the plan, included, as every job pays it).
   cached    `execute()` again on the same executor and graph: every node must come back cached.
+  requeued  the same on a freshly validated graph of the workflow, as a re-queued job gets one (its keying
+            and plan made again).
             (`run()` is validate + execute; the server validates once when a job is queued.)
+  end to end  what `nodegraph run --json` does with the file's bytes once started: parse, validate,
+            execute on a fresh executor, the run's JSON and its text (`cli_output.run_json`).
   direct    the baseline: the same node `run` methods called in a plain Python loop over a
             precomputed order, inputs looked up in a dict; the least work any executor must do.
 
-Figures are microseconds per node; `×` is the ratio to the direct loop measured in the same run.
+Figures are microseconds per node (wall clock; `cold cpu` is the process's CPU time for the cold phase, steadier
+on a shared machine); `×` is the ratio to the direct loop measured in the same run.
 Targets: ≤ 25 µs/node cold, ≤ 5 µs/node cached, a 10,000-node workflow validated in ≤ 0.1 s
 (`bench/jobs_api.py` measures validation through the HTTP API too).
 """
@@ -24,6 +31,7 @@ Targets: ≤ 25 µs/node cold, ≤ 5 µs/node cached, a 10,000-node workflow val
 from __future__ import annotations
 
 import gc
+import json
 import platform
 import sys
 import time
@@ -31,11 +39,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nodegraph.cli_output import run_json
 from nodegraph.context import CancelToken
 from nodegraph.events import ignore
 from nodegraph.executor import Executor, RunResult
 from nodegraph.registry import Registry
 from nodegraph.validate import Graph, validate
+from nodegraph.workflow import loads
 from nodes.utility import NODES
 
 COLD_US_PER_NODE = 25.0
@@ -97,8 +107,9 @@ def direct_program(graph: Graph, order: list[str]) -> Callable[[], dict[str, dic
     return run
 
 
-def best_of(setup: Callable[[], Any], measured: Callable[[Any], Any]) -> tuple[float, Any]:
-    """Lowest wall time of `measured(setup())`, and the last result.
+def best_of(setup: Callable[[], Any], measured: Callable[[Any], Any],
+            clock: Callable[[], float] = time.perf_counter) -> tuple[float, Any]:
+    """Lowest time of `measured(setup())` on `clock` (wall by default), and the last result.
 
     At least MIN_REPEATS runs, then more while the phase has spent under PHASE_BUDGET_S, up to
     MAX_REPEATS: cheap phases get more tries, which steadies them on a busy machine.
@@ -107,9 +118,9 @@ def best_of(setup: Callable[[], Any], measured: Callable[[Any], Any]) -> tuple[f
     while runs < MIN_REPEATS or (runs < MAX_REPEATS and spent < PHASE_BUDGET_S):
         prepared = setup()
         gc.collect()
-        t0 = time.perf_counter()
+        t0 = clock()
         result = measured(prepared)
-        elapsed = time.perf_counter() - t0
+        elapsed = clock() - t0
         best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
     return best, result
 
@@ -130,7 +141,10 @@ class Row:
     nodes: int
     validate_s: float
     cold_s: float
+    cold_cpu_s: float
     cached_s: float
+    requeued_s: float
+    end_to_end_s: float
     direct_s: float
 
     def per_node(self, seconds: float) -> float:
@@ -143,24 +157,45 @@ def measure(shape: str, workflow: Workflow, registry: Registry) -> Row:
     require(graph is not None and not problems and len(graph.steps) == n, f"{shape} {n}: invalid: {problems}")
     assert graph is not None  # for the type checker; `require` has checked it
 
-    def execute(ex: Executor) -> RunResult:
-        return ex.execute(graph, ignore, CancelToken(), "bench")
+    def fresh() -> Graph:
+        """A graph as each job gets one (validated again when it runs): the executor's per-graph keying and plan
+        are made in every measured run, as they are in `nodegraph run` and the server's worker."""
+        again, _ = validate(workflow, registry)
+        assert again is not None
+        return again
 
-    cold_s, cold = best_of(lambda: Executor(registry), lambda ex: (ex, execute(ex)))
-    executor, result = cold
+    def execute(prepared: tuple[Executor, Graph]) -> tuple[Executor, Graph, RunResult]:
+        ex, job_graph = prepared
+        return ex, job_graph, ex.execute(job_graph, ignore, CancelToken(), "bench")
+
+    cold_s, (executor, ran, result) = best_of(lambda: (Executor(registry), fresh()), execute)
     require(result.status == "ok" and len(result.nodes) == n and statuses(result) == {"ran"},
             f"{shape} {n}: the cold run did not run every node: {result.status}, {statuses(result)}")
 
-    cached_s, result = best_of(lambda: executor, execute)
+    cold_cpu_s, _ = best_of(lambda: (Executor(registry), fresh()), execute, time.process_time)
+
+    cached_s, (_, _, result) = best_of(lambda: (executor, ran), execute)
     require(result.status == "ok" and len(result.nodes) == n and statuses(result) == {"cached"},
             f"{shape} {n}: the re-run was not fully cached: {result.status}, {statuses(result)}")
+
+    requeued_s, (_, _, again) = best_of(lambda: (executor, fresh()), execute)
+    require(statuses(again) == {"cached"}, f"{shape} {n}: the re-queued run was not fully cached")
+
+    text = json.dumps(workflow).encode()
+
+    def end_to_end(_: Any) -> str:
+        run = Executor(registry).run(loads(text), ignore, CancelToken(), "bench")
+        require(run.status == "ok", f"{shape} {n}: end to end: {run.status}")
+        return run_json(run.to_json())
+
+    end_to_end_s, _ = best_of(lambda: None, end_to_end)
 
     direct = direct_program(graph, list(result.nodes))  # the executor's own order: the same work
     direct_s, values = best_of(lambda: None, lambda _: direct())
     for node_id in graph.outputs:  # same answers, so both sides measured the same computation
         require(values[node_id] == result.nodes[node_id].outputs, f"{shape} {n}: node {node_id} differs")
 
-    return Row(shape, n, validate_s, cold_s, cached_s, direct_s)
+    return Row(shape, n, validate_s, cold_s, cold_cpu_s, cached_s, requeued_s, end_to_end_s, direct_s)
 
 
 def verdict(ok: bool) -> str:
@@ -168,8 +203,8 @@ def verdict(ok: bool) -> str:
 
 
 def table(rows: list[Row]) -> list[str]:
-    header = ("shape", "nodes", "validate ms", "validate µs/node", "cold µs/node", "cached µs/node",
-              "direct µs/node", "cold ×", "cached ×")
+    header = ("shape", "nodes", "validate ms", "validate µs/node", "cold µs/node", "cold cpu", "cached µs/node",
+              "requeued", "end to end", "direct µs/node", "cold ×", "cached ×")
     lines = [header]
     for r in rows:
         validate_ok = r.nodes < 10_000 or r.validate_s <= VALIDATE_10K_SECONDS
@@ -179,7 +214,10 @@ def table(rows: list[Row]) -> list[str]:
             f"{r.validate_s * 1e3:.1f}" + ("" if r.nodes < 10_000 else f" {verdict(validate_ok)}"),
             f"{r.per_node(r.validate_s):.1f}",
             f"{cold:.1f} {verdict(cold <= COLD_US_PER_NODE)}",
+            f"{r.per_node(r.cold_cpu_s):.1f}",
             f"{cached:.2f} {verdict(cached <= CACHED_US_PER_NODE)}",
+            f"{r.per_node(r.requeued_s):.2f}",
+            f"{r.per_node(r.end_to_end_s):.1f}",
             f"{direct:.2f}",
             f"{cold / direct:.0f}×",
             f"{cached / direct:.1f}×",
@@ -188,6 +226,25 @@ def table(rows: list[Row]) -> list[str]:
     return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                       for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip()
             for line in lines]
+
+
+def as_json(rows: list[Row]) -> dict[str, Any]:
+    """The figures (µs per node, ratios to the direct loop) and verdicts, for scripts and CI."""
+    out = []
+    for r in rows:
+        direct = r.per_node(r.direct_s)
+        figures = {phase: round(r.per_node(getattr(r, f"{phase}_s")), 3)
+                   for phase in ("validate", "cold", "cold_cpu", "cached", "requeued", "end_to_end", "direct")}
+        out.append({"shape": r.shape, "nodes": r.nodes, "us_per_node": figures,
+                    "ratio_to_direct": {p: round(v / direct, 2) for p, v in figures.items() if p != "direct"},
+                    "validate_s": round(r.validate_s, 4)})
+    worst = {"cold": max(r.per_node(r.cold_s) for r in rows), "cached": max(r.per_node(r.cached_s) for r in rows),
+             "validate_10k_s": max(r.validate_s for r in rows if r.nodes >= 10_000)}
+    return {"python": platform.python_version(), "machine": f"{platform.system()} {platform.machine()}",
+            "rows": out, "targets": {"cold": COLD_US_PER_NODE, "cached": CACHED_US_PER_NODE,
+                                     "validate_10k_s": VALIDATE_10K_SECONDS},
+            "pass": {"cold": worst["cold"] <= COLD_US_PER_NODE, "cached": worst["cached"] <= CACHED_US_PER_NODE,
+                     "validate_10k": worst["validate_10k_s"] <= VALIDATE_10K_SECONDS}}
 
 
 def summary(rows: list[Row]) -> str:
@@ -201,10 +258,13 @@ def summary(rows: list[Row]) -> str:
             f"{verdict(worst_validate <= VALIDATE_10K_SECONDS)} (worst {worst_validate:.3f} s)")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     registry = Registry(NODES)
     rows = [measure(name, build(n), registry)
             for name, build in (("chain", chain), ("wide", wide)) for n in SIZES]
+    if "--json" in (sys.argv[1:] if argv is None else argv):
+        print(json.dumps(as_json(rows), indent=2))
+        return 0
     print(f"nodegraph executor overhead — Python {platform.python_version()}, "
           f"{platform.system()} {platform.machine()}; best of {MIN_REPEATS} to {MAX_REPEATS} runs per phase")
     print()

@@ -65,8 +65,14 @@ class OutputCache:
 
 def nbytes(value: Any) -> int:
     """Approximate memory held by a value: tensors and arrays by their buffers, containers summed."""
-    if type(value) in _SCALARS:
+    kind = type(value)
+    if kind in _SCALARS:
         return sys.getsizeof(value)
+    if kind is dict:  # every node's outputs: a loop, with plain values sized in place
+        total = sys.getsizeof(value)
+        for k, v in value.items():
+            total += sys.getsizeof(k) + sys.getsizeof(v) if type(v) in _SCALARS else nbytes(k) + nbytes(v)
+        return total
     size = getattr(value, "nbytes", None)
     if isinstance(size, int):
         return size

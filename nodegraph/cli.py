@@ -39,6 +39,7 @@ from nodegraph.cli_output import (
     print_job,
     print_problems,
     print_summary,
+    run_json,
 )
 from nodegraph.context import CancelToken
 from nodegraph.executor import Executor, RunResult
@@ -200,7 +201,7 @@ def cmd_run(args: argparse.Namespace, registry: Registry, settings: Settings) ->
         finally:
             progress.clear()
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(run_json(result.to_json()))
     else:
         print_summary(result)
         if args.debug and result.traceback:

@@ -21,7 +21,7 @@ from nodegraph.cache import Entry, OutputCache, key_prefix, keyed
 from nodegraph.context import CancelToken, Context, Interrupted, NodeFailure
 from nodegraph.models import ModelManager
 from nodegraph.registry import Registry
-from nodegraph.schema import Node, not_a_choice
+from nodegraph.schema import Input, Node, not_a_choice
 from nodegraph.settings import Settings
 from nodegraph.validate import Graph, Problem, Step, validate
 
@@ -93,53 +93,59 @@ class Executor:
         values: dict[str, dict[str, Any]] = {}
         keys: dict[str, str] = {}
         keying = _keying(graph)
-        get, records, cached_event = self.cache.get, result.nodes, ev.NodeCached
+        steps, settings, models, workflow = graph.steps, self.settings, self.models, graph.workflow
+        get, put, records, cached_event = self.cache.get, self.cache.put, result.nodes, ev.NodeCached
+        started_event, finished_event, clock = ev.NodeStarted, ev.NodeFinished, time.perf_counter
         for node_id in order:
             if cancel.cancelled:
                 emit(ev.Interrupted(job_id, node_id))
                 result.status = "interrupted"
                 break
-            step = graph.steps[node_id]
-            prefix, links, reads_files = keying[node_id]
+            step = steps[node_id]
+            cls = step.cls
+            prefix, links, reads_files, combos = keying[node_id]
             linked = [f"{name}={keys[source]}/{output}" for name, source, output in links]
             if reads_files:
                 try:
-                    files = step.cls.files(_inputs(step, values), self.settings)
+                    files = cls.files(_inputs(step, values), settings)
                     key = keys[node_id] = keyed(prefix, linked, files)
                 except Exception as exc:  # a node's files() that failed (a model file gone missing)
                     self._fail(result, step, emit, exc, started)
                     break
-            else:  # `keyed` inlined: the cached path's one hash per node
+            else:  # `keyed` inlined: one hash per node
                 text = prefix + "\x00" + "\x00".join(linked) if linked else prefix
                 key = keys[node_id] = sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
             entry = get(key)
             if entry is not None:
-                emit(cached_event(job_id, node_id, step.cls.type))
+                emit(cached_event(job_id, node_id, cls.type))
                 values[node_id] = entry.outputs
-                records[node_id] = NodeRecord(step.cls.type, "cached", 0.0, entry.outputs, entry.files)
+                records[node_id] = NodeRecord(cls.type, "cached", 0.0, entry.outputs, entry.files)
                 continue
-            inputs = _inputs(step, values)
-            emit(ev.NodeStarted(job_id, node_id, step.cls.type))
-            ctx = Context(job_id, node_id, self.settings, self.models, emit, cancel, workflow=graph.workflow,
+            inputs = dict(step.literals)
+            for name, source, output in links:
+                inputs[name] = values[source][output]
+            emit(started_event(job_id, node_id, cls.type))
+            ctx = Context(job_id, node_id, settings, models, emit, cancel, workflow=workflow,
                           free_memory=self.free_memory)
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
-                _check_linked_choices(step, inputs, self.settings)
-                outputs = _checked_outputs(step.cls, step.cls().run(ctx, **inputs))
+                if combos:
+                    _check_linked_choices(combos, inputs, settings)
+                outputs = _checked_outputs(cls, cls().run(ctx, **inputs))
             except Interrupted:
                 emit(ev.Interrupted(job_id, node_id))
-                result.nodes[node_id] = NodeRecord(step.cls.type, "interrupted", time.perf_counter() - t0)
+                records[node_id] = NodeRecord(cls.type, "interrupted", clock() - t0)
                 result.status = "interrupted"
                 break
             except Exception as exc:
-                self._fail(result, step, emit, exc, started, time.perf_counter() - t0)
+                self._fail(result, step, emit, exc, started, clock() - t0)
                 break
-            seconds = time.perf_counter() - t0
+            seconds = clock() - t0
             entry = Entry(outputs, tuple(ctx.files), tuple(ctx.needs))
-            self.cache.put(key, entry)
+            put(key, entry)
             values[node_id] = outputs
-            result.nodes[node_id] = NodeRecord(step.cls.type, "ran", seconds, outputs, entry.files)
-            emit(ev.NodeFinished(job_id, node_id, step.cls.type, seconds, list(entry.files)))
+            records[node_id] = NodeRecord(cls.type, "ran", seconds, outputs, entry.files)
+            emit(finished_event(job_id, node_id, cls.type, seconds, list(entry.files)))
         emit(ev.JobFinished(job_id, result.status, time.perf_counter() - started))
         return result
 
@@ -164,16 +170,52 @@ def plan(graph: Graph) -> list[str]:
     return graph.plan
 
 
-def _keying(graph: Graph) -> dict[str, tuple[str, list[tuple[str, str, str]], bool]]:
-    """Per step, what its cache key needs that the step alone fixes, computed once per graph: the key's
-    prefix (type, version, literals), its links sorted by input name, and whether it reads files."""
+Keying = tuple[str, list[tuple[str, str, str]], bool, tuple[Input, ...]]
+
+
+def _keying(graph: Graph) -> dict[str, Keying]:
+    """Per step, what running it needs that the step alone fixes, computed once per graph: its cache key's prefix
+    (type, version, literals), its links sorted by input name as (input, source, output), whether it reads files,
+    and its linked COMBO inputs (checked once their values exist)."""
     if graph.keying is None:
-        graph.keying = {node_id: (key_prefix(step.cls.type, step.cls.version, step.literals_json),
-                                  [(name, *step.links[name]) for name in sorted(step.links)],
-                                  _reads_files(step.cls))
-                        for node_id, step in graph.steps.items()}
-    keying: dict[str, tuple[str, list[tuple[str, str, str]], bool]] = graph.keying
-    return keying
+        shared: dict[tuple[Any, ...], str] = {}
+        classes: dict[type[Node], tuple[bool, tuple[Input, ...], frozenset[str]]] = {}
+        keying: dict[str, Keying] = {}
+        for node_id, step in graph.steps.items():
+            cls, links = step.cls, step.links
+            known = classes.get(cls)
+            if known is None:
+                combos = tuple(s for s in cls.inputs if s.type == "COMBO")
+                known = classes[cls] = (_reads_files(cls), combos, frozenset(s.name for s in combos))
+            reads_files, combos, combo_names = known
+            # A STRING output may feed a COMBO; its value can only be checked once it exists.
+            linked_combos = () if combo_names.isdisjoint(links) else tuple(s for s in combos if s.name in links)
+            keying[node_id] = (_prefix(step, shared), [(name, *links[name]) for name in sorted(links)], reads_files,
+                               linked_combos)
+        graph.keying = keying
+    return graph.keying  # type: ignore[no-any-return]
+
+
+_PLAIN = frozenset((str, int, float, bool, type(None)))
+
+
+def _prefix(step: Step, shared: dict[tuple[Any, ...], str]) -> str:
+    """The step's key prefix (`key_prefix`: type, version and the literals' canonical JSON), made once per distinct
+    class and plain literals in a graph (a chain of 10,000 Math nodes has one): steps of one class whose literals
+    have the same names, types and values share it. Float zeros are left out (0.0 == -0.0, but their JSON
+    differs), as is anything but str, int, float, bool and None."""
+    cls, literals = step.cls, step.literals
+    if not literals:
+        return key_prefix(cls.type, cls.version, "{}")
+    values = literals.values()
+    types = tuple(map(type, values))
+    if not _PLAIN.issuperset(types) or (float in types and 0.0 in values):
+        return key_prefix(cls.type, cls.version, step.literals_json)
+    signature = (cls, *literals, *types, *values)
+    prefix = shared.get(signature)
+    if prefix is None:
+        prefix = shared[signature] = key_prefix(cls.type, cls.version, step.literals_json)
+    return prefix
 
 
 def _needed_in_order(graph: Graph) -> list[str]:
@@ -198,13 +240,11 @@ def _reads_files(cls: type[Node]) -> bool:
     return cls.files.__func__ is not Node.files.__func__  # type: ignore[attr-defined]
 
 
-def _check_linked_choices(step: Step, inputs: dict[str, Any], settings: Settings) -> None:
-    # A STRING output may feed a COMBO; its value can only be checked once it exists.
-    for spec in step.cls.inputs:
-        if spec.type == "COMBO" and spec.name in step.links:
-            choices = spec.resolve_choices(settings)
-            if inputs[spec.name] not in choices:
-                raise NodeFailure(not_a_choice(inputs[spec.name], choices), spec.name, "not_a_choice")
+def _check_linked_choices(combos: tuple[Input, ...], inputs: dict[str, Any], settings: Settings) -> None:
+    for spec in combos:
+        choices = spec.resolve_choices(settings)
+        if inputs[spec.name] not in choices:
+            raise NodeFailure(not_a_choice(inputs[spec.name], choices), spec.name, "not_a_choice")
 
 
 def _checked_outputs(cls: type[Node], outputs: Any) -> dict[str, Any]:

@@ -141,6 +141,31 @@ def _lora_fits(checkpoint: Path, fingerprint: str, path: Path) -> bool:
     return fit_problem(str(checkpoint), fingerprint, path, file_fingerprint(path)) is None
 
 
+def tokenizer_problems(settings: Any, kind: str, names: dict[str, Any]) -> list[tuple[str | None, str, str]]:
+    """At validation: a `missing_tokenizer` error on each input naming a model file whose text encoders have no
+    tokenizer offline (the file by name, not its path); files that cannot be resolved are the literal checks'."""
+    from nodes.engine.clip_tokenizers import missing_tokenizer
+
+    problems: list[tuple[str | None, str, str]] = []
+    for input_name, name in names.items():
+        if settings is None or not isinstance(name, str):
+            continue
+        try:
+            message = missing_tokenizer(settings.resolve_model(kind, name))
+        except Exception:  # a missing or unreadable file: reported by the literal checks and the loader
+            continue
+        if message:
+            problems.append((input_name, "missing_tokenizer", message))
+    return problems
+
+
+def checkpoint_code(exc: Exception) -> str:
+    """The node-error code of a checkpoint that cannot load: its own for a missing tokenizer."""
+    from nodes.engine.checkpoints import MissingTokenizerError
+
+    return "missing_tokenizer" if isinstance(exc, MissingTokenizerError) else "bad_checkpoint"
+
+
 def _model_file(settings: Settings, kind: str, name: str, input_name: str) -> Path:
     try:
         return settings.resolve_model(kind, name)
@@ -176,6 +201,11 @@ class LoadCheckpoint(Node):
     def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
         return [_model_file(settings, "checkpoints", inputs["checkpoint"], "checkpoint")]
 
+    @classmethod
+    def check_upstream(cls, literals: dict[str, Any], upstream: Callable[[str], Upstream | None],
+                       settings: Any) -> list[tuple[str | None, str, str]]:
+        return tokenizer_problems(settings, "checkpoints", {"checkpoint": literals.get("checkpoint")})
+
     def run(self, ctx: Context, checkpoint: str, dtype: str) -> dict[str, Any]:
         return {"model": checkpoint_recipe(ctx, checkpoint, dtype, "checkpoint")}
 
@@ -183,6 +213,7 @@ class LoadCheckpoint(Node):
 def checkpoint_recipe(ctx: Context, name: str, dtype: str, input_name: str) -> ModelRecipe:
     """The MODEL recipe of a checkpoint in the models folder; node errors on `input_name`."""
     from nodes.engine.checkpoints import CheckpointError, detect_family
+    from nodes.engine.clip_tokenizers import missing_tokenizer
 
     path = _model_file(ctx.settings, "checkpoints", name, input_name)
     try:
@@ -191,6 +222,9 @@ def checkpoint_recipe(ctx: Context, name: str, dtype: str, input_name: str) -> M
         raise NodeFailure(str(exc), input_name, "bad_checkpoint") from None
     if family not in ("sd15", "sd2", "sdxl", "sd3", "flux"):
         raise NodeFailure(f"{name}: {family} checkpoints are not supported yet", input_name, "bad_checkpoint")
+    missing = missing_tokenizer(path)  # (a linked name: not seen at validation)
+    if missing:
+        raise NodeFailure(missing, input_name, "missing_tokenizer")
     return ModelRecipe(str(path), file_fingerprint(path), family, dtype)
 
 
@@ -218,6 +252,11 @@ class CheckpointLoaderSimple(Node):
     @classmethod
     def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
         return [_model_file(settings, "checkpoints", inputs["ckpt_name"], "ckpt_name")]
+
+    @classmethod
+    def check_upstream(cls, literals: dict[str, Any], upstream: Callable[[str], Upstream | None],
+                       settings: Any) -> list[tuple[str | None, str, str]]:
+        return tokenizer_problems(settings, "checkpoints", {"ckpt_name": literals.get("ckpt_name")})
 
     def run(self, ctx: Context, ckpt_name: str) -> dict[str, Any]:
         model = checkpoint_recipe(ctx, ckpt_name, "auto", "ckpt_name")
@@ -328,6 +367,11 @@ class DualCLIPLoader(Node):
     def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
         return [_model_file(settings, "text_encoders", inputs[n], n) for n in ("clip_name1", "clip_name2")]
 
+    @classmethod
+    def check_upstream(cls, literals: dict[str, Any], upstream: Callable[[str], Upstream | None],
+                       settings: Any) -> list[tuple[str | None, str, str]]:
+        return tokenizer_problems(settings, "text_encoders", {n: literals.get(n) for n in ("clip_name1", "clip_name2")})
+
     def run(self, ctx: Context, clip_name1: str, clip_name2: str, type: str) -> dict[str, Any]:
         from nodes.engine.checkpoints import CheckpointError
         from nodes.engine.component_files import flux_text_encoders_folder, text_encoder_kind
@@ -345,7 +389,8 @@ class DualCLIPLoader(Node):
         try:
             folder = flux_text_encoders_folder(files["clip"][0], files["t5"][0])
         except CheckpointError as exc:
-            raise NodeFailure(str(exc), files["clip"][1], "bad_checkpoint") from None
+            at = files["t5"][1] if exc.path == files["t5"][0] else files["clip"][1]
+            raise NodeFailure(str(exc), at, checkpoint_code(exc)) from None
         fingerprint = "+".join(file_fingerprint(path) for path, _ in files.values())
         return {"CLIP": ModelRecipe(str(folder), fingerprint, "flux", "auto", part="clip")}
 

@@ -305,3 +305,52 @@ def test_a_linked_model_name_no_file_can_have_fails_as_bad_name_without_server_p
     [error] = result.errors
     assert (error.node_id, error.input, error.code) == ("1", "checkpoint", "bad_name")
     assert str(tmp_path) not in error.message
+
+
+def long_chain(n: int, b: Any = 0.5) -> dict[str, Any]:
+    nodes: dict[str, Any] = {"0": {"type": "Int", "inputs": {"value": 1}}}
+    for i in range(1, n):
+        nodes[str(i)] = {"type": "Math", "inputs": {"a": [str(i - 1), 0], "b": b, "op": "add"}}
+    nodes["show"] = {"type": "Show", "inputs": {"value": [str(n - 1), 0]}}
+    return workflow(nodes)
+
+
+def test_equal_literals_are_encoded_once_per_graph(executor: Executor, monkeypatch: Any) -> None:
+    """A cold run's cache keys need each step's literals as canonical JSON; steps with the same literals
+    share one encoding (a 10,000-node chain used to encode 10,000 times), and the keys stay node_key's."""
+    import nodegraph.validate
+
+    encoded: list[Any] = []
+    real = nodegraph.validate.canonical_json
+    monkeypatch.setattr(nodegraph.validate, "canonical_json", lambda value: encoded.append(value) or real(value))
+    result = executor.run(long_chain(500))
+    assert result.status == "ok" and result.nodes["show"].outputs == {"value": 250.5}
+    assert len(encoded) <= 3  # Int's, Math's, Show's (empty) literals
+    test_cached_runs_key_nodes_exactly_as_node_key_does(executor)
+
+
+def test_literals_that_are_equal_but_encode_differently_key_differently(executor: Executor) -> None:
+    """0.0 == -0.0 and 1 == 1.0 in Python, but their JSON differs: steps of one graph never share an encoding."""
+    nodes: dict[str, Any] = {"0": {"type": "Int", "inputs": {"value": 1}}}
+    for i, b in enumerate((0.0, -0.0, 1, 1.0)):
+        nodes[f"m{i}"] = {"type": "Math", "inputs": {"a": ["0", 0], "b": b, "op": "multiply"}}
+        nodes[f"s{i}"] = {"type": "Show", "inputs": {"value": [f"m{i}", 0]}}
+    events = Recorder()
+    result = executor.run(workflow(nodes), events)
+    assert result.status == "ok", result.errors
+    assert {"m0", "m1", "m2", "m3"} <= set(events.ran())  # none found cached under another's key
+    assert [result.nodes[f"s{i}"].outputs["value"] for i in range(4)] == [0.0, 0.0, 1.0, 1.0]
+    assert str(result.nodes["m1"].outputs["result"]) == "-0.0"  # 1 × -0.0: b was kept as written
+
+
+def test_run_json_text_is_the_run_one_line_per_node(executor: Executor) -> None:
+    import json
+
+    from nodegraph.cli_output import run_json
+
+    run = executor.run(long_chain(20)).to_json()
+    text = run_json(run)
+    assert json.loads(text) == run
+    lines = text.splitlines()
+    assert sum(1 for line in lines if line.lstrip().startswith('"') and '"status"' in line and '"type"' in line) == 21
+    assert json.loads(run_json({"status": "invalid", "nodes": {}, "files": [], "errors": []}))["nodes"] == {}

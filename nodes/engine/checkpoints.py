@@ -91,7 +91,12 @@ class UnknownFamilyError(CheckpointError):
 
 
 class MissingTokenizerError(CheckpointError):
-    """The checkpoint needs tokenizer files that are not available offline."""
+    """The checkpoint needs tokenizer files that are not available offline. Its message names the file, not its
+    folders: it is what a user reads (code `missing_tokenizer`), about a file they chose from a list."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.args = (f"{self.path.name}: {reason}",)
 
 
 # ---------------------------------------------------------------------------------------------- header
@@ -256,7 +261,34 @@ def load_pipeline(
     Loads are cold-start fast (bench/load.py): modules are built on the meta device, so no random weights are
     made only to be overwritten, and safetensors are memory-mapped, so a weight stored in `torch_dtype` is a
     view of the file's pages (read on first use, never copied) and any other is converted once.
+
+    Every tensor of the loaded pipeline is checked once, as loaded (in its load dtype: a cast to fp16 can
+    overflow): one with NaN or Inf is a `CorruptCheckpointError` naming the component and the tensor, raised
+    before the pipeline is used (a NaN weight only ever samples black images).
     """
+    path = Path(path)
+    pipe = _load_pipeline(path, torch_dtype, cache_dir, text_encoder_dtype)
+    _require_finite(path, pipe)
+    return pipe
+
+
+def _require_finite(path: Path, pipe: DiffusionPipeline) -> None:
+    import torch
+
+    from nodes.engine.finite import first_non_finite
+
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            tensors = ((key, t) for key, t in module.state_dict().items() if t.device.type != "meta")
+            bad = first_non_finite(tensors)
+            if bad is not None:
+                raise CorruptCheckpointError(path, f"the {name} tensor {bad!r} holds NaN or Inf values (a damaged "
+                                                   "or badly converted file); it would sample black images")
+
+
+def _load_pipeline(
+    path: Path, torch_dtype: torch.dtype | None, cache_dir: Path | str | None, text_encoder_dtype: torch.dtype | None,
+) -> DiffusionPipeline:
     import torch
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 

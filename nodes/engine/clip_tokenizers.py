@@ -1,6 +1,14 @@
-"""CLIP tokenizers without downloads: the small generated one the demo models use, and the real 49408-token one
-from local files (an open_clip install, `$NODEGRAPH_CLIP_BPE`, or the HF cache), picked by a text encoder's
-vocabulary size. Used by `checkpoints` when it derives a single file's folder, and by the demo models."""
+"""CLIP tokenizers without downloads: the small generated one the demo models use, and the real 49408-token one,
+picked by a text encoder's vocabulary size. Used by `checkpoints` when it derives a single file's folder, by the
+component loaders and by the demo models.
+
+The real vocabulary comes with the install: OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT, 1.3 MB) is package data
+in `nodes/engine/data/` (licence beside it), so a user's first SD1.x/SD2/SDXL single file runs offline. It is the
+file CLIP-L and OpenCLIP (SD2's and SDXL's second encoder) both use. `$NODEGRAPH_CLIP_BPE` may name another copy.
+
+`missing_tokenizer(path)` says, from a file's header alone, which tokenizer its text encoders would lack (a
+vocabulary of another size, a T5 without its tokenizer): the loaders report it at validation (`missing_tokenizer`).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
 CLIP_VOCAB_SIZE = 49408
+BUNDLED_CLIP_BPE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def tokenizer_for(path: Path, vocab_size: int, pad_token: str) -> CLIPTokenizer:
@@ -86,8 +95,8 @@ def _clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], pad_to
 def real_clip_tokenizer(path: Path, pad_token: str) -> CLIPTokenizer:
     """The real 49408-token CLIP tokenizer from local files, or a `MissingTokenizerError` saying how to get it.
 
-    Looked for, in order: `$NODEGRAPH_CLIP_BPE` (a `bpe_simple_vocab_16e6.txt.gz`), the copy inside an
-    installed `open_clip` package, and an `openai/clip-vit-large-patch14` snapshot in the local HF cache.
+    Looked for, in order: `$NODEGRAPH_CLIP_BPE` (a `bpe_simple_vocab_16e6.txt.gz`), the copy this package carries,
+    one inside an installed `open_clip` package, and an `openai/clip-vit-large-patch14` snapshot in the HF cache.
     """
     from transformers import CLIPTokenizer
 
@@ -101,14 +110,55 @@ def real_clip_tokenizer(path: Path, pad_token: str) -> CLIPTokenizer:
             return tokenizer
     raise MissingTokenizerError(
         path,
-        "needs the real CLIP BPE vocabulary (49408 tokens), not found offline. Provide it by any of: "
-        "`pip install open-clip-torch` (ships bpe_simple_vocab_16e6.txt.gz); setting NODEGRAPH_CLIP_BPE to "
-        "that file; or placing openai/clip-vit-large-patch14's tokenizer files in the HF cache",
+        f"needs the real CLIP BPE vocabulary (49408 tokens), which nodegraph ships as {BUNDLED_CLIP_BPE.name}, "
+        "but that file is missing from this install: reinstall nodegraph, or set NODEGRAPH_CLIP_BPE to a copy of "
+        "it (OpenAI's CLIP repository; open-clip-torch ships one too)",
     )
+
+
+def clip_vocabulary_found(vocab_size: int) -> bool:
+    """Whether `tokenizer_for` has a tokenizer of this size, without building it."""
+    if vocab_size == demo_vocab_size():
+        return True
+    if vocab_size != CLIP_VOCAB_SIZE:
+        return False
+    return any(bpe.is_file() for bpe in _clip_bpe_candidates()) or any(
+        (s / "tokenizer.json").is_file() or (s / "vocab.json").is_file()
+        for s in hf_cache_snapshots("openai/clip-vit-large-patch14"))
+
+
+def missing_tokenizer(path: Path) -> str | None:
+    """What tokenizer a model file's text encoders would lack offline, from its header alone (naming the file, not
+    its folders), or None: every CLIP vocabulary of the file (`…token_embedding.weight`), and a T5's (`shared` or
+    `encoder.embed_tokens`). A diffusers folder carries its tokenizers; an unreadable file is the loader's to
+    report."""
+    from nodes.engine.checkpoints import CheckpointError, read_header
+
+    if path.is_dir():
+        return None
+    try:
+        shapes = read_header(path).shapes
+    except CheckpointError:
+        return None
+    for key, shape in shapes.items():
+        if key.endswith("token_embedding.weight") and shape and not clip_vocabulary_found(shape[0]):
+            return (f"{path.name}: its CLIP text encoder has a {shape[0]}-token vocabulary; no tokenizer of that "
+                    "size is known" + ("" if shape[0] != CLIP_VOCAB_SIZE else
+                                       f" offline ({BUNDLED_CLIP_BPE.name} is missing from this install: reinstall "
+                                       "nodegraph, or set NODEGRAPH_CLIP_BPE to a copy)"))
+        if key in ("shared.weight", "encoder.embed_tokens.weight") and shape:
+            from nodes.engine.component_files import t5_tokenizer_found
+
+            if not t5_tokenizer_found(shape[0]):
+                return (f"{path.name}: a T5 text encoder with a {shape[0]}-token vocabulary needs T5's tokenizer, "
+                        "not found offline: set NODEGRAPH_T5_TOKENIZER to a folder with its tokenizer.json or "
+                        "spiece.model, or place google/t5-v1_1-xxl's in the HF cache")
+    return None
 
 
 def _clip_bpe_candidates() -> list[Path]:
     found = [Path(p) for p in [os.environ.get("NODEGRAPH_CLIP_BPE", "")] if p]
+    found.append(BUNDLED_CLIP_BPE)
     # Look for open_clip's data file without importing open_clip (importing it pulls in torchvision etc.).
     found += [Path(entry) / "open_clip" / "bpe_simple_vocab_16e6.txt.gz" for entry in sys.path if entry]
     return found

@@ -14,6 +14,7 @@ CLIP's activation and heads, the VAE's group-norm width and its latent scale and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -133,6 +134,24 @@ def _t5_config(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]
             "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
 
 
+def _t5_tokenizer_folders() -> list[Path]:
+    folders = [Path(p) for p in [os.environ.get("NODEGRAPH_T5_TOKENIZER", "")] if p]
+    folders += hf_cache_snapshots("google/t5-v1_1-xxl")
+    return [f for f in folders if (f / "tokenizer.json").is_file() or (f / "spiece.model").is_file()]
+
+
+def t5_tokenizer_found(vocab_size: int) -> bool:
+    """Whether `_t5_tokenizer` has a tokenizer for a T5 of this vocabulary, without building it."""
+    return vocab_size == _demo_t5_size() or bool(_t5_tokenizer_folders())
+
+
+@functools.cache
+def _demo_t5_size() -> int:
+    from nodes.engine.demo_transformers import demo_t5_tokenizer
+
+    return len(demo_t5_tokenizer())
+
+
 def _t5_tokenizer(path: Path, vocab_size: int) -> Any:
     """The demo T5 tokenizer for the demo's vocabulary; the real one from `$NODEGRAPH_T5_TOKENIZER` (a folder with
     tokenizer.json or spiece.model) or a local google/t5-v1_1-xxl snapshot."""
@@ -143,11 +162,8 @@ def _t5_tokenizer(path: Path, vocab_size: int) -> Any:
     demo = demo_t5_tokenizer()
     if vocab_size == len(demo):
         return demo
-    folders = [Path(p) for p in [os.environ.get("NODEGRAPH_T5_TOKENIZER", "")] if p]
-    folders += hf_cache_snapshots("google/t5-v1_1-xxl")
-    for folder in folders:
-        if (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file():
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    for folder in _t5_tokenizer_folders():
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     raise MissingTokenizerError(path, f"a T5 with a {vocab_size}-token vocabulary needs T5's tokenizer, not found "
                                       "offline: set NODEGRAPH_T5_TOKENIZER to a folder with its tokenizer.json "
                                       "or spiece.model, or place google/t5-v1_1-xxl's in the HF cache")

@@ -85,6 +85,7 @@ class LoraCache:
         self._lock = threading.Lock()
         self._reading: dict[tuple[Any, ...], Future[FileData]] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._checked: set[tuple[str, str]] = set()  # (path, fingerprint) of files read and found finite
         self.reads = 0  # files read from disk (tests, benchmarks)
         self.conversions = 0  # slot-ready entries built
 
@@ -168,7 +169,9 @@ class LoraCache:
                 total -= dropped
 
     def read(self, path: str, fingerprint: str) -> FileData:
-        """The file's tensors and metadata, from the cache or disk (waiting for a prewarm already reading it)."""
+        """The file's tensors and metadata, from the cache or disk (waiting for a prewarm already reading it).
+
+        A file with a NaN or Inf tensor is a `lora_files.LoraFileError` naming it and its first such tensor."""
         key = ("file", path, fingerprint)
         hit = self._get(key)
         if hit is not None:
@@ -183,11 +186,25 @@ class LoraCache:
         from diffusers.loaders.lora_base import _load_sft_state_dict_metadata
         from safetensors.torch import load_file
 
+        from nodes.engine.finite import first_non_finite
+        from nodes.engine.lora_files import LoraFileError
+
         state = load_file(path, device="cpu")
+        bad = first_non_finite(state.items())  # one reduction per tensor, before anything is kept or loaded
+        if bad is not None:
+            raise LoraFileError(f"{os.path.basename(path)}: tensor {bad!r} holds NaN or Inf values (a damaged file, "
+                                "or one saved from a diverged training run); it would sample black images")
         data = FileData(state, _load_sft_state_dict_metadata(path))
+        self._checked.add((path, key[2]))
         self.reads += 1
         self._put(key, data, _nbytes(state.values()))
         return data
+
+    def check(self, path: str, fingerprint: str) -> None:
+        """Raise `read`'s error for a file with a NaN or Inf tensor; a file read (and found finite) once is not read
+        again for this, even if its tensors have left the cache (a slot-ready entry of it may be all that is kept)."""
+        if (path, fingerprint) not in self._checked:
+            self.read(path, fingerprint)
 
     def prewarm(self, files: Iterable[tuple[str, str]]) -> list[Future[FileData]]:
         """Read (path, fingerprint) files into the cache on a background thread; returns their futures."""

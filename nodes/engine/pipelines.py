@@ -26,9 +26,15 @@ import torch
 
 from nodegraph.context import Context, NodeFailure
 from nodegraph.models import Placement, device_kind, format_bytes
-from nodes.engine import lora_cache
-from nodes.engine.checkpoints import TEXT_ENCODERS, CheckpointError, load_pipeline, read_header
-from nodes.engine.recipe import ModelRecipe
+from nodes.engine import lora_cache, lora_files
+from nodes.engine.checkpoints import (
+    TEXT_ENCODERS,
+    CheckpointError,
+    MissingTokenizerError,
+    load_pipeline,
+    read_header,
+)
+from nodes.engine.recipe import Adapter, ModelRecipe
 from nodes.engine.reconcile import ReconcileError, reconcile
 from nodes.engine.resident import Resident
 
@@ -106,6 +112,7 @@ def materialize(ctx: Context, recipe: ModelRecipe, *more: ModelRecipe) -> Iterat
             r.part in current.parts and current.parts[r.part].applied != r for r in recipes):
         manager.drop(key)  # weights offloaded to disk are not changed in place: rebuilt for the new recipe
         current = None
+    read_lora_files(recipes, current)
     try:
         apart = encoders is not None and device_kind(encoders) != device_kind(device)
         size = estimate_bytes(recipe.checkpoint, dtype, text_encoders=not apart) if current is None else 0
@@ -115,6 +122,8 @@ def materialize(ctx: Context, recipe: ModelRecipe, *more: ModelRecipe) -> Iterat
     def load(placement: Placement) -> Resident:
         try:
             pipe = load_pipeline(recipe.checkpoint, dtype, text_encoder_dtype=encoders_dtype)
+        except MissingTokenizerError as exc:
+            raise NodeFailure(str(exc), "clip" if recipe.part == "clip" else "model", "missing_tokenizer") from exc
         except CheckpointError as exc:
             raise NodeFailure(str(exc), "model", "bad_checkpoint") from exc
         pipe.set_progress_bar_config(disable=True)
@@ -139,13 +148,30 @@ def materialize(ctx: Context, recipe: ModelRecipe, *more: ModelRecipe) -> Iterat
             except ReconcileError as exc:
                 if resident.broken:
                     manager.drop(key)
-                raise NodeFailure(str(exc), "model" if wanted.part == "unet" else "clip", "lora_failed") from exc
+                bad = isinstance(exc.__cause__, lora_files.LoraFileError)  # e.g. read again after an eviction
+                raise NodeFailure(str(exc), "model" if wanted.part == "unet" else "clip",
+                                  "bad_lora" if bad else "lora_failed") from exc
             if actions:
                 what = "model" if wanted.part == "unet" else "clip"
                 ctx.info("reconcile", f"{what}: " + ", ".join(actions), time.perf_counter() - started)
         if resident.offload == "disk" and resident.offload_dir is None:
             offload_to_disk(resident)
         yield resident
+
+
+def read_lora_files(recipes: tuple[ModelRecipe, ...], current: Resident | None) -> None:
+    """Read (through the LoRA cache, which checks every tensor) each LoRA file the recipes add to what the resident
+    pipeline has applied, before any pipeline is loaded or touched: a damaged file (NaN or Inf tensors) is a
+    `bad_lora` error naming it, not a reconcile half done or a black image."""
+    applied = {(op.path, op.fingerprint) for r in recipes if current is not None and r.part in current.parts
+               for op in current.parts[r.part].applied.ops if isinstance(op, Adapter)}
+    for recipe in recipes:
+        for op in recipe.ops:
+            if isinstance(op, Adapter) and (op.path, op.fingerprint) not in applied:
+                try:
+                    lora_cache.CACHE.check(op.path, op.fingerprint)
+                except lora_files.LoraFileError as exc:
+                    raise NodeFailure(str(exc), "model" if recipe.part == "unet" else "clip", "bad_lora") from None
 
 
 @contextmanager

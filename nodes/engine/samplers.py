@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from nodes.engine.choices import SAMPLERS
+from nodes.engine.finite import FiniteWatch
 from nodes.engine.sigmas import DiscreteModel, next_seed
 
 EpsModel = Callable[[Tensor, Tensor, dict[str, Any]], Tensor]
@@ -108,18 +109,25 @@ def sample(name: str, denoiser: Denoise, x: Tensor, sigmas: Tensor, *, seed: int
             cancel_check()
         return denoiser(x_, sigma)
 
+    total = len(sigmas) - 1
+    watch = FiniteWatch(name, total, lag=x.device.type != "cpu")
+
     def step(i: int, x_: Tensor, denoised: Tensor) -> None:
+        watch.after(i, x_)
         if callback is not None:
-            callback(i, len(sigmas) - 1, x_, denoised)
+            callback(i, total, x_, denoised)
 
     if name == "uni_pc":
-        return _uni_pc(model, x, sigmas, step)
-    if name in ("dpmpp_sde", "dpmpp_2m_sde"):
+        out = _uni_pc(model, x, sigmas, step)
+    elif name in ("dpmpp_sde", "dpmpp_2m_sde"):
         noise = brownian_noise(x, sigmas, seed)
-        return (_dpmpp_sde if name == "dpmpp_sde" else _dpmpp_2m_sde)(model, x, sigmas, noise, step)
-    if name in ("euler_ancestral", "dpm_2_ancestral", "lcm"):
-        return _STOCHASTIC[name](model, x, sigmas, gaussian_noise(x, seed), step)
-    return _DETERMINISTIC["euler" if name == "ddim" else name](model, x, sigmas, step)
+        out = (_dpmpp_sde if name == "dpmpp_sde" else _dpmpp_2m_sde)(model, x, sigmas, noise, step)
+    elif name in ("euler_ancestral", "dpm_2_ancestral", "lcm"):
+        out = _STOCHASTIC[name](model, x, sigmas, gaussian_noise(x, seed), step)
+    else:
+        out = _DETERMINISTIC["euler" if name == "ddim" else name](model, x, sigmas, step)
+    watch.done()
+    return out
 
 
 def gaussian_noise(x: Tensor, seed: int) -> Noise:
