@@ -231,8 +231,11 @@ def to_ui(graph: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
     for order, (node_id, entry) in enumerate(nodes.items()):
         cls = lookup(entry.get("type"))
         inputs = entry.get("inputs") if isinstance(entry.get("inputs"), dict) else {}
-        specs = list(cls.inputs) if cls is not None else []
-        widget_specs = widgets(cls) if cls is not None else []
+        if cls is not None:
+            specs, widget_specs = list(cls.inputs), widgets(cls)
+        else:  # a type this catalog lacks: its inputs in the order written, literals as widgets
+            specs = [Input(name, "*", mode="link" if is_link(v) else "literal") for name, v in inputs.items()]
+            widget_specs = [spec for spec in specs if spec.accepts == "literal"]
         slots: list[dict[str, Any]] = []
         for spec in specs:
             value = inputs.get(spec.name)
@@ -268,10 +271,16 @@ def to_ui(graph: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
         if isinstance(entry.get("title"), str):
             node["title"] = entry["title"]
         ui_nodes.append(node)
+    link_types = {(str(link[1]), link[2]): link[5] for link in links}
     for node, node_id in zip(ui_nodes, nodes, strict=True):
         cls = lookup(nodes[node_id].get("type"))
-        node["outputs"] = [{"name": o.name, "type": o.type, "links": out_links.get((node_id, i), []),
-                            "slot_index": i} for i, o in enumerate(cls.outputs if cls is not None else ())]
+        if cls is not None:
+            outputs = [(o.name, o.type) for o in cls.outputs]
+        else:  # an unknown type's outputs, as far as links show them
+            used = [slot for source, slot in out_links if source == node_id]
+            outputs = [(t, t) for t in (link_types.get((str(node["id"]), i), "*") for i in range(max(used, default=-1) + 1))]
+        node["outputs"] = [{"name": name, "type": kind, "links": out_links.get((node_id, i), []), "slot_index": i}
+                           for i, (name, kind) in enumerate(outputs)]
     top = graph.get("ui") if isinstance(graph.get("ui"), dict) else {}
     groups = top.get("groups") if isinstance(top.get("groups"), list) else []
     return {"last_node_id": max(numbers.values(), default=0), "last_link_id": len(links), "nodes": ui_nodes,

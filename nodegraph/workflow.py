@@ -286,9 +286,10 @@ def parse_png(raw: bytes, path: str | Path = "the PNG") -> Any:
     Ours (`nodegraph`, or an older PNG's `workflow` in our format) first, else ComfyUI's API format
     (`prompt`), else its UI format (`workflow`).
     """
-    chunks = webp_text(raw, path) if _is_webp(raw) else png_text(raw, path)
+    kind = "WebP" if _is_webp(raw) else "PNG"
+    chunks = webp_text(raw, path) if kind == "WebP" else png_text(raw, path)
     if not {OWN_CHUNK, "workflow", "prompt"} & chunks.keys():
-        raise WorkflowError(f"{path} is an image without an embedded workflow (only images written by "
+        raise WorkflowError(f"{path} is a {kind} without an embedded workflow (only images written by "
                             "SaveImage or ComfyUI carry one)", code="no_workflow")
     try:
         if OWN_CHUNK in chunks:
@@ -299,7 +300,7 @@ def parse_png(raw: bytes, path: str | Path = "the PNG") -> Any:
                 return value
         return parse(chunks["prompt"])
     except WorkflowError as exc:
-        raise WorkflowError(f"{path}: the workflow embedded in the image: {exc}", exc.code, exc.node_id,
+        raise WorkflowError(f"{path}: the workflow embedded in the {kind}: {exc}", exc.code, exc.node_id,
                             exc.input) from None
 
 
