@@ -244,7 +244,7 @@ def to_ui(graph: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
             slot: dict[str, Any] = {"name": spec.name, "type": spec.type, "link": None}
             if spec in widget_specs:
                 slot["widget"] = {"name": spec.name}
-            if is_link(value) and str(value[0]) in nodes:
+            if isinstance(value, list) and is_link(value) and str(value[0]) in nodes:
                 link_id = len(links) + 1
                 source = str(value[0])
                 slot_index = _output_index(lookup(nodes[source].get("type")), value[1])
@@ -278,10 +278,11 @@ def to_ui(graph: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
             outputs = [(o.name, o.type) for o in cls.outputs]
         else:  # an unknown type's outputs, as far as links show them
             used = [slot for source, slot in out_links if source == node_id]
-            outputs = [(t, t) for t in (link_types.get((str(node["id"]), i), "*") for i in range(max(used, default=-1) + 1))]
+            kinds = (link_types.get((str(node["id"]), i), "*") for i in range(max(used, default=-1) + 1))
+            outputs = [(kind, kind) for kind in kinds]
         node["outputs"] = [{"name": name, "type": kind, "links": out_links.get((node_id, i), []), "slot_index": i}
                            for i, (name, kind) in enumerate(outputs)]
-    top = graph.get("ui") if isinstance(graph.get("ui"), dict) else {}
+    top: dict[str, Any] = graph["ui"] if isinstance(graph.get("ui"), dict) else {}
     groups = top.get("groups") if isinstance(top.get("groups"), list) else []
     return {"last_node_id": max(numbers.values(), default=0), "last_link_id": len(links), "nodes": ui_nodes,
             "links": links, "groups": groups, "config": {}, "extra": {}, "version": 0.4}
