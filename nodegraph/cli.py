@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_args(args.models_dir, getattr(args, "output_dir", None), args.nodes_dir,
-                                      args.input_dir)
+                                      args.input_dir, args.extra_model_paths)
         registry = load_registry(settings.nodes_dirs)
         if hasattr(args, "device"):
             manager = model_manager(args)  # a bad --device or budget is reported now, before anything starts
@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--models-dir", action="append", default=[], metavar="DIR",
                         help="a models folder with checkpoints/ and loras/ (repeatable; "
                              "default $NODEGRAPH_MODELS or ./models)")
+    common.add_argument("--extra-model-paths", action="append", default=[], metavar="FILE",
+                        help="ComfyUI's extra_model_paths.yaml (repeatable; ./extra_model_paths.yaml is read too)")
     common.add_argument("--input-dir", metavar="DIR",
                         help="the folder LoadImage reads and uploads go to (default ./input)")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")

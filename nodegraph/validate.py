@@ -379,6 +379,10 @@ def _not_a_choice(spec: Input, value: str, choices: Sequence[str], given: dict[s
     problem = name_problem(value) if name_problem is not None else None
     if problem is not None:
         return "bad_name", problem
+    format_problem = getattr(spec.choices, "format_problem", None)
+    problem = format_problem(value) if format_problem is not None else None
+    if problem is not None:
+        return "unsafe_format", problem
     hint = getattr(spec.choices, "hint", None)
     found = hint(settings, _upstream(given, nodes)) if hint is not None else None
     message = not_a_choice(value, choices, *found) if found is not None else not_a_choice(value, choices)
