@@ -5,8 +5,9 @@
 The file has named sections (`comfyui:`, `a111:`, …), each an optional `base_path` (`~` and `$VARS`
 expanded), an optional `is_default` (its folders searched first) and per-kind folders: one path, or several
 in a multi-line value (`loras: |` then a path a line). A relative folder is taken from `base_path`, else
-from the file's own folder, as is a relative `base_path`. Kinds are ComfyUI's folder names, its old ones mapped as ComfyUI does (`unet` is
-`diffusion_models`, `clip` is `text_encoders`); kinds this runtime has no loader for are kept and unused.
+from the file's own folder, as is a relative `base_path`. Kinds are ComfyUI's folder names, its old ones
+mapped as ComfyUI does (`unet` is `diffusion_models`, `clip` is `text_encoders`); kinds this runtime has no
+loader for are kept and unused.
 """
 
 from __future__ import annotations
