@@ -161,10 +161,11 @@ def model_manager(args: argparse.Namespace) -> ModelManager:
                         text_encoder_device=args.text_encoder_device, threads=parse_threads(args.threads))
 
 
-def load_workflow(path: str, overrides: Sequence[str] = ()) -> tuple[Any, list[Problem]]:
+def load_workflow(path: str, overrides: Sequence[str] = (),
+                  registry: Registry | None = None) -> tuple[Any, list[Problem]]:
     """Read a workflow file and apply `--set` overrides; problems instead of exceptions."""
     try:
-        workflow = wf.load(path)
+        workflow = wf.load(path, registry)
     except wf.WorkflowError as exc:
         return None, [Problem(exc.node_id, exc.input, exc.code, str(exc))]
     problems = []
@@ -192,7 +193,7 @@ def parse_value(text: str) -> Any:
 
 
 def cmd_validate(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
-    workflow, problems = load_workflow(args.file)
+    workflow, problems = load_workflow(args.file, (), registry)
     if not problems:
         _, problems = validate(workflow, registry, settings, model_manager(args))
     if args.json:
@@ -205,7 +206,7 @@ def cmd_validate(args: argparse.Namespace, registry: Registry, settings: Setting
 
 
 def cmd_run(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
-    workflow, problems = load_workflow(args.file, args.set)
+    workflow, problems = load_workflow(args.file, args.set, registry)
     if args.sweep:
         return cmd_sweep(args, registry, settings, workflow, problems)
     if problems:

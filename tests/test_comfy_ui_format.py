@@ -169,3 +169,10 @@ def test_comfyuis_webp_is_read_like_its_png(tmp_path: Path, registry: Registry) 
     with pytest.raises(wf.WorkflowError, match="WebP without an embedded workflow") as err:
         wf.loads(webp_with({}), "plain.webp")
     assert err.value.code == "no_workflow"
+
+
+def test_the_command_line_runs_a_ui_file_with_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flow = ui([node(1, "Int", [2]), node(2, "Show", None, [slot("value", 1)])], [[1, 1, 0, 2, 0, "INT"]])
+    (tmp_path / "ui.json").write_text(json.dumps(flow))
+    assert main(["run", str(tmp_path / "ui.json"), "--set", "1.value=5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nodes"]["2"]["outputs"]["value"] == 5
