@@ -11,9 +11,10 @@ input named `seed` or `noise_seed`. A widget turned into an input that has a lin
 Virtual nodes become what they stand for: a `Reroute` is followed to what feeds it, a `PrimitiveNode`'s
 value is written into each input it feeds, `Note`/`MarkdownNote` are dropped. Modes: 4 (bypass) and
 2 (mute) become our `mode`; a node whose required input comes from a muted node is muted too (ComfyUI
-leaves out the outputs that need a muted node). Subgraphs (`definitions.subgraphs`) are not inlined: an
-instance is reported as an unknown node type. A type the catalog lacks keeps its links and is left
-for validation to report (`unknown_node_type`, naming the node).
+leaves out the outputs that need a muted node). Subgraphs (`definitions.subgraphs`, nested too) are
+inlined: an instance's nodes join the graph as `<instance id>:<inner id>`, its links through the
+subgraph's inputs (origin -10) and outputs (`outputs[i].linkIds`) joined up. A type the catalog lacks
+keeps its links and is left for validation to report (`unknown_node_type`, naming the node).
 """
 
 from __future__ import annotations
@@ -49,32 +50,84 @@ def has_control(spec: Input) -> bool:
 
 # --- UI format → our graph ---------------------------------------------------------------------------
 
+SUBGRAPH_INPUT, SUBGRAPH_OUTPUT = "-10", "-20"  # the ids a subgraph's links use for its own inputs and outputs
+MAX_NESTING = 16
+
+
+class _Scope:
+    """One graph's nodes and links: the file's top level, or a subgraph's inside one instance of it."""
+
+    def __init__(self, graph: dict[str, Any], definitions: dict[str, dict[str, Any]], prefix: str = "",
+                 parent: _Scope | None = None, instance: dict[str, Any] | None = None) -> None:
+        self.prefix, self.parent, self.instance, self.definitions = prefix, parent, instance, definitions
+        self.depth: int = parent.depth + 1 if parent is not None else 0
+        if self.depth > MAX_NESTING:
+            raise WorkflowError(f"subgraphs nested deeper than {MAX_NESTING} levels (one inside itself?)",
+                                "invalid_shape", prefix.rstrip(":"))
+        nodes = graph.get("nodes")
+        if not isinstance(nodes, list):
+            raise WorkflowError(f"{self.where}'nodes' must be a list", "invalid_shape")
+        self.by_id: dict[str, dict[str, Any]] = {}
+        for index, node in enumerate(nodes):
+            if not isinstance(node, dict) or not isinstance(node.get("id"), (int, str)) or isinstance(node["id"], bool):
+                raise WorkflowError(f"{self.where}nodes/{index}: a UI-format node is an object with an 'id'",
+                                    "invalid_node")
+            node_id = str(node["id"])
+            if not isinstance(node.get("type"), str):
+                raise WorkflowError(f"node {prefix + node_id!r} has no string 'type'", "invalid_node", prefix + node_id)
+            self.by_id[node_id] = node
+        self.links = _links(graph.get("links"), self.where)
+        self.graph = graph
+
+    @property
+    def where(self) -> str:
+        return f"subgraph of node {self.prefix.rstrip(':')!r}: " if self.prefix else ""
+
+    def inner(self, node_id: str, node: dict[str, Any]) -> _Scope:
+        return _Scope(self.definitions[node["type"]], self.definitions, f"{self.prefix}{node_id}:", self, node)
+
+
 def to_graph(ui: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
-    """Our nodegraph/1 workflow from a ComfyUI UI-format file; a WorkflowError for a malformed one."""
-    by_id: dict[str, dict[str, Any]] = {}
-    for index, node in enumerate(ui["nodes"]):
-        if not isinstance(node, dict) or not isinstance(node.get("id"), (int, str)) or isinstance(node["id"], bool):
-            raise WorkflowError(f"nodes/{index}: a UI-format node is an object with an 'id'", "invalid_node")
-        node_id = str(node["id"])
-        if not isinstance(node.get("type"), str):
-            raise WorkflowError(f"node {node_id!r} has no string 'type'", "invalid_node", node_id)
-        by_id[node_id] = node
-    links = _links(ui["links"])
+    """Our nodegraph/1 workflow from a ComfyUI UI-format file; a WorkflowError for a malformed one.
+
+    Subgraphs are inlined: the nodes inside an instance `5` get ids `5:1`, `5:2`, … (as ComfyUI runs them).
+    """
+    definitions: dict[str, dict[str, Any]] = {}
+    found = ui.get("definitions")
+    for sub in (found.get("subgraphs") if isinstance(found, dict) else None) or []:
+        if isinstance(sub, dict) and isinstance(sub.get("id"), str):
+            definitions[sub["id"]] = sub
     nodes: dict[str, Any] = {}
-    for node_id, node in by_id.items():
-        if node["type"] in NOTES or node["type"] in ("Reroute", "PrimitiveNode"):
-            continue
-        nodes[node_id] = _node(node_id, node, by_id, links, lookup)
+    _add_nodes(_Scope(ui, definitions), nodes, lookup, None)
     _mute_dependents(nodes, lookup)
     groups = [{key: g[key] for key in ("title", "color", "bounding") if key in g}
               for g in ui.get("groups") or [] if isinstance(g, dict)]
     return {"format": FORMAT, "nodes": nodes, "ui": {"groups": groups} if groups else {}}
 
 
-def _links(raw: Any) -> dict[Any, tuple[str, int]]:
+def _add_nodes(scope: _Scope, nodes: dict[str, Any], lookup: Lookup, mode: str | None) -> None:
+    for node_id, node in scope.by_id.items():
+        if node["type"] in NOTES or node["type"] in ("Reroute", "PrimitiveNode"):
+            continue
+        own = _mode(node)
+        if node["type"] in scope.definitions:  # an instance: its nodes take its mode
+            _add_nodes(scope.inner(node_id, node), nodes, lookup, mode or own)
+            continue
+        entry = _node(node_id, node, scope, lookup)
+        if mode is not None:
+            entry["mode"] = mode
+        nodes[scope.prefix + node_id] = entry
+
+
+def _mode(node: dict[str, Any]) -> str | None:
+    mode = node.get("mode")
+    return MODES.get(mode) if isinstance(mode, int) else None
+
+
+def _links(raw: Any, where: str = "") -> dict[Any, tuple[str, int]]:
     """Link id → (origin node id, origin slot); both the list form and version 1's objects."""
     if not isinstance(raw, list):
-        raise WorkflowError("'links' must be a list", "invalid_shape")
+        raise WorkflowError(f"{where}'links' must be a list", "invalid_shape")
     found: dict[Any, tuple[str, int]] = {}
     for index, link in enumerate(raw):
         if isinstance(link, list) and len(link) >= 5:
@@ -82,9 +135,9 @@ def _links(raw: Any) -> dict[Any, tuple[str, int]]:
         elif isinstance(link, dict):
             link_id, origin, slot = link.get("id"), link.get("origin_id"), link.get("origin_slot")
         else:
-            raise WorkflowError(f"links/{index}: a link is [id, origin, slot, target, slot, type]", "bad_link")
+            raise WorkflowError(f"{where}links/{index}: a link is [id, origin, slot, target, slot, type]", "bad_link")
         if not isinstance(slot, int) or isinstance(slot, bool) or origin is None:
-            raise WorkflowError(f"links/{index}: its origin node and slot are missing", "bad_link")
+            raise WorkflowError(f"{where}links/{index}: its origin node and slot are missing", "bad_link")
         found[link_id] = (str(origin), slot)
     return found
 
@@ -92,29 +145,52 @@ def _links(raw: Any) -> dict[Any, tuple[str, int]]:
 _NONE = object()
 
 
-def _source(link_id: Any, by_id: dict[str, dict[str, Any]], links: dict[Any, tuple[str, int]],
-            seen: frozenset[str] = frozenset()) -> Any:
-    """What an input linked by `link_id` gets: a link `[id, slot]`, a Primitive's value, or _NONE."""
-    if link_id is None or link_id not in links:
+def _source(link_id: Any, scope: _Scope, seen: frozenset[str] = frozenset()) -> Any:
+    """What an input linked by `link_id` gets: a link `[id, slot]`, a Primitive's value, or _NONE.
+
+    Followed through Reroutes, into a subgraph instance to what feeds its output, and out of a subgraph
+    to what feeds the instance's input.
+    """
+    if link_id is None or link_id not in scope.links:
         return _NONE
-    origin, slot = links[link_id]
-    node = by_id.get(origin)
-    if node is None or origin in seen:
-        return [origin, slot]  # a link to a node that is not there: validation names it
+    origin, slot = scope.links[link_id]
+    if origin == SUBGRAPH_INPUT and scope.parent is not None and scope.instance is not None:
+        return _source(_instance_input_link(scope, slot), scope.parent, seen)
+    node = scope.by_id.get(origin)
+    key = scope.prefix + origin
+    if node is None or key in seen:
+        return [key, slot]  # a link to a node that is not there: validation names it
+    if node["type"] in scope.definitions:
+        inner = scope.inner(origin, node)
+        outputs = inner.graph.get("outputs")
+        output = outputs[slot] if isinstance(outputs, list) and 0 <= slot < len(outputs) else None
+        link_ids = output.get("linkIds") if isinstance(output, dict) else None
+        return _source(link_ids[0], inner, seen | {key}) if isinstance(link_ids, list) and link_ids else _NONE
     if node["type"] == "Reroute":
         inputs = node.get("inputs") or [{}]
         first = inputs[0] if isinstance(inputs, list) and inputs and isinstance(inputs[0], dict) else {}
-        return _source(first.get("link"), by_id, links, seen | {origin})
+        return _source(first.get("link"), scope, seen | {key})
     if node["type"] == "PrimitiveNode":
         values = node.get("widgets_values")
         return values[0] if isinstance(values, list) and values else _NONE
     if node["type"] in NOTES:
         return _NONE
-    return [origin, slot]
+    return [key, slot]
 
 
-def _node(node_id: str, node: dict[str, Any], by_id: dict[str, dict[str, Any]],
-          links: dict[Any, tuple[str, int]], lookup: Lookup) -> dict[str, Any]:
+def _instance_input_link(scope: _Scope, index: int) -> Any:
+    """The link into the instance's input that is the subgraph's input `index` (matched by name, else place)."""
+    assert scope.instance is not None
+    declared = scope.graph.get("inputs")
+    name = declared[index].get("name") if isinstance(declared, list) and 0 <= index < len(declared) \
+        and isinstance(declared[index], dict) else None
+    slots = [s for s in scope.instance.get("inputs") or [] if isinstance(s, dict)]
+    named = [s for s in slots if s.get("name") == name]
+    chosen = named[0] if named else slots[index] if 0 <= index < len(slots) else {}
+    return chosen.get("link")
+
+
+def _node(node_id: str, node: dict[str, Any], scope: _Scope, lookup: Lookup) -> dict[str, Any]:
     cls = lookup(node["type"])
     inputs: dict[str, Any] = {}
     ui: dict[str, Any] = {}
@@ -139,14 +215,14 @@ def _node(node_id: str, node: dict[str, Any], by_id: dict[str, dict[str, Any]],
             continue
         widget = slot.get("widget")
         name = widget.get("name") if isinstance(widget, dict) else slot.get("name")
-        value = _source(slot.get("link"), by_id, links)
+        value = _source(slot.get("link"), scope)
         if isinstance(name, str) and value is not _NONE:
             inputs[name] = value
     entry: dict[str, Any] = {"type": node["type"], "inputs": inputs}
     if isinstance(node.get("title"), str):
         entry["title"] = node["title"]
-    if node.get("mode") in MODES:
-        entry["mode"] = MODES[node["mode"]]
+    if _mode(node) is not None:
+        entry["mode"] = _mode(node)
     for key in ("pos", "size"):
         shape = node.get(key)
         if isinstance(shape, dict):  # an older file's {"0": x, "1": y}

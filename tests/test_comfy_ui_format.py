@@ -176,3 +176,38 @@ def test_the_command_line_runs_a_ui_file_with_overrides(tmp_path: Path, capsys: 
     (tmp_path / "ui.json").write_text(json.dumps(flow))
     assert main(["run", str(tmp_path / "ui.json"), "--set", "1.value=5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["nodes"]["2"]["outputs"]["value"] == 5
+
+
+def subgraph(sub_id: str, nodes: list[dict[str, Any]], links: list[list[Any]], inputs: list[dict[str, Any]],
+             outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": sub_id, "name": sub_id, "nodes": nodes, "links": links, "inputs": inputs, "outputs": outputs}
+
+
+def test_nested_subgraphs_are_inlined(registry: Registry, executor: Executor) -> None:
+    """Int → [outer: Math(+10) → [inner: Math(+100)]] → Show: links run into and out of both subgraphs."""
+    inner = subgraph("inner-uuid", [node(1, "Math", [0.0, 100.0, "add"], [slot("a", 1, widget=True)])],
+                     [[1, -10, 0, 1, 0, "FLOAT"], [2, 1, 0, -20, 0, "FLOAT"]],
+                     [{"name": "v", "type": "FLOAT", "linkIds": [1]}], [{"name": "out", "linkIds": [2]}])
+    outer = subgraph("outer-uuid", [node(1, "Math", [0.0, 10.0, "add"], [slot("a", 1, widget=True)]),
+                                    node(2, "inner-uuid", None, [slot("v", 2)])],
+                     [[1, -10, 0, 1, 0, "FLOAT"], [2, 1, 0, 2, 0, "FLOAT"], [3, 2, 0, -20, 0, "FLOAT"]],
+                     [{"name": "x", "type": "FLOAT", "linkIds": [1]}], [{"name": "y", "linkIds": [3]}])
+    flow = ui([node(1, "Int", [2]), node(5, "outer-uuid", None, [slot("x", 7)]),
+               node(2, "Show", None, [slot("value", 8)])], [[7, 1, 0, 5, 0, "INT"], [8, 5, 0, 2, 0, "FLOAT"]])
+    flow["definitions"] = {"subgraphs": [inner, outer]}
+    graph = to_graph(flow, registry.get)
+    assert inputs_of(graph) == {"1": {"value": 2}, "5:1": {"a": ["1", 0], "b": 10.0, "op": "add"},
+                                "5:2:1": {"a": ["5:1", 0], "b": 100.0, "op": "add"}, "2": {"value": ["5:2:1", 0]}}
+    result = executor.run(flow)
+    assert result.status == "ok" and result.nodes["2"].outputs["value"] == 112
+    flow["nodes"][1]["mode"] = 2  # a muted instance mutes what is inside, and what needs it
+    modes = {k: e.get("mode") for k, e in to_graph(flow, registry.get)["nodes"].items()}
+    assert modes == {"1": None, "5:1": "mute", "5:2:1": "mute", "2": "mute"}
+
+
+def test_a_subgraph_inside_itself_is_an_error_not_a_recursion(registry: Registry) -> None:
+    loop = subgraph("loop", [node(1, "loop", None, [])], [], [], [{"name": "y", "linkIds": []}])
+    flow = ui([node(1, "loop", None, [])], [])
+    flow["definitions"] = {"subgraphs": [loop]}
+    _, problems = validate(flow, registry)
+    assert [p.code for p in problems] == ["invalid_shape"] and "nested deeper" in problems[0].message
