@@ -296,7 +296,9 @@ def parse_png(raw: bytes, path: str | Path = "the PNG") -> Any:
             return parse(chunks[OWN_CHUNK])
         if "workflow" in chunks:
             value = parse(chunks["workflow"])
-            if "prompt" not in chunks or not _is_comfy_editor_format(value):
+            # Ours, in a PNG written before the `nodegraph` chunk; or the only workflow there is.
+            if "prompt" not in chunks or (isinstance(value, dict) and value.get("format") == FORMAT) \
+                    or not _is_comfy_editor_format(value):
                 return value
         return parse(chunks["prompt"])
     except WorkflowError as exc:
