@@ -9,7 +9,8 @@ with those names in version 1). `widgets_values` lists the node's widget inputs 
 declares them (ComfyUI's order), with one extra value, the seed's "control after generate", after an INT
 input named `seed` or `noise_seed`. A widget turned into an input that has a link takes the link.
 Virtual nodes become what they stand for: a `Reroute` is followed to what feeds it, a `PrimitiveNode`'s
-value is written into each input it feeds, `Note`/`MarkdownNote` are dropped. Modes: 4 (bypass) and
+value (and that of ComfyUI's `PrimitiveInt`, `PrimitiveFloat`, … nodes) is written into each input it feeds,
+`Note`/`MarkdownNote` are dropped. Modes: 4 (bypass) and
 2 (mute) become our `mode`; a node whose required input comes from a muted node is muted too (ComfyUI
 leaves out the outputs that need a muted node). Subgraphs (`definitions.subgraphs`, nested too) are
 inlined: an instance's nodes join the graph as `<instance id>:<inner id>`, its links through the
@@ -29,6 +30,8 @@ Lookup = Callable[[object], "type[Node] | None"]
 SEED_NAMES = ("seed", "noise_seed")
 CONTROL = "control_after_generate"
 NOTES = frozenset({"Note", "MarkdownNote"})
+# ComfyUI's primitive nodes (a value, its widget): written into what they feed unless a pack here has the type.
+PRIMITIVES = ("PrimitiveInt", "PrimitiveFloat", "PrimitiveString", "PrimitiveStringMultiline", "PrimitiveBoolean")
 MODES = {2: "mute", 4: "bypass"}
 UI_MODES = {"mute": 2, "bypass": 4}
 _NODE_WIDTH, _SLOT_HEIGHT = 315, 26
@@ -57,9 +60,10 @@ MAX_NESTING = 16
 class _Scope:
     """One graph's nodes and links: the file's top level, or a subgraph's inside one instance of it."""
 
-    def __init__(self, graph: dict[str, Any], definitions: dict[str, dict[str, Any]], prefix: str = "",
-                 parent: _Scope | None = None, instance: dict[str, Any] | None = None) -> None:
+    def __init__(self, graph: dict[str, Any], definitions: dict[str, dict[str, Any]], constants: frozenset[str],
+                 prefix: str = "", parent: _Scope | None = None, instance: dict[str, Any] | None = None) -> None:
         self.prefix, self.parent, self.instance, self.definitions = prefix, parent, instance, definitions
+        self.constants = constants  # the types whose first widget value is written into what they feed
         self.depth: int = parent.depth + 1 if parent is not None else 0
         if self.depth > MAX_NESTING:
             raise WorkflowError(f"subgraphs nested deeper than {MAX_NESTING} levels (one inside itself?)",
@@ -84,7 +88,8 @@ class _Scope:
         return f"subgraph of node {self.prefix.rstrip(':')!r}: " if self.prefix else ""
 
     def inner(self, node_id: str, node: dict[str, Any]) -> _Scope:
-        return _Scope(self.definitions[node["type"]], self.definitions, f"{self.prefix}{node_id}:", self, node)
+        return _Scope(self.definitions[node["type"]], self.definitions, self.constants, f"{self.prefix}{node_id}:",
+                      self, node)
 
 
 def to_graph(ui: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
@@ -98,7 +103,8 @@ def to_graph(ui: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
         if isinstance(sub, dict) and isinstance(sub.get("id"), str):
             definitions[sub["id"]] = sub
     nodes: dict[str, Any] = {}
-    _add_nodes(_Scope(ui, definitions), nodes, lookup, None)
+    constants = frozenset({"PrimitiveNode", *(t for t in PRIMITIVES if lookup(t) is None)})
+    _add_nodes(_Scope(ui, definitions, constants), nodes, lookup, None)
     _mute_dependents(nodes, lookup)
     groups = [{key: g[key] for key in ("title", "color", "bounding") if key in g}
               for g in ui.get("groups") or [] if isinstance(g, dict)]
@@ -107,7 +113,7 @@ def to_graph(ui: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
 
 def _add_nodes(scope: _Scope, nodes: dict[str, Any], lookup: Lookup, mode: str | None) -> None:
     for node_id, node in scope.by_id.items():
-        if node["type"] in NOTES or node["type"] in ("Reroute", "PrimitiveNode"):
+        if node["type"] in NOTES or node["type"] == "Reroute" or node["type"] in scope.constants:
             continue
         own = _mode(node)
         if node["type"] in scope.definitions:  # an instance: its nodes take its mode
@@ -170,7 +176,7 @@ def _source(link_id: Any, scope: _Scope, seen: frozenset[str] = frozenset()) -> 
         inputs = node.get("inputs") or [{}]
         first = inputs[0] if isinstance(inputs, list) and inputs and isinstance(inputs[0], dict) else {}
         return _source(first.get("link"), scope, seen | {key})
-    if node["type"] == "PrimitiveNode":
+    if node["type"] in scope.constants:
         values = node.get("widgets_values")
         return values[0] if isinstance(values, list) and values else _NONE
     if node["type"] in NOTES:

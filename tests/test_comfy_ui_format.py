@@ -67,14 +67,15 @@ def test_a_linked_widget_input_takes_the_link(registry: Registry) -> None:
 def test_reroutes_are_followed_and_primitives_feed_their_values(registry: Registry, executor: Executor) -> None:
     flow = ui([node(1, "Int", [2]),
                node(10, "Reroute", None, [slot("", 1)]), node(11, "Reroute", None, [slot("", 2)]),
-               node(12, "PrimitiveNode", [40, "fixed"]),
+               node(12, "PrimitiveNode", [40, "fixed"]), node(13, "PrimitiveFloat", [0.5]),
                node(2, "Math", [0.0, 5.0, "add"], [slot("a", 3, widget=True), slot("b", 4, widget=True)]),
-               node(3, "Show", None, [slot("value", 5)]),
+               node(3, "Show", None, [slot("value", 5)]), node(7, "Show", None, [slot("value", 6)]),
                node(4, "Note", ["a note is not a node"]), node(6, "MarkdownNote", ["# nor this"])],
               [[1, 1, 0, 10, 0, "INT"], [2, 10, 0, 11, 0, "INT"], [3, 11, 0, 2, 0, "INT"], [4, 12, 0, 2, 1, "FLOAT"],
-               [5, 2, 0, 3, 0, "FLOAT"]])
+               [5, 2, 0, 3, 0, "FLOAT"], [6, 13, 0, 7, 0, "FLOAT"]])
     graph = to_graph(flow, registry.get)
-    assert sorted(graph["nodes"]) == ["1", "2", "3"]  # no Reroute, Primitive or Note is left
+    assert sorted(graph["nodes"]) == ["1", "2", "3", "7"]  # no Reroute, Primitive or Note is left
+    assert inputs_of(graph)["7"] == {"value": 0.5}
     assert inputs_of(graph)["2"] == {"a": ["1", 0], "b": 40, "op": "add"}  # the Primitive's value, not 5.0
     result = executor.run(flow)  # the UI format runs as it is
     assert result.status == "ok" and result.nodes["3"].outputs["value"] == 42
