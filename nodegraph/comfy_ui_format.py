@@ -99,7 +99,7 @@ def to_graph(ui: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
     """
     definitions: dict[str, dict[str, Any]] = {}
     found = ui.get("definitions")
-    for sub in (found.get("subgraphs") if isinstance(found, dict) else None) or []:
+    for sub in _list(found.get("subgraphs") if isinstance(found, dict) else None):
         if isinstance(sub, dict) and isinstance(sub.get("id"), str):
             definitions[sub["id"]] = sub
     nodes: dict[str, Any] = {}
@@ -107,7 +107,7 @@ def to_graph(ui: dict[str, Any], lookup: Lookup) -> dict[str, Any]:
     _add_nodes(_Scope(ui, definitions, constants), nodes, lookup, None)
     _mute_dependents(nodes, lookup)
     groups = [{key: g[key] for key in ("title", "color", "bounding") if key in g}
-              for g in ui.get("groups") or [] if isinstance(g, dict)]
+              for g in _list(ui.get("groups")) if isinstance(g, dict)]
     return {"format": FORMAT, "nodes": nodes, "ui": {"groups": groups} if groups else {}}
 
 
@@ -123,6 +123,10 @@ def _add_nodes(scope: _Scope, nodes: dict[str, Any], lookup: Lookup, mode: str |
         if mode is not None:
             entry["mode"] = mode
         nodes[scope.prefix + node_id] = entry
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _mode(node: dict[str, Any]) -> str | None:
@@ -142,8 +146,9 @@ def _links(raw: Any, where: str = "") -> dict[Any, tuple[str, int]]:
             link_id, origin, slot = link.get("id"), link.get("origin_id"), link.get("origin_slot")
         else:
             raise WorkflowError(f"{where}links/{index}: a link is [id, origin, slot, target, slot, type]", "bad_link")
-        if not isinstance(slot, int) or isinstance(slot, bool) or origin is None:
-            raise WorkflowError(f"{where}links/{index}: its origin node and slot are missing", "bad_link")
+        if not isinstance(slot, int) or isinstance(slot, bool) or origin is None \
+                or not isinstance(link_id, (int, str)) or isinstance(link_id, bool):
+            raise WorkflowError(f"{where}links/{index}: its id, origin node or slot is missing", "bad_link")
         found[link_id] = (str(origin), slot)
     return found
 
@@ -157,7 +162,7 @@ def _source(link_id: Any, scope: _Scope, seen: frozenset[str] = frozenset()) -> 
     Followed through Reroutes, into a subgraph instance to what feeds its output, and out of a subgraph
     to what feeds the instance's input.
     """
-    if link_id is None or link_id not in scope.links:
+    if not isinstance(link_id, (int, str)) or link_id not in scope.links:
         return _NONE
     origin, slot = scope.links[link_id]
     if origin == SUBGRAPH_INPUT and scope.parent is not None and scope.instance is not None:
@@ -190,7 +195,7 @@ def _instance_input_link(scope: _Scope, index: int) -> Any:
     declared = scope.graph.get("inputs")
     name = declared[index].get("name") if isinstance(declared, list) and 0 <= index < len(declared) \
         and isinstance(declared[index], dict) else None
-    slots = [s for s in scope.instance.get("inputs") or [] if isinstance(s, dict)]
+    slots = [s for s in _list(scope.instance.get("inputs")) if isinstance(s, dict)]
     named = [s for s in slots if s.get("name") == name]
     chosen = named[0] if named else slots[index] if 0 <= index < len(slots) else {}
     return chosen.get("link")
@@ -216,7 +221,7 @@ def _node(node_id: str, node: dict[str, Any], scope: _Scope, lookup: Lookup) -> 
                 at += 1
     elif values not in (None, []):
         ui["widgets_values"] = values  # an unknown type's: kept, since their names are not known
-    for slot in node.get("inputs") or []:
+    for slot in _list(node.get("inputs")):
         if not isinstance(slot, dict):
             continue
         widget = slot.get("widget")
@@ -288,7 +293,7 @@ def _through(link: list[Any], nodes: dict[str, Any], lookup: Lookup, seen: set[s
     index = _output_index(cls, link[1])
     if entry is None or entry.get("mode") not in UI_MODES:
         return [source, index]
-    if entry.get("mode") == "mute" or cls is None or source in seen or index >= len(cls.outputs):
+    if entry.get("mode") == "mute" or cls is None or source in seen or not 0 <= index < len(cls.outputs):
         return _NONE
     seen.add(source)
     wanted = cls.outputs[index].type

@@ -108,6 +108,9 @@ def test_an_unknown_type_is_a_validation_error_naming_the_node(registry: Registr
     (ui([{"id": 4, "type": 5}], []), "invalid_node", "4"),
     (ui([node(1, "Int", [1])], [["x"]]), "bad_link", None),
     ({"nodes": [], "links": 3}, "invalid_shape", None),
+    (ui([node(1, "Int", [1])], [[[1], 1, 0, 2, 0, "INT"]]), "bad_link", None),
+    ({"nodes": [{"id": 1, "type": "Show", "inputs": 5, "widgets_values": 4}], "links": [], "groups": 1.5},
+     "missing_input", "1"),  # junk where lists belong is ignored: what is left is validated
 ])
 def test_a_malformed_ui_file_is_a_structured_error(registry: Registry, flow: Any, code: str,
                                                    node_id: str | None) -> None:
