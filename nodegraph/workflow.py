@@ -307,7 +307,8 @@ def parse_png(raw: bytes, path: str | Path = "the PNG") -> Any:
 
 
 def webp_text(raw: bytes, path: str | Path = "the WebP") -> dict[str, str]:
-    """ComfyUI's WebP metadata: EXIF text tags (ImageDescription, Make, …) of the form `key:{json}`."""
+    """ComfyUI's WebP metadata: EXIF text tags of the form `key:{json}` (SaveAnimatedWEBP puts `prompt:` in
+    Model, `workflow:` in Make, further keys in the tags below), whichever tag holds them."""
     import io
 
     from PIL import Image

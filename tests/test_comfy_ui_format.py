@@ -163,10 +163,12 @@ def test_comfyuis_webp_is_read_like_its_png(tmp_path: Path, registry: Registry) 
     prompt = {"4": {"class_type": "Int", "inputs": {"value": 2}},
               "5": {"class_type": "Show", "inputs": {"value": ["4", 0]}}}
     editor = ui([node(4, "Int", [9]), node(5, "Show", None, [slot("value", 1)])], [[1, 4, 0, 5, 0, "INT"]])
-    # As ComfyUI's SaveAnimatedWEBP: the workflow in ImageDescription (0x010E), the prompt in Make (0x010F).
-    both = webp_with({0x010E: "workflow:" + json.dumps(editor), 0x010F: "prompt:" + json.dumps(prompt)})
+    # As ComfyUI's SaveAnimatedWEBP: the prompt in Model (0x0110), the workflow in Make (0x010F), other
+    # extra keys in the tags below it (0x010E, ImageDescription, …).
+    both = webp_with({0x0110: "prompt:" + json.dumps(prompt), 0x010F: "workflow:" + json.dumps(editor),
+                      0x010E: "other:{}"})
     assert inputs_of(wf.loads(both, "x.webp", registry)) == {"4": {"value": 2}, "5": {"value": ["4", 0]}}
-    only_ui = webp_with({0x010E: "workflow:" + json.dumps(editor)})
+    only_ui = webp_with({0x010F: "workflow:" + json.dumps(editor)})
     assert inputs_of(wf.loads(only_ui, "x.webp", registry)) == {"4": {"value": 9}, "5": {"value": ["4", 0]}}
     (tmp_path / "a.webp").write_bytes(only_ui)
     assert main(["validate", str(tmp_path / "a.webp")]) == 0
