@@ -1,6 +1,7 @@
 """The cold path: a fresh process's first prompt on a full-size SD1.5 fp16 single file, against its floor.
 
     python bench/cold.py [--keep DIR] [--repeats N] [--json] [--comfy DIR --comfy-python PY [--comfy-pythonpath P]]
+    python bench/cold.py --startup [--repeats N] [--base REV] [--json]   # validate / nodes / run start-up: startup.py
 
 ComfyUI (GPL) is never part of this project: point --comfy at a checkout elsewhere, run by the Python of its own
 environment (README, Benchmarks, says how it was set up for the figures there).
@@ -300,6 +301,11 @@ def best(values: list[float]) -> float:
 
 
 def main() -> None:
+    if "--startup" in sys.argv:
+        import startup
+
+        startup.main([arg for arg in sys.argv[1:] if arg != "--startup"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", type=Path, help="make the checkpoint here once and reuse it")
     parser.add_argument("--repeats", type=int, default=3)

@@ -1,4 +1,4 @@
-"""What the command line prints: the progress bar, a run's summary, tables, sweep jobs, problems."""
+"""What the command line prints (the progress bar, a run's summary, tables, sweep jobs, problems) and its exit codes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from nodegraph import events as ev
 from nodegraph.executor import RunResult, json_summary
 from nodegraph.sweep import Job
 from nodegraph.validate import Problem
+
+# The command's exit codes (see nodegraph/cli.py's docstring).
+EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
 
 class ProgressPrinter:

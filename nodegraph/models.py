@@ -28,8 +28,6 @@ every use (a LoRA load or fuse changes them).
 from __future__ import annotations
 
 import gc
-import os
-import re
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
@@ -37,6 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from nodegraph.devices import check_name, check_present, device_memory, resolve_device
+from nodegraph.devices import device_kind as device_kind  # (re-exported: the engine's modules use it)
 from nodegraph.sizes import OptionError as OptionError  # (re-exported: the manager's callers use them)
 from nodegraph.sizes import format_bytes as format_bytes
 from nodegraph.sizes import parse_size as parse_size
@@ -112,64 +112,13 @@ class ResidentModel:
                 "components": [dict(c) for c in self.components]}
 
 
-def device_kind(device: str) -> str:
-    return "cpu" if device == "cpu" else "gpu"
-
-
-def resolve_device(device: str) -> str:
-    """`auto`: the first CUDA GPU, else Apple's MPS, else the CPU; `cuda` means `cuda:0`."""
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda:0"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
-    return "cuda:0" if device == "cuda" else device
-
-
-def device_memory(device: str) -> int:
-    """Total memory of a device in bytes (RAM for the CPU)."""
-    import torch
-
-    if device.startswith("cuda"):
-        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
-    if device == "mps":
-        return int(torch.mps.recommended_max_memory())
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _check_present(requested: str, option: str, flag: str) -> None:
-    if requested in ("auto", "cpu"):
-        return
-    import torch
-
-    if requested == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise OptionError(f"{option} 'mps': Apple's MPS is not available on this machine; use {flag} cpu, or auto")
-        return
-    if not torch.cuda.is_available():
-        why = ("this PyTorch was built without CUDA" if torch.version.cuda is None
-               else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)")
-        raise OptionError(f"{option} {requested!r}: {why}; use {flag} cpu, or auto to take a GPU when there is one")
-    count = torch.cuda.device_count()
-    if int(requested.partition(":")[2] or 0) >= count:
-        raise OptionError(f"{option} {requested!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
-
-
-def _check_name(device: str, option: str) -> None:
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
-        raise OptionError(f"unknown {option} {device!r}: use auto, cpu, cuda, cuda:N or mps")
-
-
 class ModelManager:
     def __init__(self, device: str = "auto", vram_budget: str | int | None = None,
                  ram_budget: str | int | None = None, reserve: float = RESERVE,
                  text_encoder_device: str | None = None, threads: int | None = None) -> None:
-        _check_name(device, "device")
+        check_name(device, "device")
         if text_encoder_device is not None:
-            _check_name(text_encoder_device, "text_encoder_device (--text-encoder-device)")
+            check_name(text_encoder_device, "text_encoder_device (--text-encoder-device)")
         self.requested_device = device
         self.requested_text_encoder_device = text_encoder_device
         self._budgets = {"gpu": vram_budget or DEFAULT_VRAM_BUDGET, "cpu": ram_budget or DEFAULT_RAM_BUDGET}
@@ -188,9 +137,9 @@ class ModelManager:
 
         Called at start-up by the commands that compute; `auto` and `cpu` are always there.
         """
-        _check_present(self.requested_device, "device", "--device")
+        check_present(self.requested_device, "device", "--device")
         if self.requested_text_encoder_device is not None:
-            _check_present(self.requested_text_encoder_device, "text_encoder_device", "--text-encoder-device")
+            check_present(self.requested_text_encoder_device, "text_encoder_device", "--text-encoder-device")
 
     @property
     def device(self) -> str:

@@ -151,13 +151,18 @@ class Settings:
                       and not any(part.startswith(".") for part in path.relative_to(base).parts))
 
     def resolve_input(self, name: str) -> Path:
-        """The path of an input file by its name, confined to the input folder as model names are."""
-        parts = Path(name).parts
-        if not name or Path(name).is_absolute() or ".." in parts:
-            raise FileNotFoundError(f"{name!r} is not an input file name (a path relative to the input folder)")
+        """The path of an input file by its name, confined to the input folder as model names are; a name no
+        file can have is a `ModelNameError` (`bad_name`), as for models."""
+        problem = model_name_problem(name, "input")
+        if problem is not None:
+            raise ModelNameError(problem.replace("a model name", "an input file name"))
         candidate = Path(os.path.abspath(self.input_dir / name))
-        if not candidate.is_file():
-            raise FileNotFoundError(f"no file named {name!r} in the input folder {self.input_dir}")
+        try:
+            found = candidate.is_file()
+        except OSError as exc:  # e.g. a whole path too long: told without the server's folders
+            raise ModelNameError(f"{name[:60]!r} cannot be looked up: {exc.strerror or exc}") from None
+        if not found:
+            raise FileNotFoundError(f"no file named {name[:200]!r} in the input folder")
         return candidate
 
 

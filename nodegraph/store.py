@@ -97,6 +97,10 @@ class Job:
         return f'{head[:-1]}, "workflow": {self.workflow_json}}}'
 
 
+class JobExists(Exception):
+    """`Store.add` with a `job_id` that a job already has."""
+
+
 class StoreBusy(Exception):
     """Another process has the data folder open."""
 
@@ -183,13 +187,15 @@ class Store:
                 self._finish(db, job_id, "error", json.dumps({"nodes": {}, "files": [], "errors": [problem]}))
         return ids
 
-    def add(self, workflow: Any, client_id: str | None = None, text: str | None = None) -> Job:
-        """Queue `workflow`; `text`: its JSON text when the caller has it (as an API client sent it)."""
+    def add(self, workflow: Any, client_id: str | None = None, text: str | None = None,
+            job_id: str | None = None) -> Job:
+        """Queue `workflow`; `text`: its JSON text when the caller has it (as an API client sent it); `job_id`: the
+        id to keep (ComfyUI's `prompt_id`), a fresh one when None. A `job_id` already taken is a `JobExists`."""
         # Encoded before taking the lock, so other threads' reads do not wait on it. A workflow parsed from JSON
         # cannot hold a cycle: skipping the check and the spaces makes a 10,000-node one 1.5× faster to encode.
         if text is None:
             text = json.dumps(workflow, separators=(",", ":"), check_circular=False)
-        job = Job(uuid.uuid4().hex, PENDING, client_id, time.time(), text, _workflow=workflow)
+        job = Job(job_id or uuid.uuid4().hex, PENDING, client_id, time.time(), text, _workflow=workflow)
         try:
             with self._write() as db:
                 cursor = db.execute("INSERT INTO jobs (id, status, client_id, created, workflow) "
@@ -200,6 +206,8 @@ class Store:
                 (job.position,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?",
                                              (PENDING, job.seq)).fetchone()
                 self._queued[job.id] = workflow  # the worker runs it without parsing it again
+        except sqlite3.IntegrityError:
+            raise JobExists(job.id) from None  # only a given `job_id` can collide; nothing was written
         except BaseException:
             self._queued.pop(job.id, None)  # not committed (a full disk): no such job
             raise

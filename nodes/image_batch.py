@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from nodegraph.context import Context
 from nodegraph.schema import Input, Node, Output
 from nodes.engine.images import ImageBatch as Images
@@ -27,6 +25,8 @@ class ImageBatch(Node):
     outputs = (Output("IMAGE", "IMAGE"),)
 
     def run(self, ctx: Context, image1: Images, image2: Images) -> dict[str, Any]:
+        import numpy as np
+
         _, height, width, _ = image1.pixels.shape
         if image2.pixels.shape[1:3] != (height, width):
             image2 = resize_images(image2, width, height, "bilinear", "center")

@@ -37,7 +37,7 @@ def input_path(settings: Settings, name: str) -> Path:
     try:
         return settings.resolve_input(name)
     except FileNotFoundError as exc:
-        raise NodeFailure(str(exc), "image", "file_not_found") from None
+        raise NodeFailure(str(exc), "image", getattr(exc, "code", "file_not_found")) from None
 
 
 def check_size(width: int, height: int, what: str) -> str | None:
@@ -59,7 +59,10 @@ def opened(path: Path, name: str) -> Iterator[Any]:
             if problem:
                 raise NodeFailure(problem, "image", "too_large")
             yield image
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:  # Pillow refuses a header claiming over ≈179 megapixels before we can
+        raise NodeFailure(f"{name} is too large (over 179 megapixels; at most {MAX_SIDE} pixels a side and "
+                          f"{MAX_PIXELS // 2**20} megapixels)", "image", "too_large") from None
+    except UnidentifiedImageError as exc:
         raise NodeFailure(f"{name} is not an image this can read ({exc})", "image", "bad_image") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data inside a known format
         raise NodeFailure(f"{name} could not be read: {exc}", "image", "bad_image") from None

@@ -13,10 +13,7 @@ import functools
 import json
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
-
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
+from typing import TYPE_CHECKING, Any
 
 from nodegraph import comfy_ui_format
 from nodegraph.context import Context, NodeFailure
@@ -24,6 +21,9 @@ from nodegraph.naming import create_numbered, next_counter
 from nodegraph.schema import Input, Node, Output, describe
 from nodegraph.workflow import OWN_CHUNK
 from nodes.engine.images import ImageBatch
+
+if TYPE_CHECKING:
+    from PIL.PngImagePlugin import PngInfo
 
 # Most filesystems cap a file name at 255 bytes; "_00001_.png" and counters past 99999 need room.
 MAX_NAME_BYTES = 200
@@ -76,6 +76,8 @@ def resolve_prefix(prefix: str, output_dir: Path) -> tuple[Path, str]:
 def png_info(workflow: dict[str, Any], params: dict[str, Any]) -> PngInfo:
     """The text chunks every PNG gets: the workflow that made it (ours, and in ComfyUI's two formats) and the
     images' parameters."""
+    from PIL.PngImagePlugin import PngInfo
+
     info = PngInfo()
     # Plain tEXt rather than compressed zTXt: Pillow refuses to inflate a text chunk past 1 MB
     # (MAX_TEXT_CHUNK) when reading, and a workflow full of long prompts can grow past that.
@@ -103,6 +105,8 @@ def write_pngs(ctx: Context, images: Any, folder: Path, name: str) -> list[Path]
     All or nothing: if one image cannot be written, those already written by this call are removed,
     since a node that failed reports no files.
     """
+    from PIL import Image
+
     if not isinstance(images, ImageBatch):  # an ANY output (`*`) may be linked into an IMAGE input
         raise NodeFailure(f"expected an IMAGE, got {type(images).__name__}", "images", "wrong_type")
     info = png_info(ctx.workflow, images.params)

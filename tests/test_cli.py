@@ -199,13 +199,14 @@ def test_a_bad_text_encoder_device_exits_1_naming_the_option(capsys: pytest.Capt
 
 
 def test_models_status_lists_components(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from nodegraph import cli
+    from nodegraph import cli_models
+    from nodegraph.models import ModelManager
     from tests.test_models import Parts
 
-    manager = cli.ModelManager(device="cpu", text_encoder_device="cpu")
+    manager = ModelManager(device="cpu", text_encoder_device="cpu")
     with manager.use("flux", lambda placement: Parts("tiny-flux", 300, placement, []), 300, "tiny-flux (bf16)"):
         pass
-    monkeypatch.setattr(cli, "model_manager", lambda args: manager)
+    monkeypatch.setattr(cli_models, "model_manager", lambda args: manager)
     code, out, _ = run_cli(capsys, "models", "status", "--url", "http://127.0.0.1:1")
     lines = out.splitlines()
     row = next(i for i, line in enumerate(lines) if line.startswith("tiny-flux (bf16)"))
@@ -215,12 +216,13 @@ def test_models_status_lists_components(capsys: pytest.CaptureFixture[str], monk
 
 def test_models_status_lists_the_caches_counted_in_the_budgets(capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from nodegraph import cli
+    from nodegraph import cli_models
+    from nodegraph.models import ModelManager
     from tests.test_models import Pool
 
-    manager = cli.ModelManager(device="cpu", ram_budget=10_000)
+    manager = ModelManager(device="cpu", ram_budget=10_000)
     manager.add_pool(Pool(("cpu", 1000), ("cpu", 500)))
-    monkeypatch.setattr(cli, "model_manager", lambda args: manager)
+    monkeypatch.setattr(cli_models, "model_manager", lambda args: manager)
     code, out, _ = run_cli(capsys, "models", "status", "--url", "http://127.0.0.1:1")
     assert code == 0 and "fake cache: 2 entries, 1.5 KiB cpu" in out.splitlines()
     assert "ram budget on cpu: 9.8 KiB, models up to 8.8 KiB, 1.5 KiB used" in out

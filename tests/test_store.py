@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from nodegraph.store import SHUTDOWN_CODE, StorageFull, Store, StoreBusy, storage_full
+from nodegraph.store import SHUTDOWN_CODE, JobExists, StorageFull, Store, StoreBusy, storage_full
 
 WORKFLOW = {"format": "nodegraph/1", "nodes": {}}
 
@@ -189,3 +189,13 @@ def test_storage_errors_are_told_apart_from_other_failures() -> None:
     assert storage_full(sqlite3.OperationalError("database or disk is full"))
     assert not storage_full(OSError(errno.EACCES, "Permission denied"))
     assert not storage_full(sqlite3.OperationalError("database is locked"))
+
+
+def test_a_job_id_given_is_kept_and_a_taken_one_refused_without_harm(store: Store) -> None:
+    job = store.add(WORKFLOW, client_id="c", job_id="prompt-1")
+    assert job.id == "prompt-1" and store.get("prompt-1") is not None
+    with pytest.raises(JobExists):
+        store.add({**WORKFLOW, "other": 1}, job_id="prompt-1")
+    claimed = store.claim()
+    assert claimed is not None and claimed.id == "prompt-1" and claimed.workflow == WORKFLOW  # the first one's
+    assert store.claim() is None

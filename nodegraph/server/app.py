@@ -21,7 +21,7 @@ from contextlib import suppress
 from aiohttp import web
 
 from nodegraph.executor import Executor
-from nodegraph.server import api_files, api_info, api_jobs, api_uploads, static, ws
+from nodegraph.server import api_files, api_info, api_jobs, api_uploads, comfy, static, ws
 from nodegraph.server.errors import json_errors, json_protocol
 from nodegraph.server.hub import Hub
 from nodegraph.server.redact import AccessLog
@@ -51,6 +51,7 @@ def create_app(executor: Executor, config: ServerConfig, runner: RunnerFactory |
     for group in (api_jobs.routes, api_info.routes, api_files.routes, api_uploads.routes, ws.routes,
                   static.routes):
         app.router.add_routes(group)
+    comfy.add_routes(app)  # ComfyUI's API, beside ours (after ours: where a path is ours, it stays ours)
     app.on_response_prepare.append(security_headers)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_websockets)

@@ -29,6 +29,12 @@ class Subscriber:
     def wants(self, client_id: str | None) -> bool:
         return self.everything or client_id == self.client_id
 
+    def deliver(self, client_id: str | None, message: dict[str, Any]) -> None:
+        """A published message for the job of `client_id`: offered if this connection wants it. A subclass may
+        translate (ComfyUI's websocket: `nodegraph.server.comfy.ws`)."""
+        if self.wants(client_id):
+            self.offer(message)
+
     def offer(self, message: dict[str, Any]) -> None:
         try:
             self.queue.put_nowait(message)
@@ -69,8 +75,7 @@ class Hub:
     def publish(self, client_id: str | None, message: dict[str, Any]) -> None:
         """Send to the job's client and to every `all` connection; call on the loop's thread."""
         for subscriber in list(self._subscribers):
-            if subscriber.wants(client_id):
-                subscriber.offer(message)
+            subscriber.deliver(client_id, message)
 
     def publish_threadsafe(self, client_id: str | None, message: dict[str, Any]) -> None:
         """`publish` from any thread (the worker's); FIFO, so events arrive in the order sent."""

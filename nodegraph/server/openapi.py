@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from nodegraph.server import comfy
+
 
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -163,7 +165,7 @@ def document() -> dict[str, Any]:
                  "description": "Queue, run and inspect node-graph workflows. Mutating requests and the websocket "
                                 "refuse cross-site origins; with --token every request needs "
                                 "'Authorization: Bearer TOKEN' or the cookie set by GET /?token=TOKEN."},
-        "paths": _PATHS,
+        "paths": {**_PATHS, **comfy.paths()},
         "components": {"schemas": _SCHEMAS, "responses": {"Errors": _json(_ref("Errors"), "an error")},
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
                                            "cookie": {"type": "apiKey", "in": "cookie", "name": "nodegraph_token"}}},

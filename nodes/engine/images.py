@@ -7,9 +7,10 @@ a node returns it. `params` (prompt, seed, steps, model, …) goes into saved PN
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True, eq=False)
@@ -18,7 +19,7 @@ class ImageBatch:
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.pixels.dtype != np.uint8 or self.pixels.ndim != 4 or self.pixels.shape[-1] != 3:
+        if self.pixels.dtype != "uint8" or self.pixels.ndim != 4 or self.pixels.shape[-1] != 3:
             raise ValueError(
                 f"an ImageBatch is (batch, height, width, 3) uint8, got {self.pixels.shape} {self.pixels.dtype}"
             )

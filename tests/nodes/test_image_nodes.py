@@ -142,6 +142,24 @@ def test_unreadable_files_and_bad_names_are_errors_on_the_image_input(
         assert (result.errors[0].node_id, result.errors[0].input) == ("1", "image")
 
 
+def test_a_decompression_bomb_is_too_large_and_a_linked_name_no_file_can_have_is_a_bad_name(
+        executor: Executor, settings: Settings) -> None:
+    from tests.server.test_api_uploads import claimed_png
+
+    settings.input_dir.mkdir(parents=True)
+    (settings.input_dir / "bomb.png").write_bytes(claimed_png(15_000, 15_000))  # past Pillow's own limit
+    result = executor.run(load_workflow_of("bomb.png"))
+    [error] = result.errors
+    assert (error.node_id, error.input, error.code) == ("1", "image", "too_large") and "bomb.png" in error.message
+    long = "x" * 300 + "{a}"  # a name made at run time, so only the run sees it
+    wf = workflow({"0": {"type": "Format", "inputs": {"template": long, "a": ".png"}},
+                   "1": {"type": "LoadImage", "inputs": {"image": ["0", 0]}},
+                   "2": {"type": "Show", "inputs": {"value": ["1", "IMAGE"]}}})
+    [error] = executor.run(wf).errors
+    assert (error.node_id, error.input, error.code) == ("1", "image", "bad_name")
+    assert str(settings.input_dir) not in error.message
+
+
 def test_a_changed_file_loads_again(executor: Executor, settings: Settings) -> None:
     save(settings, "x.png", Image.fromarray(pixels(8, 8)[0]))
     first = executor.run(load_workflow_of("x.png"), Recorder())

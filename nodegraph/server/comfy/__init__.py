@@ -1,0 +1,69 @@
+"""ComfyUI's HTTP API and websocket, as a layer over our one store, worker, executor and event stream.
+
+    python basic_api_example.py          # ComfyUI's own example, against `nodegraph serve --port 8188`
+
+Every route answers at its bare path (`/prompt`) and under `/api/` (`/api/prompt`, as ComfyUI's frontend
+calls it), except where nodegraph has a route of that path already: there nodegraph's own stays (`COLLISIONS`).
+`/models` is bare only (`/api/models/{kind}` is ours). `/api/ws` is ours, and ComfyUI's when the query says
+`clientId` rather than `client_id` (`nodegraph.server.ws`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from aiohttp import web
+
+from nodegraph.server.comfy import files, info, prompt, queue
+from nodegraph.server.comfy.ws import websocket
+
+# ComfyUI paths whose /api/ twin is a nodegraph route already (any method): nodegraph's stays there.
+COLLISIONS = frozenset({"/history", "/history/{prompt_id}", "/upload/image", "/free", "/ws"})
+BARE_ONLY = frozenset({"/models", "/models/{folder}"})
+SUMMARIES = {
+    ("post", "/prompt"): "queue a prompt in ComfyUI's API format (ComfyUI's answer and refusals)",
+    ("get", "/prompt"): "exec_info.queue_remaining", ("get", "/queue"): "the running and pending prompts",
+    ("post", "/queue"): "delete pending prompts ({delete: [ids]} or {clear: true})",
+    ("post", "/interrupt"): "interrupt the running prompt (or only {prompt_id})",
+    ("get", "/history"): "finished prompts, oldest first (max_items)", ("get", "/history/{prompt_id}"): "one",
+    ("post", "/history"): "delete finished prompts ({delete: [ids]} or {clear: true})",
+    ("get", "/view"): "an image: filename, subfolder, type (output, input, temp)",
+    ("post", "/upload/image"): "store an image in the input folder",
+    ("post", "/upload/mask"): "store an input image with a mask's alpha (original_ref)",
+    ("get", "/object_info"): "every node type in ComfyUI's shape", ("get", "/object_info/{node_class}"): "one",
+    ("get", "/embeddings"): "embedding names", ("get", "/models"): "model folders",
+    ("get", "/models/{folder}"): "the models in a folder", ("get", "/system_stats"): "system and devices",
+    ("get", "/features"): "server features", ("post", "/free"): "unload models and free memory",
+    ("get", "/ws"): "ComfyUI's websocket (?clientId=)",
+}
+
+
+def _routes() -> list[web.RouteDef]:
+    found = [r for table in (prompt.routes, queue.routes, files.routes, info.routes) for r in table
+             if isinstance(r, web.RouteDef)]
+    return [*found, web.get("/ws", websocket)]
+
+
+def add_routes(app: web.Application) -> None:
+    for route in _routes():
+        app.router.add_route(route.method, route.path, route.handler)
+        if route.path not in COLLISIONS | BARE_ONLY:
+            app.router.add_route(route.method, "/api" + route.path, route.handler)
+
+
+def paths() -> dict[str, Any]:
+    """The routes for the OpenAPI document (`nodegraph.server.openapi`)."""
+    found: dict[str, Any] = {}
+    for route in _routes():
+        method = route.method.lower()
+        names = re.findall(r"\{(\w+)", route.path)
+        op: dict[str, Any] = {"summary": "ComfyUI: " + SUMMARIES[(method, route.path)],
+                              "responses": {"200": {"description": "OK (ComfyUI's shape)"}}}
+        if names:
+            op["parameters"] = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                                for n in names]
+        variants = [route.path] if route.path in COLLISIONS | BARE_ONLY else [route.path, "/api" + route.path]
+        for path in variants:
+            found.setdefault(path, {})[method] = op
+    return found
