@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_args(args.models_dir, getattr(args, "output_dir", None), args.nodes_dir,
-                                      args.input_dir)
+                                      args.input_dir, args.extra_model_paths)
         registry = load_registry(settings.nodes_dirs)
         if hasattr(args, "device"):
             manager = model_manager(args)  # a bad --device or budget is reported now, before anything starts
@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--models-dir", action="append", default=[], metavar="DIR",
                         help="a models folder with checkpoints/ and loras/ (repeatable; "
                              "default $NODEGRAPH_MODELS or ./models)")
+    common.add_argument("--extra-model-paths", action="append", default=[], metavar="FILE",
+                        help="ComfyUI's extra_model_paths.yaml (repeatable; ./extra_model_paths.yaml is read too)")
     common.add_argument("--input-dir", metavar="DIR",
                         help="the folder LoadImage reads and uploads go to (default ./input)")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -141,10 +143,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_workflow(path: str, overrides: Sequence[str] = ()) -> tuple[Any, list[Problem]]:
+def load_workflow(path: str, overrides: Sequence[str] = (),
+                  registry: Registry | None = None) -> tuple[Any, list[Problem]]:
     """Read a workflow file and apply `--set` overrides; problems instead of exceptions."""
     try:
-        workflow = wf.load(path)
+        workflow = wf.load(path, registry)
     except wf.WorkflowError as exc:
         return None, [Problem(exc.node_id, exc.input, exc.code, str(exc))]
     problems = []
@@ -172,7 +175,7 @@ def parse_value(text: str) -> Any:
 
 
 def cmd_validate(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
-    workflow, problems = load_workflow(args.file)
+    workflow, problems = load_workflow(args.file, (), registry)
     if not problems:
         _, problems = validate(workflow, registry, settings, model_manager(args))
     if args.json:
@@ -185,7 +188,7 @@ def cmd_validate(args: argparse.Namespace, registry: Registry, settings: Setting
 
 
 def cmd_run(args: argparse.Namespace, registry: Registry, settings: Settings) -> int:
-    workflow, problems = load_workflow(args.file, args.set)
+    workflow, problems = load_workflow(args.file, args.set, registry)
     if args.sweep:
         return cmd_sweep(args, registry, settings, workflow, problems)
     if problems:

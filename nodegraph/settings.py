@@ -6,7 +6,9 @@ else a config file, else `./models`. The config file is `$NODEGRAPH_CONFIG`, els
 `{"models_dirs": ["/data/models", "models"], "output_dir": "outputs", "input_dir": "input"}` (relative
 paths are taken from the file's folder). Model files are named by their path relative to `<root>/<kind>/`,
 input images (LoadImage, uploads) by their path relative to the input folder (`--input-dir`, default
-`./input`).
+`./input`). ComfyUI's layouts count too: a kind's old folder name in a root (`clip/` for `text_encoders`,
+`unet/` for `diffusion_models`), and the folders of an `extra_model_paths.yaml` (`./extra_model_paths.yaml`
+and `--extra-model-paths FILE`: `comfy_folders`), searched after the roots. `.sft` files are safetensors.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nodegraph.comfy_folders import ALIASES, FILE_NAME, ExtraPathsError, load_extra_model_paths
 from nodegraph.model_listing import list_folder
 
 if TYPE_CHECKING:
@@ -34,6 +37,8 @@ DEFAULT_INPUT_DIR = Path("input")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MAX_IMAGE_SIDE, MAX_IMAGE_PIXELS = 16384, 1 << 26  # input images: ComfyUI's largest side; 64 megapixels a frame
 MAX_PART_BYTES = 255  # a file or folder name, on common file systems
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # listed by ComfyUI, never here
+MODEL_SUFFIXES = (".safetensors", ".sft")  # `.sft`: the safetensors files some releases (Flux's) are named with
 
 
 class ModelNameError(FileNotFoundError):
@@ -65,6 +70,7 @@ class Settings:
     output_dir: Path = DEFAULT_OUTPUT_DIR
     nodes_dirs: tuple[Path, ...] = field(default_factory=tuple)
     input_dir: Path = DEFAULT_INPUT_DIR
+    extra_folders: tuple[tuple[str, Path], ...] = ()  # (kind, folder) from extra_model_paths.yaml files
 
     @property
     def temp_dir(self) -> Path:
@@ -72,8 +78,16 @@ class Settings:
 
     @classmethod
     def from_args(cls, models_dirs: Sequence[str] = (), output_dir: str | None = None,
-                  nodes_dirs: Sequence[str] = (), input_dir: str | None = None) -> Settings:
+                  nodes_dirs: Sequence[str] = (), input_dir: str | None = None,
+                  extra_model_paths: Sequence[str] = ()) -> Settings:
         config = read_config()
+        files = [Path(p) for p in extra_model_paths]
+        if Path(FILE_NAME).is_file():  # as ComfyUI, the one in the working folder is read without being named
+            files.insert(0, Path(FILE_NAME))
+        try:
+            extra = load_extra_model_paths(files)
+        except ExtraPathsError as exc:
+            raise ConfigError(str(exc)) from None
         roots = [Path(p) for p in models_dirs]
         if not roots and os.environ.get("NODEGRAPH_MODELS"):
             roots = [Path(p) for p in os.environ["NODEGRAPH_MODELS"].split(os.pathsep) if p]
@@ -81,9 +95,15 @@ class Settings:
         output = Path(output_dir) if output_dir else config.get("output_dir", DEFAULT_OUTPUT_DIR)
         inputs = Path(input_dir) if input_dir else config.get("input_dir", DEFAULT_INPUT_DIR)
         return cls(models_dirs=tuple(roots) or (DEFAULT_MODELS_DIR,), output_dir=output,
-                   nodes_dirs=tuple(Path(p) for p in nodes_dirs), input_dir=inputs)
+                   nodes_dirs=tuple(Path(p) for p in nodes_dirs), input_dir=inputs, extra_folders=extra)
 
-    def model_files(self, kind: str, suffixes: Sequence[str] = (".safetensors",),
+    def kind_folders(self, kind: str) -> list[Path]:
+        """The folders models of `kind` are looked for in, in order: each root's `<kind>/` and its ComfyUI
+        aliases (`clip/`, `unet/`), then the extra_model_paths.yaml folders of that kind."""
+        found = [root / name for root in self.models_dirs for name in (kind, *ALIASES.get(kind, ()))]
+        return found + [folder for of, folder in self.extra_folders if of == kind]
+
+    def model_files(self, kind: str, suffixes: Sequence[str] = MODEL_SUFFIXES,
                     folders: bool | str = False) -> list[str]:
         """Names of the models of one kind ("checkpoints", "loras") across every root, sorted.
 
@@ -93,13 +113,13 @@ class Settings:
         """
         marker = folders if isinstance(folders, str) else "model_index.json" if folders else None
         names: set[str] = set()
-        for root in self.models_dirs:
-            names.update(list_folder(root / kind, suffixes, marker)[0])
+        for folder in self.kind_folders(kind):
+            names.update(list_folder(folder, suffixes, marker)[0])
         return sorted(names)
 
     def searched(self, kind: str) -> str:
         """The folders models of `kind` are looked for in, for messages."""
-        return ", ".join(str(root / kind) for root in self.models_dirs)
+        return ", ".join(str(folder) for folder in self.kind_folders(kind))
 
     def resolve_model(self, kind: str, name: str) -> Path:
         """The path of a model by its name, confined to the model folders.
@@ -111,8 +131,8 @@ class Settings:
         problem = model_name_problem(name, kind)
         if problem is not None:
             raise ModelNameError(problem)
-        for root in self.models_dirs:
-            candidate = Path(os.path.abspath(root / kind / name))
+        for folder in self.kind_folders(kind):
+            candidate = Path(os.path.abspath(folder / name))
             try:
                 if candidate.exists():
                     return candidate
@@ -171,6 +191,14 @@ class ModelChoices:
     def name_problem(self, name: str) -> str | None:
         """Why `name` can be no model file at all (validation reports it as `bad_name`)."""
         return model_name_problem(name, self.kind)
+
+    def format_problem(self, name: str) -> str | None:
+        """Why a file of this name is never loaded (validation reports it as `unsafe_format`): a pickle."""
+        suffix = os.path.splitext(name)[1].lower()
+        if suffix not in PICKLE_SUFFIXES:
+            return None
+        return (f"{name[:60]!r}: '{suffix}' is a pickle-based format, and unpickling can run arbitrary code; only "
+                ".safetensors (or .sft) files are loaded (convert it to safetensors first)")
 
 
 class ConfigError(ValueError):

@@ -22,12 +22,14 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from nodegraph import events as ev
+from nodegraph.comfy_ui_format import Lookup, to_api, to_ui
 from nodegraph.context import CancelToken, NodeFailure
 from nodegraph.executor import Executor, RunResult
 from nodegraph.naming import create_numbered, next_counter
 from nodegraph.registry import Registry
 from nodegraph.schema import describe
 from nodegraph.validate import MAX_SHOWN, Graph, Problem, validate
+from nodegraph.workflow import OWN_CHUNK
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -129,7 +131,7 @@ def run_sweep(executor: Executor, workflow: Any, axes: Sequence[Axis], emit: ev.
     if any(job.status != "ok" for job in jobs):
         result.status = "error"
     try:
-        result.grid = write_grid(workflow, axes, jobs, executor.settings.output_dir)
+        result.grid = write_grid(workflow, axes, jobs, executor.settings.output_dir, executor.registry.get)
     except OSError as exc:
         result.errors.append(Problem(None, None, "write_failed", f"cannot write the sweep grid: {exc}"))
         result.status = "error"
@@ -325,15 +327,25 @@ def _printable(text: str, font: Any) -> str:
     return text if isinstance(font, ImageFont.FreeTypeFont) else text.encode("latin-1", "replace").decode("latin-1")
 
 
-def write_grid(workflow: dict[str, Any], axes: Sequence[Axis], jobs: Sequence[Job], folder: Path) -> Path | None:
-    """Save the grid as `sweep_NNNNN_.png` in `folder`, with the base workflow and the axes embedded."""
+def write_grid(workflow: dict[str, Any], axes: Sequence[Axis], jobs: Sequence[Job], folder: Path,
+               lookup: Lookup | None = None) -> Path | None:
+    """Save the grid as `sweep_NNNNN_.png` in `folder`, with the base workflow and the axes embedded.
+
+    As SaveImage's PNGs, the workflow is ours (`nodegraph`) and, with `lookup` (the node catalog's), ComfyUI's
+    `prompt` and UI-format `workflow` too; without it, ours under `workflow` (as grids were written before).
+    """
     from PIL.PngImagePlugin import PngInfo
 
     grid = compose_grid(axes, jobs)
     if grid is None:
         return None
     info = PngInfo()
-    info.add_text("workflow", json.dumps(workflow))
+    if lookup is None:
+        info.add_text("workflow", json.dumps(workflow))
+    else:
+        info.add_text("prompt", json.dumps(to_api(workflow, lookup)))
+        info.add_text("workflow", json.dumps(to_ui(workflow, lookup)))
+        info.add_text(OWN_CHUNK, json.dumps(workflow))
     info.add_text("sweep", json.dumps({"axes": [axis.to_json() for axis in axes]}, default=str))
     folder.mkdir(parents=True, exist_ok=True)
     file, path, _ = create_numbered(folder, GRID_NAME, next_counter(folder, GRID_NAME))

@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import Any
 
 from nodegraph.cache import canonical_json
+from nodegraph.comfy_ui_format import is_comfy_ui, to_graph
 from nodegraph.modes import lower_modes
 from nodegraph.registry import Registry
 from nodegraph.schema import (
@@ -27,7 +28,7 @@ from nodegraph.schema import (
     not_a_choice,
     suggest,
 )
-from nodegraph.workflow import FORMAT, is_link
+from nodegraph.workflow import FORMAT, WorkflowError, is_link
 
 MAX_SHOWN = 100  # problems reported per workflow; a 10,000-node mess need not print 10,000 lines
 
@@ -90,6 +91,11 @@ def validate(workflow: Any, registry: Registry, settings: Any = None,
              models: Any = None) -> tuple[Graph | None, list[Problem]]:
     """The graph, or every problem; with a model manager, literal sizes too large for its budgets too."""
     problems: list[Problem] = []
+    if is_comfy_ui(workflow):  # ComfyUI's editor format, not converted where it was read
+        try:
+            workflow = to_graph(workflow, registry.get)
+        except WorkflowError as exc:
+            return None, [Problem(exc.node_id, exc.input, exc.code, str(exc))]
     nodes = _check_shape(workflow, problems)
     if nodes is None:
         return None, problems
@@ -172,9 +178,6 @@ def _check_shape(workflow: Any, problems: list[Problem]) -> dict[str, Any] | Non
 
     if not isinstance(workflow, dict):
         fail("invalid_shape", f"a workflow is a JSON object, got {describe(workflow)}")
-        return None
-    if isinstance(workflow.get("nodes"), list) and "links" in workflow:
-        fail("invalid_shape", "this looks like ComfyUI's editor format; export it with 'Save (API)' instead")
         return None
     if workflow.get("format") != FORMAT:
         fail("unknown_format", f"'format' must be {FORMAT!r}, got {describe(workflow.get('format'))}")
@@ -376,6 +379,10 @@ def _not_a_choice(spec: Input, value: str, choices: Sequence[str], given: dict[s
     problem = name_problem(value) if name_problem is not None else None
     if problem is not None:
         return "bad_name", problem
+    format_problem = getattr(spec.choices, "format_problem", None)
+    problem = format_problem(value) if format_problem is not None else None
+    if problem is not None:
+        return "unsafe_format", problem
     hint = getattr(spec.choices, "hint", None)
     found = hint(settings, _upstream(given, nodes)) if hint is not None else None
     message = not_a_choice(value, choices, *found) if found is not None else not_a_choice(value, choices)

@@ -1,9 +1,10 @@
-"""The workflow file: load, save, and import ComfyUI's API format.
+"""The workflow file: load, save, and import ComfyUI's API and UI formats.
 
 A workflow is kept as the plain JSON dict it was read from, so load → save round-trips
 unchanged (editor data such as `title` and `ui` included). The format is specified by
-`workflow.schema.json` beside this module and described in the README. A PNG written by
-SaveImage is a workflow file too: its `workflow` text chunk holds the workflow that made it.
+`workflow.schema.json` beside this module and described in the README. A PNG (or ComfyUI's WebP)
+is a workflow file too: SaveImage puts ours in its `nodegraph` text chunk, beside ComfyUI's `prompt`
+(API format) and `workflow` (UI format, `comfy_ui_format`); older PNGs hold ours in `workflow`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ SCHEMA_PATH = Path(__file__).with_name("workflow.schema.json")
 MAX_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 64  # nesting of objects and lists; real workflows stay under 10
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+OWN_CHUNK = "nodegraph"  # the PNG text chunk that holds our own workflow
 
 
 class WorkflowError(Exception):
@@ -254,41 +256,78 @@ def where(path: tuple[Any, ...]) -> str:
     return "/".join(keys) or "the top level"
 
 
-def load(path: str | Path) -> Any:
-    """Read a workflow file (nodegraph or ComfyUI API format) into a nodegraph/1 dict."""
+def load(path: str | Path, registry: Any = None) -> Any:
+    """Read a workflow file (nodegraph, ComfyUI API or UI format, a PNG or WebP) into a nodegraph/1 dict.
+
+    ComfyUI's UI format is converted with `registry` (its schemas give each type's widget order); without
+    one it is returned as read, and validation converts it.
+    """
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise WorkflowError(f"cannot read {path}: {exc.strerror or exc}", code="unreadable") from None
-    return loads(raw, path)
+    return loads(raw, path, registry)
 
 
-def loads(raw: bytes, name: str | Path = "the upload") -> Any:
-    """A workflow from a file's bytes (nodegraph or ComfyUI API JSON, or a PNG written by SaveImage)."""
-    if raw.startswith(PNG_SIGNATURE):
-        return from_json(parse_png(raw, name))
-    return from_json(parse(raw))
+def loads(raw: bytes, name: str | Path = "the upload", registry: Any = None) -> Any:
+    """A workflow from a file's bytes (nodegraph or ComfyUI JSON, or a PNG or WebP carrying one)."""
+    if raw.startswith(PNG_SIGNATURE) or _is_webp(raw):
+        return from_json(parse_png(raw, name), registry)
+    return from_json(parse(raw), registry)
+
+
+def _is_webp(raw: bytes) -> bool:
+    return raw[:4] == b"RIFF" and raw[8:12] == b"WEBP"
 
 
 def parse_png(raw: bytes, path: str | Path = "the PNG") -> Any:
-    """The workflow embedded in a PNG's text chunks, parsed; a WorkflowError when there is none.
+    """The workflow embedded in a PNG's text chunks (a WebP's EXIF), parsed; a WorkflowError when there is none.
 
-    ComfyUI's own PNGs hold its editor format in `workflow` and the API format in `prompt`;
-    the API format is what this runtime can run, so it is used when `workflow` is not ours.
+    Ours (`nodegraph`, or an older PNG's `workflow` in our format) first, else ComfyUI's API format
+    (`prompt`), else its UI format (`workflow`).
     """
-    chunks = png_text(raw, path)
-    if "workflow" not in chunks and "prompt" not in chunks:
-        raise WorkflowError(f"{path} is a PNG without an embedded workflow (only images written by "
-                            "SaveImage carry one)", code="no_workflow")
+    kind = "WebP" if _is_webp(raw) else "PNG"
+    chunks = webp_text(raw, path) if kind == "WebP" else png_text(raw, path)
+    if not {OWN_CHUNK, "workflow", "prompt"} & chunks.keys():
+        raise WorkflowError(f"{path} is a {kind} without an embedded workflow (only images written by "
+                            "SaveImage or ComfyUI carry one)", code="no_workflow")
     try:
+        if OWN_CHUNK in chunks:
+            return parse(chunks[OWN_CHUNK])
         if "workflow" in chunks:
             value = parse(chunks["workflow"])
-            if "prompt" not in chunks or not _is_comfy_editor_format(value):
+            # Ours, in a PNG written before the `nodegraph` chunk; or the only workflow there is.
+            if "prompt" not in chunks or (isinstance(value, dict) and value.get("format") == FORMAT) \
+                    or not _is_comfy_editor_format(value):
                 return value
         return parse(chunks["prompt"])
     except WorkflowError as exc:
-        raise WorkflowError(f"{path}: the workflow embedded in the PNG: {exc}", exc.code, exc.node_id,
+        raise WorkflowError(f"{path}: the workflow embedded in the {kind}: {exc}", exc.code, exc.node_id,
                             exc.input) from None
+
+
+def webp_text(raw: bytes, path: str | Path = "the WebP") -> dict[str, str]:
+    """ComfyUI's WebP metadata: EXIF text tags of the form `key:{json}` (SaveAnimatedWEBP puts `prompt:` in
+    Model, `workflow:` in Make, further keys in the tags below), whichever tag holds them."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw), formats=["WEBP"]) as image:
+            exif = image.getexif()
+    except Exception as exc:  # as for PNGs: any failure means no workflow can be read
+        raise WorkflowError(f"{path} is not a readable WebP ({type(exc).__name__}: {exc})",
+                            code="no_workflow") from None
+    found: dict[str, str] = {}
+    for value in exif.values():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, str):
+            key, colon, text = value.partition(":")
+            if colon and key in (OWN_CHUNK, "workflow", "prompt"):
+                found.setdefault(key, text.rstrip("\x00"))
+    return found
 
 
 def png_text(raw: bytes, path: str | Path = "the PNG") -> dict[str, str]:
@@ -302,7 +341,7 @@ def png_text(raw: bytes, path: str | Path = "the PNG") -> dict[str, str]:
             # Chunks before the image data are read on open; only when the workflow is not among
             # them is the whole image decoded to reach chunks after it (`text` does that).
             found = {k: v for k, v in image.info.items() if isinstance(v, str)}
-            if "workflow" not in found:
+            if OWN_CHUNK not in found and "workflow" not in found:
                 found = dict(image.text)
     # Pillow reports a damaged PNG in many ways (SyntaxError, OSError, ValueError, zlib.error,
     # DecompressionBombError, …); each means the same here: no workflow can be read from it.
@@ -316,9 +355,16 @@ def _is_comfy_editor_format(value: Any) -> bool:
     return isinstance(value, dict) and isinstance(value.get("nodes"), list) and "links" in value
 
 
-def from_json(value: Any) -> Any:
-    """Accept ComfyUI's API format by lowering it; anything else is returned for validation."""
-    return lower_comfy_api(value) if is_comfy_api(value) else value
+def from_json(value: Any, registry: Any = None) -> Any:
+    """Accept ComfyUI's API format by lowering it, its UI format by converting it with `registry` (a
+    `Registry`); anything else is returned for validation."""
+    if is_comfy_api(value):
+        return lower_comfy_api(value)
+    if registry is not None and _is_comfy_editor_format(value):
+        from nodegraph.comfy_ui_format import to_graph  # it imports this module
+
+        return to_graph(value, registry.get)
+    return value
 
 
 def save(workflow: dict[str, Any], path: str | Path) -> None:

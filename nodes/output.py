@@ -1,21 +1,25 @@
 """Output nodes: SaveImage writes PNGs into the output folder, PreviewImage into its temp folder.
 
-Every PNG carries two text chunks: `workflow` (the JSON of the workflow that made it, so
-`nodegraph run outputs/nodegraph_00001_.png` runs it again) and `parameters` (the JSON of the
+Every PNG carries four text chunks: `nodegraph` (the JSON of the workflow that made it, so
+`nodegraph run outputs/nodegraph_00001_.png` runs it again), ComfyUI's `prompt` (API format) and
+`workflow` (UI format), so ComfyUI opens it with its nodes, and `parameters` (the JSON of the
 images' params: prompt, seed, steps, …). Names follow ComfyUI, `{prefix}_{counter:05}_.png`,
 with the counter one past the highest already in the folder, so no file is ever overwritten.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
+from nodegraph import comfy_ui_format
 from nodegraph.context import Context, NodeFailure
 from nodegraph.naming import create_numbered, next_counter
 from nodegraph.schema import Input, Node, Output, describe
+from nodegraph.workflow import OWN_CHUNK
 from nodes.engine.images import ImageBatch
 
 if TYPE_CHECKING:
@@ -70,16 +74,29 @@ def resolve_prefix(prefix: str, output_dir: Path) -> tuple[Path, str]:
 
 
 def png_info(workflow: dict[str, Any], params: dict[str, Any]) -> PngInfo:
-    """The text chunks every PNG gets: the workflow that made it and the images' parameters."""
+    """The text chunks every PNG gets: the workflow that made it (ours, and in ComfyUI's two formats) and the
+    images' parameters."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     # Plain tEXt rather than compressed zTXt: Pillow refuses to inflate a text chunk past 1 MB
     # (MAX_TEXT_CHUNK) when reading, and a workflow full of long prompts can grow past that.
     # json.dumps escapes to ASCII, which tEXt (Latin-1) holds as is.
-    info.add_text("workflow", json.dumps(workflow))
+    lookup = _catalog().get
+    info.add_text("prompt", json.dumps(comfy_ui_format.to_api(workflow, lookup)))
+    info.add_text("workflow", json.dumps(comfy_ui_format.to_ui(workflow, lookup)))
+    info.add_text(OWN_CHUNK, json.dumps(workflow))
     info.add_text("parameters", json.dumps(params, default=str))  # a stray numpy int becomes text
     return info
+
+
+@functools.cache
+def _catalog() -> dict[object, type[Node]]:
+    """The built-in pack's node types by name, for the widget order of ComfyUI's UI format (a node pack's
+    types are written with their literal inputs in the order given)."""
+    import nodes  # here: this module is part of the package that import builds
+
+    return {cls.type: cls for cls in nodes.NODES}
 
 
 def write_pngs(ctx: Context, images: Any, folder: Path, name: str) -> list[Path]:

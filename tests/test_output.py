@@ -75,6 +75,24 @@ def saving(prefix: Any = "nodegraph", batch: int = 2, node_type: str = "SaveImag
                      "2": save})
 
 
+# ComfyUI's API format of `saving()`: a type ComfyUI lacks keeps our name as its class_type.
+COMFY_PROMPT = {"1": {"class_type": "MakeImage", "inputs": {"seed": 1, "batch": 2, "prompt": "a cat ☕"}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "nodegraph"}}}
+
+
+def comfy_workflow(path: str | Path) -> dict[str, Any]:
+    """The UI-format `workflow` chunk, after checking the parts ComfyUI's editor needs to open it."""
+    ui = text_of(path)["workflow"]
+    assert [(n["id"], n["type"]) for n in ui["nodes"]] == [(1, "MakeImage"), (2, "SaveImage")]
+    assert ui["links"] == [[1, 1, 0, 2, 0, "IMAGE"]]
+    [make, save] = ui["nodes"]
+    assert make["outputs"] == [{"name": "IMAGE", "type": "IMAGE", "links": [1], "slot_index": 0}]
+    assert save["inputs"] == [{"name": "images", "type": "IMAGE", "link": 1}]
+    assert save["widgets_values"] == ["nodegraph"] and make["widgets_values"] == [1, 2, "a cat ☕"]
+    assert all(len(n["pos"]) == 2 and len(n["size"]) == 2 for n in ui["nodes"])
+    return ui
+
+
 def pixels_of(path: str | Path) -> np.ndarray:
     with Image.open(path) as image:
         assert image.mode == "RGB"
@@ -186,7 +204,8 @@ def test_pngs_embed_the_workflow_and_the_parameters(executor: Executor) -> None:
     flow = saving(batch=2)
     result = executor.run(flow)
     for path in result.files:
-        assert text_of(path) == {"workflow": flow, "parameters": PARAMS}
+        assert text_of(path) == {"nodegraph": flow, "prompt": COMFY_PROMPT, "workflow": comfy_workflow(path),
+                                 "parameters": PARAMS}
 
 
 def test_preview_writes_to_the_temp_folder(executor: Executor, settings: Settings) -> None:
@@ -197,7 +216,8 @@ def test_preview_writes_to_the_temp_folder(executor: Executor, settings: Setting
     assert result.files == [str(temp / "preview_00001_.png"), str(temp / "preview_00002_.png")]
     assert result.nodes["2"].outputs["images"] is result.nodes["1"].outputs["images"]
     np.testing.assert_array_equal(pixels_of(result.files[1]), result.nodes["1"].outputs["images"].pixels[1])
-    assert text_of(result.files[0]) == {"workflow": flow, "parameters": PARAMS}
+    assert text_of(result.files[0])["nodegraph"] == flow
+    assert text_of(result.files[0])["parameters"] == PARAMS
     assert [p.name for p in settings.output_dir.iterdir()] == [temp.name]
 
 

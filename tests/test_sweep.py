@@ -152,7 +152,9 @@ def test_x_by_y_grid_has_every_cell_and_its_labels(executor: Executor) -> None:
     for j in range(2):
         assert (margin[j * 30:(j + 1) * 30] < 100).all(axis=-1).any()
     text = grid.text  # type: ignore[attr-defined]
-    assert json.loads(text["workflow"]) == paint(height=30)
+    assert json.loads(text["nodegraph"]) == paint(height=30)
+    assert json.loads(text["prompt"]).keys() == paint(height=30)["nodes"].keys()  # ComfyUI's formats beside it
+    assert wf.load(result.grid) == paint(height=30)
     assert json.loads(text["sweep"])["axes"][1] == {"node_id": "2", "input": "width", "values": [80, 50]}
     assert json.loads(text["sweep"])["axes"][0]["values"] == [10, 20, 30]
     assert run_sweep(executor, paint(height=30), axes).grid == result.grid.with_name("sweep_00002_.png")

@@ -37,7 +37,7 @@ def test_valid_workflow_gives_a_graph(registry: Registry) -> None:
 @pytest.mark.parametrize("wf, expected", [
     ([1, 2], [(None, None, "invalid_shape")]),
     ({"format": "nodegraph/1", "nodes": []}, [(None, None, "invalid_shape")]),
-    ({"nodes": [], "links": []}, [(None, None, "invalid_shape")]),
+    ({"nodes": [], "links": []}, [(None, None, "no_output_node")]),  # ComfyUI's UI format, converted: empty
     ({"format": "other/2", "nodes": {"1": SHOW}}, [(None, None, "unknown_format")]),
     (workflow({"1": SHOW, "2": "Int"}), [("2", None, "invalid_node")]),
     (workflow({"1": SHOW, "2": {"inputs": {}}}), [("2", None, "invalid_node")]),

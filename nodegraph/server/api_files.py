@@ -136,11 +136,11 @@ def write_atomically(path: Path, text: str) -> bool:
 @routes.post("/api/import")
 async def import_workflow(request: web.Request) -> web.Response:
     raw = await request.read()
+    executor = request.app[EXECUTOR]
     try:
-        workflow: Any = await asyncio.to_thread(wf.loads, raw, "the upload")
+        workflow: Any = await asyncio.to_thread(wf.loads, raw, "the upload", executor.registry)
     except wf.WorkflowError as exc:
         raise ApiError(400, exc.code, str(exc), [exc.to_json()]) from None
-    executor = request.app[EXECUTOR]
     # Only the shape matters here: the editor shows a graph with unknown nodes or bad values as is.
     _, found = await asyncio.to_thread(validate, workflow, executor.registry, executor.settings)
     shape = [p for p in found if p.code in ("invalid_shape", "unknown_format")]

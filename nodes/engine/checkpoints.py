@@ -112,7 +112,8 @@ class SafetensorsHeader:
 
 
 def require_safetensors(path: Path | str) -> Path:
-    """Return `path` if it names an existing `.safetensors` file, else raise a `CheckpointError`."""
+    """Return `path` if it names an existing `.safetensors` (or `.sft`, the same format) file, else raise a
+    `CheckpointError`."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in _PICKLE_SUFFIXES:
@@ -123,7 +124,7 @@ def require_safetensors(path: Path | str) -> Path:
         )
     if not path.exists():
         raise CheckpointNotFoundError(path, "no such file")
-    if suffix != ".safetensors" or not path.is_file():
+    if suffix not in (".safetensors", ".sft") or not path.is_file():
         raise UnsafeFormatError(path, "only .safetensors files are loaded")
     return path
 

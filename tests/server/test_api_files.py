@@ -148,11 +148,19 @@ async def test_import_accepts_workflows_comfyui_api_json_and_pngs(client: Client
     lowered = await (await client.post("/api/import", data=json.dumps(comfy))).json()
     shown = {"type": "Show", "inputs": {"value": "x"}, "ui": {"pos": [40, 40]}}  # laid out: the format has no positions
     assert lowered == {"workflow": {"format": "nodegraph/1", "nodes": {"3": shown}, "ui": {}}}
+    # ComfyUI's UI format (the editor's drop of a ComfyUI file): widgets by the schema's order, links by id.
+    ui = {"nodes": [{"id": 1, "type": "String", "pos": [5, 6], "widgets_values": ["x"]},
+                    {"id": 2, "type": "Show", "pos": [300, 6], "inputs": [{"name": "value", "type": "*", "link": 4}]}],
+          "links": [[4, 1, 0, 2, 0, "STRING"]]}
+    converted = await (await client.post("/api/import", data=json.dumps(ui))).json()
+    assert converted == {"workflow": {"format": "nodegraph/1", "ui": {}, "nodes": {
+        "1": {"type": "String", "inputs": {"value": "x"}, "ui": {"pos": [5, 6]}},
+        "2": {"type": "Show", "inputs": {"value": ["1", 0]}, "ui": {"pos": [300, 6]}}}}}
 
 
 @pytest.mark.parametrize("body, code", [
     (b"\xff\xfe", "invalid_json"), (b"{", "invalid_json"), (png(), "no_workflow"),
-    (png()[:40], "no_workflow"), (b'{"nodes": [], "links": []}', "invalid_shape"), (b'{"format": "x", "nodes": {}}',
+    (png()[:40], "no_workflow"), (b'{"nodes": [], "links": 3}', "invalid_shape"), (b'{"format": "x", "nodes": {}}',
                                                                                    "unknown_format"),
 ])
 async def test_import_refuses_what_is_not_a_workflow(client: Client, body: bytes, code: str) -> None:
