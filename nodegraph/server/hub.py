@@ -64,6 +64,20 @@ class Hub:
     def discard(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)
 
+    async def serve(self, subscriber: Subscriber) -> None:
+        """Keep `subscriber` connected until its websocket closes: messages go out as they come, what the client
+        sends is read and dropped (reading keeps pings and the close handshake going)."""
+        self.add(subscriber)
+        sender = asyncio.ensure_future(subscriber.send_forever())
+        try:
+            async for _ in subscriber.ws:
+                pass
+        finally:
+            self.discard(subscriber)
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
+                await sender
+
     async def close_all(self) -> None:
         """Close every connection (server shutdown: 1001, going away)."""
         for subscriber in list(self._subscribers):

@@ -9,8 +9,6 @@ connection speaks ComfyUI's messages (`nodegraph.server.comfy.ws`).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 
 from aiohttp import web
@@ -36,15 +34,5 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     subscriber = Subscriber(ws, client_id, everything)
     subscriber.offer({"type": "hello", "client_id": client_id, "queue": request.app[STORE].counts()})
-    hub = request.app[HUB]
-    hub.add(subscriber)
-    sender = asyncio.ensure_future(subscriber.send_forever())
-    try:
-        async for _ in ws:
-            pass  # clients have nothing to say; reading keeps pings and the close handshake going
-    finally:
-        hub.discard(subscriber)
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
-            await sender
+    await request.app[HUB].serve(subscriber)
     return ws

@@ -10,8 +10,6 @@ keeps them). The hub's delivery (bounded queue, progress dropped for slow client
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -97,15 +95,5 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     subscriber = ComfySubscriber(ws, client_id, lambda: sum(store.counts().values()))
     subscriber.offer(subscriber.status(sid=client_id))
-    hub = request.app[HUB]
-    hub.add(subscriber)
-    sender = asyncio.ensure_future(subscriber.send_forever())
-    try:
-        async for _ in ws:
-            pass  # ComfyUI's clients may send feature flags: nothing here depends on them
-    finally:
-        hub.discard(subscriber)
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
-            await sender
+    await request.app[HUB].serve(subscriber)  # ComfyUI's clients may send feature flags: nothing here depends on them
     return ws
