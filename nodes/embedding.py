@@ -17,7 +17,7 @@ from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
 from nodegraph.settings import ModelChoices
 from nodes.engine.recipe import Embedding, ModelRecipe
-from nodes.loaders import _model_file, fit_hint
+from nodes.model_files import fit_hint, model_file
 
 
 def _widths(checkpoint: str, fingerprint: str) -> dict[str, int]:
@@ -59,14 +59,14 @@ class LoadEmbedding(Node):
 
     @classmethod
     def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
-        return [_model_file(settings, "embeddings", inputs["embedding"], "embedding")]
+        return [model_file(settings, "embeddings", inputs["embedding"], "embedding")]
 
     def run(self, ctx: Context, clip: ModelRecipe, embedding: str, name: str) -> dict[str, Any]:
         from nodes.engine import embeddings  # here: it needs torch, and the CLI must start fast
 
         for input_name, message in self.check({"name": name}, ctx.settings):
             raise NodeFailure(message, input_name, "invalid_value")
-        path = _model_file(ctx.settings, "embeddings", embedding, "embedding")
+        path = model_file(ctx.settings, "embeddings", embedding, "embedding")
         name = name or re.sub(r"\.safetensors$", "", Path(embedding).name)
         try:
             vectors = embeddings.read(path)

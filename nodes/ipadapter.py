@@ -18,7 +18,7 @@ from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
 from nodegraph.settings import ModelChoices
 from nodes.engine.recipe import IPAdapter, ModelRecipe
-from nodes.loaders import _model_file
+from nodes.model_files import model_file
 
 if TYPE_CHECKING:
     from nodes.engine.clip_vision import VisionRef
@@ -46,12 +46,12 @@ class IPAdapterModelLoader(Node):
 
     @classmethod
     def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
-        return [_model_file(settings, "ipadapter", inputs["ipadapter_file"], "ipadapter_file")]
+        return [model_file(settings, "ipadapter", inputs["ipadapter_file"], "ipadapter_file")]
 
     def run(self, ctx: Context, ipadapter_file: str) -> dict[str, Any]:
         from nodes.engine import ip_adapter
 
-        path = _model_file(ctx.settings, "ipadapter", ipadapter_file, "ipadapter_file")
+        path = model_file(ctx.settings, "ipadapter", ipadapter_file, "ipadapter_file")
         try:
             ip_adapter.read_adapter(path)
         except ip_adapter.IPAdapterError as exc:
@@ -72,12 +72,12 @@ class CLIPVisionLoader(Node):
 
     @classmethod
     def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
-        return [_model_file(settings, "clip_vision", inputs["clip_name"], "clip_name")]
+        return [model_file(settings, "clip_vision", inputs["clip_name"], "clip_name")]
 
     def run(self, ctx: Context, clip_name: str) -> dict[str, Any]:
         from nodes.engine import clip_vision
 
-        path = _model_file(ctx.settings, "clip_vision", clip_name, "clip_name")
+        path = model_file(ctx.settings, "clip_vision", clip_name, "clip_name")
         try:
             return {"CLIP_VISION": clip_vision.read_vision_file(path, file_fingerprint(path))}
         except clip_vision.ClipVisionError as exc:

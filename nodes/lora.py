@@ -22,7 +22,8 @@ from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output, Upstream
 from nodes.engine import lora_files, lora_match, schedules
 from nodes.engine.recipe import Adapter, Compile, Fuse, ModelRecipe
-from nodes.loaders import _free_slot, _loras, _model_file, check_fits, fit_upstream, lora_file, slot_problems
+from nodes.loaders import _loras
+from nodes.model_files import check_fits, fit_upstream, free_slot, lora_file, model_file, slot_problems
 
 
 def prewarm(settings: Any, names: list[Any]) -> None:
@@ -76,7 +77,7 @@ class LoadLoRA(Node):
 
     @classmethod
     def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
-        return [_model_file(settings, "loras", inputs["lora"], "lora")]
+        return [model_file(settings, "loras", inputs["lora"], "lora")]
 
     @classmethod
     def check_upstream(cls, literals: dict[str, Any], upstream: Callable[[str], Upstream | None],
@@ -98,7 +99,7 @@ class LoadLoRA(Node):
             raise NodeFailure(problem, name, "invalid_value")
         path, info = lora_file(ctx.settings, lora)
         live = model.live()
-        slot = slot or _free_slot(re.sub(r"\W", "_", path.stem), live)
+        slot = slot or free_slot(re.sub(r"\W", "_", path.stem), live)
         if slot in live:
             raise NodeFailure(
                 f"slot {slot!r} already holds {Path(live[slot].path).name}; pick another slot, "
@@ -213,7 +214,7 @@ class HotswapLoRA(Node):
 
     @classmethod
     def files(cls, inputs: dict[str, Any], settings: Any) -> list[Path]:
-        return [_model_file(settings, "loras", inputs["lora"], "lora")]
+        return [model_file(settings, "loras", inputs["lora"], "lora")]
 
     @classmethod
     def prepare_sweep(cls, input_name: str, values: list[Any], literals: dict[str, Any],

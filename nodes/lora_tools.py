@@ -19,7 +19,7 @@ from nodegraph.context import Context, NodeFailure
 from nodegraph.schema import Input, Node, Output
 from nodes.engine import lora_files
 from nodes.engine.recipe import Adapter, Fuse, ModelRecipe
-from nodes.loaders import slot_problems
+from nodes.model_files import slot_problems
 from nodes.output import prefix_problem
 
 # PEFT's add_weighted_adapter methods; nodes/engine/lora_merge.py (imported when a node runs: it needs torch,
