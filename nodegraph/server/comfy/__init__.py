@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from nodegraph.server.comfy import files, info, prompt, queue
+from nodegraph.server.comfy import files, info, prompt, queue, userdata
 from nodegraph.server.comfy.ws import websocket
 
 # ComfyUI paths whose /api/ twin is a nodegraph route already (any method): nodegraph's stays there.
@@ -36,11 +36,21 @@ SUMMARIES = {
     ("get", "/models/{folder}"): "the models in a folder", ("get", "/system_stats"): "system and devices",
     ("get", "/features"): "server features", ("post", "/free"): "unload models and free memory",
     ("get", "/ws"): "ComfyUI's websocket (?clientId=)",
+    ("get", "/users"): "single-user mode: {storage: server, migrated}", ("post", "/users"): "refused: one user",
+    ("get", "/settings"): "the frontend's settings", ("post", "/settings"): "merge settings",
+    ("get", "/settings/{id}"): "one setting (null when unset)", ("post", "/settings/{id}"): "set one setting",
+    ("get", "/userdata"): "the user's files in a folder (dir, recurse, split, full_info)",
+    ("get", "/v2/userdata"): "files and folders under path", ("get", "/userdata/{file}"): "one user file",
+    ("post", "/userdata/{file}"): "store a user file (overwrite, full_info)",
+    ("delete", "/userdata/{file}"): "delete a user file",
+    ("post", "/userdata/{file}/move/{dest}"): "move a user file (overwrite, full_info)",
+    ("get", "/extensions"): "web extension files (none)", ("get", "/i18n"): "translations (none)",
+    ("get", "/workflow_templates"): "the node packs' example workflows (none)",
 }
 
 
 def _routes() -> list[web.RouteDef]:
-    found = [r for table in (prompt.routes, queue.routes, files.routes, info.routes) for r in table
+    found = [r for table in (prompt.routes, queue.routes, files.routes, info.routes, userdata.routes) for r in table
              if isinstance(r, web.RouteDef)]
     return [*found, web.get("/ws", websocket)]
 
