@@ -8,6 +8,7 @@
     nodegraph models status
     nodegraph serve --port 8188
     nodegraph serve --ray --workers 2     # jobs on Ray worker actors (pip install -e '.[ray]')
+    nodegraph serve --front-end comfyui   # ComfyUI's frontend at / (pip install -e '.[comfyui]')
 
 Exit codes: 0 success, 1 invalid workflow (or bad arguments, or a --device that is not there), 2 execution
 error, 130 interrupted, 141 when the reader of the output went away (`nodegraph run … --json | head`).
@@ -136,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="the folder the editor saves and opens workflows in (default ./workflows)")
     serve.add_argument("--token", default=os.environ.get("NODEGRAPH_TOKEN") or None, metavar="TOKEN",
                        help="require this token on every request (default $NODEGRAPH_TOKEN)")
+    serve.add_argument("--front-end", choices=("nodegraph", "comfyui"), default="nodegraph",
+                       help="the editor at / (default nodegraph's own; comfyui: ComfyUI's frontend, from "
+                            "pip install -e '.[comfyui]', with ComfyUI's shapes where the two APIs share a path)")
     serve.add_argument("--no-warm-up", action="store_true",
                        help="do not import the node packs' libraries in the background once listening")
     add_ray_options(serve)
@@ -322,7 +326,17 @@ def cmd_serve(args: argparse.Namespace, registry: Registry, settings: Settings) 
     if not 0 <= args.port <= 65535:
         print(f"error: --port {args.port} is not a port number", file=sys.stderr)
         return EXIT_INVALID
-    config = ServerConfig(data_dir=Path(args.data_dir), workflows_dir=Path(args.workflows_dir), token=args.token)
+    front_end_dir = None
+    if args.front_end == "comfyui":
+        from nodegraph.server.comfy.front import FrontEndMissing, static_dir
+
+        try:
+            front_end_dir = static_dir()
+        except FrontEndMissing as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+    config = ServerConfig(data_dir=Path(args.data_dir), workflows_dir=Path(args.workflows_dir), token=args.token,
+                          front_end=args.front_end, front_end_dir=front_end_dir)
     executor = Executor(registry, settings, models=model_manager(args))
     try:
         runner = None

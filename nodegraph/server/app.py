@@ -17,11 +17,13 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
+from dataclasses import replace
 
 from aiohttp import web
 
 from nodegraph.executor import Executor
 from nodegraph.server import api_files, api_info, api_jobs, api_uploads, comfy, static, ws
+from nodegraph.server.comfy import front
 from nodegraph.server.errors import json_errors, json_protocol
 from nodegraph.server.hub import Hub
 from nodegraph.server.redact import AccessLog
@@ -48,10 +50,20 @@ def create_app(executor: Executor, config: ServerConfig, runner: RunnerFactory |
     app[CONFIG], app[EXECUTOR], app[STORE], app[HUB] = config, executor, store, hub
     publish = hub.publish_threadsafe
     app[WORKER] = runner(store, publish) if runner else Worker(store, executor, publish, warm_up)
+    comfy_front = config.front_end == "comfyui"
+    if comfy_front and config.front_end_dir is None:
+        config = replace(config, front_end_dir=front.static_dir())  # FrontEndMissing names the install command
+        app[CONFIG] = config
+    taken = comfy.taken_over() if comfy_front else frozenset()
     for group in (api_jobs.routes, api_info.routes, api_files.routes, api_uploads.routes, ws.routes,
-                  static.routes):
-        app.router.add_routes(group)
-    comfy.add_routes(app)  # ComfyUI's API, beside ours (after ours: where a path is ours, it stays ours)
+                  () if comfy_front else static.routes):
+        for route in group:
+            if isinstance(route, web.RouteDef) and (route.method, comfy.pattern(route.path)) not in taken:
+                app.router.add_route(route.method, route.path, route.handler)
+    # ComfyUI's API, beside ours (after ours: where a path is ours, it stays ours, unless its frontend is served)
+    comfy.add_routes(app, comfy_front)
+    if comfy_front:
+        front.add_routes(app)
     app.on_response_prepare.append(security_headers)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_websockets)

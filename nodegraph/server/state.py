@@ -23,6 +23,8 @@ class ServerConfig:
     token: str | None = None
     web_dir: Path = WEB_DIR
     max_body: int = MAX_BODY
+    front_end: str = "nodegraph"  # or "comfyui": ComfyUI's frontend, and its shapes where our paths collide
+    front_end_dir: Path | None = None  # ComfyUI's frontend files (comfy.front.static_dir), for "comfyui"
 
 
 class Runner(Protocol):

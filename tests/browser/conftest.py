@@ -61,12 +61,18 @@ class Server:
 def server(demo_dir: Path, demo_input: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     if not (ROOT / "web/node_modules/litegraph.js/build/litegraph.core.js").is_file():
         pytest.fail("litegraph.js is not installed: run `npm ci --prefix web` first", pytrace=False)
-    root = tmp_path_factory.mktemp("serve")
+    with serve(demo_dir, demo_input, tmp_path_factory.mktemp("serve")) as started:
+        yield started
+
+
+@contextmanager
+def serve(demo_dir: Path, demo_input: Path, root: Path, *options: str) -> Iterator[Server]:
+    """`nodegraph serve` on folders under `root` (workflows: a copy of ours) with `options`, until the end."""
     workflows = root / "workflows"
     shutil.copytree(ROOT / "workflows", workflows)
     command = [str(Path(sys.executable).with_name("nodegraph")), "serve", "--port", "0",
                "--models-dir", str(demo_dir), "--input-dir", str(demo_input), "--output-dir", str(root / "outputs"),
-               "--data-dir", str(root / "data"), "--workflows-dir", str(workflows)]
+               "--data-dir", str(root / "data"), "--workflows-dir", str(workflows), *options]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)

@@ -15,12 +15,15 @@ from typing import Any
 
 from aiohttp import web
 
-from nodegraph.server.comfy import files, info, prompt, queue, userdata
+from nodegraph.server.comfy import files, info, jobs, prompt, queue, userdata
 from nodegraph.server.comfy.ws import websocket
 
 # ComfyUI paths whose /api/ twin is a nodegraph route already (any method): nodegraph's stays there.
-COLLISIONS = frozenset({"/history", "/history/{prompt_id}", "/upload/image", "/free", "/ws"})
+COLLISIONS = frozenset({"/history", "/history/{prompt_id}", "/upload/image", "/free", "/ws", "/jobs",
+                        "/jobs/{job_id}"})
 BARE_ONLY = frozenset({"/models", "/models/{folder}"})
+# With `--front-end comfyui` these take their /api/ twins from ours (ours: the same thing already, or a router).
+OURS_STAY = frozenset({"/upload/image", "/ws"})
 SUMMARIES = {
     ("post", "/prompt"): "queue a prompt in ComfyUI's API format (ComfyUI's answer and refusals)",
     ("get", "/prompt"): "exec_info.queue_remaining", ("get", "/queue"): "the running and pending prompts",
@@ -46,19 +49,40 @@ SUMMARIES = {
     ("post", "/userdata/{file}/move/{dest}"): "move a user file (overwrite, full_info)",
     ("get", "/extensions"): "web extension files (none)", ("get", "/i18n"): "translations (none)",
     ("get", "/workflow_templates"): "the node packs' example workflows (none)",
+    ("get", "/jobs"): "jobs in ComfyUI's shape (status, limit, offset)", ("get", "/jobs/{job_id}"): "one job",
 }
 
 
 def _routes() -> list[web.RouteDef]:
-    found = [r for table in (prompt.routes, queue.routes, files.routes, info.routes, userdata.routes) for r in table
-             if isinstance(r, web.RouteDef)]
+    tables = (prompt.routes, queue.routes, files.routes, info.routes, userdata.routes, jobs.routes)
+    found = [r for table in tables for r in table if isinstance(r, web.RouteDef)]
     return [*found, web.get("/ws", websocket)]
 
 
-def add_routes(app: web.Application) -> None:
+def _twinned(path: str, comfy_front: bool) -> bool:
+    """Whether ComfyUI's route also answers under /api/."""
+    if comfy_front:
+        return path not in OURS_STAY
+    return path not in COLLISIONS | BARE_ONLY
+
+
+def pattern(path: str) -> str:
+    """A route's path with its variables' names left out: `/api/models/{kind}` is `/api/models/{}`."""
+    return re.sub(r"\{[^}]*\}", "{}", path)
+
+
+def taken_over() -> frozenset[tuple[str, str]]:
+    """(method, path pattern) of our routes that ComfyUI's take over when its frontend is served."""
+    return frozenset((route.method, pattern("/api" + route.path)) for route in _routes()
+                     if route.path in (COLLISIONS | BARE_ONLY) - OURS_STAY)
+
+
+def add_routes(app: web.Application, comfy_front: bool = False) -> None:
+    """ComfyUI's routes at their bare paths and, where `_twinned`, under /api/ (`comfy_front`: its frontend is
+    served, so its shapes win where our paths collide)."""
     for route in _routes():
         app.router.add_route(route.method, route.path, route.handler)
-        if route.path not in COLLISIONS | BARE_ONLY:
+        if _twinned(route.path, comfy_front):
             app.router.add_route(route.method, "/api" + route.path, route.handler)
 
 
