@@ -3,8 +3,8 @@
     pytest tests/browser/test_comfy_front.py -q      # needs pip install -e ".[comfyui]" (in the test extra)
 
 It must load without a page error and without a request answered 404 (a route it needs that we lack), read
-/object_info, and open its websocket. The frontend fetches two optional stylesheets, user.css, that are absent
-until a user writes one: ComfyUI answers 404 for those too.
+/object_info, and open its websocket. The files it reads that a user has not written yet (`OPTIONAL`) are 404,
+as ComfyUI answers.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from tests.browser.conftest import ARTIFACTS, Server, serve
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("comfyui_frontend_package") is None,
                                 reason='ComfyUI\'s frontend is not installed: pip install -e ".[comfyui]"')
-OPTIONAL = ("/user.css", "/api/userdata/user.css")  # a user's own stylesheet: 404 until there is one
+# Files a user has not written yet (their stylesheet, their saved templates): 404, as ComfyUI answers.
+OPTIONAL = ("/user.css", "/api/userdata/user.css", "/api/userdata/comfy.templates.json")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_comfyuis_frontend_boots_and_reads_object_info(browser: Any, comfy_serve
     page.on("console", console)
     page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
     page.on("request", lambda request: requested.append(request.url[len(origin):].split("?")[0]))
-    page.on("websocket", lambda ws: sockets.append(ws.url))
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda frame: sockets.append(str(frame))))
     page.goto(comfy_server.url + "/")
     page.wait_for_function("() => window.app && window.app.graph && document.querySelector('canvas')",
                            timeout=60_000)
@@ -59,6 +60,6 @@ def test_comfyuis_frontend_boots_and_reads_object_info(browser: Any, comfy_serve
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "comfy_front.png"))
     context.close()
-    assert "/api/object_info" in requested, requested
-    assert any("/ws?clientId=" in url for url in sockets), sockets
     assert not problems, "\n".join(problems)
+    assert "/api/object_info" in requested, requested
+    assert any('"type": "status"' in frame and '"sid"' in frame for frame in sockets), sockets[:3]

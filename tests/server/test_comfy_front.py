@@ -44,6 +44,12 @@ async def test_the_frontends_files_are_served_and_confined(comfy_client: Client)
         assert answer.status == status, path
         assert (await answer.json())["errors"][0]["message"]
     assert (await comfy_client.get("/web/index.html")).status == 404  # our editor is not served in this mode
+    assert await (await comfy_client.get("/templates/index.json")).json() == []  # no templates package
+    assert await (await comfy_client.get("/templates/index_logo.json")).json() == {}
+    assert (await comfy_client.get("/templates/other.json")).status == 404
+    library = await (await comfy_client.get("/api/experiment/models")).json()
+    assert all(set(entry) == {"name", "folders"} for entry in library) and library
+    assert (await comfy_client.get("/api/experiment/models/nope")).status == 404
 
 
 async def test_colliding_paths_answer_in_comfyuis_shapes(comfy_client: Client) -> None:

@@ -60,7 +60,8 @@ async def test_userdata_lists_in_comfyuis_shapes(client: Client) -> None:
     assert [(e["name"], e["path"], e["type"]) for e in v2] == [
         ("sub", "workflows/sub", "directory"), ("a.json", "workflows/a.json", "file"),
         ("b.json", "workflows/sub/b.json", "file")]
-    assert (await client.get("/api/userdata", params={"dir": "nowhere"})).status == 404
+    assert await (await client.get("/api/userdata", params={"dir": "nowhere"})).json() == []  # not yet made
+    assert (await client.get("/api/userdata", params={"dir": "workflows/a.json"})).status == 400
     assert (await client.get("/api/userdata")).status == 400
     assert (await client.get("/api/v2/userdata", params={"path": "workflows/a.json"})).status == 400
     assert (await client.get("/api/v2/userdata", params={"path": "nowhere"})).status == 404
@@ -125,6 +126,6 @@ async def test_userdata_refuses_names_that_lead_out(client: Client, config: Serv
 
 async def test_the_start_up_lists(client: Client) -> None:
     for path, expected in (("/api/extensions", []), ("/api/i18n", {}), ("/api/workflow_templates", {}),
-                           ("/extensions", [])):
+                           ("/extensions", []), ("/api/global_subgraphs", {})):
         answer = await client.get(path)
         assert answer.status == 200 and await answer.json() == expected

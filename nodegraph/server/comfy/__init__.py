@@ -49,6 +49,9 @@ SUMMARIES = {
     ("post", "/userdata/{file}/move/{dest}"): "move a user file (overwrite, full_info)",
     ("get", "/extensions"): "web extension files (none)", ("get", "/i18n"): "translations (none)",
     ("get", "/workflow_templates"): "the node packs' example workflows (none)",
+    ("get", "/experiment/models"): "the model library's folders",
+    ("get", "/experiment/models/{folder}"): "the model library: a folder's files",
+    ("get", "/global_subgraphs"): "subgraph blueprints (none)",
     ("get", "/jobs"): "jobs in ComfyUI's shape (status, limit, offset)", ("get", "/jobs/{job_id}"): "one job",
 }
 

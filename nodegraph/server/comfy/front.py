@@ -70,7 +70,19 @@ async def static_file(request: web.Request) -> web.StreamResponse:
     return _serve(request, request.match_info["name"])
 
 
+# ComfyUI serves these from the comfyui-workflow-templates package; without it, no templates (not an error).
+NO_TEMPLATES: dict[str, list[object] | dict[str, object]] = {"index.json": [], "index_logo.json": {}}
+
+
+async def templates(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in NO_TEMPLATES:
+        raise ApiError(404, "not_found", f"no template {name[:200]!r} (no workflow templates are installed)")
+    return web.json_response(NO_TEMPLATES[name])
+
+
 def add_routes(app: web.Application) -> None:
     """Last of all routes: a path that an API route takes is never a file."""
+    app.router.add_get("/templates/{name}", templates)
     app.router.add_get("/", index)
     app.router.add_get("/{name:.+}", static_file)

@@ -1,5 +1,5 @@
 """What ComfyUI's clients read about the server: `/object_info`, `/embeddings`, `/models`, `/system_stats`,
-`/features`, and `POST /free`.
+`/features`, the model library's `/experiment/models`, and `POST /free`.
 
 `/object_info` is our registry's schemas in ComfyUI's shape: per node type `input.required` / `input.optional`
 as `[type or list of choices, {default, min, max, step, multiline, tooltip, forceInput}]`, `input_order`,
@@ -99,6 +99,22 @@ async def models_in(request: web.Request) -> web.Response:
         raise ApiError(404, "unknown_model_folder", f"no model folder {folder[:100]!r}; folders: {', '.join(known)}")
     files = await asyncio.to_thread(executor.settings.model_files, folder, folders=folder == "checkpoints")
     return web.json_response(files)
+
+
+@routes.get("/experiment/models")
+async def experiment_models(request: web.Request) -> web.Response:
+    """The frontend's model library: each folder by name (ComfyUI lists its paths; answers here show none)."""
+    return web.json_response([{"name": folder, "folders": [folder]}
+                              for folder in model_folders(request.app[EXECUTOR].registry)])
+
+
+@routes.get("/experiment/models/{folder}")
+async def experiment_models_in(request: web.Request) -> web.Response:
+    executor, folder = request.app[EXECUTOR], request.match_info["folder"]
+    if folder not in model_folders(executor.registry):
+        raise ApiError(404, "unknown_model_folder", f"no model folder {folder[:100]!r}")
+    files = await asyncio.to_thread(executor.settings.model_files, folder, folders=folder == "checkpoints")
+    return web.json_response([{"name": name, "pathIndex": 0} for name in files])
 
 
 @routes.get("/embeddings")

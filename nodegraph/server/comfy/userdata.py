@@ -1,5 +1,5 @@
 """What ComfyUI's frontend stores on the server: `/users`, `/settings`, `/userdata`, `/v2/userdata`; and the
-lists it reads at start-up, `/extensions`, `/i18n`, `/workflow_templates`.
+lists it reads at start-up, `/extensions`, `/i18n`, `/workflow_templates`, `/global_subgraphs`.
 
     curl -X POST --data-binary @w.json 'http://127.0.0.1:8188/api/userdata/workflows%2Fw.json?overwrite=false'
 
@@ -153,9 +153,11 @@ async def list_userdata(request: web.Request) -> web.Response:
         raise ApiError(400, "missing_dir", "say which folder to list: ?dir=workflows")
     root = user_root(request)
     root.mkdir(parents=True, exist_ok=True)
-    folder = confined(root, directory.strip("/"))
+    folder = confined(root, directory.rstrip("/"))
+    if not folder.exists():
+        return web.json_response([])  # ComfyUI answers 404; its frontend reads that as empty, so do we
     if not folder.is_dir():
-        raise ApiError(404, "no_such_folder", f"no folder {directory[:200]!r} in the user's files")
+        raise ApiError(400, "not_a_folder", f"{directory[:200]!r} is a file, not a folder")
     full_info, split = _flag(request, "full_info"), _flag(request, "split")
     files = await asyncio.to_thread(list_files, folder, _flag(request, "recurse"))
     answer: list[Any] = []
@@ -189,7 +191,7 @@ async def list_userdata_v2(request: web.Request) -> web.Response:
     root = user_root(request)
     if not root.is_dir():
         return web.json_response([])
-    requested = request.query.get("path", "").strip("/")
+    requested = request.query.get("path", "").rstrip("/")
     folder = confined(root, requested) if requested else Path(os.path.realpath(root))
     if not folder.exists():
         raise ApiError(404, "no_such_folder", f"no folder {requested[:200]!r} in the user's files")
@@ -271,6 +273,11 @@ async def extensions(request: web.Request) -> web.Response:
 @routes.get("/i18n")
 async def i18n(request: web.Request) -> web.Response:
     return web.json_response({})
+
+
+@routes.get("/global_subgraphs")
+async def global_subgraphs(request: web.Request) -> web.Response:
+    return web.json_response({})  # the node packs' subgraph blueprints: ours ship none
 
 
 @routes.get("/workflow_templates")
