@@ -84,6 +84,13 @@ async def test_the_jobs_api_lists_our_jobs_in_comfyuis_shape(comfy_client: Clien
     detail = await (await comfy_client.get(f"/api/jobs/{job_id}")).json()
     assert detail["status"] == "completed" and detail["workflow"]["prompt"]["1"]["class_type"] == "Show"
     assert detail["execution_status"]["completed"] is True
+    graph = {"1": {"class_type": "Show", "inputs": {"value": 5}}}
+    sent = await comfy_client.post("/api/prompt", json={"prompt": graph, "extra_data": {
+        "create_time": 1234, "extra_pnginfo": {"workflow": {"id": "wf-1"}}}})
+    prompt_id = (await sent.json())["prompt_id"]
+    await finished(comfy_client, prompt_id)
+    mine = await (await comfy_client.get(f"/api/jobs/{prompt_id}")).json()
+    assert (mine["create_time"], mine["workflow_id"]) == (1234, "wf-1")
     for query in ({"status": "done"}, {"limit": "x"}, {"offset": "-1"}):
         refused = await comfy_client.get("/api/jobs", params=query)
         assert refused.status == 400 and (await refused.json())["errors"][0]["code"] == "bad_query"

@@ -7,7 +7,8 @@
     GET /jobs/{job_id}    one job, with its outputs (as in ComfyUI's history) and workflow
 
 Statuses are ComfyUI's: pending, in_progress, completed, failed, cancelled (an interrupted job is cancelled).
-Newest first; times in milliseconds. `/api/jobs` is ours unless the server runs `--front-end comfyui`.
+Newest first; times in milliseconds (`create_time` the frontend's `extra_data.create_time` where it sent one;
+`workflow_id` its `extra_pnginfo.workflow.id`). `/api/jobs` is ours unless the server runs `--front-end comfyui`.
 """
 
 from __future__ import annotations
@@ -44,11 +45,18 @@ def job_summary(job: Job, registry: Registry) -> dict[str, Any]:
     if status == "failed" and errors:
         error = execution_error(job.id, errors[0], job.workflow, job.finished)
         error["node_id"], error["node_type"] = str(error["node_id"] or ""), str(error["node_type"] or "")
-    return {"id": job.id, "status": status, "create_time": ms(job.created),
+    extra = meta(job).get("extra_data", {})
+    created = extra.get("create_time") if isinstance(extra, dict) else None  # the frontend's clock, as ComfyUI
+    pnginfo = extra.get("extra_pnginfo") if isinstance(extra, dict) else None
+    graph = pnginfo.get("workflow") if isinstance(pnginfo, dict) else None
+    workflow_id = graph.get("id") if isinstance(graph, dict) else None
+    return {"id": job.id, "status": status,
+            "create_time": created if isinstance(created, int) and not isinstance(created, bool) else ms(job.created),
             "execution_start_time": _time(job.started), "execution_end_time": _time(job.finished),
             "preview_output": previews[0] if previews else None,
             "outputs_count": sum(len(found.get("images", [])) for found in outputs.values()),
-            "previewable_outputs_count": len(previews), "execution_error": error, "workflow_id": None,
+            "previewable_outputs_count": len(previews), "execution_error": error,
+            "workflow_id": workflow_id if isinstance(workflow_id, str) else None,
             "priority": meta(job).get("number", job.seq)}
 
 
