@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from nodegraph import workflow as wf
-from nodegraph.server.errors import ApiError, json_members, printable, problems
+from nodegraph.server.errors import ApiError, int_query, json_members, printable, problems
 from nodegraph.server.state import EXECUTOR, HUB, STORE, WORKER
 from nodegraph.store import FINISHED, Job
 from nodegraph.validate import validate
@@ -149,8 +149,8 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 @routes.get("/api/history")
 async def history(request: web.Request) -> web.Response:
-    limit = _int_query(request, "limit", HISTORY_MAX, low=1)
-    before = _int_query(request, "before", 2**63 - 1)  # SQLite's integers are 64-bit
+    limit = int_query(request, "limit", HISTORY_MAX, low=1)
+    before = int_query(request, "before", 2**63 - 1)  # SQLite's integers are 64-bit
     jobs, cursor = await asyncio.to_thread(request.app[STORE].history, HISTORY_LIMIT if limit is None else limit,
                                            before)
     return await jobs_reply(lambda: f'{{"jobs": {_list(jobs)}, "next": {json.dumps(cursor)}}}')
@@ -162,16 +162,3 @@ async def delete_history(request: web.Request) -> web.Response:
     if job.status not in FINISHED or not request.app[STORE].delete(job.id):
         raise ApiError(409, "not_finished", f"job {job.id} is {job.status}; cancel it first")
     return web.json_response({"deleted": job.id})
-
-
-def _int_query(request: web.Request, name: str, high: int, low: int = 0) -> int | None:
-    text = request.query.get(name)
-    if text is None:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise ApiError(400, "bad_query", f"{name!r} must be an integer from {low} to {high}")
-    return value

@@ -193,3 +193,17 @@ async def _parsed(request: web.Request) -> tuple[Any, dict[str, str]]:
     except wf.WorkflowError as exc:
         error = {**exc.to_json(), "message": f"the request body: {exc}"}
         raise ApiError(400, exc.code, error["message"], [error]) from None
+
+
+def int_query(request: web.Request, name: str, high: int, low: int = 0, default: int | None = None) -> int | None:
+    """The query parameter `name` as an integer from `low` to `high` (`default` when absent), else 400 `bad_query`."""
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ApiError(400, "bad_query", f"{name!r} must be an integer from {low} to {high}")
+    return value

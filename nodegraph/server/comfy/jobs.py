@@ -20,7 +20,7 @@ from aiohttp import web
 
 from nodegraph.registry import Registry
 from nodegraph.server.comfy.shapes import api_prompt, execution_error, history_entry, meta, ms
-from nodegraph.server.errors import ApiError
+from nodegraph.server.errors import ApiError, int_query
 from nodegraph.server.state import EXECUTOR, STORE
 from nodegraph.store import FINISHED, Job, Store
 
@@ -69,17 +69,6 @@ def job_detail(job: Job, registry: Registry) -> dict[str, Any]:
             "execution_status": entry["status"] if entry else None}
 
 
-def _number(request: web.Request, name: str, default: int, top: int) -> int:
-    text = request.query.get(name, str(default))
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= top:
-        raise ApiError(400, "bad_query", f"{name!r} must be an integer from 0 to {top}")
-    return value
-
-
 def list_jobs(store: Store, registry: Registry, wanted: frozenset[str], limit: int, offset: int
               ) -> dict[str, Any]:
     found: list[Job] = []
@@ -106,7 +95,8 @@ async def get_jobs(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_query", f"unknown status {unknown[0][:50]!r}; statuses: "
                                          f"{', '.join(sorted(ACTIVE | DONE))}")
     wanted = frozenset(statuses) or ACTIVE | DONE
-    limit, offset = _number(request, "limit", 200, MAX_LIMIT), _number(request, "offset", 0, 2**31)
+    limit = int_query(request, "limit", MAX_LIMIT, default=200) or 0
+    offset = int_query(request, "offset", 2**31, default=0) or 0
     answer = await asyncio.to_thread(list_jobs, request.app[STORE], request.app[EXECUTOR].registry, wanted,
                                      limit, offset)
     return web.json_response(answer)

@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from nodegraph.server.comfy.shapes import history_entry, queue_item
-from nodegraph.server.errors import ApiError, json_object
+from nodegraph.server.errors import ApiError, int_query, json_object
 from nodegraph.server.state import EXECUTOR, HUB, STORE, WORKER
 from nodegraph.store import FINISHED, Store
 
@@ -89,13 +89,7 @@ def _history(store: Store, limit: int) -> list[Any]:
 
 @routes.get("/history")
 async def get_history(request: web.Request) -> web.Response:
-    text = request.query.get("max_items", str(HISTORY_MAX))
-    try:
-        limit = int(text)
-    except ValueError:
-        limit = -1
-    if not 0 <= limit <= HISTORY_MAX:
-        raise ApiError(400, "bad_query", f"'max_items' must be an integer from 0 to {HISTORY_MAX}")
+    limit = int_query(request, "max_items", HISTORY_MAX, default=HISTORY_MAX) or 0
     registry = request.app[EXECUTOR].registry
     jobs = await asyncio.to_thread(_history, request.app[STORE], limit) if limit else []
     return web.json_response(await asyncio.to_thread(lambda: {job.id: history_entry(job, registry) for job in jobs}))
