@@ -20,14 +20,19 @@ import torch
 from nodegraph.context import NodeFailure
 
 
-def finite_flag(tensor: torch.Tensor) -> torch.Tensor:
-    """True (a 0-d bool tensor on the tensor's device) when every element is finite; nothing waits for it."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=tensor.device)
+def _extremes(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         low, high = torch.aminmax(tensor)
     except (RuntimeError, NotImplementedError):  # dtypes without min/max kernels (fp8 on some devices)
         low, high = torch.aminmax(tensor.float())
+    return low, high
+
+
+def finite_flag(tensor: torch.Tensor) -> torch.Tensor:
+    """True (a 0-d bool tensor on the tensor's device) when every element is finite; nothing waits for it."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    low, high = _extremes(tensor)
     return torch.isfinite(low) & torch.isfinite(high)
 
 
@@ -38,10 +43,7 @@ def is_finite(tensor: torch.Tensor) -> bool:
         return bool(finite_flag(tensor))
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
-    try:
-        low, high = torch.aminmax(tensor)
-    except (RuntimeError, NotImplementedError):  # dtypes without min/max kernels
-        low, high = torch.aminmax(tensor.float())
+    low, high = _extremes(tensor)
     return math.isfinite(low.item()) and math.isfinite(high.item())
 
 
